@@ -1,0 +1,108 @@
+"""The one exception tree of Mayfly.
+
+Every error Mayfly raises on purpose derives from :class:`MayflyError`, so a
+caller (the CLI, a function entry point) can catch one type and turn it into a
+readable message or a ``task.rejected`` event::
+
+    MayflyError
+    ├── ConfigError                 bad settings or environment
+    ├── EventError                  a CloudEvent that breaks the contract
+    ├── PackageError                anything about a task package
+    │   ├── ManifestError           manifest missing or invalid
+    │   ├── UnsafeArchiveError      archive that would escape or explode
+    │   ├── IntegrityError          digest or signature does not match
+    │   ├── SigningKeyError         signing key missing or unreadable
+    │   ├── PackageNotFoundError    no such package, version or channel
+    │   └── ImmutableVersionError   version exists with other bytes
+    └── StoreError                  the package store backend failed
+
+Each subclass says when it is raised and carries the fields a message or a
+rejection needs (``package``, ``version``, ``field``...).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "EventError",
+    "ImmutableVersionError",
+    "IntegrityError",
+    "ManifestError",
+    "MayflyError",
+    "PackageError",
+    "PackageNotFoundError",
+    "SigningKeyError",
+    "StoreError",
+    "UnsafeArchiveError",
+]
+
+
+class MayflyError(Exception):
+    """Base of every error Mayfly raises on purpose."""
+
+
+class ConfigError(MayflyError):
+    """Raised when settings or environment variables are missing or invalid."""
+
+
+class EventError(MayflyError):
+    """Raised when a CloudEvent breaks the event contract.
+
+    Attributes:
+        field: the attribute or data field at fault (``"priority"``,
+            ``"data.devices"``...), so the message and any rejection name it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+class PackageError(MayflyError):
+    """Raised when a task package cannot be built, stored, fetched or trusted.
+
+    Attributes:
+        package: the package name, when known.
+        version: the package version, when known.
+    """
+
+    def __init__(
+        self, message: str, *, package: str | None = None, version: str | None = None
+    ) -> None:
+        self.package = package
+        self.version = version
+        self.reason = message
+        where = package or ""
+        if version:
+            where = f"{where} {version}".strip()
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ManifestError(PackageError):
+    """Raised when a package manifest is missing, unparsable or invalid."""
+
+
+class UnsafeArchiveError(PackageError):
+    """Raised when an archive holds a member that would escape the target folder,
+    is a device or link, or exceeds the size or file-count limits."""
+
+
+class IntegrityError(PackageError):
+    """Raised when a package's digest or signature does not verify."""
+
+
+class SigningKeyError(PackageError):
+    """Raised when a signing or trusted public key is missing or unreadable."""
+
+
+class PackageNotFoundError(PackageError):
+    """Raised when a package, version or channel does not exist in the store."""
+
+
+class ImmutableVersionError(PackageError):
+    """Raised when publishing a version that already exists with other bytes."""
+
+
+class StoreError(MayflyError):
+    """Raised when a package store backend (folder or S3) fails."""

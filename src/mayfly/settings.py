@@ -1,0 +1,115 @@
+"""Settings, read once at the edge from the environment (and CLI flags).
+
+Environment variables (CLI flags of the same meaning win over them):
+
+=========================  ===================================================
+``MAYFLY_HOME``            Mayfly's own folder: keys, local store, caches.
+                           Default ``$XDG_DATA_HOME/mayfly`` or
+                           ``~/.local/share/mayfly``.
+``MAYFLY_STORE``           Package store: a folder path, or ``s3://BUCKET``.
+                           Default ``$MAYFLY_HOME/packages``.
+``MAYFLY_S3_ENDPOINT``     S3 endpoint URL, e.g. ``http://127.0.0.1:8333``.
+``MAYFLY_S3_ACCESS_KEY``   S3 access key.
+``MAYFLY_S3_SECRET_KEY``   S3 secret key.
+``MAYFLY_S3_REGION``       S3 region (optional).
+``MAYFLY_SIGNING_KEY``     Private key used to sign packages.
+                           Default ``$MAYFLY_HOME/keys/signing.key``.
+``MAYFLY_TRUSTED_KEYS``    Public keys (files or folders of ``*.pub``),
+                           separated by ``:``. Default ``$MAYFLY_HOME/trusted``.
+=========================  ===================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mayfly.errors import ConfigError
+
+__all__ = [
+    "ENV_HOME",
+    "ENV_S3_ACCESS_KEY",
+    "ENV_S3_ENDPOINT",
+    "ENV_S3_REGION",
+    "ENV_S3_SECRET_KEY",
+    "ENV_SIGNING_KEY",
+    "ENV_STORE",
+    "ENV_TRUSTED_KEYS",
+    "Settings",
+]
+
+ENV_HOME = "MAYFLY_HOME"
+ENV_STORE = "MAYFLY_STORE"
+ENV_S3_ENDPOINT = "MAYFLY_S3_ENDPOINT"
+ENV_S3_ACCESS_KEY = "MAYFLY_S3_ACCESS_KEY"
+ENV_S3_SECRET_KEY = "MAYFLY_S3_SECRET_KEY"  # noqa: S105 - a variable name, not a secret
+ENV_S3_REGION = "MAYFLY_S3_REGION"
+ENV_SIGNING_KEY = "MAYFLY_SIGNING_KEY"
+ENV_TRUSTED_KEYS = "MAYFLY_TRUSTED_KEYS"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, resolved to concrete values."""
+
+    home: Path
+    store: str
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str | None = None
+    signing_key: Path | None = None
+    trusted_keys: tuple[Path, ...] = ()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        if env.get(ENV_HOME):
+            home = Path(env[ENV_HOME]).expanduser()
+        else:
+            data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+            home = Path(data).expanduser() / "mayfly"
+        trusted = tuple(Path(p).expanduser() for p in env.get(ENV_TRUSTED_KEYS, "").split(":") if p)
+        return cls(
+            home=home,
+            store=env.get(ENV_STORE) or str(home / "packages"),
+            s3_endpoint=env.get(ENV_S3_ENDPOINT) or None,
+            s3_access_key=env.get(ENV_S3_ACCESS_KEY) or None,
+            s3_secret_key=env.get(ENV_S3_SECRET_KEY) or None,
+            s3_region=env.get(ENV_S3_REGION) or None,
+            signing_key=Path(env[ENV_SIGNING_KEY]).expanduser()
+            if env.get(ENV_SIGNING_KEY)
+            else None,
+            trusted_keys=trusted,
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with the given fields changed; ``None`` values are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key or self.home / "keys" / "signing.key"
+
+    @property
+    def trusted_key_paths(self) -> tuple[Path, ...]:
+        return self.trusted_keys or (self.home / "trusted",)
+
+    @property
+    def package_cache(self) -> Path:
+        return self.home / "cache" / "packages"
+
+    @property
+    def store_is_s3(self) -> bool:
+        return self.store.startswith("s3://")
+
+    @property
+    def s3_bucket(self) -> str:
+        bucket = self.store.removeprefix("s3://").strip("/")
+        if not bucket or "/" in bucket:
+            raise ConfigError(f"{ENV_STORE}={self.store!r}: expected s3://BUCKET")
+        return bucket
