@@ -1,0 +1,77 @@
+"""Fixtures for the real servers that integration tests talk to.
+
+`dev/services.py` starts the servers and exports where they are; `make test` runs
+pytest through it, and `make up` leaves them running for `make unit` or a bare
+`pytest` (after `eval "$(.venv/bin/python dev/services.py env)"`).
+
+When a server's variables are absent, the tests that need it skip: a laptop
+without the servers still runs everything else. Under ``CI=true`` they fail
+instead, so CI can never pass by silently skipping its integration tests.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import pytest
+from minio import Minio
+
+# Names exported by dev/services.py (S3_ENDPOINT_ENV and friends there).
+S3_ENDPOINT_ENV = "MAYFLY_TEST_S3_ENDPOINT"
+S3_ACCESS_KEY_ENV = "MAYFLY_TEST_S3_ACCESS_KEY"
+S3_SECRET_KEY_ENV = "MAYFLY_TEST_S3_SECRET_KEY"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """Where the test S3 server is and the credentials of an identity allowed everything."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def client(self) -> Minio:
+        """A MinIO client for this server (plain HTTP: it only listens on loopback)."""
+        return Minio(
+            urlsplit(self.endpoint).netloc,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            secure=False,
+        )
+
+
+def _missing_server(what: str) -> None:
+    message = f"no {what} server: run `make test` or `make up`"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI=true: integration tests must not skip)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    """The S3 server named by the MAYFLY_TEST_S3_* variables; skips (fails in CI) without one."""
+    names = (S3_ENDPOINT_ENV, S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV)
+    values = [os.environ.get(name, "") for name in names]
+    if not all(values):
+        _missing_server("S3")
+    endpoint, access_key, secret_key = values
+    return S3Server(endpoint=endpoint, access_key=access_key, secret_key=secret_key)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[tuple[S3Server, str]]:
+    """A new, empty, uniquely named bucket, deleted with its objects after the test."""
+    client = s3_server.client()
+    bucket = f"mayfly-test-{uuid.uuid4().hex[:12]}"
+    client.make_bucket(bucket)
+    try:
+        yield s3_server, bucket
+    finally:
+        for obj in client.list_objects(bucket, recursive=True):
+            if obj.object_name is not None:
+                client.remove_object(bucket, obj.object_name)
+        client.remove_bucket(bucket)
