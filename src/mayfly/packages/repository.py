@@ -1,0 +1,282 @@
+"""Publishing, resolving and fetching signed, immutable package versions.
+
+Bucket layout (the same in a local folder)::
+
+    <name>/<version>/package.tar.gz   the deterministic archive
+    <name>/<version>/manifest.json    its manifest, readable without unpacking
+    <name>/<version>/package.sig      Ed25519 signature over name, version, digests
+    <name>/channels/<channel>         the version a channel points at
+
+A version is visible once its signature is written, and the signature is
+written last, so a reader never resolves a half-published version.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import semver
+
+from mayfly.errors import (
+    ImmutableVersionError,
+    IntegrityError,
+    PackageError,
+    PackageNotFoundError,
+)
+from mayfly.packages.archive import (
+    ArchiveLimits,
+    BuiltPackage,
+    digest_of,
+    extract_archive,
+    read_manifest_from_archive,
+)
+from mayfly.packages.manifest import NAME_PATTERN, Manifest, parse_manifest
+from mayfly.packages.signing import Signature, TrustedKeys, verify
+from mayfly.packages.store import PackageStore
+
+__all__ = [
+    "DEFAULT_CHANNEL",
+    "FetchedPackage",
+    "PackageRepository",
+    "PublishResult",
+    "VersionInfo",
+    "parse_ref",
+    "verify_package",
+]
+
+DEFAULT_CHANNEL = "stable"
+_CHANNEL = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_NAME = re.compile(NAME_PATTERN)
+ARCHIVE, MANIFEST, SIGNATURE = "package.tar.gz", "manifest.json", "package.sig"
+
+
+@dataclass(frozen=True)
+class FetchedPackage:
+    """A package version whose digest and signature verified."""
+
+    manifest: Manifest
+    digest: str
+    data: bytes
+    signature: Signature
+
+    def materialise(self, cache_root: Path, limits: ArchiveLimits | None = None) -> Path:
+        """Extract into ``cache_root/<digest hex>``, once: the digest names the content."""
+        dest = cache_root / self.digest.removeprefix("sha256:")
+        if dest.is_dir():
+            return dest
+        return extract_archive(self.data, dest, limits)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    manifest: Manifest
+    digest: str
+    created: bool
+    """False when the same bytes were already published (a no-op)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    digest: str
+    channels: tuple[str, ...]
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """Split ``name[@version|@channel]`` into its parts."""
+    name, _, at = ref.partition("@")
+    return name, at or None
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise PackageError(f"invalid package name {name!r}: use lowercase letters, digits, '-'")
+
+
+def _check_channel(channel: str, name: str) -> None:
+    if not _CHANNEL.match(channel) or semver.Version.is_valid(channel):
+        raise PackageError(f"invalid channel name {channel!r}", package=name)
+
+
+def verify_package(
+    data: bytes, sig: Signature, manifest_json: bytes | None, trusted: TrustedKeys
+) -> Manifest:
+    """Verify archive bytes and their signature; return the signed manifest.
+
+    The manifest inside the archive must be the signed one; a separately
+    stored ``manifest.json``, when given, must match it byte for byte.
+
+    Raises:
+        IntegrityError: naming the package, version and the reason.
+    """
+    where = {"package": sig.name, "version": sig.version}
+    digest = digest_of(data)
+    if digest != sig.digest:
+        raise IntegrityError(
+            f"archive digest {digest} does not match the signed digest {sig.digest} "
+            "(the archive was altered or corrupted)",
+            **where,
+        )
+    try:
+        manifest = read_manifest_from_archive(data)
+    except PackageError as exc:
+        raise IntegrityError(f"archive unreadable: {exc.reason}", **where) from exc
+    canonical = manifest.to_json()
+    verify(
+        sig,
+        trusted,
+        name=manifest.name,
+        version=manifest.version,
+        digest=digest,
+        manifest_digest=digest_of(canonical),
+    )
+    if manifest_json is not None and manifest_json != canonical:
+        raise IntegrityError("stored manifest.json differs from the signed manifest", **where)
+    return manifest
+
+
+class PackageRepository:
+    """Signed, immutable package versions and movable channels over a store."""
+
+    def __init__(self, store: PackageStore, trusted: TrustedKeys) -> None:
+        self.store = store
+        self.trusted = trusted
+
+    def publish(self, built: BuiltPackage, sig: Signature) -> PublishResult:
+        """Publish one version. Same bytes again is a no-op; other bytes are refused.
+
+        Raises:
+            IntegrityError: if the signature does not verify with a trusted key.
+            ImmutableVersionError: if the version exists with other bytes.
+        """
+        m = built.manifest
+        verify_package(built.data, sig, None, self.trusted)
+        prefix = f"{m.name}/{m.version}"
+        created = self.store.put_new(f"{prefix}/{ARCHIVE}", built.data)
+        # Read back even after a create: a store without an atomic
+        # create-if-absent may have let a racing publisher's bytes win.
+        existing = self.store.get(f"{prefix}/{ARCHIVE}")
+        if existing != built.data:
+            raise ImmutableVersionError(
+                f"version already published with digest "
+                f"{digest_of(existing or b'')}; this build is {built.digest}. "
+                "Versions are immutable: bump the version in manifest.json",
+                package=m.name,
+                version=m.version,
+            )
+        # Completes a publish that stopped half-way; never replaces what exists.
+        self.store.put_new(f"{prefix}/{MANIFEST}", m.to_json())
+        self.store.put_new(f"{prefix}/{SIGNATURE}", sig.to_json())
+        return PublishResult(manifest=m, digest=built.digest, created=created)
+
+    def channels(self, name: str) -> dict[str, str]:
+        _check_name(name)
+        prefix = f"{name}/channels/"
+        found = {}
+        for key in self.store.list_keys(prefix):
+            raw = self.store.get(key)
+            if raw is not None:
+                found[key.removeprefix(prefix)] = raw.decode().strip()
+        return found
+
+    def versions(self, name: str) -> list[str]:
+        """Published versions of ``name``, oldest first by semver precedence."""
+        _check_name(name)
+        found = []
+        for key in self.store.list_keys(f"{name}/"):
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] == SIGNATURE and semver.Version.is_valid(parts[1]):
+                found.append(parts[1])
+        return sorted(found, key=semver.Version.parse)
+
+    def packages(self) -> list[str]:
+        names = {key.split("/", 1)[0] for key in self.store.list_keys("")}
+        return sorted(n for n in names if _NAME.match(n))
+
+    def describe(self, name: str) -> list[VersionInfo]:
+        """Every version with its digest and the channels pointing at it."""
+        channels = self.channels(name)
+        infos = []
+        for version in self.versions(name):
+            raw = self.store.get(f"{name}/{version}/{SIGNATURE}")
+            digest = Signature.from_json(raw, package=name, version=version).digest if raw else ""
+            on = tuple(sorted(c for c, v in channels.items() if v == version))
+            infos.append(VersionInfo(name, version, digest, on))
+        return infos
+
+    def resolve(self, name: str, ref: str | None = None) -> str:
+        """The version that ``ref`` (a version, a channel, or None for stable) names."""
+        _check_name(name)
+        ref = ref or DEFAULT_CHANNEL
+        if semver.Version.is_valid(ref):
+            if self.store.get(f"{name}/{ref}/{SIGNATURE}") is None:
+                raise PackageNotFoundError(
+                    f"version not published in {self.store.describe()}",
+                    package=name,
+                    version=ref,
+                )
+            return ref
+        _check_channel(ref, name)
+        raw = self.store.get(f"{name}/channels/{ref}")
+        if raw is None:
+            known = self.versions(name)
+            if not known:
+                raise PackageNotFoundError(
+                    f"package not published in {self.store.describe()}", package=name
+                )
+            raise PackageNotFoundError(
+                f"no channel {ref!r} in {self.store.describe()} "
+                f"(published versions: {', '.join(known)})",
+                package=name,
+            )
+        return raw.decode().strip()
+
+    def fetch(self, name: str, ref: str | None = None) -> FetchedPackage:
+        """Resolve, download and verify a version.
+
+        Raises:
+            PackageNotFoundError: unknown package, version or channel.
+            IntegrityError: altered bytes, a missing or untrusted signature.
+        """
+        version = self.resolve(name, ref)
+        prefix = f"{name}/{version}"
+        data = self.store.get(f"{prefix}/{ARCHIVE}")
+        raw_sig = self.store.get(f"{prefix}/{SIGNATURE}")
+        if data is None or raw_sig is None:
+            raise PackageNotFoundError(
+                f"version incomplete in {self.store.describe()}", package=name, version=version
+            )
+        sig = Signature.from_json(raw_sig, package=name, version=version)
+        if (sig.name, sig.version) != (name, version):
+            raise IntegrityError(
+                f"signature file is for {sig.name} {sig.version}", package=name, version=version
+            )
+        manifest_json = self.store.get(f"{prefix}/{MANIFEST}")
+        manifest = verify_package(data, sig, manifest_json, self.trusted)
+        return FetchedPackage(manifest=manifest, digest=sig.digest, data=data, signature=sig)
+
+    def manifest(self, name: str, ref: str | None = None) -> Manifest:
+        """The stored manifest of a version, without downloading the archive.
+
+        Unverified: use :meth:`fetch` before running anything.
+        """
+        version = self.resolve(name, ref)
+        raw = self.store.get(f"{name}/{version}/{MANIFEST}")
+        if raw is None:
+            raise PackageNotFoundError("manifest missing", package=name, version=version)
+        return parse_manifest(raw, origin=f"{name}/{version}/{MANIFEST}")
+
+    def promote(self, name: str, version: str, channel: str) -> str | None:
+        """Point ``channel`` at a published, verifying version.
+
+        Returns:
+            The version the channel pointed at before, if any.
+        """
+        _check_channel(channel, name)
+        self.fetch(name, version)  # refuse to promote what would not verify
+        previous = self.channels(name).get(channel)
+        self.store.put(f"{name}/channels/{channel}", version.encode() + b"\n")
+        return previous
