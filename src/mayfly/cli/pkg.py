@@ -1,0 +1,249 @@
+"""``mayfly pkg``: build, sign, publish and inspect task packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mayfly.backends import load_trusted_keys, open_repository
+from mayfly.cli._common import settings_from, settings_options
+from mayfly.errors import IntegrityError, PackageError
+from mayfly.packages import (
+    BuiltPackage,
+    Signature,
+    build_package,
+    digest_of,
+    extract_archive,
+    generate_keypair,
+    load_private_key,
+    parse_ref,
+    read_manifest_from_archive,
+    sign_built,
+    verify_package,
+)
+from mayfly.settings import ENV_SIGNING_KEY, Settings
+
+__all__ = ["pkg"]
+
+
+def _settings(opts: dict[str, Any]) -> Settings:
+    return settings_from(
+        home=opts.get("home"),
+        store=opts.get("store"),
+        s3_endpoint=opts.get("s3_endpoint"),
+        trusted=opts.get("trusted", ()),
+    )
+
+
+def _load_built(path: Path) -> BuiltPackage:
+    """A package folder is built; an archive is read as it is."""
+    if path.is_dir():
+        return build_package(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PackageError(f"cannot read {path}: {exc.strerror}") from exc
+    return BuiltPackage(read_manifest_from_archive(data), data, digest_of(data))
+
+
+key_option = click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path),
+    help=f"Private signing key. Env: {ENV_SIGNING_KEY}. Default: $MAYFLY_HOME/keys/signing.key.",
+)
+
+
+@click.group()
+def pkg() -> None:
+    """Build, sign, publish and inspect task packages.
+
+    A package is a folder with a manifest.json and Python code. Typical flow:
+
+    \b
+      mayfly pkg keygen                       # once: a signing key, trusted locally
+      mayfly pkg publish taskpkgs/reboot      # build + sign + publish (channel stable)
+      mayfly pkg list                         # what is published
+      mayfly pkg verify reboot@stable         # fetch and check digest + signature
+    """
+
+
+@pkg.command()
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for the key pair.")
+@click.option("--name", default="signing", show_default=True, help="File name stem of the keys.")
+@click.option("--force", is_flag=True, help="Replace existing keys.")
+@click.option("--no-trust", is_flag=True, help="Do not add the public key to the trusted keys.")
+@settings_options
+def keygen(out: Path | None, name: str, force: bool, no_trust: bool, **opts: Any) -> None:
+    """Create an Ed25519 signing key pair.
+
+    The private key is written with mode 0600; the public key is also copied
+    into $MAYFLY_HOME/trusted so this machine accepts what it signs.
+    """
+    settings = _settings(opts)
+    folder = out or settings.signing_key_path.parent
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    kid = generate_keypair(private, public, overwrite=force)
+    click.echo(f"key id   {kid}")
+    click.echo(f"private  {private}")
+    click.echo(f"public   {public}")
+    if not no_trust:
+        trusted_dir = settings.home / "trusted"
+        trusted_dir.mkdir(parents=True, exist_ok=True)
+        (trusted_dir / f"{kid}.pub").write_bytes(public.read_bytes())
+        click.echo(f"trusted  {trusted_dir / f'{kid}.pub'}")
+
+
+@pkg.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Archive path to write.")
+def build(folder: Path, output: Path | None) -> None:
+    """Build FOLDER into a deterministic .tar.gz and print its sha256.
+
+    The same folder always gives the same bytes, whatever file times, owners or
+    listing order: the digest identifies the code.
+    """
+    built = build_package(folder)
+    target = output or Path(built.filename)
+    target.write_bytes(built.data)
+    click.echo(f"{built.digest}  {target}")
+
+
+@pkg.command("sign")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@key_option
+@settings_options
+def sign_cmd(archive: Path, key_path: Path | None, **opts: Any) -> None:
+    """Sign ARCHIVE, writing ARCHIVE.sig beside it."""
+    settings = _settings(opts)
+    built = _load_built(archive)
+    sig = sign_built(load_private_key(key_path or settings.signing_key_path), built)
+    out = archive.with_name(archive.name + ".sig")
+    out.write_bytes(sig.to_json())
+    click.echo(f"signed {built.manifest.name} {built.manifest.version} with key {sig.key_id}")
+    click.echo(f"wrote  {out}")
+
+
+@pkg.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--channel",
+    default="stable",
+    show_default=True,
+    help="Channel to point at this version ('' for none).",
+)
+@key_option
+@settings_options
+def publish(source: Path, channel: str, key_path: Path | None, **opts: Any) -> None:
+    """Publish SOURCE (a package folder or a built archive) to the store.
+
+    A folder is built and signed on the fly; an archive uses ARCHIVE.sig if it
+    exists. Versions are immutable: the same bytes again is a no-op, other
+    bytes under a published version are refused.
+    """
+    settings = _settings(opts)
+    built = _load_built(source)
+    sig_file = source.with_name(source.name + ".sig")
+    if source.is_file() and sig_file.exists():
+        sig = Signature.from_json(sig_file.read_bytes())
+    else:
+        sig = sign_built(load_private_key(key_path or settings.signing_key_path), built)
+    repo = open_repository(settings)
+    result = repo.publish(built, sig)
+    m = result.manifest
+    verb = "published" if result.created else "already published (same bytes)"
+    click.echo(f"{verb} {m.name} {m.version} {result.digest} to {repo.store.describe()}")
+    if channel:
+        previous = repo.promote(m.name, m.version, channel)
+        if previous != m.version:
+            click.echo(f"channel {channel}: {previous or '(new)'} -> {m.version}")
+
+
+@pkg.command("list")
+@click.argument("name", required=False)
+@settings_options
+def list_cmd(name: str | None, **opts: Any) -> None:
+    """List published packages, or the versions of NAME with digests and channels."""
+    settings = _settings(opts)
+    repo = open_repository(settings)
+    names = [name] if name else repo.packages()
+    if not names:
+        click.echo(f"no packages in {repo.store.describe()}")
+        return
+    for n in names:
+        infos = repo.describe(n)
+        if not infos:
+            raise PackageError(f"no published versions in {repo.store.describe()}", package=n)
+        for info in infos:
+            on = f"  [{', '.join(info.channels)}]" if info.channels else ""
+            click.echo(f"{info.name:<20} {info.version:<12} {info.digest}{on}")
+
+
+@pkg.command()
+@click.argument("name")
+@click.argument("version")
+@click.argument("channel")
+@settings_options
+def promote(name: str, version: str, channel: str, **opts: Any) -> None:
+    """Point CHANNEL of package NAME at VERSION (which must verify)."""
+    settings = _settings(opts)
+    repo = open_repository(settings)
+    previous = repo.promote(name, version, channel)
+    click.echo(f"{name} channel {channel}: {previous or '(new)'} -> {version}")
+
+
+@pkg.command()
+@click.argument("target")
+@click.option(
+    "--sig",
+    "sig_path",
+    type=click.Path(path_type=Path),
+    help="Signature file for an archive (default ARCHIVE.sig).",
+)
+@settings_options
+def verify(target: str, sig_path: Path | None, **opts: Any) -> None:
+    """Verify TARGET: an archive file, or NAME[@VERSION|@CHANNEL] in the store.
+
+    Checks the archive's sha256 against the signed digest and the Ed25519
+    signature against the trusted keys. Exits 1 and says why when refused.
+    """
+    settings = _settings(opts)
+    trusted = load_trusted_keys(settings)
+    path = Path(target)
+    if path.is_file():
+        sig_file = sig_path or path.with_name(path.name + ".sig")
+        try:
+            raw_sig = sig_file.read_bytes()
+        except OSError as exc:
+            raise IntegrityError(f"no signature: cannot read {sig_file}") from exc
+        sig = Signature.from_json(raw_sig)
+        manifest = verify_package(path.read_bytes(), sig, None, trusted)
+        click.echo(f"ok {manifest.name} {manifest.version} {sig.digest} signed by {sig.key_id}")
+        return
+    name, ref = parse_ref(target)
+    fetched = open_repository(settings).fetch(name, ref)
+    m = fetched.manifest
+    click.echo(f"ok {m.name} {m.version} {fetched.digest} signed by {fetched.signature.key_id}")
+
+
+@pkg.command()
+@click.argument("ref")
+@click.option(
+    "--to",
+    "dest",
+    type=click.Path(path_type=Path),
+    help="Folder to extract into (default: the package cache).",
+)
+@settings_options
+def fetch(ref: str, dest: Path | None, **opts: Any) -> None:
+    """Fetch NAME[@VERSION|@CHANNEL], verify it, and extract it safely."""
+    settings = _settings(opts)
+    name, version = parse_ref(ref)
+    fetched = open_repository(settings).fetch(name, version)
+    path = (
+        extract_archive(fetched.data, dest) if dest else fetched.materialise(settings.package_cache)
+    )
+    m = fetched.manifest
+    click.echo(f"{m.name} {m.version} {fetched.digest} -> {path}")
