@@ -1,0 +1,19 @@
+"""Reboot a device, then wait until it is back with a fresh boot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    before = ctx.device.state()
+    ctx.device.action("reboot")
+    ctx.progress(50, "rebooting")
+    if not ctx.params.get("wait_online", True):
+        return {"boot_count_before": before["boot_count"], "waited": False}
+    after = ctx.device.wait_until(
+        lambda s: s["boot_count"] > before["boot_count"],
+        timeout_s=float(ctx.params.get("max_wait_s", 30)),
+    )
+    ctx.progress(100, "back online")
+    return {"boot_count_before": before["boot_count"], "boot_count": after["boot_count"]}
