@@ -14,7 +14,14 @@ readable message or a ``task.rejected`` event::
     │   ├── SigningKeyError         signing key missing or unreadable
     │   ├── PackageNotFoundError    no such package, version or channel
     │   └── ImmutableVersionError   version exists with other bytes
-    └── StoreError                  the package store backend failed
+    ├── StoreError                  the package store backend failed
+    ├── InventoryError              device inventory missing or invalid
+    │   └── UnknownDeviceError      a request names devices not in it
+    ├── ParamsError                 request params fail the package schema
+    ├── SinkError                   a result could not be made durable
+    └── DeviceError                 talking to one device failed
+        ├── DeviceUnavailableError  unreachable, timing out, 5xx or 429 after retries
+        └── DeviceActionError       the device refused the action (4xx, bad answer)
 
 Each subclass says when it is raised and carries the fields a message or a
 rejection needs (``package``, ``version``, ``field``...).
@@ -24,15 +31,22 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DeviceActionError",
+    "DeviceError",
+    "DeviceUnavailableError",
     "EventError",
     "ImmutableVersionError",
     "IntegrityError",
+    "InventoryError",
     "ManifestError",
     "MayflyError",
     "PackageError",
     "PackageNotFoundError",
+    "ParamsError",
     "SigningKeyError",
+    "SinkError",
     "StoreError",
+    "UnknownDeviceError",
     "UnsafeArchiveError",
 ]
 
@@ -106,3 +120,61 @@ class ImmutableVersionError(PackageError):
 
 class StoreError(MayflyError):
     """Raised when a package store backend (folder or S3) fails."""
+
+
+class InventoryError(MayflyError):
+    """Raised when a device inventory cannot be read or is invalid."""
+
+
+class UnknownDeviceError(InventoryError):
+    """Raised when a request names device ids that the inventory does not hold.
+
+    Attributes:
+        device_ids: every unknown id, so one message lists them all.
+    """
+
+    def __init__(self, device_ids: list[str]) -> None:
+        self.device_ids = tuple(device_ids)
+        shown = ", ".join(device_ids[:10]) + (" ..." if len(device_ids) > 10 else "")
+        super().__init__(f"unknown device(s) ({len(device_ids)}): {shown}")
+
+
+class ParamsError(MayflyError):
+    """Raised when request params do not satisfy the package's params schema.
+
+    Attributes:
+        field: dotted path of the offending param (``params.config.log_level``).
+    """
+
+    def __init__(self, field: str, message: str, *, package: str | None = None) -> None:
+        self.field = field
+        self.package = package
+        self.reason = message
+        super().__init__(f"{field}: {message}")
+
+
+class DeviceError(MayflyError):
+    """Raised when an operation on one device fails.
+
+    Attributes:
+        device_id: the device.
+    """
+
+    def __init__(self, device_id: str, message: str) -> None:
+        self.device_id = device_id
+        self.reason = message
+        super().__init__(f"device {device_id}: {message}")
+
+
+class DeviceUnavailableError(DeviceError):
+    """Raised when a device cannot be reached, times out, or answers 5xx or 429
+    after the driver's retries."""
+
+
+class DeviceActionError(DeviceError):
+    """Raised when a device refuses an action (4xx) or answers something that is
+    not the JSON object the protocol promises."""
+
+
+class SinkError(MayflyError):
+    """Raised when a result sink (file, HTTP, Kafka) does not take an event durably."""
