@@ -1,0 +1,111 @@
+"""The event contract: every Mayfly event type, its schema and its encodings.
+
+Three CloudEvents 1.0 types, JSON data, one frozen pydantic model each::
+
+    dev.mayfly.task.requested   TaskRequest    operator -> coordinator
+    dev.mayfly.task.completed   TaskCompleted  coordinator -> aggregator (maybe in parts)
+    dev.mayfly.task.rejected    TaskRejected   coordinator -> dead-letter topic
+
+Encodings are symmetric functions: :func:`to_cloudevent`/:func:`from_cloudevent`,
+:func:`to_kafka`/:func:`from_kafka`, :func:`to_http`/:func:`from_http`. Bad
+input raises one error type, :class:`mayfly.errors.EventError`, whose
+``field`` is the wire name at fault (``priority``, ``data.devices``...).
+A consumer that cannot decode a message still answers it::
+
+    try:
+        event = from_kafka(record)
+    except EventError as error:
+        publish(to_kafka(rejection_for(error, peek_attributes(record))))
+"""
+
+from __future__ import annotations
+
+from mayfly.events._base import (
+    COORDINATOR_SOURCE,
+    JSON_CONTENT_TYPE,
+    MAX_EVENT_BYTES,
+    PUBLISHER_SOURCE,
+    SPECVERSION,
+    TASK_COMPLETED,
+    TASK_REJECTED,
+    TASK_REQUESTED,
+    DeviceStatus,
+    OverallStatus,
+    Priority,
+    is_valid_traceparent,
+)
+from mayfly.events.codec import (
+    STRUCTURED_CONTENT_TYPE,
+    KafkaRecord,
+    MayflyEvent,
+    Mode,
+    from_cloudevent,
+    from_http,
+    from_kafka,
+    peek_attributes,
+    to_cloudevent,
+    to_http,
+    to_kafka,
+)
+from mayfly.events.completed import (
+    DEFAULT_PART_BYTES,
+    CoordinatorInfo,
+    DeviceResult,
+    PackageRef,
+    Part,
+    TaskCompleted,
+    Timings,
+    merge_completed,
+    split_completed,
+)
+from mayfly.events.rejected import RejectionCode, TaskRejected, rejection_for
+from mayfly.events.requested import (
+    DEFAULT_CHANNEL,
+    Rollout,
+    TaskRequest,
+    new_request,
+    partition_key_for,
+)
+
+__all__ = [
+    "COORDINATOR_SOURCE",
+    "DEFAULT_CHANNEL",
+    "DEFAULT_PART_BYTES",
+    "JSON_CONTENT_TYPE",
+    "MAX_EVENT_BYTES",
+    "PUBLISHER_SOURCE",
+    "SPECVERSION",
+    "STRUCTURED_CONTENT_TYPE",
+    "TASK_COMPLETED",
+    "TASK_REJECTED",
+    "TASK_REQUESTED",
+    "CoordinatorInfo",
+    "DeviceResult",
+    "DeviceStatus",
+    "KafkaRecord",
+    "MayflyEvent",
+    "Mode",
+    "OverallStatus",
+    "PackageRef",
+    "Part",
+    "Priority",
+    "RejectionCode",
+    "Rollout",
+    "TaskCompleted",
+    "TaskRejected",
+    "TaskRequest",
+    "Timings",
+    "from_cloudevent",
+    "from_http",
+    "from_kafka",
+    "is_valid_traceparent",
+    "merge_completed",
+    "new_request",
+    "partition_key_for",
+    "peek_attributes",
+    "rejection_for",
+    "split_completed",
+    "to_cloudevent",
+    "to_http",
+    "to_kafka",
+]

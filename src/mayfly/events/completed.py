@@ -1,0 +1,289 @@
+"""``dev.mayfly.task.completed``: the result of one request, possibly in parts.
+
+A fan-out over thousands of devices can outgrow Kafka's default 1 MiB record
+limit, so :func:`split_completed` cuts a result by device into parts that
+each fit, and :func:`merge_completed` puts them back together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+from mayfly.errors import EventError
+from mayfly.events._base import (
+    COORDINATOR_SOURCE,
+    MAX_EVENT_BYTES,
+    TASK_COMPLETED,
+    DeviceId,
+    DeviceStatus,
+    EventId,
+    EventModel,
+    Name,
+    NonEmpty,
+    OverallStatus,
+    SemVer,
+    UtcDatetime,
+    contract_error,
+)
+
+__all__ = [
+    "DEFAULT_PART_BYTES",
+    "CoordinatorInfo",
+    "DeviceResult",
+    "PackageRef",
+    "Part",
+    "TaskCompleted",
+    "Timings",
+    "merge_completed",
+    "split_completed",
+]
+
+#: Budget for one part's encoded ``data``: 10% under :data:`MAX_EVENT_BYTES`
+#: leaves room for the envelope, headers and key under Kafka's 1 MiB default.
+DEFAULT_PART_BYTES = 900_000
+
+Digest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+Count = Annotated[int, Field(strict=True, ge=0)]
+
+
+class _Value(BaseModel):
+    # Results come from other Mayfly versions: unknown fields are ignored.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class PackageRef(_Value):
+    """The exact package a request ran."""
+
+    name: Name
+    version: SemVer
+    digest: Digest
+
+
+class DeviceResult(_Value):
+    """What happened on one device."""
+
+    device_id: DeviceId
+    status: DeviceStatus
+    started_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
+    attempts: Count = 0
+    output: JsonValue = None
+    error: str | None = None
+
+
+class Timings(_Value):
+    """When the coordinator received, started and finished the request."""
+
+    received_at: UtcDatetime
+    started_at: UtcDatetime
+    finished_at: UtcDatetime
+    cold_start_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+
+
+class CoordinatorInfo(_Value):
+    """Which coordinator instance ran the request."""
+
+    id: NonEmpty
+    host: NonEmpty
+    pid: Count
+    #: How it was started: ``knative``, ``job``, ``local``...
+    mode: NonEmpty
+
+
+class Part(_Value):
+    """Position of this event among the parts of one split result."""
+
+    index: Count = 0
+    count: Annotated[int, Field(strict=True, ge=1)] = 1
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Self:
+        if self.index >= self.count:
+            raise contract_error("data.part.index", f"{self.index} is not below count {self.count}")
+        return self
+
+
+class TaskCompleted(EventModel):
+    """The result of a request (or one part of it).
+
+    The event id is ``<request_id>:completed:<part index>`` so redelivered
+    parts deduplicate, and the partition key is the request id so all parts
+    of one result land on one partition.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+    event_type: ClassVar[str] = TASK_COMPLETED
+    attribute_fields: ClassVar[dict[str, str]] = {
+        "source": "source",
+        "time": "time",
+        "priority": "priority",
+        "traceparent": "traceparent",
+        "tracestate": "tracestate",
+    }
+    strict_data: ClassVar[bool] = False
+
+    source: NonEmpty = COORDINATOR_SOURCE
+    request_id: EventId
+    task: Name
+    package: PackageRef
+    status: OverallStatus
+    devices: tuple[DeviceResult, ...] = ()
+    timings: Timings
+    coordinator: CoordinatorInfo
+    part: Part = Part()
+
+    @property
+    def id(self) -> str:
+        """The CloudEvent id: ``<request_id>:completed:<part index>``."""
+        return f"{self.request_id}:completed:{self.part.index}"
+
+    @property
+    def partition_key(self) -> str:
+        """The request id: parts of one result stay on one partition."""
+        return self.request_id
+
+    @property
+    def tasktype(self) -> str:
+        """The ``tasktype`` extension, carried from the request."""
+        return self.task
+
+    def _ce_id(self) -> str:
+        return self.id
+
+    def _ce_partition_key(self) -> str:
+        return self.request_id
+
+    def _ce_tasktype(self) -> str:
+        return self.task
+
+    def _check_attributes(self, attributes: Mapping[str, Any]) -> None:
+        super()._check_attributes(attributes)
+        event_id = attributes.get("id")
+        if event_id != self.id:
+            raise EventError("id", f"{event_id!r} should be {self.id!r} for this result")
+
+    @model_validator(mode="after")
+    def _same_package(self) -> Self:
+        if self.package.name != self.task:
+            raise contract_error(
+                "data.package.name", f"{self.package.name!r} is not the task {self.task!r}"
+            )
+        return self
+
+
+_DEVICE_JSON = TypeAdapter(DeviceResult)
+# Fields every part of one result repeats; ``time`` may differ if parts were
+# published separately, and is taken from the first part.
+_SHARED_FIELDS = tuple(
+    name for name in TaskCompleted.model_fields if name not in ("devices", "part", "time")
+)
+
+
+def split_completed(
+    result: TaskCompleted, max_event_bytes: int = DEFAULT_PART_BYTES
+) -> tuple[TaskCompleted, ...]:
+    """Split a result by device into parts whose encoded data fits a budget.
+
+    Devices keep their order; parts share every request-level field and are
+    numbered by ``part.index`` out of ``part.count``. A result that fits comes
+    back as one part.
+
+    Args:
+        result: a whole result (``part.count == 1``).
+        max_event_bytes: budget for each part's encoded ``data`` in bytes; at
+            most :data:`MAX_EVENT_BYTES`.
+
+    Raises:
+        EventError: if ``result`` is already a part, or one device's result
+            alone exceeds the budget (cap the output at the source).
+    """
+    if result.part.count != 1:
+        raise EventError("data.part", "is already one part of a split result")
+    if not 0 < max_event_bytes <= MAX_EVENT_BYTES:
+        raise ValueError(f"max_event_bytes must be in 1..{MAX_EVENT_BYTES}")
+    devices = result.devices
+    # Size of the data with no devices and the widest part numbers possible,
+    # so each part's real size can only be smaller than the estimate.
+    widest = Part(index=max(len(devices) - 1, 0), count=max(len(devices), 1))
+    base = len(result.model_copy(update={"devices": (), "part": widest}).data_json())
+    chunks: list[tuple[DeviceResult, ...]] = []
+    start, size = 0, base
+    for index, device in enumerate(devices):
+        # One comma per device past the first in a part; counting it always
+        # over-estimates by at most one byte.
+        item = len(_DEVICE_JSON.dump_json(device)) + 1
+        if base + item > max_event_bytes:
+            raise EventError(
+                f"data.devices.{index}",
+                f"the result of device {device.device_id!r} alone encodes to {item} bytes,"
+                f" over the {max_event_bytes}-byte budget of one event; cap its output",
+            )
+        if size + item > max_event_bytes:
+            chunks.append(devices[start:index])
+            start, size = index, base
+        size += item
+    chunks.append(devices[start:])
+    if len(chunks) == 1:
+        return (result,)
+    count = len(chunks)
+    return tuple(
+        result.model_copy(update={"devices": chunk, "part": Part(index=i, count=count)})
+        for i, chunk in enumerate(chunks)
+    )
+
+
+def merge_completed(parts: Iterable[TaskCompleted]) -> TaskCompleted:
+    """Reassemble the parts of one result, in any order.
+
+    Redelivered duplicates of a part are tolerated when identical.
+
+    Raises:
+        EventError: when there are no parts, parts belong to different
+            requests or disagree on request-level fields, or parts are missing.
+    """
+    received = list(parts)
+    if not received:
+        raise EventError("data.part", "no parts to merge")
+    first = received[0]
+    count = first.part.count
+    by_index: dict[int, TaskCompleted] = {}
+    for part in received:
+        if part.request_id != first.request_id:
+            raise EventError(
+                "data.request_id",
+                f"part of request {part.request_id!r} mixed with parts of {first.request_id!r}",
+            )
+        if part.part.count != count:
+            raise EventError(
+                "data.part.count", f"parts disagree on the count: {part.part.count} and {count}"
+            )
+        for name in _SHARED_FIELDS:
+            if getattr(part, name) != getattr(first, name):
+                raise EventError(
+                    TaskCompleted.wire_name(name),
+                    f"differs between parts of request {first.request_id!r}",
+                )
+        seen = by_index.setdefault(part.part.index, part)
+        if seen is not part and seen != part:
+            raise EventError(
+                "data.part.index", f"part {part.part.index} received twice with different devices"
+            )
+    missing = [index for index in range(count) if index not in by_index]
+    if missing:
+        raise EventError(
+            "data.part",
+            f"missing part(s) {missing} of {count} for request {first.request_id!r}",
+        )
+    devices = tuple(device for index in range(count) for device in by_index[index].devices)
+    return first.model_copy(update={"devices": devices, "part": Part()})
