@@ -1,0 +1,263 @@
+"""The HTTP device driver: JSON over HTTP, retried with backoff, keep-alive pooled.
+
+The protocol, relative to a device's ``address`` (its base URL)::
+
+    GET  {address}/state           -> 200, a JSON object
+    POST {address}/actions/{name}  -> 200/201/202, a JSON object
+         body: the payload object; header Idempotency-Key: <key>
+
+A busy or rebooting device answers 503, a rate-limited one 429; either may send
+``Retry-After`` (delta-seconds or an HTTP-date).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from mayfly.devices.inventory import Device
+from mayfly.errors import DeviceActionError, DeviceUnavailableError
+
+__all__ = ["HttpDriver"]
+
+_log = logging.getLogger(__name__)
+
+# Statuses whose Retry-After we honour; other 5xx back off on our own schedule.
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+class HttpDriver:
+    """A thread-safe :class:`~mayfly.devices.driver.DeviceDriver` for HTTP devices.
+
+    One ``requests.Session`` is shared by every thread: its urllib3 pool manager
+    is thread-safe, and sharing lets any thread reuse any idle keep-alive
+    connection. Nothing mutates the session after construction; cookies are
+    refused so that one device's cookie never reaches another on the same host.
+
+    Args:
+        connect_timeout: seconds to wait for a TCP (and TLS) connection.
+        read_timeout: seconds to wait for each read of the answer (a bound per
+            socket read, not on the whole answer).
+        retries: retries after the first attempt, so ``retries + 1`` attempts.
+        backoff: delay before the first retry; doubles each retry, plus up to
+            10% jitter so a fleet that failed together does not retry together.
+        max_backoff: cap on the exponential delay (before jitter).
+        max_retry_after: cap on a device's ``Retry-After``, so a device cannot
+            park a worker for long.
+        pool_size: keep-alive connections kept per host, and hosts kept; size it
+            to the number of threads using the driver.
+        sleep: called to wait between attempts; tests inject a recorder.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        max_backoff: float = 2.0,
+        max_retry_after: float = 10.0,
+        pool_size: int = 64,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if retries < 0 or pool_size < 1:
+            raise ValueError("retries must be >= 0 and pool_size >= 1")
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._attempts = retries + 1
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._max_retry_after = max_retry_after
+        self._sleep = sleep
+        session = requests.Session()
+        # Retries are ours (they know Retry-After and deadlines), so urllib3 makes none.
+        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        # No proxy variables or ~/.netrc lookups on every call: devices are reached directly.
+        session.trust_env = False
+        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        session.headers.update({"Accept": "application/json", "User-Agent": "mayfly-http-driver"})
+        self._session = session
+
+    def state(self, device: Device, *, deadline: float | None = None) -> dict[str, Any]:
+        """The device's current state (``GET {address}/state``); ``deadline`` as in :meth:`action`.
+
+        Raises:
+            DeviceUnavailableError: unreachable, 5xx or 429 after retries, or
+                the deadline passed.
+            DeviceActionError: a 4xx, or an answer that is not a JSON object.
+        """
+        return self._call(device, "GET", "/state", None, {}, deadline)
+
+    def action(
+        self,
+        device: Device,
+        name: str,
+        payload: dict[str, Any],
+        idempotency_key: str,
+        *,
+        deadline: float | None = None,
+    ) -> dict[str, Any]:
+        """Ask the device to perform ``name``; its JSON answer, as is.
+
+        Args:
+            device: the device to act on.
+            name: the action (``reboot``...), quoted into the URL path.
+            payload: the JSON body.
+            idempotency_key: sent as ``Idempotency-Key`` on every attempt.
+            deadline: a ``time.monotonic()`` value not to wait past, or None:
+                no sleep runs past it, timeouts shrink to fit the time left
+                (they bound each socket operation, not the whole exchange).
+
+        Raises:
+            DeviceUnavailableError: unreachable, 5xx or 429 after retries, or
+                the deadline passed.
+            DeviceActionError: the device refused (4xx), answered something
+                that is not a JSON object, or the payload is not JSON.
+        """
+        path = f"/actions/{quote(name, safe='')}"
+        try:
+            # Encoded once, so every retry sends the very same bytes.
+            body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise DeviceActionError(device.id, f"POST {path}: payload is not JSON: {exc}") from exc
+        # Retrying a POST is safe only because every attempt carries the same
+        # Idempotency-Key: a device that applied an earlier attempt whose answer
+        # we lost replays that answer instead of acting twice.
+        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
+        return self._call(device, "POST", path, body, headers, deadline)
+
+    def close(self) -> None:
+        """Close the pooled connections. Safe to call more than once."""
+        self._session.close()
+
+    def _call(
+        self,
+        device: Device,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        deadline: float | None,
+    ) -> dict[str, Any]:
+        url = device.address.rstrip("/") + path
+        what = f"{method} {path}"
+        failure = ""
+        for attempt in range(1, self._attempts + 1):
+            connect, read = self._connect_timeout, self._read_timeout
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeviceUnavailableError(device.id, f"deadline passed before {what}")
+                connect, read = min(connect, remaining), min(read, remaining)
+            retry_after: float | None = None
+            try:
+                response = self._session.request(
+                    method,
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=(connect, read),
+                    allow_redirects=False,
+                )
+            except requests.ConnectTimeout:
+                failure = "connect timeout"
+            except requests.Timeout:
+                failure = "read timeout"
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                failure = f"connection error ({_root_cause(exc)})"
+            except requests.RequestException as exc:
+                # A malformed address or header: retrying cannot help.
+                raise DeviceUnavailableError(device.id, f"{what}: {exc}") from exc
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    return _json_object(device, what, response)
+                if status != 429 and status < 500:
+                    raise DeviceActionError(device.id, _refusal(what, response))
+                failure = str(status)
+                if status in _RETRY_AFTER_STATUSES:
+                    retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+            if attempt == self._attempts:
+                break
+            if retry_after is not None:
+                delay = min(retry_after, self._max_retry_after)
+            else:
+                delay = min(self._backoff * 2 ** (attempt - 1), self._max_backoff)
+                delay += random.uniform(0, delay / 10)  # noqa: S311 - jitter, not crypto
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                message = f"deadline passed: {what}: {failure} after {attempt} attempt(s)"
+                raise DeviceUnavailableError(device.id, message)
+            _log.debug(
+                "device %s: %s: %s; retry %d of %d in %.2fs",
+                device.id, what, failure, attempt, self._attempts - 1, delay,
+            )  # fmt: skip
+            self._sleep(delay)
+        message = f"{what}: {failure} after {self._attempts} attempts"
+        raise DeviceUnavailableError(device.id, message)
+
+
+def _json_object(device: Device, what: str, response: requests.Response) -> dict[str, Any]:
+    # json.loads on bytes detects UTF-8/16/32 itself, skipping requests' charset guessing.
+    cause: ValueError | None = None
+    try:
+        value = json.loads(response.content)
+    except ValueError as exc:
+        problem, cause = str(exc), exc
+    else:
+        if isinstance(value, dict):
+            return value
+        problem = f"{type(value).__name__}, not an object"
+    message = f"{what}: malformed JSON answer ({response.status_code}): {problem}"
+    raise DeviceActionError(device.id, message) from cause
+
+
+def _refusal(what: str, response: requests.Response) -> str:
+    message = f"{what}: {response.status_code} {response.reason or ''}".rstrip()
+    try:
+        error = json.loads(response.content).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    # Truncated: the message ends up in events and terminals, not a device's essay.
+    return f"{message}: {str(error)[:200]}" if error else message
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait per a ``Retry-After`` value; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000" dates parse naive; HTTP-dates are GMT.
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _root_cause(exc: BaseException) -> str:
+    # requests wraps urllib3's MaxRetryError wrapping NewConnectionError wrapping
+    # the OSError; the innermost ("[Errno 111] Connection refused") is the news.
+    for _ in range(8):
+        links = (getattr(exc, "reason", None), exc.__cause__, *exc.args[:1])
+        inner = next((e for e in links if isinstance(e, BaseException)), None)
+        if inner is None:
+            break
+        exc = inner
+    return str(exc) or type(exc).__name__
