@@ -13,6 +13,7 @@ import click
 
 from mayfly import __version__
 from mayfly.cli._common import MayflyGroup
+from mayfly.cli.devices import devices
 from mayfly.cli.pkg import pkg
 
 __all__ = ["cli", "main"]
@@ -29,6 +30,7 @@ def cli() -> None:
 
 
 cli.add_command(pkg)
+cli.add_command(devices)
 
 
 def main() -> None:

@@ -1,0 +1,201 @@
+"""``mayfly devices``: work with device fleets; for now, simulate one."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from mayfly.devices.sim import Simulator, serve_until_signalled
+from mayfly.errors import InventoryError
+
+__all__ = ["devices"]
+
+if TYPE_CHECKING:
+    # Click 8.2+ types ParamType as generic; older versions are not subscriptable at run time.
+    _BrokenBase = click.ParamType[float | tuple[str, ...], object]
+else:
+    _BrokenBase = click.ParamType
+
+
+class _Broken(_BrokenBase):
+    """``--broken``: a fraction in 0..1, or comma-separated device ids."""
+
+    name = "FRACTION|IDS"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float | tuple[str, ...]:
+        if isinstance(value, float | tuple):
+            return value
+        text = str(value).strip()
+        try:
+            fraction = float(text)
+        except ValueError:
+            ids = tuple(part.strip() for part in text.split(",") if part.strip())
+            if not ids:
+                self.fail("give a fraction in 0..1 or comma-separated device ids", param, ctx)
+            return ids
+        if not 0.0 <= fraction <= 1.0:
+            self.fail(f"{text} is not a fraction in 0..1", param, ctx)
+        return fraction
+
+
+@click.group()
+def devices() -> None:
+    """Work with device fleets.
+
+    \b
+      mayfly devices simulate --count 100     # a fleet on loopback + inventory.json
+    """
+
+
+@devices.command()
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Number of devices, ids sim-0001, sim-0002, ...",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=9100,
+    show_default=True,
+    help="Port on 127.0.0.1 to serve on; 0 picks a free one.",
+)
+@click.option(
+    "--inventory",
+    "inventory_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("inventory.json"),
+    show_default=True,
+    help="Where to write the inventory of the simulated devices.",
+)
+@click.option(
+    "--reboot-time",
+    type=click.FloatRange(min=0),
+    default=0.3,
+    show_default=True,
+    help="Seconds a device is unavailable (503) after a reboot.",
+)
+@click.option(
+    "--download-time",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="Seconds a firmware download takes (progress 0..100).",
+)
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Delay added to every device request.",
+)
+@click.option(
+    "--jitter-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Random extra delay, 0..JITTER, per device request.",
+)
+@click.option(
+    "--failure-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Fraction of device requests answered 503 before anything is done.",
+)
+@click.option(
+    "--broken",
+    type=_Broken(),
+    default="0",
+    show_default=True,
+    help="Devices that answer 500 to every action (their state still answers): "
+    "a fraction chosen by --seed, or comma-separated ids. Labels do not tell.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Makes failures, jitter and the broken set reproducible.",
+)
+def simulate(
+    count: int,
+    port: int,
+    inventory_path: Path,
+    reboot_time: float,
+    download_time: float,
+    latency_ms: float,
+    jitter_ms: float,
+    failure_rate: float,
+    broken: float | tuple[str, ...],
+    seed: int,
+) -> None:
+    """Serve --count simulated devices on 127.0.0.1 until Ctrl-C or SIGTERM.
+
+    Writes an inventory whose addresses point at the devices, so a task run
+    can target them. Each device has labels site (lab-a/b/c), model (m1/m2)
+    and ring (canary for the first 5 %, else main) and runs firmware 1.0.0.
+
+    \b
+    Device protocol:
+      GET  /devices/{id}/state                 200 state; 503 while rebooting
+      POST /devices/{id}/actions/{name}        JSON body, Idempotency-Key header
+           reboot                              unavailable for --reboot-time
+           firmware-download {"version"}       202; staged after --download-time
+           firmware-install  {"version"}       409 unless staged; active after reboot
+           config-push {"config", "mode"}      mode merge (default) or replace
+      A repeated Idempotency-Key replays the first answer and applies nothing.
+
+    \b
+    Admin (what really happened):
+      GET  /_sim/summary                       counters, firmware versions running
+      GET  /_sim/devices/{id}                  state, applied log, arrivals per key
+      GET  /_sim/log                           every device's applied log
+      GET  /_sim/duplicates                    keys applied twice (always empty)
+      POST /_sim/reset                         every device back to its first boot
+    """
+    try:
+        sim = Simulator(
+            count,
+            port=port,
+            reboot_time=reboot_time,
+            download_time=download_time,
+            latency_ms=latency_ms,
+            jitter_ms=jitter_ms,
+            failure_rate=failure_rate,
+            broken=broken,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--broken'") from exc
+
+    def ready(bound: int) -> None:
+        try:
+            inventory_path.write_bytes(sim.inventory().to_json())
+        except OSError as exc:
+            raise InventoryError(f"cannot write {inventory_path}: {exc.strerror}") from exc
+        click.echo(f"serving    {count} devices at http://127.0.0.1:{bound}/devices/<id>")
+        click.echo(f"inventory  {inventory_path}")
+        click.echo(f"summary    http://127.0.0.1:{bound}/_sim/summary")
+        if sim.broken_ids:
+            click.echo(f"broken     {len(sim.broken_ids)} device(s), see the summary")
+        click.echo("press Ctrl-C to stop", err=True)
+
+    try:
+        asyncio.run(serve_until_signalled(sim, port, ready=ready))
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot serve on 127.0.0.1:{port}: {exc.strerror or exc}; "
+            "choose another --port (0 picks a free one)"
+        ) from exc
+    done = sim.summary()
+    click.echo(
+        f"stopped after {done['requests']} requests: {done['applied']} applied, "
+        f"{done['replayed']} replayed, {done['injected_failures']} injected failures"
+    )
