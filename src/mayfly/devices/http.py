@@ -188,7 +188,9 @@ class HttpDriver:
                     return _json_object(device, what, response)
                 if status != 429 and status < 500:
                     raise DeviceActionError(device.id, _refusal(what, response))
-                failure = str(status)
+                # "500 (device fault)": the device's own words say more than a number.
+                error = _device_error(response)
+                failure = f"{status} ({error})" if error else str(status)
                 if status in _RETRY_AFTER_STATUSES:
                     retry_after = _parse_retry_after(response.headers.get("Retry-After"))
             if attempt == self._attempts:
@@ -225,14 +227,19 @@ def _json_object(device: Device, what: str, response: requests.Response) -> dict
     raise DeviceActionError(device.id, message) from cause
 
 
-def _refusal(what: str, response: requests.Response) -> str:
-    message = f"{what}: {response.status_code} {response.reason or ''}".rstrip()
+def _device_error(response: requests.Response) -> str | None:
+    """The ``error`` field of a JSON answer, truncated: it ends up in events."""
     try:
         error = json.loads(response.content).get("error")
     except (ValueError, AttributeError):
-        error = None
-    # Truncated: the message ends up in events and terminals, not a device's essay.
-    return f"{message}: {str(error)[:200]}" if error else message
+        return None
+    return str(error)[:200] if error else None
+
+
+def _refusal(what: str, response: requests.Response) -> str:
+    message = f"{what}: {response.status_code} {response.reason or ''}".rstrip()
+    error = _device_error(response)
+    return f"{message}: {error}" if error else message
 
 
 def _parse_retry_after(value: str | None) -> float | None:
