@@ -39,8 +39,9 @@ def run(ctx: Any) -> dict[str, Any]:
     ctx.device.action("firmware-install", {"version": target})
 
     _step(ctx, 2, "rebooting")
-    boot_count = ctx.device.state()["boot_count"]
-    ctx.device.action("reboot")
+    # The reboot answer (replayed as-is on a retried attempt) holds the boot
+    # count from before the reboot: wait for exactly that reboot to finish.
+    boot_count = ctx.device.action("reboot")["boot_count"]
 
     _step(ctx, 3, "confirming")
     after = ctx.device.wait_until(
