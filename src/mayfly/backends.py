@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mayfly.errors import ConfigError
+from mayfly.devices import Inventory, parse_inventory
+from mayfly.errors import ConfigError, InventoryError
 from mayfly.packages import LocalPackageStore, PackageRepository, PackageStore, TrustedKeys
 from mayfly.settings import ENV_S3_ACCESS_KEY, ENV_S3_ENDPOINT, ENV_S3_SECRET_KEY, Settings
 
-__all__ = ["load_trusted_keys", "open_repository", "open_store"]
+__all__ = ["load_inventory", "load_trusted_keys", "open_repository", "open_store"]
 
 
-def open_store(settings: Settings) -> PackageStore:
-    """The package store that ``settings.store`` names: a folder or ``s3://bucket``."""
-    if not settings.store_is_s3:
-        return LocalPackageStore(Path(settings.store).expanduser())
+def _s3_store(settings: Settings, bucket: str, *, create_bucket: bool) -> PackageStore:
     endpoint, access, secret = settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key
     if not (endpoint and access and secret):
         missing = [
@@ -30,18 +28,49 @@ def open_store(settings: Settings) -> PackageStore:
             )
             if not value
         ]
-        raise ConfigError(f"store {settings.store} needs {', '.join(missing)} to be set")
+        raise ConfigError(f"s3://{bucket} needs {', '.join(missing)} to be set")
     # Imported here: the minio client is only paid for when S3 is configured.
     from mayfly.packages.s3store import S3PackageStore
 
     return S3PackageStore(
         endpoint,
-        settings.s3_bucket,
+        bucket,
         access_key=access,
         secret_key=secret,
         region=settings.s3_region,
-        create_bucket=True,
+        create_bucket=create_bucket,
     )
+
+
+def load_inventory(settings: Settings) -> Inventory:
+    """The device inventory from a file or an ``s3://BUCKET/KEY`` object."""
+    source = settings.inventory
+    if source.startswith("s3://"):
+        bucket, _, key = source.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise ConfigError(f"inventory {source!r}: expected s3://BUCKET/KEY")
+        raw = _s3_store(settings, bucket, create_bucket=False).get(key)
+        if raw is None:
+            raise InventoryError(f"inventory {source} does not exist")
+        return parse_inventory(raw, origin=source)
+    path = Path(source).expanduser()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InventoryError(
+            f"inventory {path} not found; set MAYFLY_INVENTORY or start "
+            "`mayfly devices simulate`, which writes one"
+        ) from exc
+    except OSError as exc:
+        raise InventoryError(f"cannot read inventory {path}: {exc.strerror}") from exc
+    return parse_inventory(raw, origin=str(path))
+
+
+def open_store(settings: Settings) -> PackageStore:
+    """The package store that ``settings.store`` names: a folder or ``s3://bucket``."""
+    if not settings.store_is_s3:
+        return LocalPackageStore(Path(settings.store).expanduser())
+    return _s3_store(settings, settings.s3_bucket, create_bucket=True)
 
 
 def load_trusted_keys(settings: Settings) -> TrustedKeys:

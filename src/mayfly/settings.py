@@ -16,6 +16,12 @@ Environment variables (CLI flags of the same meaning win over them):
                            Default ``$MAYFLY_HOME/keys/signing.key``.
 ``MAYFLY_TRUSTED_KEYS``    Public keys (files or folders of ``*.pub``),
                            separated by ``:``. Default ``$MAYFLY_HOME/trusted``.
+``MAYFLY_INVENTORY``       Device inventory: a file, or ``s3://BUCKET/KEY``.
+                           Default ``inventory.json`` in the working folder.
+``MAYFLY_RESULT_SINK``     Where results go: ``-`` (stdout), a file,
+                           ``http(s)://...`` or ``kafka://HOST:PORT/TOPIC``.
+                           ``K_SINK`` (Knative SinkBinding) is used when unset.
+``MAYFLY_MAX_PROCESSES``   Cap on task processes per coordinator. Default 64.
 =========================  ===================================================
 """
 
@@ -32,6 +38,10 @@ from mayfly.errors import ConfigError
 
 __all__ = [
     "ENV_HOME",
+    "ENV_INVENTORY",
+    "ENV_K_SINK",
+    "ENV_MAX_PROCESSES",
+    "ENV_RESULT_SINK",
     "ENV_S3_ACCESS_KEY",
     "ENV_S3_ENDPOINT",
     "ENV_S3_REGION",
@@ -50,6 +60,10 @@ ENV_S3_SECRET_KEY = "MAYFLY_S3_SECRET_KEY"  # noqa: S105 - a variable name, not 
 ENV_S3_REGION = "MAYFLY_S3_REGION"
 ENV_SIGNING_KEY = "MAYFLY_SIGNING_KEY"
 ENV_TRUSTED_KEYS = "MAYFLY_TRUSTED_KEYS"
+ENV_INVENTORY = "MAYFLY_INVENTORY"
+ENV_RESULT_SINK = "MAYFLY_RESULT_SINK"
+ENV_K_SINK = "K_SINK"
+ENV_MAX_PROCESSES = "MAYFLY_MAX_PROCESSES"
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,9 @@ class Settings:
     s3_region: str | None = None
     signing_key: Path | None = None
     trusted_keys: tuple[Path, ...] = ()
+    inventory: str = "inventory.json"
+    result_sink: str = "-"
+    max_processes: int = 64
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -85,6 +102,9 @@ class Settings:
             if env.get(ENV_SIGNING_KEY)
             else None,
             trusted_keys=trusted,
+            inventory=env.get(ENV_INVENTORY) or "inventory.json",
+            result_sink=env.get(ENV_RESULT_SINK) or env.get(ENV_K_SINK) or "-",
+            max_processes=_positive_int(env, ENV_MAX_PROCESSES, 64),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -113,3 +133,16 @@ class Settings:
         if not bucket or "/" in bucket:
             raise ConfigError(f"{ENV_STORE}={self.store!r}: expected s3://BUCKET")
         return bucket
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r}: expected a positive whole number")
+    return value

@@ -1,0 +1,201 @@
+"""The coordinator core: one request in, one result (or rejection) out.
+
+Entry points (the Knative function, job mode, the local runtime) decode a
+request, call :meth:`Coordinator.handle`, and deliver what it returns. The
+core never raises for a bad request: every way a request can be wrong ends
+as a ``task.rejected`` event that says why.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mayfly.coordinator.params import validate_params
+from mayfly.coordinator.runner import DeviceProgress, RunPlan, run_devices
+from mayfly.coordinator.worker import WorkerSpec
+from mayfly.devices import Device, DeviceDriver, Inventory
+from mayfly.errors import InventoryError, MayflyError, UnknownDeviceError
+from mayfly.events import (
+    CoordinatorInfo,
+    DeviceResult,
+    DeviceStatus,
+    OverallStatus,
+    PackageRef,
+    RejectionCode,
+    TaskCompleted,
+    TaskRejected,
+    TaskRequest,
+    Timings,
+    rejection_for,
+)
+from mayfly.packages import FetchedPackage, PackageRepository
+
+__all__ = ["Coordinator", "CoordinatorOptions", "overall_status"]
+
+_FORK = multiprocessing.get_context("fork")
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    """Knobs of one coordinator instance."""
+
+    cache_dir: Path
+    mode: str = "job"
+    max_processes: int = 64
+    """Cap on task processes at once, whatever the package asks for."""
+    retry_backoff_s: float = 0.2
+    instance_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
+
+
+def overall_status(results: list[DeviceResult], canceled: bool = False) -> OverallStatus:
+    """``succeeded`` when every device did, ``failed`` when none did, else ``partial``."""
+    if canceled:
+        return OverallStatus.CANCELED
+    ok = sum(1 for r in results if r.status is DeviceStatus.SUCCEEDED)
+    if results and ok == len(results):
+        return OverallStatus.SUCCEEDED
+    return OverallStatus.PARTIAL if ok else OverallStatus.FAILED
+
+
+class Coordinator:
+    """Runs task requests: fetch and verify, validate, fan out, report."""
+
+    def __init__(
+        self,
+        repository: PackageRepository,
+        inventory: Callable[[], Inventory],
+        driver_factory: Callable[[], DeviceDriver],
+        options: CoordinatorOptions,
+    ) -> None:
+        self.repository = repository
+        self._inventory = inventory
+        self._driver_factory = driver_factory
+        self.options = options
+        self._cancel = _FORK.Event()
+
+    def cancel(self) -> None:
+        """Stop the running request: running devices end ``canceled``. Signal-safe."""
+        self._cancel.set()
+
+    def handle(
+        self,
+        request: TaskRequest,
+        *,
+        received_at: datetime | None = None,
+        on_progress: Callable[[DeviceProgress], None] | None = None,
+    ) -> TaskCompleted | TaskRejected:
+        """Run one request to completion and describe what happened."""
+        received_at = received_at or datetime.now(UTC)
+        try:
+            fetched = self.repository.fetch(request.task, request.version or request.channel)
+            validate_params(fetched.manifest, dict(request.params))
+            devices = self._targets(request)
+            package_dir = fetched.materialise(self.options.cache_dir)
+        except UnknownDeviceError as exc:
+            return self._reject(request, exc, RejectionCode.UNKNOWN_DEVICE)
+        except MayflyError as exc:
+            return self._reject(request, exc, None)
+        started_at = datetime.now(UTC)
+        runnable, skipped = _split_by_capability(devices, fetched.manifest.capabilities)
+        plan = self._plan(request, fetched, package_dir, runnable, skipped)
+        results = run_devices(plan, on_progress)
+        finished_at = datetime.now(UTC)
+        first_start = min((r.started_at for r in results if r.started_at), default=None)
+        cold_start_ms = (first_start - received_at).total_seconds() * 1000 if first_start else None
+        m = fetched.manifest
+        return TaskCompleted(
+            request_id=request.id,
+            task=request.task,
+            priority=request.priority,
+            traceparent=request.traceparent,
+            tracestate=request.tracestate,
+            package=PackageRef(name=m.name, version=m.version, digest=fetched.digest),
+            status=overall_status(results, self._cancel.is_set()),
+            devices=tuple(results),
+            timings=Timings(
+                received_at=received_at,
+                started_at=started_at,
+                finished_at=finished_at,
+                cold_start_ms=max(0.0, cold_start_ms) if cold_start_ms is not None else None,
+            ),
+            coordinator=CoordinatorInfo(
+                id=self.options.instance_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                mode=self.options.mode,
+            ),
+        )
+
+    def _targets(self, request: TaskRequest) -> list[Device]:
+        devices = self._inventory().resolve(request.devices, request.selector)
+        if not devices:
+            raise InventoryError(f"no device matches selector {dict(request.selector)}")
+        return devices
+
+    def _plan(
+        self,
+        request: TaskRequest,
+        fetched: FetchedPackage,
+        package_dir: Path,
+        devices: list[Device],
+        skipped: dict[str, str],
+    ) -> RunPlan:
+        limits = fetched.manifest.limits
+        rollout = request.rollout
+        parallel = min(limits.max_parallel, self.options.max_processes, max(1, len(devices)))
+        if rollout and rollout.max_parallel:
+            parallel = min(parallel, rollout.max_parallel)
+        deadline = time.monotonic() + limits.timeout_s
+        if request.deadline is not None:
+            left = (request.deadline - datetime.now(UTC)).total_seconds()
+            deadline = min(deadline, time.monotonic() + max(0.0, left))
+        spec = WorkerSpec(
+            request_id=request.id,
+            package_dir=package_dir,
+            manifest=fetched.manifest,
+            params=dict(request.params),
+            driver_factory=self._driver_factory,
+            cpu_seconds=max(1, math.ceil(limits.timeout_s)),
+            is_canceled=self._cancel.is_set,
+        )
+        return RunPlan(
+            spec=spec,
+            devices=devices,
+            skipped=skipped,
+            parallel=parallel,
+            device_timeout_s=limits.device_timeout_s,
+            retries=limits.retries,
+            deadline=deadline,
+            max_failure_ratio=rollout.max_failure_ratio if rollout else None,
+            retry_backoff_s=self.options.retry_backoff_s,
+        )
+
+    def _reject(
+        self, request: TaskRequest, error: MayflyError, code: RejectionCode | None
+    ) -> TaskRejected:
+        return rejection_for(error, request.cloudevent_attributes(), code=code)
+
+
+def _split_by_capability(
+    devices: list[Device], required: tuple[str, ...]
+) -> tuple[list[Device], dict[str, str]]:
+    runnable: list[Device] = []
+    skipped: dict[str, str] = {}
+    for device in devices:
+        missing = [c for c in required if c not in device.capabilities]
+        if missing:
+            skipped[device.id] = f"device lacks capabilities: {', '.join(missing)}"
+        else:
+            runnable.append(device)
+    return runnable, skipped

@@ -1,0 +1,160 @@
+"""The task process: runs package code for one device at a time, under limits.
+
+A task process is forked from the coordinator, lowers its own limits
+(address space, CPU seconds), imports the package's entrypoint and then
+serves ``run`` messages from its pipe. Everything it reports is plain data
+(JSON text for outputs), so a misbehaving package can only hurt itself: the
+coordinator kills it on a timeout and reads its death as that device's failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import resource
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from mayfly.coordinator.context import DeviceHandle, TaskContext
+from mayfly.devices import Device, DeviceDriver
+from mayfly.packages import Manifest
+
+__all__ = ["MAX_OUTPUT_BYTES", "WorkerSpec", "worker_main"]
+
+#: Largest JSON output kept per device; results must fit Kafka messages.
+MAX_OUTPUT_BYTES = 64 * 1024
+_LOG = logging.getLogger("mayfly.task")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a task process needs, fixed before it forks."""
+
+    request_id: str
+    package_dir: Path
+    manifest: Manifest
+    params: dict[str, Any]
+    driver_factory: Callable[[], DeviceDriver]
+    cpu_seconds: int
+    is_canceled: Callable[[], bool]
+
+
+def _vm_size() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _apply_limits(memory_mb: int, cpu_seconds: int) -> None:
+    # The forked process already maps the coordinator's address space, so the
+    # package's budget is added on top of what is mapped now.
+    limit = _vm_size() + memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+
+
+def _load_entrypoint(spec: WorkerSpec) -> Callable[[TaskContext], Any]:
+    sys.path.insert(0, str(spec.package_dir))
+    module = importlib.import_module(spec.manifest.module)
+    fn = getattr(module, spec.manifest.function, None)
+    if not callable(fn):
+        raise AttributeError(f"{spec.manifest.entrypoint} is not a function")
+    return fn  # type: ignore[no-any-return]
+
+
+def _describe(exc: BaseException, memory_mb: int) -> str:
+    if isinstance(exc, MemoryError):
+        return f"MemoryError: memory limit of {memory_mb} MB exceeded"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"[:2000]
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """Body of a task process. Never returns an exception to the coordinator."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    limits = spec.manifest.limits
+    try:
+        _apply_limits(limits.memory_mb, spec.cpu_seconds)
+        entry = _load_entrypoint(spec)
+    except BaseException as exc:
+        conn.send(("import_failed", _describe(exc, limits.memory_mb)))
+        return
+    conn.send(("ready",))
+    driver = spec.driver_factory()
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] != "run":
+                break
+            _, device_json, attempt, deadline = message
+            _run_one(
+                conn,
+                spec,
+                entry,
+                driver,
+                Device.model_validate_json(device_json),
+                attempt,
+                deadline,
+            )
+    except (EOFError, BrokenPipeError):
+        pass  # the coordinator went away: nothing left to report to
+    finally:
+        driver.close()
+
+
+def _run_one(
+    conn: Connection,
+    spec: WorkerSpec,
+    entry: Callable[[TaskContext], Any],
+    driver: DeviceDriver,
+    device: Device,
+    attempt: int,
+    deadline: float,
+) -> None:
+    def progress(percent: float, message: str) -> None:
+        conn.send(("progress", device.id, percent, message))
+
+    ctx = TaskContext(
+        device=DeviceHandle(device, driver, spec.request_id, deadline),
+        params=spec.params,
+        request_id=spec.request_id,
+        attempt=attempt,
+        deadline=deadline,
+        report_progress=progress,
+        cancel_flag=spec.is_canceled,
+        logger=_LOG,
+    )
+    try:
+        output = entry(ctx)
+        text = json.dumps(output)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        conn.send(("done", device.id, False, None, _describe(exc, spec.manifest.limits.memory_mb)))
+        return
+    if len(text) > MAX_OUTPUT_BYTES:
+        conn.send(
+            (
+                "done",
+                device.id,
+                False,
+                None,
+                f"output of {len(text)} bytes exceeds the {MAX_OUTPUT_BYTES} byte limit",
+            )
+        )
+        return
+    conn.send(("done", device.id, True, text, None))
