@@ -118,7 +118,11 @@ def completed(devices: tuple[DeviceResult, ...]) -> TaskCompleted:
         status=OverallStatus.PARTIAL,
         devices=devices,
         timings=Timings(
-            received_at=at(0.5), started_at=at(1), finished_at=at(11), cold_start_ms=8.5
+            published_at=at(0),
+            received_at=at(0.5),
+            started_at=at(1),
+            finished_at=at(11),
+            cold_start_ms=8.5,
         ),
         coordinator=CoordinatorInfo(id="coord-7f3a", host="node-2", pid=4242, mode="local"),
     )

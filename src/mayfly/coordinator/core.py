@@ -124,6 +124,7 @@ class Coordinator:
             status=overall_status(results, self._cancel.is_set()),
             devices=tuple(results),
             timings=Timings(
+                published_at=request.time,
                 received_at=received_at,
                 started_at=started_at,
                 finished_at=finished_at,

@@ -83,8 +83,11 @@ class DeviceResult(_Value):
 
 
 class Timings(_Value):
-    """When the coordinator received, started and finished the request."""
+    """When the request was published, and when the coordinator received,
+    started and finished it. ``published_at`` (the request event's ``time``)
+    lets a trace span the request's whole life, queueing included."""
 
+    published_at: UtcDatetime | None = None
     received_at: UtcDatetime
     started_at: UtcDatetime
     finished_at: UtcDatetime
