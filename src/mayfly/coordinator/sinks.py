@@ -33,7 +33,7 @@ from mayfly.events import (
     TaskRejected,
     split_completed,
     to_http,
-    to_kafka,
+    to_kafka_record,
 )
 
 __all__ = [
@@ -154,17 +154,13 @@ class KafkaSink:
         self._errors: tuple[type[BaseException], ...] = (KafkaError,)
 
     def emit(self, event: MayflyEvent) -> None:
-        message = to_kafka(event, "binary")
-        headers = [
-            (k, v if isinstance(v, bytes) else str(v).encode()) for k, v in message.headers.items()
-        ]
+        key, value, headers = to_kafka_record(event)
         topics = [self.topic]
         if isinstance(event, TaskRejected):
             topics.append(self.dead_letter_topic)
         try:
             futures = [
-                self._producer.send(t, key=message.key, value=message.value, headers=headers)
-                for t in topics
+                self._producer.send(t, key=key, value=value, headers=headers) for t in topics
             ]
             for future in futures:
                 future.get(timeout=30)

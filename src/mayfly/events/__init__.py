@@ -46,6 +46,7 @@ from mayfly.events.codec import (
     to_cloudevent,
     to_http,
     to_kafka,
+    to_kafka_record,
 )
 from mayfly.events.completed import (
     DEFAULT_PART_BYTES,
@@ -108,4 +109,5 @@ __all__ = [
     "to_cloudevent",
     "to_http",
     "to_kafka",
+    "to_kafka_record",
 ]

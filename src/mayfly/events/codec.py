@@ -67,6 +67,7 @@ __all__ = [
     "to_cloudevent",
     "to_http",
     "to_kafka",
+    "to_kafka_record",
 ]
 
 MayflyEvent: TypeAlias = TaskRequest | TaskCompleted | TaskRejected
@@ -130,6 +131,24 @@ def to_kafka(event: MayflyEvent | AnyCloudEvent, mode: Mode = "binary") -> ce_ka
             {"content-type": _STRUCTURED_BYTES}, key, _structured(attributes, data)
         )
     raise ValueError(f"mode must be 'binary' or 'structured', not {mode!r}")
+
+
+def to_kafka_record(
+    event: MayflyEvent | AnyCloudEvent, mode: Mode = "binary"
+) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """:func:`to_kafka` as a producer takes it: key, value and a header list of bytes."""
+    message = to_kafka(event, mode)
+    headers = [
+        (str(name), value if isinstance(value, bytes) else str(value).encode())
+        for name, value in message.headers.items()
+    ]
+    return _bytes(message.key), _bytes(message.value), headers
+
+
+def _bytes(value: bytes | str | None) -> bytes:
+    if value is None:
+        return b""
+    return value if isinstance(value, bytes) else value.encode()
 
 
 @overload
