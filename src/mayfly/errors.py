@@ -19,6 +19,8 @@ readable message or a ``task.rejected`` event::
     │   └── UnknownDeviceError      a request names devices not in it
     ├── ParamsError                 request params fail the package schema
     ├── SinkError                   a result could not be made durable
+    ├── EventLogError               the event log cannot append, read or commit
+    ├── CoordinatorCrashedError     a request kept crashing its coordinator
     └── DeviceError                 talking to one device failed
         ├── DeviceUnavailableError  unreachable, timing out, 5xx or 429 after retries
         └── DeviceActionError       the device refused the action (4xx, bad answer)
@@ -31,10 +33,12 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "CoordinatorCrashedError",
     "DeviceActionError",
     "DeviceError",
     "DeviceUnavailableError",
     "EventError",
+    "EventLogError",
     "ImmutableVersionError",
     "IntegrityError",
     "InventoryError",
@@ -178,3 +182,12 @@ class DeviceActionError(DeviceError):
 
 class SinkError(MayflyError):
     """Raised when a result sink (file, HTTP, Kafka) does not take an event durably."""
+
+
+class CoordinatorCrashedError(MayflyError):
+    """Raised (as a rejection's cause) when a request's coordinator process kept
+    dying without a result, so the request goes to the dead-letter topic."""
+
+
+class EventLogError(MayflyError):
+    """Raised when the event log (SQLite or Kafka) cannot append, read or commit."""

@@ -1,0 +1,103 @@
+"""The event log port: Kafka-shaped topics, records and consumer groups.
+
+Two implementations stand behind it: the embedded SQLite log (the default on
+one machine, no server) and Kafka. Records carry Kafka's binary-mode
+CloudEvents as they are (key, headers, value), so every component decodes
+them the same way whichever log is underneath.
+
+Semantics both implementations keep (and the contract tests check):
+
+- ``append`` returns only once the record is durable;
+- within a partition, offsets are dense and increasing from 0, and records
+  come back in append order;
+- a consumer belongs to a group and reads one topic; a new consumer of a
+  group starts at the group's committed offset (0 if none), so records after
+  the last commit are delivered again after a crash;
+- ``commit`` stores, per partition, the offset of the next record to read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from mayfly.events import Priority
+
+__all__ = [
+    "DEAD_LETTER_TOPIC",
+    "REQUEST_TOPICS",
+    "RESULTS_TOPIC",
+    "EventLog",
+    "LogConsumer",
+    "LogRecord",
+    "request_topic",
+]
+
+REQUEST_TOPICS: Mapping[Priority, str] = {
+    Priority.HIGH: "mayfly.requests.high",
+    Priority.NORMAL: "mayfly.requests.normal",
+    Priority.LOW: "mayfly.requests.low",
+}
+RESULTS_TOPIC = "mayfly.results"
+DEAD_LETTER_TOPIC = "mayfly.deadletter"
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+def request_topic(priority: Priority | str) -> str:
+    """The lane (topic) a request of this priority is published to."""
+    return REQUEST_TOPICS[Priority(priority)]
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One record, shaped like a Kafka ``ConsumerRecord``."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int = 0
+
+
+class LogConsumer(Protocol):
+    """Reads one topic for one consumer group."""
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        """Records after the ones already returned, waiting up to ``timeout_s`` for some."""
+        ...
+
+    def commit(self, offsets: Mapping[int, int]) -> None:
+        """Durably store, per partition, the offset of the next record to read."""
+        ...
+
+    def committed(self) -> dict[int, int]:
+        """The group's committed offsets, per partition."""
+        ...
+
+    def end_offsets(self) -> dict[int, int]:
+        """Per partition, the offset the next appended record will get."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EventLog(Protocol):
+    """Topics of records: append, and read through consumer groups."""
+
+    def append(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
+        """Add a record; return once it is durable."""
+        ...
+
+    def consumer(self, group: str, topic: str) -> LogConsumer:
+        """A consumer of ``topic`` in ``group``, starting at the committed offsets."""
+        ...
+
+    def describe(self) -> str:
+        """Where the log is, for messages."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,314 @@
+"""The embedded event log: one SQLite file in WAL mode, shaped like Kafka.
+
+Each topic has one partition (0) with dense offsets from 0; consumer groups
+store the offset of the next record to read. Many processes share the file at
+once (the dispatcher's consumers, short-lived coordinators appending results,
+the CLI publishing requests), so:
+
+- every write runs in ``BEGIN IMMEDIATE``: the writer takes the file's write
+  lock before reading ``max(offset)``, so two processes can never compute the
+  same offset, and a busy file is waited for (``busy_timeout``) then retried;
+- connections are per process and opened on first use. A child forked while
+  its parent held a connection must not use it, nor close it: closing an
+  inherited handle can release the parent's POSIX locks or checkpoint under
+  it. The child opens its own and keeps the inherited object referenced
+  (``_INHERITED``) so that garbage collection never closes it either.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from mayfly.errors import EventLogError
+from mayfly.runtime.eventlog import Headers, LogConsumer, LogRecord
+
+__all__ = ["SCHEMA_VERSION", "SqliteEventLog"]
+
+SCHEMA_VERSION = 1
+_SCHEMA = (
+    # WITHOUT ROWID: records are stored in (topic, offset) order, so max(offset)
+    # and a consumer's range scan are one B-tree descent each.
+    "CREATE TABLE records (topic TEXT NOT NULL, off INTEGER NOT NULL, key BLOB,"
+    " value BLOB NOT NULL, headers BLOB NOT NULL, ts_ms INTEGER NOT NULL,"
+    " PRIMARY KEY (topic, off)) WITHOUT ROWID",
+    "CREATE TABLE commits (grp TEXT NOT NULL, topic TEXT NOT NULL,"
+    " next_offset INTEGER NOT NULL, PRIMARY KEY (grp, topic)) WITHOUT ROWID",
+)
+_APPEND = (
+    "INSERT INTO records (topic, off, key, value, headers, ts_ms)"
+    " SELECT ?1, coalesce(max(off) + 1, 0), ?2, ?3, ?4, ?5 FROM records WHERE topic = ?1"
+)
+_FETCH = (
+    "SELECT off, key, value, headers, ts_ms FROM records"
+    " WHERE topic = ? AND off >= ? ORDER BY off LIMIT ?"
+)
+_END = "SELECT coalesce(max(off) + 1, 0) FROM records WHERE topic = ?"
+_COMMIT = (
+    "INSERT INTO commits (grp, topic, next_offset) VALUES (?, ?, ?)"
+    " ON CONFLICT (grp, topic) DO UPDATE SET next_offset = excluded.next_offset"
+)
+_COMMITTED = "SELECT next_offset FROM commits WHERE grp = ? AND topic = ?"
+
+# How long one operation waits for a busy file: SQLite's busy handler first,
+# then our retries for the BUSY cases it does not cover (WAL recovery, a
+# snapshot gone stale). Writers hold the lock for about a millisecond, so only a
+# wedged process makes anyone wait this long.
+_BUSY_TIMEOUT_S = 30.0
+_RETRY_SLEEP_S = 0.002
+_LEN = struct.Struct(">I")
+# Inherited connections of this process: referenced forever, never closed (see module doc).
+_INHERITED: list[sqlite3.Connection] = []
+
+_T = TypeVar("_T")
+
+
+def _encode_headers(headers: Headers) -> bytes:
+    parts: list[bytes] = []
+    for name, value in headers:
+        if not isinstance(name, str) or not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"a header is a (str, bytes) pair, not ({name!r}, {value!r})")
+        # surrogatepass: any str a caller holds comes back equal, even a lone surrogate.
+        raw_name, raw_value = name.encode("utf-8", "surrogatepass"), bytes(value)
+        parts += (_LEN.pack(len(raw_name)), raw_name, _LEN.pack(len(raw_value)), raw_value)
+    return b"".join(parts)
+
+
+def _decode_headers(data: bytes) -> tuple[tuple[str, bytes], ...]:
+    headers: list[tuple[str, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        (size,) = _LEN.unpack_from(data, pos)
+        name = data[pos + 4 : pos + 4 + size].decode("utf-8", "surrogatepass")
+        pos += 4 + size
+        (size,) = _LEN.unpack_from(data, pos)
+        headers.append((name, data[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return tuple(headers)
+
+
+def _is_transient(exc: sqlite3.Error) -> bool:
+    # Extended codes (SQLITE_BUSY_SNAPSHOT...) keep the primary code in the low byte.
+    code: int = getattr(exc, "sqlite_errorcode", 0)  # absent when raised by the sqlite3 module
+    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class _Db:
+    """This process's connection to the file, opened on first use, reopened after a fork."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def run(self, work: Callable[[sqlite3.Connection], _T], *, write: bool = False) -> _T:
+        """Run ``work`` (in a ``BEGIN IMMEDIATE`` transaction if ``write``), retrying while busy."""
+        if self._pid != os.getpid():
+            # A fork: the lock may have been copied held by a thread that is not here.
+            if self._conn is not None:
+                _INHERITED.append(self._conn)
+            self._conn, self._pid, self._lock = None, os.getpid(), threading.Lock()
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        with self._lock:
+            while True:
+                try:
+                    conn = self._conn or self._open()
+                    if not write:
+                        return work(conn)
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = work(conn)
+                        conn.execute("COMMIT")
+                    finally:
+                        if conn.in_transaction:  # work or COMMIT failed: nothing was stored
+                            conn.execute("ROLLBACK")
+                    return result
+                except sqlite3.Error as exc:
+                    if not _is_transient(exc) or time.monotonic() >= deadline:
+                        raise EventLogError(f"sqlite:{self.path}: {exc}") from exc
+                time.sleep(_RETRY_SLEEP_S)
+
+    def _open(self) -> sqlite3.Connection:
+        if self._closed:
+            raise EventLogError(f"sqlite:{self.path}: used after close()")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: each commit fsyncs the WAL before append/commit returns, so a record
+            # survives power loss too, as the port's "durable" promises. NORMAL would
+            # survive any process kill (a committed frame sits in the OS page cache) and is
+            # about 3.5x faster here, but a power cut could drop the last commits; FULL
+            # still gives over 2,000 appends/s (records of ~600 bytes) on a small VM.
+            conn.execute("PRAGMA synchronous=FULL")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._create_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")  # another process may be creating it right now
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise EventLogError(
+                    f"sqlite:{self.path}: schema version {version}, this Mayfly reads "
+                    f"{SCHEMA_VERSION}: use the Mayfly that wrote it or a new file"
+                )
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            elif self._conn is not None:
+                _INHERITED.append(self._conn)
+            self._conn = None
+
+
+class SqliteEventLog:
+    """The :class:`~mayfly.runtime.eventlog.EventLog` of the local runtime, in one SQLite file.
+
+    Safe to share between threads, and to use on both sides of a ``fork()``.
+
+    Args:
+        path: the database file; it and its folder are created on first use.
+        poll_interval_s: how often a waiting ``poll`` checks for new records.
+    """
+
+    def __init__(self, path: Path, *, poll_interval_s: float = 0.005) -> None:
+        self._db = _Db(Path(path))
+        self._poll_interval_s = poll_interval_s
+        self._consumers: weakref.WeakSet[_SqliteConsumer] = weakref.WeakSet()
+
+    def append(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
+        """Add a record at the end of ``topic``; return once it is committed to disk.
+
+        Raises:
+            EventLogError: the file cannot be written (or stayed locked for 30 s).
+        """
+        if key is not None and not isinstance(key, bytes):
+            raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
+        if not isinstance(value, bytes):
+            raise TypeError(f"value must be bytes, not {type(value).__name__}")
+        params = (topic, key, value, _encode_headers(headers), time.time_ns() // 1_000_000)
+        self._db.run(lambda conn: conn.execute(_APPEND, params), write=True)
+
+    def consumer(self, group: str, topic: str) -> LogConsumer:
+        """A consumer of ``topic`` for ``group``, starting at the group's committed offset."""
+        consumer = _SqliteConsumer(self._db.path, group, topic, self._poll_interval_s)
+        self._consumers.add(consumer)
+        return consumer
+
+    def describe(self) -> str:
+        return f"sqlite:{self._db.path}"
+
+    def close(self) -> None:
+        """Close this log and the consumers it made (in this process)."""
+        for consumer in list(self._consumers):
+            consumer.close()
+        self._db.close()
+
+    def __enter__(self) -> SqliteEventLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _SqliteConsumer:
+    """One group's reader of one topic, with its own position and connection."""
+
+    def __init__(self, path: Path, group: str, topic: str, poll_interval_s: float) -> None:
+        # Its own connection: PRAGMA data_version, which a waiting poll watches, only
+        # moves for commits made by *other* connections, the log's appends included.
+        self._db = _Db(path)
+        self._group, self._topic = group, topic
+        self._poll_interval_s = poll_interval_s
+        self._position = self.committed().get(0, 0)
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        """Up to ``max_records`` records after those already returned; wait up to ``timeout_s``."""
+        if max_records < 1:
+            raise ValueError(f"max_records must be at least 1, not {max_records}")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # Version first: a commit landing after the SELECT's snapshot then shows as a change.
+            version, rows = self._db.run(lambda conn: self._fetch(conn, max_records))
+            if rows:
+                self._position = rows[-1][0] + 1
+                return [
+                    LogRecord(self._topic, 0, off, key, value, _decode_headers(headers), ts_ms)
+                    for off, key, value, headers, ts_ms in rows
+                ]
+            while (remaining := deadline - time.monotonic()) > 0:
+                time.sleep(min(self._poll_interval_s, remaining))
+                if self._db.run(_data_version) != version:
+                    break
+            else:
+                return []
+
+    def _fetch(self, conn: sqlite3.Connection, limit: int) -> tuple[int, list[Any]]:
+        version = _data_version(conn)
+        return version, conn.execute(_FETCH, (self._topic, self._position, limit)).fetchall()
+
+    def commit(self, offsets: Mapping[int, int]) -> None:
+        """Durably store ``{0: offset of the next record to read}`` for the group."""
+        for partition, offset in offsets.items():
+            if partition != 0 or offset < 0:
+                raise EventLogError(
+                    f"sqlite:{self._db.path}: cannot commit offset {offset} of partition "
+                    f"{partition}: topic {self._topic} has one partition, 0, offsets from 0"
+                )
+        if 0 in offsets:
+            params = (self._group, self._topic, offsets[0])
+            self._db.run(lambda conn: conn.execute(_COMMIT, params), write=True)
+
+    def committed(self) -> dict[int, int]:
+        """``{0: next offset}`` as last committed by the group, ``{}`` if it never committed."""
+        row = self._db.run(
+            lambda conn: conn.execute(_COMMITTED, (self._group, self._topic)).fetchone()
+        )
+        return {} if row is None else {0: row[0]}
+
+    def end_offsets(self) -> dict[int, int]:
+        """``{0: the offset the next appended record will get}``."""
+        end: int = self._db.run(lambda conn: conn.execute(_END, (self._topic,)).fetchone()[0])
+        return {0: end}
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    version: int = conn.execute("PRAGMA data_version").fetchone()[0]
+    return version
