@@ -6,14 +6,23 @@ stay thin and tests can pass their own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from mayfly.devices import Inventory, parse_inventory
 from mayfly.errors import ConfigError, InventoryError
 from mayfly.packages import LocalPackageStore, PackageRepository, PackageStore, TrustedKeys
+from mayfly.runtime.eventlog import EventLog
 from mayfly.settings import ENV_S3_ACCESS_KEY, ENV_S3_ENDPOINT, ENV_S3_SECRET_KEY, Settings
 
-__all__ = ["load_inventory", "load_trusted_keys", "open_repository", "open_store"]
+__all__ = [
+    "inventory_loader",
+    "load_inventory",
+    "load_trusted_keys",
+    "open_event_log",
+    "open_repository",
+    "open_store",
+]
 
 
 def _s3_store(settings: Settings, bucket: str, *, create_bucket: bool) -> PackageStore:
@@ -66,6 +75,33 @@ def load_inventory(settings: Settings) -> Inventory:
     return parse_inventory(raw, origin=str(path))
 
 
+def inventory_loader(settings: Settings) -> Callable[[], Inventory]:
+    """A loader that re-reads a file inventory only when the file changed.
+
+    A warm parent loads once and every coordinator it forks inherits the
+    parsed inventory; an edited file is picked up on the next request.
+    """
+    if settings.inventory.startswith("s3://"):
+        return lambda: load_inventory(settings)
+    path = Path(settings.inventory).expanduser()
+    cached: dict[str, object] = {}
+
+    def load() -> Inventory:
+        try:
+            st = path.stat()
+            stamp: object = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp is None or cached.get("stamp") != stamp:
+            cached["inventory"] = load_inventory(settings)
+            cached["stamp"] = stamp
+        inventory = cached["inventory"]
+        assert isinstance(inventory, Inventory)
+        return inventory
+
+    return load
+
+
 def open_store(settings: Settings) -> PackageStore:
     """The package store that ``settings.store`` names: a folder or ``s3://bucket``."""
     if not settings.store_is_s3:
@@ -83,3 +119,10 @@ def load_trusted_keys(settings: Settings) -> TrustedKeys:
 def open_repository(settings: Settings) -> PackageRepository:
     """The package repository over the configured store and trusted keys."""
     return PackageRepository(open_store(settings), load_trusted_keys(settings))
+
+
+def open_event_log(settings: Settings) -> EventLog:
+    """The event log ``settings.event_log`` names: the embedded SQLite file by default."""
+    from mayfly.runtime.sqlitelog import SqliteEventLog
+
+    return SqliteEventLog(Path(settings.event_log).expanduser())

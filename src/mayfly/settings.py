@@ -22,6 +22,10 @@ Environment variables (CLI flags of the same meaning win over them):
                            ``http(s)://...`` or ``kafka://HOST:PORT/TOPIC``.
                            ``K_SINK`` (Knative SinkBinding) is used when unset.
 ``MAYFLY_MAX_PROCESSES``   Cap on task processes per coordinator. Default 64.
+``MAYFLY_EVENT_LOG``       The event log: a SQLite file (the embedded default,
+                           ``$MAYFLY_HOME/events.db``) or ``kafka://HOST:PORT``.
+``MAYFLY_MAX_COORDINATORS`` Coordinator processes running at once. Default 8.
+``MAYFLY_PER_TASK_CAP``    Of those, at most this many of one task type. Default 4.
 =========================  ===================================================
 """
 
@@ -37,10 +41,13 @@ from typing import Any
 from mayfly.errors import ConfigError
 
 __all__ = [
+    "ENV_EVENT_LOG",
     "ENV_HOME",
     "ENV_INVENTORY",
     "ENV_K_SINK",
+    "ENV_MAX_COORDINATORS",
     "ENV_MAX_PROCESSES",
+    "ENV_PER_TASK_CAP",
     "ENV_RESULT_SINK",
     "ENV_S3_ACCESS_KEY",
     "ENV_S3_ENDPOINT",
@@ -64,6 +71,9 @@ ENV_INVENTORY = "MAYFLY_INVENTORY"
 ENV_RESULT_SINK = "MAYFLY_RESULT_SINK"
 ENV_K_SINK = "K_SINK"
 ENV_MAX_PROCESSES = "MAYFLY_MAX_PROCESSES"
+ENV_EVENT_LOG = "MAYFLY_EVENT_LOG"
+ENV_MAX_COORDINATORS = "MAYFLY_MAX_COORDINATORS"
+ENV_PER_TASK_CAP = "MAYFLY_PER_TASK_CAP"
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,9 @@ class Settings:
     inventory: str = "inventory.json"
     result_sink: str = "-"
     max_processes: int = 64
+    event_log: str = ""
+    max_coordinators: int = 8
+    per_task_cap: int = 4
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -105,6 +118,9 @@ class Settings:
             inventory=env.get(ENV_INVENTORY) or "inventory.json",
             result_sink=env.get(ENV_RESULT_SINK) or env.get(ENV_K_SINK) or "-",
             max_processes=_positive_int(env, ENV_MAX_PROCESSES, 64),
+            event_log=env.get(ENV_EVENT_LOG) or str(home / "events.db"),
+            max_coordinators=_positive_int(env, ENV_MAX_COORDINATORS, 8),
+            per_task_cap=_positive_int(env, ENV_PER_TASK_CAP, 4),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -118,6 +134,10 @@ class Settings:
     @property
     def trusted_key_paths(self) -> tuple[Path, ...]:
         return self.trusted_keys or (self.home / "trusted",)
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.home / "runtime"
 
     @property
     def package_cache(self) -> Path:

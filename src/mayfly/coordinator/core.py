@@ -8,6 +8,7 @@ as a ``task.rejected`` event that says why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -53,9 +54,11 @@ class CoordinatorOptions:
     max_processes: int = 64
     """Cap on task processes at once, whatever the package asks for."""
     retry_backoff_s: float = 0.2
-    instance_id: str = field(
-        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    )
+    instance_id: str = field(default_factory=lambda: _instance_id())
+
+
+def _instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def overall_status(results: list[DeviceResult], canceled: bool = False) -> OverallStatus:
@@ -83,6 +86,15 @@ class Coordinator:
         self._driver_factory = driver_factory
         self.options = options
         self._cancel = _FORK.Event()
+
+    def renewed(self) -> Coordinator:
+        """The same wiring under a new instance id, for a freshly forked process."""
+        return Coordinator(
+            self.repository,
+            self._inventory,
+            self._driver_factory,
+            dataclasses.replace(self.options, instance_id=_instance_id()),
+        )
 
     def cancel(self) -> None:
         """Stop the running request: running devices end ``canceled``. Signal-safe."""

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
 
-from mayfly.backends import load_inventory, open_repository
+from mayfly.backends import inventory_loader, open_repository
 from mayfly.coordinator.core import Coordinator, CoordinatorOptions
 from mayfly.coordinator.sinks import ResultSink, deliver, open_sink
 from mayfly.devices.http import HttpDriver
@@ -85,7 +85,7 @@ def build_coordinator(settings: Settings, mode: str) -> Coordinator:
     repository = open_repository(settings)
     return Coordinator(
         repository,
-        inventory=lambda: load_inventory(settings),
+        inventory=inventory_loader(settings),
         driver_factory=HttpDriver,
         options=CoordinatorOptions(
             cache_dir=settings.package_cache, mode=mode, max_processes=settings.max_processes

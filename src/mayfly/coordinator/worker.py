@@ -25,6 +25,7 @@ from typing import Any
 from mayfly.coordinator.context import DeviceHandle, TaskContext
 from mayfly.devices import Device, DeviceDriver
 from mayfly.packages import Manifest
+from mayfly.procs import die_with_parent
 
 __all__ = ["MAX_OUTPUT_BYTES", "WorkerSpec", "worker_main"]
 
@@ -84,6 +85,7 @@ def _describe(exc: BaseException, memory_mb: int) -> str:
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Body of a task process. Never returns an exception to the coordinator."""
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     limits = spec.manifest.limits

@@ -1,0 +1,29 @@
+"""Process-tree hygiene shared by every process Mayfly forks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+
+__all__ = ["die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+
+def die_with_parent(expected_parent: int | None = None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies.
+
+    A forked child must not outlive the process that supervises it: after a
+    ``kill -9`` of the runtime, an orphaned coordinator or task process would
+    keep acting on devices with nobody to report to. ``expected_parent`` closes
+    the race where the parent died between ``fork()`` and this call.
+    """
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(1)

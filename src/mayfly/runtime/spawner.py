@@ -1,0 +1,177 @@
+"""The spawner: one coordinator process per request, forked from a warm parent.
+
+At start the runtime forks a *warm parent* (a zygote) while it has no other
+threads. The warm parent imports everything a coordinator needs and builds
+the wiring (settings, package repository, inventory loader) once; then, per
+request, it forks a coordinator process that already has all of that in
+memory. Starting a coordinator costs a ``fork()`` (milliseconds), not a fresh
+interpreter's half second of imports.
+
+A coordinator process runs one request, appends its result to the event log,
+and exits; the warm parent reports its exit status to the dispatcher. When no
+request is running, no coordinator process exists (scale to zero); only the
+warm parent waits, holding no request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+from mayfly.procs import die_with_parent
+from mayfly.runtime.eventlog import LogRecord
+
+__all__ = ["CoordinatorExit", "Spawner"]
+
+_FORK = multiprocessing.get_context("fork")
+_LOG = logging.getLogger("mayfly.runtime.spawner")
+
+#: Builds what a coordinator process needs, in the warm parent, once: returns
+#: a function that runs one request record and returns the exit code.
+Prepare = Callable[[], Callable[[LogRecord, datetime], int]]
+
+
+@dataclass(frozen=True)
+class CoordinatorExit:
+    """A coordinator process ended: its token, exit code (negative: signal) and when."""
+
+    token: str
+    returncode: int
+    pid: int
+
+
+def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
+    die_with_parent(runtime_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_request = prepare()
+    children: dict[int, tuple[str, int]] = {}  # pidfd -> (token, pid)
+    conn.send(("ready", os.getpid()))
+    while True:
+        readable, _, _ = select.select([conn.fileno(), *children], [], [])
+        for fd in readable:
+            if fd in children:
+                token, pid = children.pop(fd)
+                os.close(fd)
+                _, status = os.waitpid(pid, 0)
+                conn.send(("exited", token, os.waitstatus_to_exitcode(status), pid))
+                continue
+            try:
+                message = conn.recv()
+            except EOFError:
+                return
+            if message[0] == "stop":
+                return
+            _, token, record, dequeued_at = message
+            pid = os.fork()
+            if pid == 0:
+                _coordinator_child(conn, run_request, record, dequeued_at)
+            # A pidfd turns "this child exited" into a readable fd for select().
+            children[os.pidfd_open(pid)] = (token, pid)
+
+
+def _coordinator_child(
+    conn: Connection,
+    run_request: Callable[[LogRecord, datetime], int],
+    record: LogRecord,
+    dequeued_at: datetime,
+) -> None:
+    code = 1
+    try:
+        die_with_parent()
+        conn.close()  # the pipe belongs to the warm parent
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        code = run_request(record, dequeued_at)
+    except BaseException:
+        _LOG.exception("coordinator crashed")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # never return into the warm parent's loop
+
+
+class Spawner:
+    """Client side of the warm parent, used by the dispatcher (one thread)."""
+
+    def __init__(self, prepare: Prepare) -> None:
+        self._prepare = prepare
+        self._conn: Connection | None = None
+        self._process: BaseProcess | None = None
+        self.running: dict[str, float] = {}
+        """Tokens of live coordinator processes, with their start (monotonic)."""
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Fork the warm parent and wait until it has done its imports."""
+        parent, child = _FORK.Pipe()
+        self._process = _FORK.Process(
+            target=_warm_parent,
+            args=(child, self._prepare, os.getpid()),
+            # Not daemonic: multiprocessing forbids children of daemonic
+            # processes, and coordinators fork task processes. The warm
+            # parent dies with the runtime through PR_SET_PDEATHSIG instead.
+            daemon=False,
+            name="mayfly-warm-parent",
+        )
+        self._process.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(timeout_s):
+            raise RuntimeError("the warm parent did not become ready")
+        kind, _pid = parent.recv()
+        assert kind == "ready"
+
+    def fileno(self) -> int:
+        assert self._conn is not None
+        return self._conn.fileno()
+
+    def spawn(self, token: str, record: LogRecord, dequeued_at: datetime | None = None) -> None:
+        """Start one coordinator process for ``record``."""
+        assert self._conn is not None
+        self._conn.send(("spawn", token, record, dequeued_at or datetime.now(UTC)))
+        self.running[token] = time.monotonic()
+
+    def exits(self, timeout_s: float = 0.0) -> list[CoordinatorExit]:
+        """Coordinator processes that ended since the last call."""
+        assert self._conn is not None
+        found: list[CoordinatorExit] = []
+        try:
+            while self._conn.poll(timeout_s):
+                _, token, code, pid = self._conn.recv()
+                self.running.pop(token, None)
+                found.append(CoordinatorExit(token, code, pid))
+                timeout_s = 0.0
+        except (EOFError, OSError):
+            raise RuntimeError("the warm parent died") from None
+        return found
+
+    @property
+    def pid(self) -> int | None:
+        """The warm parent's pid, while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def stop(self) -> None:
+        """Stop the warm parent; running coordinators finish on their own."""
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(("stop",))
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+            self._process = None

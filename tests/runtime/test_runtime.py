@@ -1,0 +1,160 @@
+"""The local runtime end to end: crashes, priorities, scale to zero."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from mayfly.devices import idempotency_key
+from mayfly.devices.sim import SimulatorServer
+from mayfly.events import TaskCompleted, new_request
+from mayfly.runtime.app import Runtime
+from mayfly.runtime.publisher import publish_request
+
+from .conftest import Home
+
+FleetFactory = Callable[..., SimulatorServer]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; only its parent's reaping is left
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_sigkill_mid_run_loses_nothing_and_applies_nothing_twice(
+    home: Home, fleet: FleetFactory
+) -> None:
+    sim = fleet(20, latency_ms=20).simulator
+    requests = [
+        new_request("reboot", devices=[f"sim-{(i % 20) + 1:04d}"], params={"max_wait_s": 10})
+        for i in range(60)
+    ]
+    log = home.log()
+    for request in requests:
+        publish_request(log, request)
+    log.close()
+    ids = {r.id for r in requests}
+
+    first = home.up("--max-coordinators", "4")
+    deadline = time.monotonic() + 60
+    while len(home.results()) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tree = _descendants(first.pid)
+    assert tree, "coordinators should be running mid-run"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    time.sleep(0.5)
+    # The whole tree died with the runtime: no orphan keeps acting on devices.
+    assert [p for p in tree if _alive(p)] == []
+    done_before = len(home.results())
+    assert done_before < len(ids)
+
+    second = home.up("--max-coordinators", "4")
+    results = home.wait_for_results(ids, timeout_s=120)
+    second.send_signal(signal.SIGTERM)
+    second.wait(timeout=30)
+
+    assert set(results) == ids, f"lost: {ids - set(results)}"
+    assert all(isinstance(r, TaskCompleted) and r.status == "succeeded" for r in results.values())
+    assert sim.duplicates() == []
+    log_by_device = sim.log()
+    for request in requests:
+        device = request.devices[0]
+        key = idempotency_key(request.id, device, "reboot", 0)
+        applied = [e for e in log_by_device[device] if e["key"] == key]
+        assert len(applied) == 1, (request.id, device, applied)
+
+
+def test_high_priority_overtakes_a_low_backlog(home: Home, fleet: FleetFactory) -> None:
+    fleet(1)
+    log = home.log()
+    lows = [
+        new_request(
+            "config-push",
+            devices=["sim-0001"],
+            priority="low",
+            params={"config": {"log_level": "info"}},
+            partition_key=f"k{i}",
+        )
+        for i in range(1000)
+    ]
+    for request in lows:
+        publish_request(log, request)
+    high = new_request("reboot", devices=["sim-0001"], priority="high", partition_key="kh")
+    publish_request(log, high)
+    log.close()
+
+    started: list[str] = []
+    high_done = threading.Event()
+
+    def on_dispatch(kind: str, info: dict[str, object]) -> None:
+        if kind == "started":
+            started.append(str(info["request_id"]))
+        if kind == "finished" and info["request_id"] == high.id:
+            high_done.set()
+
+    runtime = Runtime(home.settings(MAYFLY_MAX_COORDINATORS="2"), on_dispatch=on_dispatch)
+    runtime.start()
+    try:
+        runtime.run(should_stop=lambda: high_done.is_set() or len(started) > 200)
+    finally:
+        runtime.close()
+    assert high.id in started
+    position = started.index(high.id)
+    assert position < 5, position  # among the first few starts, not after 1,000 lows
+    assert len(started) < 1001
+
+
+def test_idle_runtime_keeps_no_coordinator_alive(home: Home, fleet: FleetFactory) -> None:
+    fleet(2)
+    log = home.log()
+    requests = [new_request("reboot", devices=[f"sim-000{i}"]) for i in (1, 2)]
+    for request in requests:
+        publish_request(log, request)
+    log.close()
+    finished: Counter[str] = Counter()
+
+    def on_dispatch(kind: str, _info: dict[str, object]) -> None:
+        finished[kind] += 1
+
+    runtime = Runtime(home.settings(), on_dispatch=on_dispatch)
+    runtime.start()
+    try:
+        runtime.run(should_stop=lambda: finished["finished"] == 2)
+        time.sleep(0.2)
+        # Only the warm parent remains: every coordinator exited with its request.
+        alive = [p for p in _children(os.getpid()) if _alive(p)]
+        assert alive == [runtime.spawner.pid]
+        assert [p for p in _children(alive[0]) if _alive(p)] == []
+    finally:
+        runtime.close()
