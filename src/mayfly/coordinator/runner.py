@@ -320,7 +320,9 @@ class _Run:
     def _wait(self) -> None:
         now = time.monotonic()
         wake = [w.job_deadline for w in self.workers if w.job is not None]
-        if self.queue:
+        # A queued retry only matters when a ready process could take it;
+        # otherwise the next event is a message ("ready", "done") anyway.
+        if self.queue and any(w.ready and w.job is None for w in self.workers):
             wake.append(self.queue[0][0])
         wake.append(self.plan.deadline)
         timeout = max(0.0, min(min(wake) - now, 0.5))
