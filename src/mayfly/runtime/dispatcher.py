@@ -69,17 +69,35 @@ class _Lane:
         self.priority = priority
         self.consumer = consumer
         self.buffer: collections.deque[_Pending] = collections.deque()
-        self.outstanding: set[int] = set()
-        self.next_offset = consumer.committed().get(0, 0)
-        self.committed = self.next_offset
+        # Per partition: offsets read but not done, and the next offset to read.
+        self.outstanding: dict[int, set[int]] = collections.defaultdict(set)
+        self.next_offset: dict[int, int] = dict(consumer.committed())
+        self.committed: dict[int, int] = dict(self.next_offset)
         self.credit = 0
 
+    def read(self, record: LogRecord) -> None:
+        self.outstanding[record.partition].add(record.offset)
+        self.next_offset[record.partition] = record.offset + 1
+
+    def done(self, record: LogRecord) -> None:
+        self.outstanding[record.partition].discard(record.offset)
+        self.commit_progress()
+
     def commit_progress(self) -> None:
-        """Commit up to the first record not yet done (offsets complete out of order)."""
-        target = min(self.outstanding) if self.outstanding else self.next_offset
-        if target > self.committed:
-            self.consumer.commit({0: target})
-            self.committed = target
+        """Commit, per partition, up to the first record not yet done.
+
+        Records finish out of order (many coordinators at once); committing
+        past an unfinished one would lose it in a crash.
+        """
+        changes: dict[int, int] = {}
+        for partition, next_offset in self.next_offset.items():
+            pending = self.outstanding.get(partition)
+            target = min(pending) if pending else next_offset
+            if target > self.committed.get(partition, 0):
+                changes[partition] = target
+        if changes:
+            self.consumer.commit(changes)
+            self.committed.update(changes)
 
 
 class Dispatcher:
@@ -123,8 +141,7 @@ class Dispatcher:
                         attrs.get("partitionkey") or (record.key or b"").decode("utf-8", "replace")
                     ),
                 )
-                lane.outstanding.add(record.offset)
-                lane.next_offset = record.offset + 1
+                lane.read(record)
                 lane.buffer.append(pending)
 
     # -- choosing --------------------------------------------------------------
@@ -166,9 +183,7 @@ class Dispatcher:
     # -- starting and finishing -----------------------------------------------
 
     def _done(self, pending: _Pending) -> None:
-        lane = self.lanes[pending.lane]
-        lane.outstanding.discard(pending.record.offset)
-        lane.commit_progress()
+        self.lanes[pending.lane].done(pending.record)
 
     def _start_ready(self) -> None:
         while len(self.running) < self.options.max_coordinators:
