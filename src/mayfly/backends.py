@@ -21,11 +21,13 @@ __all__ = [
     "load_trusted_keys",
     "open_event_log",
     "open_repository",
+    "open_s3_store",
     "open_store",
 ]
 
 
-def _s3_store(settings: Settings, bucket: str, *, create_bucket: bool) -> PackageStore:
+def open_s3_store(settings: Settings, bucket: str, *, create_bucket: bool) -> PackageStore:
+    """A store on ``bucket`` with the configured S3 endpoint and credentials."""
     endpoint, access, secret = settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key
     if not (endpoint and access and secret):
         missing = [
@@ -58,7 +60,7 @@ def load_inventory(settings: Settings) -> Inventory:
         bucket, _, key = source.removeprefix("s3://").partition("/")
         if not bucket or not key:
             raise ConfigError(f"inventory {source!r}: expected s3://BUCKET/KEY")
-        raw = _s3_store(settings, bucket, create_bucket=False).get(key)
+        raw = open_s3_store(settings, bucket, create_bucket=False).get(key)
         if raw is None:
             raise InventoryError(f"inventory {source} does not exist")
         return parse_inventory(raw, origin=source)
@@ -106,7 +108,7 @@ def open_store(settings: Settings) -> PackageStore:
     """The package store that ``settings.store`` names: a folder or ``s3://bucket``."""
     if not settings.store_is_s3:
         return LocalPackageStore(Path(settings.store).expanduser())
-    return _s3_store(settings, settings.s3_bucket, create_bucket=True)
+    return open_s3_store(settings, settings.s3_bucket, create_bucket=True)
 
 
 def load_trusted_keys(settings: Settings) -> TrustedKeys:

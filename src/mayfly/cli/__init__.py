@@ -15,6 +15,7 @@ from mayfly import __version__
 from mayfly.cli._common import MayflyGroup
 from mayfly.cli.devices import devices
 from mayfly.cli.pkg import pkg
+from mayfly.cli.report import report
 from mayfly.cli.runtime import publish, up
 
 __all__ = ["cli", "main"]
@@ -32,6 +33,7 @@ def cli() -> None:
 
 cli.add_command(pkg)
 cli.add_command(devices)
+cli.add_command(report)
 cli.add_command(up)
 cli.add_command(publish)
 

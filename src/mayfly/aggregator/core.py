@@ -1,0 +1,225 @@
+"""The aggregator: results in, traces, metrics and an archive out.
+
+Results may come in parts (a large fan-out is split to fit Kafka records) and
+may be redelivered (at-least-once delivery). The aggregator buffers the parts
+of each result until all have arrived, merges them, and processes the whole
+result exactly once per process:
+
+1. archive it (durable before anything else, so a crash before the commit
+   means a redelivery, not a loss);
+2. emit its trace and metrics (:mod:`~mayfly.aggregator.tracing`,
+   :mod:`~mayfly.aggregator.metrics`);
+3. remember its request id, so redeliveries are ignored.
+
+The memory of processed ids and the parts buffer are bounded: the oldest
+entries are forgotten first. A redelivery older than the memory would be
+traced again; the archive's readers still list it once.
+
+Parts are buffered per run: a coordinator that crashed and a second one that
+ran the same request emit different timings, so parts are grouped by request
+id, coordinator id and start time and never mixed across runs. Only the first
+complete run of a request is processed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from datetime import datetime
+from enum import StrEnum
+
+from opentelemetry.metrics import Meter
+from opentelemetry.trace import Tracer
+
+from mayfly.aggregator.archive import ArchivedEvent, ResultArchive, dedupe_key
+from mayfly.aggregator.metrics import ResultMetrics
+from mayfly.aggregator.tracing import DEFAULT_DESTINATION, ResultTracer
+from mayfly.errors import EventError
+from mayfly.events import TaskCompleted, TaskRejected, merge_completed
+
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_REMEMBERED",
+    "Aggregator",
+    "Outcome",
+]
+
+#: Processed request ids remembered for deduplication.
+DEFAULT_MAX_REMEMBERED = 100_000
+#: Results whose parts are still being awaited.
+DEFAULT_MAX_PENDING = 10_000
+
+_LOG = logging.getLogger("mayfly.aggregator")
+
+_RunKey = tuple[str, str, datetime]
+
+
+class Outcome(StrEnum):
+    """What :meth:`Aggregator.handle` did with one event."""
+
+    #: A whole result or a rejection: archived, traced, measured.
+    PROCESSED = "processed"
+    #: A part of a result; the rest has not arrived yet.
+    PENDING = "pending"
+    #: Already processed, or a part already buffered: ignored.
+    DUPLICATE = "duplicate"
+    #: A part that contradicts the other parts of its result: the result's
+    #: buffer is dropped; the event belongs on the dead-letter topic.
+    INVALID = "invalid"
+
+
+class Aggregator:
+    """Turns result and rejection events into traces, metrics and archive records.
+
+    Not thread-safe: one consumer loop (or one request at a time) feeds it.
+
+    Args:
+        tracer: spans go here (OpenTelemetry API).
+        meter: measurements go here.
+        archive: complete results and rejections are archived here; None to
+            keep no archive.
+        messaging_system: ``messaging.system`` of the spans, ``kafka`` or ``sqlite``.
+        destination: default ``messaging.destination.name`` (the results topic).
+        max_remembered: processed ids kept for deduplication.
+        max_pending: results kept waiting for their missing parts.
+    """
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        meter: Meter,
+        archive: ResultArchive | None,
+        *,
+        messaging_system: str = "kafka",
+        destination: str = DEFAULT_DESTINATION,
+        max_remembered: int = DEFAULT_MAX_REMEMBERED,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        if max_remembered < 1 or max_pending < 1:
+            raise ValueError("max_remembered and max_pending must be at least 1")
+        self.archive = archive
+        self.spans = ResultTracer(
+            tracer, messaging_system=messaging_system, destination=destination
+        )
+        self.metrics = ResultMetrics(meter)
+        self.max_remembered = max_remembered
+        self.max_pending = max_pending
+        # Insertion-ordered: the oldest entries are evicted first.
+        self._processed: OrderedDict[str, None] = OrderedDict()
+        self._pending: OrderedDict[_RunKey, dict[int, TaskCompleted]] = OrderedDict()
+
+    @property
+    def pending(self) -> int:
+        """Results waiting for missing parts."""
+        return len(self._pending)
+
+    def seen(self, event: ArchivedEvent) -> bool:
+        """Whether this event's request was already processed here."""
+        return dedupe_key(event) in self._processed
+
+    def handle(
+        self, event: TaskCompleted | TaskRejected, *, destination: str | None = None
+    ) -> Outcome:
+        """Process one event; see :meth:`handle_many`."""
+        return self.handle_many((event,), destination=destination)[0]
+
+    def handle_many(
+        self,
+        events: Iterable[TaskCompleted | TaskRejected],
+        *,
+        destination: str | None = None,
+    ) -> list[Outcome]:
+        """Process a batch of events (one poll of a consumer), in order.
+
+        Complete results of the batch are archived with one durable write,
+        then traced. When the archive fails nothing of the batch is traced or
+        marked processed, and buffered parts are kept, so redelivering the
+        batch is safe.
+
+        Args:
+            events: results (whole or parts) and rejections.
+            destination: the topic they came from, if not the default.
+
+        Returns:
+            One outcome per event, in order.
+
+        Raises:
+            StoreError: the archive could not take the batch; commit nothing.
+        """
+        outcomes: list[Outcome] = []
+        ready: list[ArchivedEvent] = []
+        completed_runs: list[_RunKey] = []
+        in_batch: set[str] = set()
+        for event in events:
+            key = dedupe_key(event)
+            if key in self._processed or key in in_batch:
+                outcomes.append(Outcome.DUPLICATE)
+                continue
+            if isinstance(event, TaskRejected) or event.part.count == 1:
+                ready.append(event)
+            else:
+                merged, run = self._add_part(event, outcomes)
+                if merged is None:
+                    continue
+                completed_runs.append(run)
+                ready.append(merged)
+            in_batch.add(key)
+            outcomes.append(Outcome.PROCESSED)
+        if not ready:
+            return outcomes
+        if self.archive is not None:
+            self.archive.append(ready)
+        for run in completed_runs:
+            self._pending.pop(run, None)
+        for whole in ready:
+            self._remember(dedupe_key(whole))
+            if isinstance(whole, TaskCompleted):
+                duration = self.spans.trace_completed(whole, destination=destination)
+                self.metrics.record_completed(whole, duration)
+            else:
+                self.spans.trace_rejected(whole, destination=destination)
+                self.metrics.record_rejected(whole)
+        return outcomes
+
+    def _add_part(
+        self, part: TaskCompleted, outcomes: list[Outcome]
+    ) -> tuple[TaskCompleted | None, _RunKey]:
+        run: _RunKey = (part.request_id, part.coordinator.id, part.timings.started_at)
+        parts = self._pending.get(run)
+        if parts is None:
+            parts = self._pending[run] = {}
+            while len(self._pending) > self.max_pending:
+                dropped, left = self._pending.popitem(last=False)
+                _LOG.warning(
+                    "gave up waiting for %d missing part(s) of request %s",
+                    _missing_parts(left),
+                    dropped[0],
+                )
+        index = part.part.index
+        if index in parts and len(parts) < part.part.count:
+            outcomes.append(Outcome.DUPLICATE)
+            return None, run
+        # A redelivered part of a complete run means archiving it failed
+        # before: merge again (the parts stay buffered until archived).
+        parts.setdefault(index, part)
+        if len(parts) < part.part.count:
+            outcomes.append(Outcome.PENDING)
+            return None, run
+        try:
+            return merge_completed(parts.values()), run
+        except EventError as exc:
+            self._pending.pop(run, None)
+            _LOG.error("dropped the parts of request %s: %s", part.request_id, exc)
+            outcomes.append(Outcome.INVALID)
+            return None, run
+
+    def _remember(self, key: str) -> None:
+        self._processed[key] = None
+        if len(self._processed) > self.max_remembered:
+            self._processed.popitem(last=False)
+
+
+def _missing_parts(parts: dict[int, TaskCompleted]) -> int:
+    first = next(iter(parts.values()), None)
+    return 0 if first is None else first.part.count - len(parts)

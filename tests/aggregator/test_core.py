@@ -1,0 +1,327 @@
+"""The aggregator as Jaeger and a consumer loop see it: traces, parts, duplicates, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+
+from mayfly.aggregator import Aggregator, Outcome
+from mayfly.errors import StoreError
+from mayfly.events import STRUCTURED_CONTENT_TYPE, TaskCompleted, from_http, split_completed
+
+from .conftest import (
+    DATA,
+    PUBLISHER_SPAN_ID,
+    T0,
+    TRACE_ID,
+    Telemetered,
+    device,
+    rejection,
+    result,
+)
+
+
+def _ns(moment: object) -> int:
+    from datetime import datetime
+
+    assert isinstance(moment, datetime)
+    return round(moment.timestamp() * 1_000_000) * 1000
+
+
+def _root(spans: Sequence[ReadableSpan]) -> ReadableSpan:
+    [root] = [s for s in spans if s.kind is SpanKind.CONSUMER]
+    return root
+
+
+def _golden() -> TaskCompleted:
+    event = from_http(
+        {"content-type": STRUCTURED_CONTENT_TYPE}, (DATA / "completed.json").read_bytes()
+    )
+    assert isinstance(event, TaskCompleted)
+    return event
+
+
+def test_one_request_is_one_trace_continuing_the_publisher(telemetered: Telemetered) -> None:
+    golden = _golden()
+    assert telemetered.aggregator.handle(golden) is Outcome.PROCESSED
+    spans = telemetered.spans()
+    root = _root(spans)
+    children = [s for s in spans if s is not root]
+
+    assert len(spans) == 1 + len(golden.devices)
+    assert {s.context.trace_id for s in spans} == {int(TRACE_ID, 16)}
+    assert root.parent is not None
+    assert root.parent.span_id == int(PUBLISHER_SPAN_ID, 16)
+    assert root.parent.is_remote
+    assert all(c.parent is not None and c.parent.span_id == root.context.span_id for c in children)
+    assert sorted(c.name for c in children) == [f"device {d.device_id}" for d in golden.devices]
+    assert root.name == "task firmware-update"
+
+    # Real timestamps: publication to finish for the root, each device's own times.
+    timings = golden.timings
+    assert root.start_time == _ns(timings.published_at)
+    assert root.end_time == _ns(timings.finished_at)
+    by_id = {c.attributes["mayfly.device.id"]: c for c in children if c.attributes}
+    ok, late, skipped = (by_id[d.device_id] for d in golden.devices)
+    assert ok.start_time == _ns(golden.devices[0].started_at)
+    assert ok.end_time == _ns(golden.devices[0].finished_at)
+    assert late.end_time == _ns(golden.devices[1].finished_at)
+    # Never started: a zero-length span at the coordinator's receipt.
+    assert skipped.start_time == skipped.end_time == _ns(timings.received_at)
+
+    assert ok.status.status_code is StatusCode.OK
+    assert late.status.status_code is StatusCode.ERROR
+    assert late.status.description == "no answer within 3s"
+    assert skipped.status.status_code is StatusCode.UNSET
+    assert root.status.status_code is StatusCode.ERROR  # the request was only partial
+    assert "sensor-0002: no answer within 3s" in (root.status.description or "")
+
+    assert root.attributes is not None
+    attributes = dict(root.attributes)
+    assert attributes == attributes | {
+        "cloudevents.event_id": golden.id,
+        "cloudevents.event_type": "dev.mayfly.task.completed",
+        "cloudevents.event_source": "/mayfly/coordinator",
+        "cloudevents.event_spec_version": "1.0",
+        "messaging.system": "sqlite",
+        "messaging.destination.name": "mayfly.results",
+        "messaging.operation.type": "process",
+        "mayfly.task": "firmware-update",
+        "mayfly.request.id": golden.request_id,
+        "mayfly.package.version": "2.4.1",
+        "mayfly.package.digest": golden.package.digest,
+        "mayfly.request.status": "partial",
+        "mayfly.cold_start_ms": 8.5,
+        "mayfly.coordinator.id": "coord-7f3a",
+    }
+    assert late.attributes is not None
+    assert late.attributes["mayfly.device.status"] == "timed_out"
+    assert late.attributes["mayfly.device.attempts"] == 3
+
+
+def test_a_succeeded_request_has_an_ok_root(telemetered: Telemetered) -> None:
+    telemetered.aggregator.handle(result(), destination="mayfly.results.eu")
+    root = _root(telemetered.spans())
+    assert root.status.status_code is StatusCode.OK
+    assert root.attributes is not None
+    assert root.attributes["messaging.destination.name"] == "mayfly.results.eu"
+
+
+def test_without_a_traceparent_the_request_starts_its_own_trace(
+    telemetered: Telemetered,
+) -> None:
+    telemetered.aggregator.handle(result(traceparent=None))
+    spans = telemetered.spans()
+    root = _root(spans)
+    assert root.parent is None
+    assert root.context.trace_id != int(TRACE_ID, 16)
+    assert {s.context.trace_id for s in spans} == {root.context.trace_id}
+
+
+def test_parts_make_one_trace_once_all_have_arrived(telemetered: Telemetered) -> None:
+    whole = result(devices=[device(f"sim-{i:04d}", start=i / 10) for i in range(40)])
+    parts = split_completed(whole, max_event_bytes=2_000)
+    assert len(parts) >= 3
+    aggregator = telemetered.aggregator
+
+    # Out of order, with a redelivered part in the middle.
+    outcomes = [aggregator.handle(parts[-1]), aggregator.handle(parts[-1])]
+    for part in parts[:-2]:
+        outcomes.append(aggregator.handle(part))
+    assert telemetered.spans() == ()
+    assert aggregator.pending == 1
+    outcomes.append(aggregator.handle(parts[-2]))
+    assert outcomes[0] is Outcome.PENDING
+    assert outcomes[1] is Outcome.DUPLICATE
+    assert outcomes[-1] is Outcome.PROCESSED
+
+    spans = telemetered.spans()
+    assert len(spans) == 41
+    assert len({s.context.trace_id for s in spans}) == 1
+    assert aggregator.pending == 0
+    # Late redeliveries of any part, or of the whole, change nothing.
+    assert aggregator.handle(parts[0]) is Outcome.DUPLICATE
+    assert aggregator.handle(whole) is Outcome.DUPLICATE
+    assert len(telemetered.spans()) == 41
+    [archived] = list(telemetered.archive.read())
+    assert archived == whole
+
+
+def test_a_batch_archives_once_and_skips_its_own_duplicates(telemetered: Telemetered) -> None:
+    first, second = result("req-1"), result("req-2")
+    outcomes = telemetered.aggregator.handle_many([first, second, first, rejection()])
+    assert outcomes == [
+        Outcome.PROCESSED,
+        Outcome.PROCESSED,
+        Outcome.DUPLICATE,
+        Outcome.PROCESSED,
+    ]
+    assert len([s for s in telemetered.spans() if s.kind is SpanKind.CONSUMER]) == 3
+    assert len(list(telemetered.archive.read())) == 3
+
+
+def test_parts_of_two_runs_of_one_request_are_not_mixed(telemetered: Telemetered) -> None:
+    devices = [device(f"sim-{i:04d}") for i in range(20)]
+    run_a = split_completed(result(devices=devices, coordinator="coord-a"), 1_500)
+    run_b = split_completed(result(devices=devices, coordinator="coord-b", queued=1.0), 1_500)
+    aggregator = telemetered.aggregator
+    assert aggregator.handle(run_a[0]) is Outcome.PENDING
+    for part in run_b:
+        aggregator.handle(part)
+    root = _root(telemetered.spans())
+    assert root.attributes is not None
+    assert root.attributes["mayfly.coordinator.id"] == "coord-b"
+    assert aggregator.handle(run_a[1]) is Outcome.DUPLICATE
+
+
+def test_contradicting_parts_are_invalid_and_dropped(telemetered: Telemetered) -> None:
+    parts = split_completed(result(devices=[device(f"sim-{i:04d}") for i in range(20)]), 1_500)
+    last = parts[-1]
+    forged = last.model_copy(
+        update={"package": last.package.model_copy(update={"version": "9.9.9"})}
+    )
+    aggregator = telemetered.aggregator
+    for part in parts[:-1]:
+        assert aggregator.handle(part) is Outcome.PENDING
+    assert aggregator.handle(forged) is Outcome.INVALID
+    assert aggregator.pending == 0
+    assert telemetered.spans() == ()
+    assert list(telemetered.archive.read()) == []
+
+
+def test_a_rejection_is_one_error_span(telemetered: Telemetered) -> None:
+    rejected = rejection()
+    assert telemetered.aggregator.handle(rejected) is Outcome.PROCESSED
+    assert telemetered.aggregator.handle(rejected) is Outcome.DUPLICATE
+    [span] = telemetered.spans()
+    assert span.name == "task firmware-updater rejected"
+    assert span.context.trace_id == int(TRACE_ID, 16)
+    assert span.parent is not None
+    assert span.parent.span_id == int(PUBLISHER_SPAN_ID, 16)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == rejected.reason
+    assert span.start_time == _ns(T0)  # the request's publication
+    assert span.attributes is not None
+    assert span.attributes["mayfly.rejection.code"] == "unknown_task"
+    assert span.attributes["cloudevents.event_type"] == "dev.mayfly.task.rejected"
+    assert span.attributes["mayfly.request.status"] == "rejected"
+
+
+def _points(telemetered: Telemetered, name: str) -> dict[tuple[tuple[str, object], ...], object]:
+    metric = telemetered.metric(name)
+    return {
+        tuple(sorted((point.attributes or {}).items())): point
+        for point in metric.data.data_points  # type: ignore[union-attr]
+    }
+
+
+def test_metrics_count_requests_and_device_executions_by_status(
+    telemetered: Telemetered,
+) -> None:
+    aggregator = telemetered.aggregator
+    aggregator.handle(result("r1"))
+    aggregator.handle(result("r2", devices=[device("sim-0001"), device("sim-0002", "failed")]))
+    aggregator.handle(result("r3", devices=[device("sim-0001", "failed", error="boom")]))
+    aggregator.handle(result("r3"))  # duplicate: not counted
+    aggregator.handle(rejection())
+
+    requests = {
+        key: point.value  # type: ignore[attr-defined]
+        for key, point in _points(telemetered, "mayfly.task.requests").items()
+    }
+    assert requests == {
+        (("mayfly.request.status", "succeeded"), ("mayfly.task", "reboot")): 1,
+        (("mayfly.request.status", "partial"), ("mayfly.task", "reboot")): 1,
+        (("mayfly.request.status", "failed"), ("mayfly.task", "reboot")): 1,
+        (
+            ("mayfly.rejection.code", "unknown_task"),
+            ("mayfly.request.status", "rejected"),
+            ("mayfly.task", "firmware-updater"),
+        ): 1,
+    }
+    executions = {
+        key: point.value  # type: ignore[attr-defined]
+        for key, point in _points(telemetered, "mayfly.device.executions").items()
+    }
+    assert (
+        executions[
+            (
+                ("mayfly.device.id", "sim-0001"),
+                ("mayfly.device.status", "succeeded"),
+                ("mayfly.task", "reboot"),
+            )
+        ]
+        == 2
+    )
+    assert (
+        executions[
+            (
+                ("mayfly.device.id", "sim-0001"),
+                ("mayfly.device.status", "failed"),
+                ("mayfly.task", "reboot"),
+            )
+        ]
+        == 1
+    )
+    assert sum(executions.values()) == 5  # type: ignore[arg-type]
+
+    durations = _points(telemetered, "mayfly.task.duration")
+    succeeded = durations[(("mayfly.request.status", "succeeded"), ("mayfly.task", "reboot"))]
+    assert succeeded.count == 1  # type: ignore[attr-defined]
+    assert succeeded.sum == pytest.approx(3.0)  # type: ignore[attr-defined]
+    device_durations = _points(telemetered, "mayfly.device.duration")
+    ok = device_durations[(("mayfly.device.status", "succeeded"), ("mayfly.task", "reboot"))]
+    assert ok.count == 3  # type: ignore[attr-defined]
+    assert ok.sum == pytest.approx(1.5)  # type: ignore[attr-defined]
+
+
+class _FailingArchive:
+    def __init__(self) -> None:
+        self.fail = True
+        self.archived: list[object] = []
+
+    def describe(self) -> str:
+        return "flaky"
+
+    def append(self, events: Sequence[object]) -> None:
+        if self.fail:
+            raise StoreError("disk full")
+        self.archived.extend(events)
+
+    def read(self, **_: object) -> list[object]:
+        return self.archived
+
+
+def test_an_archive_failure_leaves_the_batch_unprocessed_for_redelivery(
+    telemetered: Telemetered,
+) -> None:
+    archive = _FailingArchive()
+    aggregator = Aggregator(
+        telemetered.telemetry.tracer(),
+        telemetered.telemetry.meter(),
+        archive,  # type: ignore[arg-type]
+    )
+    parts = split_completed(result(devices=[device(f"sim-{i:04d}") for i in range(20)]), 1_500)
+    for part in parts[:-1]:
+        aggregator.handle(part)
+    with pytest.raises(StoreError):
+        aggregator.handle(parts[-1])
+    assert telemetered.spans() == ()
+    archive.fail = False
+    # The consumer redelivers from its last commit: the parts are taken again.
+    outcomes = aggregator.handle_many(parts)
+    assert Outcome.PROCESSED in outcomes
+    assert len(archive.archived) == 1
+    assert len(telemetered.spans()) == 21
+
+
+def test_processed_ids_are_remembered_within_a_bound(telemetered: Telemetered) -> None:
+    telemetry = telemetered.telemetry
+    aggregator = Aggregator(telemetry.tracer(), telemetry.meter(), None, max_remembered=2)
+    for name in ("r1", "r2", "r3"):
+        aggregator.handle(result(name))
+    assert aggregator.handle(result("r3")) is Outcome.DUPLICATE
+    assert aggregator.handle(result("r1")) is Outcome.PROCESSED  # forgotten: oldest first

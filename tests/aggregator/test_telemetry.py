@@ -1,0 +1,99 @@
+"""configure_telemetry: where spans go, and the OTLP-JSON file they go to without Jaeger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mayfly.aggregator import Aggregator
+from mayfly.errors import ConfigError
+from mayfly.telemetry import (
+    TelemetryOptions,
+    configure_telemetry,
+    telemetry_options_from_env,
+)
+
+from .conftest import PUBLISHER_SPAN_ID, TRACE_ID, device, rejection, result
+
+
+def test_the_trace_file_holds_otlp_json_export_requests(tmp_path: Path) -> None:
+    trace_file = tmp_path / "telemetry" / "traces.jsonl"
+    metrics_file = tmp_path / "telemetry" / "metrics.jsonl"
+    telemetry = configure_telemetry(
+        "mayfly-aggregator", trace_file=trace_file, metrics_file=metrics_file
+    )
+    aggregator = Aggregator(telemetry.tracer(), telemetry.meter(), None)
+    aggregator.handle(result(devices=[device("sim-0001"), device("sim-0002", "failed")]))
+    aggregator.handle(rejection())
+    telemetry.shutdown()
+
+    lines = trace_file.read_text().splitlines()
+    assert lines
+    spans = []
+    for line in lines:
+        request = json.loads(line)  # every line is one JSON object
+        [resource_spans] = request["resourceSpans"]
+        service = {a["key"]: a["value"] for a in resource_spans["resource"]["attributes"]}[
+            "service.name"
+        ]
+        assert service == {"stringValue": "mayfly-aggregator"}
+        for scope in resource_spans["scopeSpans"]:
+            spans.extend(scope["spans"])
+    assert len(spans) == 4  # root + 2 devices, and the rejection
+    # OTLP/JSON: hex ids (not protobuf's base64), integer enums, camelCase names.
+    assert {s["traceId"] for s in spans} == {TRACE_ID}
+    roots = [s for s in spans if s["parentSpanId"] == PUBLISHER_SPAN_ID]
+    assert sorted(r["name"] for r in roots) == ["task firmware-updater rejected", "task reboot"]
+    [root] = [r for r in roots if r["name"] == "task reboot"]
+    children = [s for s in spans if s["parentSpanId"] == root["spanId"]]
+    assert sorted(c["name"] for c in children) == ["device sim-0001", "device sim-0002"]
+    assert root["kind"] == 5  # SPAN_KIND_CONSUMER
+    assert root["startTimeUnixNano"] == "1741942800000000000"  # 2025-03-14T09:00:00Z
+    [failed] = [c for c in children if c["name"] == "device sim-0002"]
+    assert failed["status"]["code"] == 2  # STATUS_CODE_ERROR
+
+    metric_lines = metrics_file.read_text().splitlines()
+    names = {
+        metric["name"]
+        for line in metric_lines
+        for resource in json.loads(line)["resourceMetrics"]
+        for scope in resource["scopeMetrics"]
+        for metric in scope["metrics"]
+    }
+    assert {"mayfly.task.duration", "mayfly.task.requests", "mayfly.device.executions"} <= names
+
+
+def test_an_endpoint_takes_precedence_over_the_file(tmp_path: Path) -> None:
+    telemetry = configure_telemetry(
+        "x", otlp_endpoint="http://127.0.0.1:4318/", trace_file=tmp_path / "t.jsonl"
+    )
+    try:
+        assert telemetry.destination == "http://127.0.0.1:4318/v1/traces"
+    finally:
+        telemetry.shutdown()
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_an_endpoint_that_is_not_a_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_ENDPOINT"):
+        configure_telemetry("x", otlp_endpoint="127.0.0.1:4318")
+
+
+def test_options_from_the_environment(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert telemetry_options_from_env(home, {}) == TelemetryOptions(
+        trace_file=home / "telemetry" / "traces.jsonl"
+    )
+    assert telemetry_options_from_env(
+        home, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    ) == TelemetryOptions(otlp_endpoint="http://127.0.0.1:4318")
+    with_metrics = telemetry_options_from_env(
+        home,
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_METRICS_EXPORTER": "otlp"},
+    )
+    assert with_metrics.metrics_endpoint == "http://collector:4318"
+    assert telemetry_options_from_env(
+        home, {"MAYFLY_TRACE_FILE": str(tmp_path / "t.jsonl")}
+    ).trace_file == (tmp_path / "t.jsonl")
