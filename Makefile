@@ -43,19 +43,6 @@ status: ## show which servers are running
 clean: ## remove the virtual environment and caches in the checkout
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache src/*.egg-info
 
-DEMO_HOME ?= $(CURDIR)/.mayfly/demo
-
 .PHONY: demo
-demo: $(STAMP) ## the main job: build, sign, publish and verify the example packages
-	@rm -rf $(DEMO_HOME)
-	@echo "== keys (MAYFLY_HOME=$(DEMO_HOME))"
-	MAYFLY_HOME=$(DEMO_HOME) $(BIN)/mayfly pkg keygen
-	@for p in taskpkgs/*/; do \
-		echo "== publish $$p"; \
-		MAYFLY_HOME=$(DEMO_HOME) $(BIN)/mayfly pkg publish $$p || exit 1; \
-	done
-	@echo "== published"
-	MAYFLY_HOME=$(DEMO_HOME) $(BIN)/mayfly pkg list
-	@for n in reboot firmware-update config-push; do \
-		MAYFLY_HOME=$(DEMO_HOME) $(BIN)/mayfly pkg verify $$n@stable || exit 1; \
-	done
+demo: $(STAMP) ## the main job: the whole pipeline on one machine, no server needed
+	$(BIN)/mayfly demo

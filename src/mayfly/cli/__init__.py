@@ -13,6 +13,7 @@ import click
 
 from mayfly import __version__
 from mayfly.cli._common import MayflyGroup
+from mayfly.cli.demo import demo
 from mayfly.cli.devices import devices
 from mayfly.cli.pkg import pkg
 from mayfly.cli.report import report
@@ -36,6 +37,7 @@ cli.add_command(devices)
 cli.add_command(report)
 cli.add_command(up)
 cli.add_command(publish)
+cli.add_command(demo)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,14 @@ import click
 from mayfly.backends import open_event_log
 from mayfly.cli._common import settings_from
 from mayfly.errors import EventError
-from mayfly.events import MayflyEvent, Priority, TaskCompleted, TaskRequest, new_request
+from mayfly.events import (
+    MayflyEvent,
+    Priority,
+    TaskCompleted,
+    TaskRejected,
+    TaskRequest,
+    new_request,
+)
 from mayfly.runtime.publisher import publish_request
 from mayfly.settings import ENV_EVENT_LOG, ENV_MAX_COORDINATORS, ENV_PER_TASK_CAP, Settings
 
@@ -175,6 +183,11 @@ def publish(
         log.close()
 
 
+def _print_results(events: list[MayflyEvent]) -> None:
+    for event in events:
+        _print_result(event)
+
+
 def _print_result(event: MayflyEvent) -> None:
     if isinstance(event, TaskCompleted):
         counts: dict[str, int] = {}
@@ -222,12 +235,18 @@ def up(
     settings = _settings(
         home, event_log, max_coordinators=max_coordinators, per_task_cap=per_task_cap
     )
-    runtime = Runtime(settings, on_result=_print_result)
+    aggregate, telemetry, where = _aggregation(settings)
+
+    def on_results(events: list[MayflyEvent]) -> None:
+        aggregate(events)
+        _print_results(events)
+
+    runtime = Runtime(settings, on_results=on_results)
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     runtime.start()
     click.echo(
         f"mayfly up: event log {runtime.log.describe()}, "
-        f"{settings.max_coordinators} coordinators at most; Ctrl-C stops"
+        f"{settings.max_coordinators} coordinators at most; {where}; Ctrl-C stops"
     )
     try:
         runtime.run()
@@ -235,3 +254,32 @@ def up(
         pass
     finally:
         runtime.close()
+        telemetry.flush()
+        telemetry.shutdown()
+
+
+def _aggregation(settings: Settings) -> tuple[Callable[[list[MayflyEvent]], None], Any, str]:
+    """The aggregator as the runtime's results consumer: traces, metrics, archive."""
+    from mayfly.aggregator import Aggregator
+    from mayfly.aggregator.archive import archive_location_from_env, open_archive
+    from mayfly.runtime.eventlog import RESULTS_TOPIC
+    from mayfly.telemetry import configure_telemetry, telemetry_options_from_env
+
+    options = telemetry_options_from_env(settings.home)
+    telemetry = configure_telemetry(
+        "mayfly-aggregator", otlp_endpoint=options.otlp_endpoint, trace_file=options.trace_file
+    )
+    archive = open_archive(archive_location_from_env(settings.home), settings)
+    aggregator = Aggregator(
+        telemetry.tracer(),
+        telemetry.meter(),
+        archive,
+        messaging_system="sqlite",
+        destination=RESULTS_TOPIC,
+    )
+
+    def aggregate(events: list[MayflyEvent]) -> None:
+        aggregator.handle_many([e for e in events if isinstance(e, TaskCompleted | TaskRejected)])
+
+    where = f"traces to {telemetry.destination}, archive {archive.describe()}"
+    return aggregate, telemetry, where

@@ -81,14 +81,14 @@ class Runtime:
         self,
         settings: Settings,
         *,
-        on_result: Callable[[MayflyEvent], None] | None = None,
+        on_results: Callable[[list[MayflyEvent]], None] | None = None,
         on_dispatch: Callable[[str, dict[str, object]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.log: EventLog = open_event_log(settings)
         self.state = RuntimeState(settings.runtime_dir / "state.db")
         self.spawner = Spawner(lambda: prepare_coordinator(settings))
-        self._on_result = on_result
+        self._on_results = on_results
         self._on_dispatch = on_dispatch
         self._stop = threading.Event()
         self._aggregator: threading.Thread | None = None
@@ -107,25 +107,26 @@ class Runtime:
             ),
             on_event=self._on_dispatch,
         )
-        if self._on_result is not None:
+        if self._on_results is not None:
             self._aggregator = threading.Thread(
                 target=self._aggregate, name="mayfly-aggregator", daemon=True
             )
             self._aggregator.start()
 
     def _aggregate(self) -> None:
-        assert self._on_result is not None
+        assert self._on_results is not None
         consumer = self.log.consumer(AGGREGATOR_GROUP, RESULTS_TOPIC)
         try:
             while not self._stop.is_set():
                 records = consumer.poll(500, 0.2)
+                events: list[MayflyEvent] = []
                 for record in records:
                     try:
-                        event = from_kafka(record.headers, record.key, record.value)
+                        events.append(from_kafka(record.headers, record.key, record.value))
                     except EventError:
                         _LOG.warning("undecodable record at results offset %d", record.offset)
-                        continue
-                    self._on_result(event)
+                if events:
+                    self._on_results(events)
                 if records:
                     # After the handler made it durable (archive), never before.
                     consumer.commit({0: records[-1].offset + 1})

@@ -1,0 +1,252 @@
+"""``mayfly demo``: the whole pipeline on one machine, no server installed.
+
+It builds, signs and publishes the example packages into a fresh Mayfly home,
+starts the local runtime (embedded event log, warm-parent coordinators,
+aggregator) and a simulated fleet, publishes a mix of requests over all three
+priority lanes, shows progress until every request has a result or a
+rejection, then prints the fleet report and where the traces went.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mayfly.events import MayflyEvent, TaskCompleted, TaskRejected, TaskRequest, new_request
+from mayfly.packages import build_package, generate_keypair, load_private_key, sign_built
+from mayfly.runtime.app import Runtime
+from mayfly.runtime.publisher import publish_request
+from mayfly.settings import Settings
+
+__all__ = ["DemoPlan", "demo_requests", "run_demo"]
+
+TASKPKGS = Path(__file__).resolve().parents[2] / "taskpkgs"
+SITES = ("lab-a", "lab-b", "lab-c")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    home: Path
+    devices: int = 200
+    broken: float = 0.03
+    failure_rate: float = 0.02
+    timeout_s: float = 110.0
+    taskpkgs: Path = TASKPKGS
+    echo: Callable[[str], None] = print
+
+
+def demo_requests(device_ids: Sequence[str]) -> list[TaskRequest]:
+    """A morning in the life of a fleet: updates, config pushes, reboots, one typo."""
+    reqs = [
+        # Canary ring first, fast lane.
+        new_request(
+            "firmware-update",
+            selector={"ring": "canary"},
+            params={"version": "2.0.0"},
+            priority="high",
+        ),
+    ]
+    reqs += [
+        new_request(
+            "firmware-update", selector={"site": site, "model": "m1"}, params={"version": "2.0.0"}
+        )
+        for site in SITES
+    ]
+    reqs += [
+        new_request(
+            "config-push",
+            selector={"site": site},
+            params={"config": {"log_level": "info", "telemetry_interval_s": 60}},
+            priority="low",
+        )
+        for site in SITES
+    ]
+    reqs += [
+        new_request(
+            "config-push",
+            selector={"model": "m2"},
+            params={"config": {"ntp_server": "ntp.lab.example"}},
+        )
+    ]
+    reqs += [
+        new_request("reboot", devices=[device_id], priority="low")
+        for device_id in device_ids[:: max(1, len(device_ids) // 12)][:12]
+    ]
+    reqs += [new_request("reboot", devices=list(device_ids[-3:]), priority="high")]
+    # An operator's typo: the package's schema refuses it, and says why.
+    reqs += [
+        new_request(
+            "config-push", devices=[device_ids[0]], params={"config": {"log_level": "loud"}}
+        )
+    ]
+    return reqs
+
+
+@dataclass
+class _Progress:
+    expected: set[str]
+    results: dict[str, MayflyEvent] = field(default_factory=dict)
+    running: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, events: list[MayflyEvent]) -> None:
+        with self.lock:
+            for event in events:
+                if isinstance(event, TaskCompleted | TaskRejected) and event.request_id:
+                    self.results[event.request_id] = event
+
+    def done(self) -> bool:
+        with self.lock:
+            return self.expected <= set(self.results)
+
+    def line(self, elapsed: float) -> str:
+        with self.lock:
+            statuses: Counter[str] = Counter()
+            devices = 0
+            for event in self.results.values():
+                if isinstance(event, TaskCompleted):
+                    statuses[str(event.status)] += 1
+                    devices += len(event.devices)
+                else:
+                    statuses["rejected"] += 1
+            shown = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "-"
+            return (
+                f"requests {len(self.results)}/{len(self.expected)} ({shown}) | "
+                f"{self.running} running | {devices} device runs | {elapsed:5.1f} s"
+            )
+
+
+def _prepare_home(plan: DemoPlan) -> Settings:
+    if plan.home.exists():
+        shutil.rmtree(plan.home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAYFLY_")}
+    env["MAYFLY_HOME"] = str(plan.home)
+    env["MAYFLY_INVENTORY"] = str(plan.home / "inventory.json")
+    settings = Settings.from_env(env)
+    generate_keypair(settings.signing_key_path, settings.home / "trusted" / "demo.pub")
+    from mayfly.backends import open_repository
+
+    repo = open_repository(settings)
+    key = load_private_key(settings.signing_key_path)
+    for name in ("reboot", "firmware-update", "config-push"):
+        built = build_package(plan.taskpkgs / name)
+        repo.publish(built, sign_built(key, built))
+        repo.promote(name, built.manifest.version, "stable")
+        plan.echo(f"  published {name} {built.manifest.version} {built.digest[:19]}...")
+    return settings
+
+
+def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -> int:
+    """Run the demo; 0 only when every published request is accounted for."""
+    from mayfly.aggregator import Aggregator
+    from mayfly.aggregator.archive import LocalResultArchive
+    from mayfly.devices.sim import Simulator, SimulatorServer
+    from mayfly.runtime.eventlog import RESULTS_TOPIC
+    from mayfly.telemetry import configure_telemetry
+
+    echo = plan.echo
+    echo(f"== Mayfly demo in {plan.home}")
+    settings = _prepare_home(plan)
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+    trace_file = settings.home / "traces.otlp.jsonl"
+    telemetry = configure_telemetry(
+        "mayfly-aggregator", otlp_endpoint=endpoint, trace_file=None if endpoint else trace_file
+    )
+    archive = LocalResultArchive(settings.home / "archive")
+    aggregator = Aggregator(
+        telemetry.tracer(),
+        telemetry.meter(),
+        archive,
+        messaging_system="sqlite",
+        destination=RESULTS_TOPIC,
+    )
+    progress = _Progress(expected=set())
+
+    def on_results(events: list[MayflyEvent]) -> None:
+        aggregator.handle_many([e for e in events if isinstance(e, TaskCompleted | TaskRejected)])
+        progress.add(events)
+
+    def on_dispatch(kind: str, _info: dict[str, object]) -> None:
+        with progress.lock:
+            progress.running += {"started": 1, "finished": -1, "dead_lettered": -1}.get(kind, 0)
+
+    # The runtime forks its warm parent first, while this process has one thread.
+    runtime = Runtime(settings, on_results=on_results, on_dispatch=on_dispatch)
+    runtime.start()
+    simulator = Simulator(
+        plan.devices,
+        reboot_time=0.3,
+        download_time=0.5,
+        failure_rate=plan.failure_rate,
+        broken=plan.broken,
+        seed=42,
+    )
+    server = SimulatorServer(simulator).start()
+    code = 1
+    try:
+        Path(settings.inventory).write_bytes(server.inventory().to_json())
+        echo(
+            f"  {plan.devices} simulated devices at {server.url} "
+            f"({len(simulator.broken_ids)} set to fail, {plan.failure_rate:.0%} flaky answers)"
+        )
+        requests = demo_requests(simulator.device_ids())
+        for request in requests:
+            publish_request(runtime.log, request)
+        progress.expected = {r.id for r in requests}
+        lanes = Counter(str(r.priority) for r in requests)
+        echo(
+            f"== published {len(requests)} requests "
+            f"({', '.join(f'{n} {p}' for p, n in sorted(lanes.items()))})"
+        )
+        code = _serve(runtime, progress, plan)
+    finally:
+        runtime.close()
+        server.stop()
+        telemetry.flush()
+        telemetry.shutdown()
+    echo("")
+    if report is not None:
+        report(settings)
+    if endpoint:
+        echo(f"traces: sent to {endpoint} (service mayfly-aggregator); open Jaeger to explore")
+    else:
+        echo(f"traces: {trace_file} (OTLP JSON; set OTEL_EXPORTER_OTLP_ENDPOINT for Jaeger)")
+    echo(f"results archive: {archive.describe()}   event log: {runtime.log.describe()}")
+    missing = progress.expected - set(progress.results)
+    if missing:
+        echo(f"NOT accounted for: {len(missing)} request(s): {', '.join(sorted(missing)[:5])}")
+        return 1
+    echo(f"every one of the {len(progress.expected)} requests is accounted for")
+    return code
+
+
+def _serve(runtime: Runtime, progress: _Progress, plan: DemoPlan) -> int:
+    started = time.monotonic()
+    tty = sys.stdout.isatty()
+    last = 0.0
+
+    def should_stop() -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= (0.25 if tty else 2.0):
+            last = now
+            line = progress.line(now - started)
+            if tty:
+                sys.stdout.write(f"\r  {line}   ")
+                sys.stdout.flush()
+            else:
+                plan.echo(f"  {line}")
+        return progress.done() or now - started > plan.timeout_s
+
+    runtime.run(should_stop)
+    if tty:
+        sys.stdout.write("\n")
+    plan.echo(f"  {progress.line(time.monotonic() - started)}")
+    return 0 if progress.done() else 1
