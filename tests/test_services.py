@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
+import time
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
+import requests
+from kafka import KafkaConsumer, KafkaProducer
 
 if TYPE_CHECKING:
-    from tests.conftest import S3Server
+    from tests.conftest import JaegerServer, S3Server
 
 
 @pytest.mark.s3
@@ -29,3 +34,77 @@ def test_s3_stores_lists_and_returns_an_object(s3_bucket: tuple[S3Server, str]) 
         response.release_conn()
     listed = [(obj.object_name, obj.size) for obj in client.list_objects(bucket, recursive=True)]
     assert listed == [(name, len(payload))]
+
+
+@pytest.mark.kafka
+def test_kafka_produces_and_consumes_a_record(kafka_bootstrap: str) -> None:
+    topic = f"mayfly-test-{uuid.uuid4().hex[:12]}"  # auto-created on first use
+    key, value = b"demo", os.urandom(32) + b"\x00end"
+
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    try:
+        sent = producer.send(topic, key=key, value=value).get(timeout=30)
+    finally:
+        producer.close()
+
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=f"mayfly-test-{uuid.uuid4().hex[:12]}",
+        auto_offset_reset="earliest",
+    )
+    received = []
+    try:
+        deadline = time.monotonic() + 30
+        while not received and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                received.extend(records)
+    finally:
+        consumer.close()
+    assert [(r.partition, r.offset, r.key, r.value) for r in received] == [
+        (sent.partition, sent.offset, key, value)
+    ]
+
+
+@pytest.mark.jaeger
+def test_jaeger_stores_an_otlp_span_and_returns_it(jaeger: JaegerServer) -> None:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    now = time.time_ns()
+    span = {
+        "traceId": trace_id,
+        "spanId": span_id,
+        "name": "mayfly-test-span",
+        "kind": 1,
+        "startTimeUnixNano": str(now - 5_000_000),
+        "endTimeUnixNano": str(now),
+        "attributes": [{"key": "mayfly.test", "value": {"stringValue": "yes"}}],
+    }
+    export = {
+        "resourceSpans": [
+            {
+                "resource": {
+                    "attributes": [{"key": "service.name", "value": {"stringValue": "mayfly-test"}}]
+                },
+                "scopeSpans": [{"scope": {"name": "tests"}, "spans": [span]}],
+            }
+        ]
+    }
+    with requests.Session() as http:
+        posted = http.post(f"{jaeger.otlp_endpoint}/v1/traces", json=export, timeout=10)
+        assert posted.status_code == 200, posted.text
+
+        # Spans are batched before they reach the store: poll for a few seconds.
+        deadline = time.monotonic() + 10
+        while True:
+            found = http.get(f"{jaeger.query_url}/api/traces/{trace_id}", timeout=10)
+            if found.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert found.status_code == 200, found.text
+    (trace,) = found.json()["data"]
+    assert trace["traceID"] == trace_id
+    assert [(s["spanID"], s["operationName"]) for s in trace["spans"]] == [
+        (span_id, "mayfly-test-span")
+    ]
+    (process,) = trace["processes"].values()
+    assert process["serviceName"] == "mayfly-test"
