@@ -148,7 +148,6 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
     from mayfly.aggregator import Aggregator
     from mayfly.aggregator.archive import LocalResultArchive
     from mayfly.devices.sim import Simulator, SimulatorServer
-    from mayfly.runtime.eventlog import RESULTS_TOPIC
     from mayfly.telemetry import configure_telemetry
 
     echo = plan.echo
@@ -165,7 +164,7 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
         telemetry.meter(),
         archive,
         messaging_system="sqlite",
-        destination=RESULTS_TOPIC,
+        destination=settings.topics.results,
     )
     progress = _Progress(expected=set())
 

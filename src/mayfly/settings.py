@@ -26,6 +26,7 @@ Environment variables (CLI flags of the same meaning win over them):
                            ``$MAYFLY_HOME/events.db``) or ``kafka://HOST:PORT``.
 ``MAYFLY_MAX_COORDINATORS`` Coordinator processes running at once. Default 8.
 ``MAYFLY_PER_TASK_CAP``    Of those, at most this many of one task type. Default 4.
+``MAYFLY_TOPIC_PREFIX``    Prefix of every topic name. Default ``mayfly``.
 =========================  ===================================================
 """
 
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from mayfly.errors import ConfigError
+from mayfly.runtime.eventlog import Topics
 
 __all__ = [
     "ENV_EVENT_LOG",
@@ -55,6 +57,7 @@ __all__ = [
     "ENV_S3_SECRET_KEY",
     "ENV_SIGNING_KEY",
     "ENV_STORE",
+    "ENV_TOPIC_PREFIX",
     "ENV_TRUSTED_KEYS",
     "Settings",
 ]
@@ -74,6 +77,7 @@ ENV_MAX_PROCESSES = "MAYFLY_MAX_PROCESSES"
 ENV_EVENT_LOG = "MAYFLY_EVENT_LOG"
 ENV_MAX_COORDINATORS = "MAYFLY_MAX_COORDINATORS"
 ENV_PER_TASK_CAP = "MAYFLY_PER_TASK_CAP"
+ENV_TOPIC_PREFIX = "MAYFLY_TOPIC_PREFIX"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Settings:
     event_log: str = ""
     max_coordinators: int = 8
     per_task_cap: int = 4
+    topic_prefix: str = "mayfly"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -121,6 +126,7 @@ class Settings:
             event_log=env.get(ENV_EVENT_LOG) or str(home / "events.db"),
             max_coordinators=_positive_int(env, ENV_MAX_COORDINATORS, 8),
             per_task_cap=_positive_int(env, ENV_PER_TASK_CAP, 4),
+            topic_prefix=env.get(ENV_TOPIC_PREFIX) or "mayfly",
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -134,6 +140,10 @@ class Settings:
     @property
     def trusted_key_paths(self) -> tuple[Path, ...]:
         return self.trusted_keys or (self.home / "trusted",)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
 
     @property
     def runtime_dir(self) -> Path:

@@ -174,10 +174,12 @@ def publish(
             )
         except EventError as exc:
             raise click.BadParameter(str(exc)) from exc
-    log = open_event_log(_settings(home, event_log))
+    settings = _settings(home, event_log)
+    log = open_event_log(settings)
     try:
         for request in requests_:
-            topic = publish_request(log, request)
+            publish_request(log, request, topics=settings.topics)
+            topic = settings.topics.lane(request.priority)
             click.echo(f"published {request.id} {request.task} ({request.priority}) -> {topic}")
     finally:
         log.close()
@@ -262,7 +264,6 @@ def _aggregation(settings: Settings) -> tuple[Callable[[list[MayflyEvent]], None
     """The aggregator as the runtime's results consumer: traces, metrics, archive."""
     from mayfly.aggregator import Aggregator
     from mayfly.aggregator.archive import archive_location_from_env, open_archive
-    from mayfly.runtime.eventlog import RESULTS_TOPIC
     from mayfly.telemetry import configure_telemetry, telemetry_options_from_env
 
     options = telemetry_options_from_env(settings.home)
@@ -275,7 +276,7 @@ def _aggregation(settings: Settings) -> tuple[Callable[[list[MayflyEvent]], None
         telemetry.meter(),
         archive,
         messaging_system="sqlite",
-        destination=RESULTS_TOPIC,
+        destination=settings.topics.results,
     )
 
     def aggregate(events: list[MayflyEvent]) -> None:

@@ -27,7 +27,7 @@ from mayfly.events import (
     rejection_for,
 )
 from mayfly.runtime.dispatcher import Dispatcher, DispatcherOptions
-from mayfly.runtime.eventlog import RESULTS_TOPIC, EventLog, LogRecord
+from mayfly.runtime.eventlog import EventLog, LogRecord
 from mayfly.runtime.logsink import EventLogSink
 from mayfly.runtime.spawner import Spawner
 from mayfly.runtime.state import RuntimeState
@@ -62,7 +62,7 @@ def prepare_coordinator(settings: Settings) -> Callable[[LogRecord, datetime], i
                     event.cloudevent_attributes(),
                 )
         try:
-            deliver(EventLogSink(log), outcome)
+            deliver(EventLogSink(log, settings.topics), outcome)
         except SinkError:
             _LOG.exception("result of %s not made durable", record.offset)
             return _UNDELIVERED
@@ -106,6 +106,7 @@ class Runtime:
                 per_task_cap=self.settings.per_task_cap,
             ),
             on_event=self._on_dispatch,
+            topics=self.settings.topics,
         )
         if self._on_results is not None:
             self._aggregator = threading.Thread(
@@ -115,7 +116,7 @@ class Runtime:
 
     def _aggregate(self) -> None:
         assert self._on_results is not None
-        consumer = self.log.consumer(AGGREGATOR_GROUP, RESULTS_TOPIC)
+        consumer = self.log.consumer(AGGREGATOR_GROUP, self.settings.topics.results)
         try:
             while not self._stop.is_set():
                 records = consumer.poll(500, 0.2)

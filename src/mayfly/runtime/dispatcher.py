@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 from mayfly.errors import CoordinatorCrashedError
 from mayfly.events import Priority, peek_attributes, rejection_for
-from mayfly.runtime.eventlog import REQUEST_TOPICS, EventLog, LogConsumer, LogRecord
+from mayfly.runtime.eventlog import DEFAULT_TOPICS, EventLog, LogConsumer, LogRecord, Topics
 from mayfly.runtime.logsink import EventLogSink
 from mayfly.runtime.spawner import CoordinatorExit, Spawner
 from mayfly.runtime.state import RuntimeState
@@ -110,14 +110,15 @@ class Dispatcher:
         state: RuntimeState,
         options: DispatcherOptions | None = None,
         on_event: Callable[[str, dict[str, object]], None] | None = None,
+        topics: Topics = DEFAULT_TOPICS,
     ) -> None:
         self.options = options or DispatcherOptions()
         self.spawner = spawner
         self.state = state
         self.log = log
-        self.sink = EventLogSink(log)
+        self.sink = EventLogSink(log, topics)
         self.lanes = {
-            p: _Lane(p, log.consumer(self.options.group, REQUEST_TOPICS[p])) for p in Priority
+            p: _Lane(p, log.consumer(self.options.group, topics.lane(p))) for p in Priority
         }
         self.running: dict[str, _Pending] = {}
         self._tokens = itertools.count()

@@ -26,28 +26,51 @@ from mayfly.events import Priority
 
 __all__ = [
     "DEAD_LETTER_TOPIC",
+    "DEFAULT_TOPICS",
     "REQUEST_TOPICS",
     "RESULTS_TOPIC",
     "EventLog",
     "LogConsumer",
     "LogRecord",
+    "Topics",
     "request_topic",
 ]
 
-REQUEST_TOPICS: Mapping[Priority, str] = {
-    Priority.HIGH: "mayfly.requests.high",
-    Priority.NORMAL: "mayfly.requests.normal",
-    Priority.LOW: "mayfly.requests.low",
-}
-RESULTS_TOPIC = "mayfly.results"
-DEAD_LETTER_TOPIC = "mayfly.deadletter"
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one prefix (``MAYFLY_TOPIC_PREFIX``), so several
+    Mayfly installations, or test runs, can share one Kafka cluster."""
+
+    prefix: str = "mayfly"
+
+    def lane(self, priority: Priority | str) -> str:
+        """The lane (topic) a request of this priority is published to."""
+        return f"{self.prefix}.requests.{Priority(priority).value}"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}.deadletter"
+
+    def all(self) -> list[str]:
+        return [*(self.lane(p) for p in Priority), self.results, self.dead_letter]
+
+
+DEFAULT_TOPICS = Topics()
+REQUEST_TOPICS: Mapping[Priority, str] = {p: DEFAULT_TOPICS.lane(p) for p in Priority}
+RESULTS_TOPIC = DEFAULT_TOPICS.results
+DEAD_LETTER_TOPIC = DEFAULT_TOPICS.dead_letter
 
 Headers = Sequence[tuple[str, bytes]]
 
 
 def request_topic(priority: Priority | str) -> str:
-    """The lane (topic) a request of this priority is published to."""
-    return REQUEST_TOPICS[Priority(priority)]
+    """The default lane (topic) a request of this priority is published to."""
+    return DEFAULT_TOPICS.lane(priority)
 
 
 @dataclass(frozen=True)

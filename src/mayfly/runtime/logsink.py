@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mayfly.events import MayflyEvent, TaskRejected, to_kafka_record
-from mayfly.runtime.eventlog import DEAD_LETTER_TOPIC, RESULTS_TOPIC, EventLog
+from mayfly.runtime.eventlog import DEFAULT_TOPICS, EventLog, Topics
 
 __all__ = ["EventLogSink"]
 
@@ -11,14 +11,15 @@ __all__ = ["EventLogSink"]
 class EventLogSink:
     """Appends binary-mode records; a rejection also goes to the dead-letter topic."""
 
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, topics: Topics = DEFAULT_TOPICS) -> None:
         self.log = log
+        self.topics = topics
 
     def emit(self, event: MayflyEvent) -> None:
         key, value, headers = to_kafka_record(event)
-        self.log.append(RESULTS_TOPIC, key, value, headers)
+        self.log.append(self.topics.results, key, value, headers)
         if isinstance(event, TaskRejected):
-            self.log.append(DEAD_LETTER_TOPIC, key, value, headers)
+            self.log.append(self.topics.dead_letter, key, value, headers)
 
     def close(self) -> None:
         pass

@@ -2,19 +2,56 @@
 
 from __future__ import annotations
 
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from mayfly.events import TaskRequest, to_kafka_record
-from mayfly.runtime.eventlog import EventLog, request_topic
+from mayfly.runtime.eventlog import DEFAULT_TOPICS, EventLog, Topics
 
 __all__ = ["publish_request"]
 
+_PROPAGATOR = TraceContextTextMapPropagator()
 
-def publish_request(log: EventLog, request: TaskRequest) -> str:
+
+def publish_request(
+    log: EventLog,
+    request: TaskRequest,
+    tracer: trace.Tracer | None = None,
+    topics: Topics = DEFAULT_TOPICS,
+) -> TaskRequest:
     """Append a request (Kafka binary mode, keyed by partition key) to its lane.
 
+    With a tracer, a ``publish <task>`` producer span starts the request's
+    trace and its context travels in the event's ``traceparent`` (unless the
+    request already carries one), so the aggregator's spans join it.
+
     Returns:
-        The topic it went to.
+        The request as published (with its trace context).
     """
-    topic = request_topic(request.priority)
-    key, value, headers = to_kafka_record(request)
-    log.append(topic, key, value, headers)
-    return topic
+    topic = topics.lane(request.priority)
+    if tracer is None or request.traceparent:
+        key, value, headers = to_kafka_record(request)
+        log.append(topic, key, value, headers)
+        return request
+    attributes = {
+        "messaging.system": log.describe().split(":", 1)[0],
+        "messaging.destination.name": topic,
+        "messaging.operation.type": "publish",
+        "cloudevents.event_id": request.id,
+        "cloudevents.event_type": request.event_type,
+        "mayfly.task": request.task,
+    }
+    with tracer.start_as_current_span(
+        f"publish {request.task}", kind=trace.SpanKind.PRODUCER, attributes=attributes
+    ):
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)
+        request = request.model_copy(
+            update={
+                "traceparent": carrier.get("traceparent"),
+                "tracestate": carrier.get("tracestate") or None,
+            }
+        )
+        key, value, headers = to_kafka_record(request)
+        log.append(topic, key, value, headers)
+    return request
