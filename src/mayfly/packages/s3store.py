@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -38,24 +39,37 @@ class S3PackageStore:
             raise StoreError(f"invalid S3 endpoint {endpoint!r}")
         self.endpoint = f"{parts.scheme}://{parts.netloc}"
         self.bucket = bucket
-        # Few retries and short timeouts: a store that is down should say so in
-        # seconds, not hang a coordinator for minutes.
-        http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3.0, read=30.0),
-            retries=urllib3.Retry(
-                total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
-            ),
-        )
-        self._client = Minio(
-            parts.netloc,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=parts.scheme == "https",
-            region=region,
-            http_client=http,
-        )
+        self._connect = (parts.netloc, access_key, secret_key, parts.scheme == "https", region)
+        self._pid = 0
+        self._minio: Minio | None = None
         if create_bucket:
             self._call("create bucket", self._ensure_bucket)
+
+    @property
+    def _client(self) -> Minio:
+        # One client per process: a forked coordinator must never share the
+        # warm parent's pooled sockets, or two processes read each other's
+        # responses. The inherited client is dropped, not closed.
+        if self._minio is None or self._pid != os.getpid():
+            netloc, access_key, secret_key, secure, region = self._connect
+            # Few retries and short timeouts: a store that is down should say
+            # so in seconds, not hang a coordinator for minutes.
+            http = urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=3.0, read=30.0),
+                retries=urllib3.Retry(
+                    total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+                ),
+            )
+            self._minio = Minio(
+                netloc,
+                access_key=access_key,
+                secret_key=secret_key,
+                secure=secure,
+                region=region,
+                http_client=http,
+            )
+            self._pid = os.getpid()
+        return self._minio
 
     def describe(self) -> str:
         return f"s3://{self.bucket} at {self.endpoint}"
