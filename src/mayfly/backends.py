@@ -124,7 +124,16 @@ def open_repository(settings: Settings) -> PackageRepository:
 
 
 def open_event_log(settings: Settings) -> EventLog:
-    """The event log ``settings.event_log`` names: the embedded SQLite file by default."""
+    """The event log ``settings.event_log`` names: ``kafka://HOST:PORT[,HOST:PORT]``,
+    or a SQLite file (the embedded default)."""
+    if settings.event_log.startswith("kafka://"):
+        bootstrap = settings.event_log.removeprefix("kafka://").strip("/")
+        if not bootstrap:
+            raise ConfigError(f"event log {settings.event_log!r}: expected kafka://HOST:PORT")
+        # Imported here: kafka-python is only paid for when Kafka is configured.
+        from mayfly.runtime.kafkalog import KafkaEventLog
+
+        return KafkaEventLog(bootstrap)
     from mayfly.runtime.sqlitelog import SqliteEventLog
 
     return SqliteEventLog(Path(settings.event_log).expanduser())

@@ -1,18 +1,25 @@
-"""One contract, every event log: the embedded SQLite log (and, later, real Kafka).
+"""One contract, every event log: the embedded SQLite log and real Kafka.
 
 The contract tests use fresh uuid topic and group names, so they can share one
-broker; the SQLite-only tests at the end check what only a file shared by many
-processes can break: concurrent writers, a writer killed mid-append, a fork.
+broker. Kafka spreads keys over several partitions, so each test appends under
+one key (one partition, whichever it is) or compares partition by partition.
+The SQLite-only tests check what only a file shared by many processes can
+break: concurrent writers, a writer killed mid-append, a fork; the Kafka-only
+ones, forked producers and a broker that stops answering for a while.
 """
 
 from __future__ import annotations
 
+import collections
 import gc
 import hashlib
 import multiprocessing
 import os
 import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,22 +31,35 @@ import pytest
 
 from mayfly.errors import EventLogError
 from mayfly.runtime.eventlog import EventLog, LogConsumer, LogRecord
+from mayfly.runtime.kafkalog import KafkaEventLog
 from mayfly.runtime.sqlitelog import SCHEMA_VERSION, SqliteEventLog
 
 # How long to keep polling before deciding that nothing more will come: long
 # enough for a real broker's fetch round trip, short enough to keep the suite fast.
 QUIET_S = 0.2
 WAIT_S = 10.0
+KAFKA_PARTITIONS = 3
+KEY = b"device-1"
+REPO = Path(__file__).resolve().parents[2]
 
 _fork = multiprocessing.get_context("fork")
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)])
 def event_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventLog]:
-    # A Kafka implementation joins with one more param (marked pytest.mark.kafka) and branch.
-    log = SqliteEventLog(tmp_path / "log" / "events.db", poll_interval_s=0.001)
+    log: EventLog
+    if request.param == "kafka":
+        log = KafkaEventLog(request.getfixturevalue("kafka_bootstrap"), partitions=KAFKA_PARTITIONS)
+    else:
+        log = SqliteEventLog(tmp_path / "log" / "events.db", poll_interval_s=0.001)
     yield log
     log.close()
+
+
+@pytest.fixture
+def partitions(event_log: EventLog) -> list[int]:
+    """The partitions every topic of ``event_log`` has."""
+    return list(range(KAFKA_PARTITIONS)) if isinstance(event_log, KafkaEventLog) else [0]
 
 
 @pytest.fixture
@@ -81,24 +101,60 @@ def _drain(consumer: LogConsumer, count: int) -> list[LogRecord]:
     return records
 
 
-def _fill(log: EventLog, topic: str, count: int) -> None:
+def _fill(log: EventLog, topic: str, count: int, key: bytes = KEY) -> None:
+    """``count`` records under one key: they all go to one partition, in this order."""
     for i in range(count):
-        log.append(topic, f"k{i}".encode(), f"v{i}".encode())
+        log.append(topic, key, f"v{i}".encode())
+
+
+def _only_partition(records: list[LogRecord]) -> int:
+    partitions = {r.partition for r in records}
+    assert len(partitions) == 1, f"one key, several partitions: {partitions}"
+    return partitions.pop()
 
 
 # --- the contract ------------------------------------------------------------
 
 
 def test_records_come_back_in_order_with_dense_offsets(
-    event_log: EventLog, open_consumer: Callable[[str, str], LogConsumer], topic: str, group: str
+    event_log: EventLog,
+    open_consumer: Callable[[str, str], LogConsumer],
+    topic: str,
+    group: str,
+    partitions: list[int],
 ) -> None:
     _fill(event_log, topic, 5)
-    records = _drain(open_consumer(group, topic), 5)
-    assert [(r.topic, r.partition, r.offset) for r in records] == [(topic, 0, i) for i in range(5)]
-    assert [(r.key, r.value) for r in records] == [
-        (f"k{i}".encode(), f"v{i}".encode()) for i in range(5)
+    consumer = open_consumer(group, topic)
+    records = _drain(consumer, 5)
+    p = _only_partition(records)
+    assert [(r.topic, r.offset, r.key, r.value) for r in records] == [
+        (topic, i, KEY, f"v{i}".encode()) for i in range(5)
     ]
     assert all(r.timestamp_ms > 0 for r in records)
+    assert consumer.end_offsets() == {q: 5 if q == p else 0 for q in partitions}
+
+
+def test_each_partition_keeps_append_order_and_each_key_one_partition(
+    event_log: EventLog, open_consumer: Callable[[str, str], LogConsumer], topic: str, group: str
+) -> None:
+    keys = [f"device-{k}".encode() for k in range(6)]
+    for i in range(30):
+        event_log.append(topic, keys[i % 6], str(i).encode())
+    consumer = open_consumer(group, topic)
+    records = _drain(consumer, 30)
+    by_partition: dict[int, list[LogRecord]] = collections.defaultdict(list)
+    for record in records:
+        by_partition[record.partition].append(record)
+    for in_partition in by_partition.values():
+        assert [r.offset for r in in_partition] == list(range(len(in_partition)))
+        values = [int(r.value) for r in in_partition]
+        assert values == sorted(values)
+    for k, key in enumerate(keys):
+        of_key = [r for r in records if r.key == key]
+        _only_partition(of_key)
+        assert [int(r.value) for r in of_key] == list(range(k, 30, 6))
+    ends = consumer.end_offsets()
+    assert {p: n for p, n in ends.items() if n} == {p: len(r) for p, r in by_partition.items()}
 
 
 def test_key_headers_and_value_round_trip(
@@ -109,10 +165,12 @@ def test_key_headers_and_value_round_trip(
     event_log.append(topic, b"device-1", b'{"a": 1}', headers)
     event_log.append(topic, None, b"", ())
     event_log.append(topic, b"", b"\x00\xff")
-    first, second, third = _drain(open_consumer(group, topic), 3)
-    assert (first.key, first.value, first.headers) == (b"device-1", b'{"a": 1}', tuple(headers))
-    assert (second.key, second.value, second.headers) == (None, b"", ())
-    assert (third.key, third.value) == (b"", b"\x00\xff")
+    # Three keys may land on three partitions: match records by value, not by order.
+    by_value = {r.value: r for r in _drain(open_consumer(group, topic), 3)}
+    first, second, third = by_value[b'{"a": 1}'], by_value[b""], by_value[b"\x00\xff"]
+    assert (first.key, first.headers) == (b"device-1", tuple(headers))
+    assert (second.key, second.headers) == (None, ())
+    assert (third.key, third.headers) == (b"", ())
 
 
 def test_a_consumer_returns_each_record_once(
@@ -120,16 +178,17 @@ def test_a_consumer_returns_each_record_once(
 ) -> None:
     _fill(event_log, topic, 5)
     consumer = open_consumer(group, topic)
-    seen: list[int] = []
+    seen: list[LogRecord] = []
     deadline = time.monotonic() + WAIT_S
     while len(seen) < 5 and time.monotonic() < deadline:
         batch = consumer.poll(2, 0.1)
         assert len(batch) <= 2
-        seen += [r.offset for r in batch]
-    assert seen == [0, 1, 2, 3, 4]
+        seen += batch
+    p = _only_partition(seen)
+    assert [r.offset for r in seen] == [0, 1, 2, 3, 4]
     assert consumer.poll(100, QUIET_S) == []
-    event_log.append(topic, None, b"late")
-    assert [(r.offset, r.value) for r in _drain(consumer, 1)] == [(5, b"late")]
+    event_log.append(topic, KEY, b"late")
+    assert [(r.partition, r.offset, r.value) for r in _drain(consumer, 1)] == [(p, 5, b"late")]
 
 
 def test_a_new_consumer_of_the_group_resumes_after_the_commit(
@@ -138,12 +197,12 @@ def test_a_new_consumer_of_the_group_resumes_after_the_commit(
     _fill(event_log, topic, 5)
     first = open_consumer(group, topic)
     assert first.committed() == {}
-    _drain(first, 5)
-    first.commit({0: 3})
-    assert first.committed() == {0: 3}
+    p = _only_partition(_drain(first, 5))
+    first.commit({p: 3})
+    assert first.committed() == {p: 3}
     second = open_consumer(group, topic)
-    assert second.committed() == {0: 3}
-    assert [r.offset for r in _drain(second, 2)] == [3, 4]
+    assert second.committed() == {p: 3}
+    assert [(r.partition, r.offset) for r in _drain(second, 2)] == [(p, 3), (p, 4)]
 
 
 def test_another_group_starts_at_zero(
@@ -151,11 +210,11 @@ def test_another_group_starts_at_zero(
 ) -> None:
     _fill(event_log, topic, 3)
     consumer = open_consumer(group, topic)
-    _drain(consumer, 3)
-    consumer.commit({0: 3})
+    p = _only_partition(_drain(consumer, 3))
+    consumer.commit({p: 3})
     other = open_consumer(_name("group"), topic)
     assert other.committed() == {}
-    assert [r.offset for r in _drain(other, 3)] == [0, 1, 2]
+    assert [(r.partition, r.offset) for r in _drain(other, 3)] == [(p, 0), (p, 1), (p, 2)]
 
 
 def test_records_after_the_last_commit_are_delivered_again(
@@ -163,11 +222,15 @@ def test_records_after_the_last_commit_are_delivered_again(
 ) -> None:
     _fill(event_log, topic, 4)
     crashed = open_consumer(group, topic)
-    _drain(crashed, 4)
-    crashed.commit({0: 1})  # handled record 0, then died before committing the rest
+    p = _only_partition(_drain(crashed, 4))
+    crashed.commit({p: 1})  # handled record 0, then died before committing the rest
     crashed.close()
     again = open_consumer(group, topic)
-    assert [(r.offset, r.value) for r in _drain(again, 3)] == [(1, b"v1"), (2, b"v2"), (3, b"v3")]
+    assert [(r.partition, r.offset, r.value) for r in _drain(again, 3)] == [
+        (p, 1, b"v1"),
+        (p, 2, b"v2"),
+        (p, 3, b"v3"),
+    ]
 
 
 def test_poll_returns_as_soon_as_a_record_arrives(
@@ -187,12 +250,18 @@ def test_poll_returns_as_soon_as_a_record_arrives(
 
 
 def test_end_offsets(
-    event_log: EventLog, open_consumer: Callable[[str, str], LogConsumer], topic: str, group: str
+    event_log: EventLog,
+    open_consumer: Callable[[str, str], LogConsumer],
+    topic: str,
+    group: str,
+    partitions: list[int],
 ) -> None:
     consumer = open_consumer(group, topic)
-    assert consumer.end_offsets() == {0: 0}
+    assert consumer.end_offsets() == dict.fromkeys(partitions, 0)
     _fill(event_log, topic, 3)
-    assert consumer.end_offsets() == {0: 3}
+    ends = consumer.end_offsets()
+    assert sorted(ends) == partitions
+    assert sorted(ends.values()) == [0] * (len(partitions) - 1) + [3]
     assert consumer.committed() == {}  # appending commits nothing for any group
 
 
@@ -201,19 +270,20 @@ def test_topics_are_independent(
 ) -> None:
     a, b = _name("topic"), _name("topic")
     for i in range(3):
-        event_log.append(a, None, f"a{i}".encode())
-        event_log.append(b, None, f"b{i}".encode())
-    event_log.append(b, None, b"b3")
+        event_log.append(a, KEY, f"a{i}".encode())
+        event_log.append(b, KEY, f"b{i}".encode())
+    event_log.append(b, KEY, b"b3")
     consumer_a, consumer_b = open_consumer(group, a), open_consumer(group, b)
-    assert [(r.topic, r.offset, r.value) for r in _drain(consumer_a, 3)] == [
+    records_a = _drain(consumer_a, 3)
+    assert [(r.topic, r.offset, r.value) for r in records_a] == [
         (a, i, f"a{i}".encode()) for i in range(3)
     ]
-    consumer_a.commit({0: 3})
+    consumer_a.commit({_only_partition(records_a): 3})
     assert consumer_b.committed() == {}
-    assert [(r.offset, r.value) for r in _drain(consumer_b, 4)] == [
-        (i, f"b{i}".encode()) for i in range(4)
-    ]
-    assert consumer_b.end_offsets() == {0: 4}
+    records_b = _drain(consumer_b, 4)
+    assert [(r.offset, r.value) for r in records_b] == [(i, f"b{i}".encode()) for i in range(4)]
+    ends = consumer_b.end_offsets()
+    assert {p: n for p, n in ends.items() if n} == {_only_partition(records_b): 4}
 
 
 # --- SQLite only ---------------------------------------------------------------
@@ -373,3 +443,157 @@ def test_misuse_is_refused(db_path: Path) -> None:
         log.append("t", None, b"x")
     with pytest.raises(EventLogError, match="after close"):
         consumer.poll()
+
+
+# --- Kafka only ------------------------------------------------------------------
+
+
+@pytest.fixture
+def kafka_log(kafka_bootstrap: str) -> Iterator[KafkaEventLog]:
+    log = KafkaEventLog(kafka_bootstrap, partitions=KAFKA_PARTITIONS)
+    yield log
+    log.close()
+
+
+@pytest.mark.kafka
+def test_kafka_spreads_keys_over_the_partitions(
+    kafka_log: KafkaEventLog, topic: str, group: str
+) -> None:
+    for i in range(30):
+        kafka_log.append(topic, f"device-{i}".encode(), b"x")
+    consumer = kafka_log.consumer(group, topic)
+    try:
+        records = _drain(consumer, 30)
+        assert {r.partition for r in records} == set(range(KAFKA_PARTITIONS))
+        consumer.commit({0: 1, 1: 1, 2: 1})
+        assert consumer.committed() == {0: 1, 1: 1, 2: 1}
+        with pytest.raises(EventLogError, match="has partitions"):
+            consumer.commit({KAFKA_PARTITIONS: 0})
+    finally:
+        consumer.close()
+    with pytest.raises(EventLogError, match="after close"):
+        consumer.poll()
+
+
+@pytest.mark.kafka
+def test_kafka_creates_every_topic_of_an_installation_on_first_use(
+    kafka_log: KafkaEventLog, group: str
+) -> None:
+    prefix = _name("install")
+    consumer = kafka_log.consumer(group, f"{prefix}.requests.high")
+    consumer.close()
+    admin = kafka_log._client("admin")
+    expected = {f"{prefix}.requests.{lane}" for lane in ("high", "normal", "low")}
+    expected |= {f"{prefix}.results", f"{prefix}.deadletter"}
+    described = admin.describe_topics(sorted(expected))
+    assert {t["name"]: len(t["partitions"]) for t in described} == dict.fromkeys(
+        expected, KAFKA_PARTITIONS
+    )
+
+
+def _append_in_child(log: KafkaEventLog, topic: str, count: int) -> None:
+    for i in range(count):
+        log.append(topic, KEY, f"child{i}".encode())
+    log.close()  # closes the child's own clients only; the parent's stay usable
+
+
+@pytest.mark.kafka
+def test_kafka_records_appended_by_a_forked_child_reach_the_parent(
+    kafka_log: KafkaEventLog, topic: str, group: str
+) -> None:
+    kafka_log.append(topic, KEY, b"parent")  # the parent's producer exists before the fork
+    consumer = kafka_log.consumer(group, topic)
+    try:
+        assert [r.value for r in _drain(consumer, 1)] == [b"parent"]
+        for count in (0, 3):  # a child that only closes the log, then one that appends
+            child = _fork.Process(target=_append_in_child, args=(kafka_log, topic, count))
+            child.start()
+            child.join(WAIT_S * 3)
+            assert child.exitcode == 0
+        kafka_log.append(topic, KEY, b"parent again")
+        assert [(r.offset, r.value) for r in _drain(consumer, 4)] == [
+            (1, b"child0"),
+            (2, b"child1"),
+            (3, b"child2"),
+            (4, b"parent again"),
+        ]
+    finally:
+        consumer.close()
+
+
+def _broker_pid() -> int:
+    found = subprocess.run(
+        [sys.executable, str(REPO / "dev" / "services.py"), "pid", "kafka"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode != 0 or not found.stdout.strip().isdigit():
+        pytest.skip(f"the Kafka broker was not started by dev/services.py: {found.stderr.strip()}")
+    return int(found.stdout.strip())
+
+
+@pytest.mark.kafka
+def test_kafka_appends_polls_and_commits_ride_out_a_paused_broker(
+    kafka_log: KafkaEventLog, kafka_bootstrap: str, topic: str, group: str
+) -> None:
+    pid = _broker_pid()
+    consumer = kafka_log.consumer(group, topic)
+    kafka_log.append(topic, KEY, b"before")
+    assert [r.value for r in _drain(consumer, 1)] == [b"before"]
+    acked: list[float] = []
+
+    def append_during_pause() -> None:
+        for i in range(10):
+            kafka_log.append(topic, KEY, f"during{i}".encode())
+            acked.append(time.monotonic())
+
+    appender = threading.Thread(target=append_during_pause)
+    threads = threading.active_count() + 1
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        appender.start()
+        deadline = time.monotonic() + 3.0
+        # A new client cannot start (the broker accepts connections but never answers):
+        # an EventLogError, and no I/O thread left behind.
+        new = KafkaEventLog(kafka_bootstrap, connect_timeout_s=1)
+        with new, pytest.raises(EventLogError, match="no broker answered"):
+            new.append(topic, KEY, b"never")
+        assert threading.active_count() == threads
+        while time.monotonic() < deadline:  # polls come back empty, they do not fail
+            assert consumer.poll(10, 0.2) == []
+        assert acked == []  # nothing is acknowledged by a stopped broker
+        resumed = time.monotonic()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    appender.join(WAIT_S * 3)
+    assert len(acked) == 10
+    assert min(acked) >= resumed
+    records = _drain(consumer, 10)
+    p = _only_partition(records)
+    assert [(r.offset, r.value) for r in records] == [
+        (i + 1, f"during{i}".encode()) for i in range(10)
+    ]
+    resume = threading.Timer(1.0, os.kill, (pid, signal.SIGCONT))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        resume.start()
+        consumer.commit({p: 11})  # waits for the broker rather than failing
+    finally:
+        resume.cancel()
+        os.kill(pid, signal.SIGCONT)
+        consumer.close()
+    assert kafka_log.consumer(group, topic).committed() == {p: 11}
+
+
+def test_an_unreachable_kafka_is_an_event_log_error_naming_it() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bootstrap = f"127.0.0.1:{port}"
+    with KafkaEventLog(bootstrap, connect_timeout_s=0.5) as log:
+        assert log.describe() == f"kafka://{bootstrap}"
+        with pytest.raises(EventLogError, match=f"kafka://{bootstrap}"):
+            log.append("t", None, b"x")
+        with pytest.raises(TypeError, match="value"):
+            log.append("t", None, "text")  # type: ignore[arg-type]

@@ -1,0 +1,359 @@
+"""The event log on Apache Kafka: the same port as the embedded SQLite log.
+
+- **Durable appends.** One idempotent producer per process, ``acks="all"``;
+  ``append`` waits for the acknowledgement. Idempotence makes retries safe (no
+  duplicates, order kept), so transient errors are retried for up to 30 s: a
+  broker paused or restarting for a few seconds delays appends, not fails them.
+- **Topics are created, never auto-created.** The first use of a topic creates
+  it (``partitions`` partitions, replication factor 1) with every topic of its
+  Mayfly installation (lanes, results, dead letters under one prefix), so a
+  forked coordinator finds its results topic known and needs no admin client.
+  Clients do not auto-create: a typo cannot make a topic with broker defaults.
+- **Consumers assign, they do not subscribe.** A consumer takes every partition
+  of its topic with ``assign()``, at the group's committed offsets (else the
+  beginning), and commits to the group. The runtime runs one consumer per lane
+  per group, so group management would buy nothing and cost a join and
+  rebalance before the first record, a stall of up to the session timeout when
+  a crashed dispatcher's member lingers in the group, heartbeats to miss while
+  a broker pauses, and two consumers of one group splitting the partitions the
+  port promises each of them. Partitions added later need a new consumer.
+- **Fork safety.** The runtime forks coordinators that append their results.
+  Clients are per process: a child makes its own and never closes (nor lets
+  the garbage collector close) an inherited one, which shares the parent's
+  sockets: kafka-python shuts sockets down on close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from mayfly.errors import EventLogError
+from mayfly.runtime.eventlog import Headers, LogConsumer, LogRecord, Topics
+
+__all__ = ["KafkaEventLog"]
+
+# A request to a paused broker is answered when it resumes: waiting 10 s for it
+# rides out a pause of a few seconds without a reconnect.
+_REQUEST_TIMEOUT_MS = 10_000
+# How long send() may wait for topic metadata before it even queues a record.
+_MAX_BLOCK_MS = 10_000
+# Upper bound on one append, retries included (must exceed the request timeout).
+_DELIVERY_TIMEOUT_MS = 30_000
+# Commits, committed offsets, end offsets and topic creation retry this long.
+_OPERATION_TIMEOUT_MS = 30_000
+_CLOSE_TIMEOUT_S = 5.0
+# Clients inherited through fork(): referenced forever, never closed (see module doc).
+_INHERITED: list[object] = []
+
+
+class KafkaEventLog:
+    """The :class:`~mayfly.runtime.eventlog.EventLog` on a Kafka cluster.
+
+    Safe to share between threads, and to use on both sides of a ``fork()``
+    (except consumers: they belong to the process that made them).
+
+    Args:
+        bootstrap: ``host:port[,host:port...]`` of the brokers.
+        partitions: partitions of every topic this log creates.
+        client_id: the client id brokers see, in their logs and quotas.
+        connect_timeout_s: how long making a client waits for a broker to
+            accept and answer before the operation raises :class:`EventLogError`.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        partitions: int = 3,
+        client_id: str = "mayfly",
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be at least 1, not {partitions}")
+        self._bootstrap, self._partitions, self._id = bootstrap, partitions, client_id
+        self._servers = [s.strip() for s in bootstrap.split(",") if s.strip()]
+        self._connect_timeout_s = connect_timeout_s
+        self._topics: set[str] = set()  # known to exist; still true in a forked child
+        self._pid, self._lock = os.getpid(), threading.Lock()
+        self._producer: Any = None
+        self._admin: Any = None
+        self._consumers: weakref.WeakSet[_KafkaConsumer] = weakref.WeakSet()
+        self._closed = False
+
+    def append(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
+        """Add a record to ``topic`` (its partition chosen by ``key``); return once all
+        in-sync replicas have it.
+
+        Raises:
+            EventLogError: no broker answered, or the record was refused or not
+                acknowledged within 30 s.
+        """
+        if key is not None and not isinstance(key, bytes):
+            raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
+        if not isinstance(value, bytes):
+            raise TypeError(f"value must be bytes, not {type(value).__name__}")
+        pairs = list(headers)
+        for name, data in pairs:
+            if not isinstance(name, str) or not isinstance(data, bytes):
+                raise TypeError(f"a header is a (str, bytes) pair, not ({name!r}, {data!r})")
+        self._ensure_topic(topic)
+        with self._translated(f"record to {topic} not acknowledged"):
+            future = self._client("producer").send(topic, key=key, value=value, headers=pairs)
+            future.get(timeout=_DELIVERY_TIMEOUT_MS / 1000 + 5)  # the producer times out first
+
+    def consumer(self, group: str, topic: str) -> LogConsumer:
+        """A consumer of every partition of ``topic``, at ``group``'s committed offsets."""
+        self._ensure_topic(topic)
+        consumer = _KafkaConsumer(self, group, topic)
+        self._consumers.add(consumer)
+        return consumer
+
+    def describe(self) -> str:
+        return f"kafka://{self._bootstrap}"
+
+    def close(self) -> None:
+        """Close the clients this process made: consumers, producer (after a flush), admin."""
+        for consumer in list(self._consumers):
+            consumer.close()
+        self._forget_inherited()
+        with self._lock:
+            self._closed = True
+            if self._producer is not None:
+                self._producer.close(timeout=_CLOSE_TIMEOUT_S)
+            if self._admin is not None:
+                self._admin.close()
+            self._producer = self._admin = None
+
+    def __enter__(self) -> KafkaEventLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translated(self, what: str) -> Iterator[None]:
+        """Turn kafka-python's errors into an EventLogError that says where and what."""
+        try:
+            yield
+        except KafkaError as exc:
+            raise EventLogError(f"{self.describe()}: {what}: {type(exc).__name__}: {exc}") from exc
+
+    def _open(self, cls: Any, **configs: Any) -> Any:
+        """A new kafka-python client, or EventLogError when no broker answers in time.
+
+        kafka-python 3.0.12 leaks the socket of every refused connection, and a
+        client whose constructor times out keeps its I/O thread running: so wait
+        for a server to accept TCP first (which also rides out a broker restart),
+        and close what a failed constructor leaves behind.
+        """
+        deadline = time.monotonic() + self._connect_timeout_s
+        while not self._accepts_connections():
+            if time.monotonic() >= deadline:
+                raise EventLogError(f"{self.describe()}: no broker accepts connections")
+            time.sleep(0.1)
+        client = cls.__new__(cls)
+        with self._translated("no broker answered"):  # KafkaTimeoutError
+            try:
+                client.__init__(
+                    bootstrap_servers=self._servers,
+                    request_timeout_ms=_REQUEST_TIMEOUT_MS,
+                    bootstrap_timeout_ms=int(self._connect_timeout_s * 1000),
+                    **configs,
+                )
+            except BaseException:
+                if getattr(client, "_client", None) is not None:
+                    client._client.close()
+                raise
+        return client
+
+    def _accepts_connections(self) -> bool:
+        for server in self._servers:
+            host, _, port = server.rpartition(":") if ":" in server else (server, "", "9092")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+            except (OSError, ValueError):
+                continue
+            return True
+        return False
+
+    def _forget_inherited(self) -> None:
+        """After a fork, set aside (never close) the parent's clients, and its lock, which
+        may have been copied held by a thread that is not here."""
+        if self._pid != os.getpid():
+            _INHERITED.extend(c for c in (self._producer, self._admin) if c is not None)
+            self._producer = self._admin = None
+            self._pid, self._lock = os.getpid(), threading.Lock()
+
+    def _client(self, kind: str) -> Any:
+        """This process's producer or admin client, made on first use."""
+        self._forget_inherited()
+        with self._lock:
+            if self._closed:
+                raise EventLogError(f"{self.describe()}: used after close()")
+            if kind == "admin":
+                self._admin = self._admin or self._open(KafkaAdminClient, client_id=self._id)
+                return self._admin
+            if self._producer is None:
+                self._producer = self._open(
+                    KafkaProducer,
+                    client_id=self._id,
+                    acks="all",
+                    enable_idempotence=True,
+                    retries=2**31 - 1,  # bounded by the delivery timeout instead
+                    delivery_timeout_ms=_DELIVERY_TIMEOUT_MS,
+                    max_block_ms=_MAX_BLOCK_MS,
+                    allow_auto_create_topics=False,
+                    metrics_enabled=False,
+                )
+            return self._producer
+
+    def _ensure_topic(self, topic: str) -> None:
+        """Create ``topic`` and the topics of its installation unless known to exist."""
+        if topic in self._topics:
+            return
+        admin = self._client("admin")
+        names = _installation_topics(topic)
+        spec = {n: {"num_partitions": self._partitions, "replication_factor": 1} for n in names}
+        with self._translated(f"cannot create topic {topic}"):
+            response = admin.create_topics(
+                spec, timeout_ms=_OPERATION_TIMEOUT_MS, raise_errors=False
+            )
+            for entry in response["topics"]:
+                code = entry["error_code"]
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise for_code(code)(f"{entry['name']}: {entry['error_message']}")
+            # Created is not yet usable: wait until every partition has a leader.
+            admin.wait_for_topics(names, timeout_ms=_OPERATION_TIMEOUT_MS)
+        self._topics.update(names)
+
+
+def _installation_topics(topic: str) -> list[str]:
+    """Every topic of the Mayfly installation whose topic this is, else just ``topic``."""
+    prefix = topic.rpartition(".requests." if ".requests." in topic else ".")[0]
+    family = Topics(prefix).all() if prefix else []
+    return family if topic in family else [topic]
+
+
+def _to_record(r: Any) -> LogRecord:
+    # A null value or header value (Mayfly never writes one) reads as empty.
+    headers = tuple((name, data or b"") for name, data in r.headers)
+    return LogRecord(r.topic, r.partition, r.offset, r.key, r.value or b"", headers, r.timestamp)
+
+
+class _KafkaConsumer:
+    """One group's reader of all partitions of one topic (manually assigned)."""
+
+    def __init__(self, log: KafkaEventLog, group: str, topic: str) -> None:
+        self._log, self._topic, self._pid, self._closed = log, topic, os.getpid(), False
+        self._consumer = log._open(
+            KafkaConsumer,
+            client_id=log._id,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            allow_auto_create_topics=False,
+            metrics_enabled=False,
+        )
+        try:
+            with log._translated(f"cannot read {topic} for group {group}"):
+                partitions = sorted(self._consumer.partitions_for_topic(topic))
+                if not partitions:
+                    raise EventLogError(f"{log.describe()}: topic {topic} has no partitions")
+                self._partitions = {p: TopicPartition(topic, p) for p in partitions}
+                self._consumer.assign(list(self._partitions.values()))
+                # Position every partition now: left to poll(), finding the committed
+                # offsets and resetting the others takes several polls of round trips.
+                committed = self.committed()
+                starts = self._consumer.beginning_offsets(
+                    [tp for p, tp in self._partitions.items() if p not in committed],
+                    timeout_ms=_OPERATION_TIMEOUT_MS,
+                )
+                for p, tp in self._partitions.items():
+                    self._consumer.seek(tp, committed[p] if p in committed else starts[tp])
+        except BaseException:
+            self.close()
+            raise
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        """Up to ``max_records`` records after those already returned; wait up to ``timeout_s``.
+
+        While no broker answers this returns ``[]``; the client reconnects in the
+        background and reading resumes where it stopped.
+        """
+        if max_records < 1:
+            raise ValueError(f"max_records must be at least 1, not {max_records}")
+        consumer = self._usable()
+        with self._log._translated(f"cannot read {self._topic}"):
+            batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        return [_to_record(r) for records in batches.values() for r in records]
+
+    def commit(self, offsets: Mapping[int, int]) -> None:
+        """Durably store, per partition, the offset of the next record to read for the group."""
+        payload: dict[Any, Any] = {}
+        for partition, offset in offsets.items():
+            if partition not in self._partitions or offset < 0:
+                raise EventLogError(
+                    f"{self._log.describe()}: cannot commit offset {offset} of partition "
+                    f"{partition}: topic {self._topic} has partitions {sorted(self._partitions)}"
+                )
+            payload[self._partitions[partition]] = OffsetAndMetadata(offset, "", -1)
+        # Retriable errors (coordinator moving, broker paused) are retried until the timeout.
+        with self._log._translated(f"cannot commit {self._topic}"):
+            if payload:
+                self._usable().commit(payload, timeout_ms=_OPERATION_TIMEOUT_MS)
+
+    def committed(self) -> dict[int, int]:
+        """The group's committed offsets, for the partitions it ever committed."""
+        consumer, found = self._usable(), {}
+        with self._log._translated(f"cannot read committed offsets of {self._topic}"):
+            for partition, tp in self._partitions.items():
+                offset = consumer.committed(tp, timeout_ms=_OPERATION_TIMEOUT_MS)
+                if offset is not None:
+                    found[partition] = int(offset)
+        return found
+
+    def end_offsets(self) -> dict[int, int]:
+        """Per partition, the offset the next appended record will get.
+
+        Asked of the partition leaders, which answer after any fetch in flight
+        on the same connection (up to ``fetch_max_wait_ms``, 0.5 s, when idle).
+        """
+        tps = list(self._partitions.values())
+        with self._log._translated(f"cannot read end offsets of {self._topic}"):
+            ends = self._usable().end_offsets(tps, timeout_ms=_OPERATION_TIMEOUT_MS)
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pid == os.getpid():
+            self._consumer.close(autocommit=False, timeout_ms=int(_CLOSE_TIMEOUT_S * 1000))
+        else:
+            _INHERITED.append(self._consumer)
+
+    def _usable(self) -> Any:
+        if self._closed:
+            raise EventLogError(f"{self._log.describe()}: consumer used after close()")
+        if self._pid != os.getpid():  # its I/O thread stayed in the parent
+            raise EventLogError(f"{self._log.describe()}: a consumer belongs to its process")
+        return self._consumer
