@@ -46,3 +46,13 @@ clean: ## remove the virtual environment and caches in the checkout
 .PHONY: demo
 demo: $(STAMP) ## the main job: the whole pipeline on one machine, no server needed
 	$(BIN)/mayfly demo
+
+.PHONY: demo-real
+demo-real: $(STAMP) ## the demo on the real servers of `make up`: Kafka, S3 and Jaeger
+	@env_lines="$$($(BIN)/python dev/services.py env)"; eval "$$env_lines"; \
+	if [ -z "$$MAYFLY_TEST_KAFKA_BOOTSTRAP" ] || [ -z "$$MAYFLY_TEST_S3_ENDPOINT" ] || [ -z "$$MAYFLY_TEST_JAEGER_URL" ]; then \
+		echo "the real servers are not all running: run 'make up' first"; exit 1; fi; \
+	MAYFLY_S3_ENDPOINT=$$MAYFLY_TEST_S3_ENDPOINT MAYFLY_S3_ACCESS_KEY=$$MAYFLY_TEST_S3_ACCESS_KEY \
+	MAYFLY_S3_SECRET_KEY=$$MAYFLY_TEST_S3_SECRET_KEY OTEL_EXPORTER_OTLP_ENDPOINT=$$MAYFLY_TEST_OTLP_ENDPOINT \
+	$(BIN)/mayfly demo --home .mayfly/demo-real --event-log kafka://$$MAYFLY_TEST_KAFKA_BOOTSTRAP \
+		--store s3://mayfly-demo --jaeger-url $$MAYFLY_TEST_JAEGER_URL

@@ -14,6 +14,7 @@ import shutil
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ class DemoPlan:
     broken: float = 0.03
     failure_rate: float = 0.02
     timeout_s: float = 110.0
+    event_log: str | None = None
+    """``kafka://HOST:PORT`` to run on Kafka; default the embedded log."""
+    store: str | None = None
+    """``s3://BUCKET`` to keep packages in S3 (MAYFLY_S3_* set); default a folder."""
+    jaeger_url: str | None = None
+    """Jaeger's query UI, to print the link of one trace."""
     taskpkgs: Path = TASKPKGS
     echo: Callable[[str], None] = print
 
@@ -126,9 +133,19 @@ class _Progress:
 def _prepare_home(plan: DemoPlan) -> Settings:
     if plan.home.exists():
         shutil.rmtree(plan.home)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAYFLY_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MAYFLY_") or k.startswith("MAYFLY_S3_")
+    }
     env["MAYFLY_HOME"] = str(plan.home)
     env["MAYFLY_INVENTORY"] = str(plan.home / "inventory.json")
+    if plan.event_log:
+        env["MAYFLY_EVENT_LOG"] = plan.event_log
+        # Fresh topics per run: a shared cluster's older requests stay out of it.
+        env["MAYFLY_TOPIC_PREFIX"] = f"mayfly-demo-{uuid.uuid4().hex[:8]}"
+    if plan.store:
+        env["MAYFLY_STORE"] = plan.store
     settings = Settings.from_env(env)
     generate_keypair(settings.signing_key_path, settings.home / "trusted" / "demo.pub")
     from mayfly.backends import open_repository
@@ -139,7 +156,10 @@ def _prepare_home(plan: DemoPlan) -> Settings:
         built = build_package(plan.taskpkgs / name)
         repo.publish(built, sign_built(key, built))
         repo.promote(name, built.manifest.version, "stable")
-        plan.echo(f"  published {name} {built.manifest.version} {built.digest[:19]}...")
+        plan.echo(
+            f"  published {name} {built.manifest.version} {built.digest[:19]}... "
+            f"to {repo.store.describe()}"
+        )
     return settings
 
 
@@ -195,9 +215,11 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
             f"  {plan.devices} simulated devices at {server.url} "
             f"({len(simulator.broken_ids)} set to fail, {plan.failure_rate:.0%} flaky answers)"
         )
-        requests = demo_requests(simulator.device_ids())
-        for request in requests:
-            publish_request(runtime.log, request)
+        publisher = telemetry.tracer("mayfly.publisher")
+        requests = [
+            publish_request(runtime.log, request, publisher, settings.topics)
+            for request in demo_requests(simulator.device_ids())
+        ]
         progress.expected = {r.id for r in requests}
         lanes = Counter(str(r.priority) for r in requests)
         echo(
@@ -214,7 +236,10 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
     if report is not None:
         report(settings)
     if endpoint:
-        echo(f"traces: sent to {endpoint} (service mayfly-aggregator); open Jaeger to explore")
+        echo(f"traces: sent to {endpoint} (service mayfly-aggregator)")
+        example = _example_trace(progress)
+        if plan.jaeger_url and example:
+            echo(f"one trace in Jaeger: {plan.jaeger_url.rstrip('/')}/trace/{example}")
     else:
         echo(f"traces: {trace_file} (OTLP JSON; set OTEL_EXPORTER_OTLP_ENDPOINT for Jaeger)")
     echo(f"results archive: {archive.describe()}   event log: {runtime.log.describe()}")
@@ -249,3 +274,13 @@ def _serve(runtime: Runtime, progress: _Progress, plan: DemoPlan) -> int:
         sys.stdout.write("\n")
     plan.echo(f"  {progress.line(time.monotonic() - started)}")
     return 0 if progress.done() else 1
+
+
+def _example_trace(progress: _Progress) -> str | None:
+    """The trace id of the completed request with the most devices."""
+    completed = [e for e in progress.results.values() if isinstance(e, TaskCompleted)]
+    completed.sort(key=lambda e: len(e.devices), reverse=True)
+    for event in completed:
+        if event.traceparent:
+            return event.traceparent.split("-")[1]
+    return None

@@ -48,7 +48,18 @@ def _report(settings: Settings) -> None:
     show_default=True,
     help="Give up (exit 1) after this many seconds.",
 )
-def demo(home: Path, devices: int, broken: float, timeout: float) -> None:
+@click.option("--event-log", help="kafka://HOST:PORT to run on Kafka (default: embedded log).")
+@click.option("--store", help="s3://BUCKET to keep packages in S3 (needs MAYFLY_S3_*).")
+@click.option("--jaeger-url", help="Jaeger's UI, e.g. http://127.0.0.1:16686, to link a trace.")
+def demo(
+    home: Path,
+    devices: int,
+    broken: float,
+    timeout: float,
+    event_log: str | None,
+    store: str | None,
+    jaeger_url: str | None,
+) -> None:
     """Run Mayfly end to end on this machine, with no server installed.
 
     Publishes the example packages, starts a simulated fleet and the local
@@ -60,6 +71,13 @@ def demo(home: Path, devices: int, broken: float, timeout: float) -> None:
     from mayfly.demo import DemoPlan, run_demo
 
     plan = DemoPlan(
-        home=home.absolute(), devices=devices, broken=broken, timeout_s=timeout, echo=click.echo
+        home=home.absolute(),
+        devices=devices,
+        broken=broken,
+        timeout_s=timeout,
+        event_log=event_log,
+        store=store,
+        jaeger_url=jaeger_url,
+        echo=click.echo,
     )
     raise SystemExit(run_demo(plan, report=_report))

@@ -136,7 +136,9 @@ class Dispatcher:
                 pending = _Pending(
                     lane=lane.priority,
                     record=record,
-                    request_id=str(attrs.get("id") or f"{record.topic}@{record.offset}"),
+                    request_id=str(
+                        attrs.get("id") or f"{record.topic}/{record.partition}@{record.offset}"
+                    ),
                     task=str(attrs.get("tasktype") or "?"),
                     key=str(
                         attrs.get("partitionkey") or (record.key or b"").decode("utf-8", "replace")
