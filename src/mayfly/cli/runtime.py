@@ -29,7 +29,8 @@ __all__ = ["publish", "up"]
 
 event_log_option = click.option(
     "--event-log",
-    help=f"Event log: a SQLite file (default $MAYFLY_HOME/events.db). Env: {ENV_EVENT_LOG}.",
+    help="Event log: kafka://HOST:PORT, or a SQLite file (default $MAYFLY_HOME/events.db). "
+    f"Env: {ENV_EVENT_LOG}.",
 )
 home_option = click.option(
     "--home", type=click.Path(path_type=str), help="Mayfly's folder. Env: MAYFLY_HOME."
@@ -214,12 +215,22 @@ def _print_result(event: MayflyEvent) -> None:
     type=click.IntRange(1, 256),
     help=f"Coordinators of one task type at once. Env: {ENV_PER_TASK_CAP}.",
 )
+@click.option("--store", help="Package store: a folder or s3://BUCKET. Env: MAYFLY_STORE.")
+@click.option("--s3-endpoint", help="S3 endpoint URL for s3:// stores. Env: MAYFLY_S3_ENDPOINT.")
+@click.option(
+    "--otlp-endpoint",
+    help="OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318 (Jaeger). "
+    "Env: OTEL_EXPORTER_OTLP_ENDPOINT. Unset: an OTLP-JSON file under MAYFLY_HOME.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every dispatch decision.")
 def up(
     event_log: str | None,
     home: str | None,
     max_coordinators: int | None,
     per_task_cap: int | None,
+    store: str | None,
+    s3_endpoint: str | None,
+    otlp_endpoint: str | None,
     verbose: bool,
 ) -> None:
     """Run the local runtime until Ctrl-C: dispatcher, coordinators, aggregator.
@@ -235,9 +246,14 @@ def up(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     settings = _settings(
-        home, event_log, max_coordinators=max_coordinators, per_task_cap=per_task_cap
+        home,
+        event_log,
+        max_coordinators=max_coordinators,
+        per_task_cap=per_task_cap,
+        store=store,
+        s3_endpoint=s3_endpoint,
     )
-    aggregate, telemetry, where = _aggregation(settings)
+    aggregate, telemetry, where = _aggregation(settings, otlp_endpoint)
 
     def on_results(events: list[MayflyEvent]) -> None:
         aggregate(events)
@@ -260,15 +276,20 @@ def up(
         telemetry.shutdown()
 
 
-def _aggregation(settings: Settings) -> tuple[Callable[[list[MayflyEvent]], None], Any, str]:
+def _aggregation(
+    settings: Settings, otlp_endpoint: str | None = None
+) -> tuple[Callable[[list[MayflyEvent]], None], Any, str]:
     """The aggregator as the runtime's results consumer: traces, metrics, archive."""
     from mayfly.aggregator import Aggregator
     from mayfly.aggregator.archive import archive_location_from_env, open_archive
     from mayfly.telemetry import configure_telemetry, telemetry_options_from_env
 
     options = telemetry_options_from_env(settings.home)
+    endpoint = otlp_endpoint or options.otlp_endpoint
     telemetry = configure_telemetry(
-        "mayfly-aggregator", otlp_endpoint=options.otlp_endpoint, trace_file=options.trace_file
+        "mayfly-aggregator",
+        otlp_endpoint=endpoint,
+        trace_file=None if endpoint else options.trace_file,
     )
     archive = open_archive(archive_location_from_env(settings.home), settings)
     aggregator = Aggregator(
