@@ -173,19 +173,6 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
     echo = plan.echo
     echo(f"== Mayfly demo in {plan.home}")
     settings = _prepare_home(plan)
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
-    trace_file = settings.home / "traces.otlp.jsonl"
-    telemetry = configure_telemetry(
-        "mayfly-aggregator", otlp_endpoint=endpoint, trace_file=None if endpoint else trace_file
-    )
-    archive = LocalResultArchive(settings.home / "archive")
-    aggregator = Aggregator(
-        telemetry.tracer(),
-        telemetry.meter(),
-        archive,
-        messaging_system="sqlite",
-        destination=settings.topics.results,
-    )
     progress = _Progress(expected=set())
 
     def on_results(events: list[MayflyEvent]) -> None:
@@ -196,8 +183,23 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
         with progress.lock:
             progress.running += {"started": 1, "finished": -1, "dead_lettered": -1}.get(kind, 0)
 
-    # The runtime forks its warm parent first, while this process has one thread.
     runtime = Runtime(settings, on_results=on_results, on_dispatch=on_dispatch)
+    # The warm parent is forked first, while this process has one thread:
+    # telemetry's export threads and the simulator's server start after it.
+    runtime.spawner.start()
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+    trace_file = settings.home / "traces.otlp.jsonl"
+    telemetry = configure_telemetry(
+        "mayfly-aggregator", otlp_endpoint=endpoint, trace_file=None if endpoint else trace_file
+    )
+    archive = LocalResultArchive(settings.home / "archive")
+    aggregator = Aggregator(
+        telemetry.tracer(),
+        telemetry.meter(),
+        archive,
+        messaging_system=runtime.log.describe().split(":", 1)[0],
+        destination=settings.topics.results,
+    )
     runtime.start()
     simulator = Simulator(
         plan.devices,

@@ -253,13 +253,16 @@ def up(
         store=store,
         s3_endpoint=s3_endpoint,
     )
-    aggregate, telemetry, where = _aggregation(settings, otlp_endpoint)
 
     def on_results(events: list[MayflyEvent]) -> None:
         aggregate(events)
         _print_results(events)
 
     runtime = Runtime(settings, on_results=on_results)
+    # Fork the warm parent before telemetry starts its export threads, so no
+    # coordinator carries a copy of them.
+    runtime.spawner.start()
+    aggregate, telemetry, where = _aggregation(settings, otlp_endpoint)
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     runtime.start()
     click.echo(
@@ -296,7 +299,9 @@ def _aggregation(
         telemetry.tracer(),
         telemetry.meter(),
         archive,
-        messaging_system="sqlite",
+        messaging_system=settings.event_log.split(":", 1)[0]
+        if "://" in settings.event_log
+        else "sqlite",
         destination=settings.topics.results,
     )
 

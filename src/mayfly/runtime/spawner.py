@@ -58,7 +58,11 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
     children: dict[int, tuple[str, int]] = {}  # pidfd -> (token, pid)
     conn.send(("ready", os.getpid()))
     while True:
-        readable, _, _ = select.select([conn.fileno(), *children], [], [])
+        readable, _, _ = select.select([conn.fileno(), *children], [], [], 1.0)
+        if os.getppid() != runtime_pid:
+            # PR_SET_PDEATHSIG should have ended us with the runtime; this
+            # check is the second lock on that door.
+            os._exit(1)
         for fd in readable:
             if fd in children:
                 token, pid = children.pop(fd)
@@ -111,7 +115,9 @@ class Spawner:
         """Tokens of live coordinator processes, with their start (monotonic)."""
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Fork the warm parent and wait until it has done its imports."""
+        """Fork the warm parent and wait until it has done its imports (once)."""
+        if self._process is not None:
+            return
         parent, child = _FORK.Pipe()
         self._process = _FORK.Process(
             target=_warm_parent,
