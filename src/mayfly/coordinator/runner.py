@@ -125,7 +125,9 @@ class _Run:
 
     def _spawn(self) -> None:
         parent, child = _FORK.Pipe()
-        process = _FORK.Process(target=worker_main, args=(child, self.plan.spec), daemon=True)
+        process = _FORK.Process(
+            target=worker_main, args=(child, self.plan.spec, os.getpid()), daemon=True
+        )
         process.start()
         child.close()
         self.workers.append(_Worker(process, parent))

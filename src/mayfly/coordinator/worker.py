@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import resource
 import signal
 import sys
@@ -83,9 +84,9 @@ def _describe(exc: BaseException, memory_mb: int) -> str:
     return f"{type(exc).__name__}: {exc}{where}"[:2000]
 
 
-def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+def worker_main(conn: Connection, spec: WorkerSpec, coordinator_pid: int) -> None:
     """Body of a task process. Never returns an exception to the coordinator."""
-    die_with_parent()
+    die_with_parent(coordinator_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     limits = spec.manifest.limits
@@ -99,6 +100,11 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     driver = spec.driver_factory()
     try:
         while True:
+            # Siblings forked later hold copies of this pipe's other end, so a
+            # dead coordinator does not always mean EOF here: check the parent.
+            while not conn.poll(1.0):
+                if os.getppid() != coordinator_pid:
+                    return
             message = conn.recv()
             if message[0] != "run":
                 break
