@@ -261,9 +261,3 @@ class Dispatcher:
         while self.running and time.monotonic() < deadline:
             for ended in self.spawner.exits(0.1):
                 self._on_exit(ended)
-
-    def idle(self) -> bool:
-        return not self.running and all(not lane.buffer for lane in self.lanes.values())
-
-    def backlog(self) -> dict[str, int]:
-        return {lane.priority.value: len(lane.buffer) for lane in self.lanes.values()}

@@ -22,7 +22,6 @@ import os
 import select
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,8 +110,6 @@ class Spawner:
         self._prepare = prepare
         self._conn: Connection | None = None
         self._process: BaseProcess | None = None
-        self.running: dict[str, float] = {}
-        """Tokens of live coordinator processes, with their start (monotonic)."""
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Fork the warm parent and wait until it has done its imports (once)."""
@@ -144,7 +141,6 @@ class Spawner:
         """Start one coordinator process for ``record``."""
         assert self._conn is not None
         self._conn.send(("spawn", token, record, dequeued_at or datetime.now(UTC)))
-        self.running[token] = time.monotonic()
 
     def exits(self, timeout_s: float = 0.0) -> list[CoordinatorExit]:
         """Coordinator processes that ended since the last call."""
@@ -153,7 +149,6 @@ class Spawner:
         try:
             while self._conn.poll(timeout_s):
                 _, token, code, pid = self._conn.recv()
-                self.running.pop(token, None)
                 found.append(CoordinatorExit(token, code, pid))
                 timeout_s = 0.0
         except (EOFError, OSError):
@@ -164,9 +159,6 @@ class Spawner:
     def pid(self) -> int | None:
         """The warm parent's pid, while it runs."""
         return self._process.pid if self._process is not None else None
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
 
     def stop(self) -> None:
         """Stop the warm parent; running coordinators finish on their own."""
