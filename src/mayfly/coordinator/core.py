@@ -24,14 +24,13 @@ from mayfly.coordinator.params import validate_params
 from mayfly.coordinator.runner import DeviceProgress, RunPlan, run_devices
 from mayfly.coordinator.worker import WorkerSpec
 from mayfly.devices import Device, DeviceDriver, Inventory
-from mayfly.errors import InventoryError, MayflyError, UnknownDeviceError
+from mayfly.errors import InventoryError, MayflyError
 from mayfly.events import (
     CoordinatorInfo,
     DeviceResult,
     DeviceStatus,
     OverallStatus,
     PackageRef,
-    RejectionCode,
     TaskCompleted,
     TaskRejected,
     TaskRequest,
@@ -114,10 +113,9 @@ class Coordinator:
             validate_params(fetched.manifest, dict(request.params))
             devices = self._targets(request)
             package_dir = fetched.materialise(self.options.cache_dir)
-        except UnknownDeviceError as exc:
-            return self._reject(request, exc, RejectionCode.UNKNOWN_DEVICE)
         except MayflyError as exc:
-            return self._reject(request, exc, None)
+            # rejection_for derives the code: unknown task or device, params, integrity.
+            return rejection_for(exc, request.cloudevent_attributes())
         started_at = datetime.now(UTC)
         runnable, skipped = _split_by_capability(devices, fetched.manifest.capabilities)
         plan = self._plan(request, fetched, package_dir, runnable, skipped)
@@ -193,11 +191,6 @@ class Coordinator:
             max_failure_ratio=rollout.max_failure_ratio if rollout else None,
             retry_backoff_s=self.options.retry_backoff_s,
         )
-
-    def _reject(
-        self, request: TaskRequest, error: MayflyError, code: RejectionCode | None
-    ) -> TaskRejected:
-        return rejection_for(error, request.cloudevent_attributes(), code=code)
 
 
 def _split_by_capability(
