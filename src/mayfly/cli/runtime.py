@@ -13,13 +13,13 @@ import click
 
 from mayfly.backends import open_event_log
 from mayfly.cli._common import settings_from
+from mayfly.coordinator.entry import summarize
 from mayfly.errors import EventError
 from mayfly.events import (
     MayflyEvent,
     Priority,
     TaskCompleted,
     TaskRejected,
-    TaskRequest,
     new_request,
 )
 from mayfly.runtime.publisher import publish_request
@@ -192,14 +192,8 @@ def _print_results(events: list[MayflyEvent]) -> None:
 
 
 def _print_result(event: MayflyEvent) -> None:
-    if isinstance(event, TaskCompleted):
-        counts: dict[str, int] = {}
-        for d in event.devices:
-            counts[d.status] = counts.get(d.status, 0) + 1
-        shown = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        click.echo(f"done     {event.request_id} {event.task} {event.status} ({shown})")
-    elif not isinstance(event, TaskRequest):
-        click.echo(f"rejected {event.request_id} {event.task}: {event.reason}")
+    if isinstance(event, TaskCompleted | TaskRejected):
+        click.echo(f"{event.request_id} {summarize(event)}")
 
 
 @click.command()

@@ -61,6 +61,7 @@ __all__ = [
     "handle_http",
     "request_from_env",
     "run_job",
+    "summarize",
 ]
 
 JOBSINK_EVENT_PATH = "/etc/jobsink-event/event"
@@ -164,7 +165,8 @@ def _process_start() -> datetime:
         return datetime.now(UTC)
 
 
-def _summary(outcome: TaskCompleted | TaskRejected) -> str:
+def summarize(outcome: TaskCompleted | TaskRejected) -> str:
+    """One line: the outcome and how many devices ended in each status."""
     if isinstance(outcome, TaskRejected):
         return f"rejected ({outcome.code}): {outcome.reason}"
     counts: dict[str, int] = {}
@@ -207,7 +209,7 @@ def _deliver(sink: ResultSink, outcome: TaskCompleted | TaskRejected) -> int:
         return ExitCode.UNDELIVERED
     finally:
         sink.close()
-    print(f"mayfly coordinator: {_summary(outcome)}", file=sys.stderr)
+    print(f"mayfly coordinator: {summarize(outcome)}", file=sys.stderr)
     return exit_code_for(outcome)
 
 
