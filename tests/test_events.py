@@ -46,7 +46,9 @@ from mayfly.events import (
     to_cloudevent,
     to_http,
     to_kafka,
+    to_kafka_record,
 )
+from mayfly.events.codec import Mode
 
 DATA = Path(__file__).parent / "data"
 KAFKA_LIMIT = 1_048_576  # Kafka's default max.message.bytes / message.max.bytes
@@ -324,6 +326,18 @@ def test_binary_kafka_puts_partition_key_in_record_key_and_attributes_in_headers
     assert message.headers["ce_priority"] == b"high"
     assert message.headers["ce_traceparent"] == TRACEPARENT.encode()
     assert message.headers["ce_tracestate"] == TRACESTATE.encode()
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_kafka_records_carry_the_trace_context_as_plain_w3c_headers(mode: Mode) -> None:
+    # Knative's Kafka data plane parents its delivery spans on these headers.
+    key, value, headers = to_kafka_record(golden_request(), mode)
+    assert ("traceparent", TRACEPARENT.encode()) in headers
+    assert ("tracestate", TRACESTATE.encode()) in headers
+    assert from_kafka(headers, key, value) == golden_request()  # and decoders ignore them
+
+    untraced = new_request("reboot", devices=["d1"])
+    assert not [n for n, _ in to_kafka_record(untraced)[2] if n in ("traceparent", "tracestate")]
 
 
 def test_structured_kafka_declares_cloudevents_content_type() -> None:

@@ -142,6 +142,14 @@ def to_kafka_record(
         (str(name), value if isinstance(value, bytes) else str(value).encode())
         for name, value in message.headers.items()
     ]
+    # The trace context also as plain W3C headers, the Kafka convention of OpenTelemetry
+    # instrumentations: Knative's Kafka data plane reads `traceparent` (not the CloudEvent's
+    # `ce_traceparent`) to parent its delivery spans, so they join the request's trace.
+    if isinstance(event, AnyCloudEvent):
+        trace = [(n, event.get(n)) for n in ("traceparent", "tracestate")]
+    else:
+        trace = [("traceparent", event.traceparent), ("tracestate", event.tracestate)]
+    headers += [(name, str(value).encode()) for name, value in trace if value]
     return _bytes(message.key), _bytes(message.value), headers
 
 
