@@ -21,6 +21,7 @@ readable message or a ``task.rejected`` event::
     ├── SinkError                   a result could not be made durable
     ├── EventLogError               the event log cannot append, read or commit
     ├── CoordinatorCrashedError     a request kept crashing its coordinator
+    ├── DeployError                 Kubernetes refused or could not take a resource
     └── DeviceError                 talking to one device failed
         ├── DeviceUnavailableError  unreachable, timing out, 5xx or 429 after retries
         └── DeviceActionError       the device refused the action (4xx, bad answer)
@@ -34,6 +35,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "CoordinatorCrashedError",
+    "DeployError",
     "DeviceActionError",
     "DeviceError",
     "DeviceUnavailableError",
@@ -191,3 +193,8 @@ class CoordinatorCrashedError(MayflyError):
 
 class EventLogError(MayflyError):
     """Raised when the event log (SQLite or Kafka) cannot append, read or commit."""
+
+
+class DeployError(MayflyError):
+    """Raised when Knative resources cannot be rendered or the Kubernetes API refuses
+    one; the message names the object (kind namespace/name) and the offending field."""

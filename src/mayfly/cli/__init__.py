@@ -14,6 +14,7 @@ import click
 from mayfly import __version__
 from mayfly.cli._common import MayflyGroup
 from mayfly.cli.demo import demo
+from mayfly.cli.deploy import deploy
 from mayfly.cli.devices import devices
 from mayfly.cli.pkg import pkg
 from mayfly.cli.report import report
@@ -38,6 +39,7 @@ cli.add_command(report)
 cli.add_command(up)
 cli.add_command(publish)
 cli.add_command(demo)
+cli.add_command(deploy)
 
 
 def main() -> None:
