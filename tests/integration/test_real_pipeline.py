@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from click.testing import CliRunner
 from kafka import KafkaProducer
 
 from mayfly.aggregator import Aggregator
 from mayfly.backends import open_event_log, open_repository
+from mayfly.cli import cli
 from mayfly.devices.sim import Simulator, SimulatorServer
 from mayfly.events import (
     MayflyEvent,
@@ -307,3 +309,34 @@ def test_a_paused_broker_delays_requests_but_loses_none(stack: Stack) -> None:
     }
     assert not_run == {}
     assert stack.sim.duplicates() == []
+
+
+def test_mayfly_publish_starts_the_trace_it_prints(
+    tmp_path: Path, kafka_bootstrap: str, jaeger: JaegerServer
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    env = {"MAYFLY_HOME": str(tmp_path), "MAYFLY_TOPIC_PREFIX": prefix}
+    argv = ["publish", "reboot", "-d", "sim-0001", "--event-log", f"kafka://{kafka_bootstrap}"]
+    argv += ["--otlp-endpoint", jaeger.otlp_endpoint]
+    result = CliRunner(env=env).invoke(cli, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    trace_id = result.output.split(" trace ")[1].strip()
+
+    (span,) = _jaeger_spans(jaeger, trace_id, 1)
+    assert span["operationName"] == "publish reboot"
+    # The record on the lane carries the same trace, as CloudEvent and plain W3C headers.
+    log = open_event_log(
+        Settings.from_env(env | {"MAYFLY_EVENT_LOG": f"kafka://{kafka_bootstrap}"})
+    )
+    try:
+        consumer = log.consumer("check", f"{prefix}.requests.normal")
+        records = []
+        deadline = time.monotonic() + 20
+        while not records and time.monotonic() < deadline:
+            records = consumer.poll(timeout_s=1.0)
+    finally:
+        log.close()
+    (record,) = records
+    headers = dict(record.headers)
+    assert headers["traceparent"] == headers["ce_traceparent"]
+    assert trace_id in headers["traceparent"].decode()

@@ -111,6 +111,12 @@ def _from_file(path: Path) -> list[dict[str, Any]]:
 )
 @event_log_option
 @home_option
+@click.option(
+    "--otlp-endpoint",
+    envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+    help="OTLP/HTTP endpoint: start each request's trace with a publish span there and "
+    "print its trace id. Env: OTEL_EXPORTER_OTLP_ENDPOINT.",
+)
 def publish(
     task: str | None,
     devices: tuple[str, ...],
@@ -124,6 +130,7 @@ def publish(
     file: Path | None,
     event_log: str | None,
     home: str | None,
+    otlp_endpoint: str | None,
 ) -> None:
     """Publish task requests for TASK (or from --file) to the event log.
 
@@ -176,14 +183,26 @@ def publish(
         except EventError as exc:
             raise click.BadParameter(str(exc)) from exc
     settings = _settings(home, event_log)
+    telemetry = None
+    if otlp_endpoint:
+        from mayfly.telemetry import configure_telemetry
+
+        telemetry = configure_telemetry("mayfly-publisher", otlp_endpoint=otlp_endpoint)
     log = open_event_log(settings)
     try:
         for request in requests_:
-            publish_request(log, request, topics=settings.topics)
+            tracer = telemetry.tracer("mayfly.publisher") if telemetry else None
+            sent = publish_request(log, request, tracer, topics=settings.topics)
             topic = settings.topics.lane(request.priority)
-            click.echo(f"published {request.id} {request.task} ({request.priority}) -> {topic}")
+            trace = f" trace {sent.traceparent.split('-')[1]}" if sent.traceparent else ""
+            click.echo(
+                f"published {request.id} {request.task} ({request.priority}) -> {topic}{trace}"
+            )
     finally:
         log.close()
+        if telemetry is not None:
+            telemetry.flush()
+            telemetry.shutdown()
 
 
 def _print_results(events: list[MayflyEvent]) -> None:
