@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -127,6 +128,18 @@ def test_plot_html_embeds_the_png_and_the_tables(mayfly: Run, tmp_path: Path) ->
     assert base64.b64decode(match[1]).startswith(PNG_SIGNATURE)
     assert "<td>sim-0042</td>" in page
     assert "<td>firmware-update</td>" in page
+
+
+@pytest.mark.usefixtures("archived")
+def test_plot_without_matplotlib_says_how_to_get_it(
+    mayfly: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # matplotlib is the optional `plot` extra, left out of the functions image.
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    out = mayfly("--plot", str(tmp_path / "out.png"), code=1).output
+    assert "--plot needs matplotlib, which is not installed" in out
+    assert "pip install 'mayfly[plot]'" in out
+    assert not (tmp_path / "out.png").exists()
 
 
 def test_an_empty_archive_says_what_to_do(mayfly: Run, home: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -86,7 +87,7 @@ class _Bucket(click.ParamType):  # type: ignore[type-arg]
         return duration
 
 
-def _fail(message: str, hint: str) -> None:
+def _fail(message: str, hint: str) -> NoReturn:
     click.secho(f"error: {message}", err=True, fg="red")
     click.echo(f"hint: {hint}", err=True)
     raise SystemExit(1)
@@ -175,7 +176,11 @@ def report(
         _fail(f"no archived results in {source.describe()}{matching}", _HINT)
 
     if plot is not None:
-        png = render_png(insights)
+        try:
+            png = render_png(insights)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "matplotlib").split(".")[0]
+            _fail(f"--plot needs {missing}, which is not installed", "pip install 'mayfly[plot]'")
         try:
             if plot.suffix.lower() == ".png":
                 plot.write_bytes(png)
