@@ -31,7 +31,7 @@ unit: $(STAMP) ## the tests alone, against whatever services are already up
 test: lint typecheck $(STAMP) ## lint, types, then every test with the real servers started for the run
 	$(BIN)/python dev/services.py run -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-up: $(STAMP) ## start the real servers (Kafka, S3, Jaeger) on 127.0.0.1 and leave them running
+up: $(STAMP) ## start the real servers (Kafka, S3, Jaeger, Kubernetes API) on 127.0.0.1, leave them running
 	$(BIN)/python dev/services.py up
 
 down: ## stop the servers that `make up` started

@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -27,6 +28,9 @@ S3_SECRET_KEY_ENV = "MAYFLY_TEST_S3_SECRET_KEY"
 KAFKA_BOOTSTRAP_ENV = "MAYFLY_TEST_KAFKA_BOOTSTRAP"
 OTLP_ENDPOINT_ENV = "MAYFLY_TEST_OTLP_ENDPOINT"
 JAEGER_URL_ENV = "MAYFLY_TEST_JAEGER_URL"
+KUBECONFIG_ENV = "MAYFLY_TEST_KUBECONFIG"
+KNATIVE_CRDS_ENV = "MAYFLY_TEST_KNATIVE_CRDS"
+KUSTOMIZE_ENV = "MAYFLY_TEST_KUSTOMIZE"
 
 
 @dataclass(frozen=True)
@@ -107,3 +111,40 @@ def jaeger() -> JaegerServer:
     if not (otlp_endpoint and query_url):
         _missing_server("Jaeger")
     return JaegerServer(otlp_endpoint=otlp_endpoint, query_url=query_url)
+
+
+def _kube_path(name: str, what: str) -> Path:
+    """The path in variable `name` (exported by the `kube` service); skips (fails in CI)."""
+    value = os.environ.get(name, "")
+    if not value:
+        _missing_server("Kubernetes API")
+    path = Path(value)
+    if not path.exists():
+        pytest.fail(f"{name}={value}: no {what} there", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def kubeconfig() -> Path:
+    """Kubeconfig of the real kube-apiserver with the Knative CRDs (MAYFLY_TEST_KUBECONFIG).
+
+    Token auth and a pinned CA; its context's namespace is ``mayfly``, which exists. No
+    controllers run: use it for server-side dry runs (``dry_run="All"``, strict field
+    validation) or for objects that need nothing to reconcile them.
+    """
+    return _kube_path(KUBECONFIG_ENV, "kubeconfig")
+
+
+@pytest.fixture(scope="session")
+def knative_crds() -> Path:
+    """Folder of the Knative CRDs installed in that server (MAYFLY_TEST_KNATIVE_CRDS).
+
+    One ``<crd name>.yaml`` per CRD, e.g. ``services.serving.knative.dev.yaml``.
+    """
+    return _kube_path(KNATIVE_CRDS_ENV, "CRD folder")
+
+
+@pytest.fixture(scope="session")
+def kustomize_bin() -> Path:
+    """A ``kustomize`` v5 binary (MAYFLY_TEST_KUSTOMIZE), built with the `kube` service."""
+    return _kube_path(KUSTOMIZE_ENV, "kustomize binary")
