@@ -1,0 +1,173 @@
+"""knative/ and `mayfly deploy` against a real Kubernetes API server with Knative's CRDs.
+
+The API server (built from its Go module, with etcd) has the CRDs of Knative
+Serving, Eventing and eventing-kafka-broker installed at pinned versions (see
+dev/services.py). Every object goes through a server-side apply dry run with
+strict field validation: the server checks it against the CRD's schema, and a
+mistyped or misspelt field is refused by name. No Knative controllers run, so
+what is checked is the objects' shape, not their behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from kubernetes import client as kube_client
+from kubernetes import config as kube_config
+from kubernetes.client.exceptions import ApiException
+
+from mayfly.cli import cli
+from mayfly.deploy import Resource, describe
+from mayfly.deploy.kube import KubeTarget, open_cluster
+from mayfly.errors import DeployError
+
+ROOT = Path(__file__).parents[2]
+KNATIVE = ROOT / "knative"
+TASKPKGS = ROOT / "taskpkgs"
+BUILDS = ["knative/base", "knative/overlays/dev", "knative/overlays/prod"]
+BUILDS += ["knative/overlays/confidential", "observability"]
+NAMESPACES = ["mayfly", "knative-serving", "knative-eventing", "observability"]
+
+
+def kustomize_build(kustomize: Path, folder: Path) -> list[Resource]:
+    done = subprocess.run(
+        [str(kustomize), "build", str(folder)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, f"kustomize build {folder} failed:\n{done.stderr}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def cluster(kubeconfig: Path) -> KubeTarget:
+    """The test API server, with the namespaces the manifests use (dry runs need them)."""
+    core = kube_client.CoreV1Api(kube_config.new_client_from_config(str(kubeconfig)))
+    for name in NAMESPACES:
+        try:
+            core.create_namespace({"metadata": {"name": name}})
+        except ApiException as exc:
+            if exc.status != 409:  # already there from an earlier test
+                raise
+    return open_cluster(str(kubeconfig))
+
+
+@pytest.fixture
+def scratch_namespace(kubeconfig: Path) -> Iterator[str]:
+    core = kube_client.CoreV1Api(kube_config.new_client_from_config(str(kubeconfig)))
+    name = f"mayfly-test-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.mark.parametrize("folder", BUILDS)
+def test_every_object_of_every_build_is_accepted_by_the_api_server(
+    folder: str, kustomize_bin: Path, cluster: KubeTarget
+) -> None:
+    objects = kustomize_build(kustomize_bin, ROOT / folder)
+    assert objects, f"{folder} built nothing"
+    # Raises DeployError naming the object and the field the API server refused.
+    applied = cluster.apply(objects, dry_run=True)
+    assert len(applied) == len(objects)
+
+
+def test_overlays_set_what_they_promise(kustomize_bin: Path) -> None:
+    def by_name(objects: list[Resource]) -> dict[str, Resource]:
+        return {describe(o): o for o in objects}
+
+    dev = by_name(kustomize_build(kustomize_bin, KNATIVE / "overlays" / "dev"))
+    prod = by_name(kustomize_build(kustomize_bin, KNATIVE / "overlays" / "prod"))
+    confidential = by_name(kustomize_build(kustomize_bin, KNATIVE / "overlays" / "confidential"))
+
+    reboot = "Service mayfly/reboot"
+    image = dev[reboot]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "localhost:5001/mayfly/functions:dev"
+    assert "Secret mayfly/mayfly-s3" in dev
+    assert prod["KafkaSink mayfly/mayfly-results"]["spec"]["replicationFactor"] == 3
+    assert "Secret mayfly/mayfly-s3" not in prod  # created by the operator, never committed
+    for name, obj in confidential.items():
+        if obj["kind"] == "Service" and name != "Service mayfly/aggregator":
+            assert obj["spec"]["template"]["spec"]["runtimeClassName"] == "kata-qemu-snp"
+        if obj["kind"] == "JobSink":
+            pod = obj["spec"]["job"]["spec"]["template"]["spec"]
+            assert pod["runtimeClassName"] == "kata-qemu-snp"
+    flags = confidential["ConfigMap knative-serving/config-features"]["data"]
+    assert flags == {"kubernetes.podspec-runtimeclassname": "enabled"}
+
+
+def _reboot_service(kustomize_bin: Path) -> Resource:
+    objects = kustomize_build(kustomize_bin, KNATIVE / "overlays" / "dev")
+    return copy.deepcopy(next(o for o in objects if describe(o) == "Service mayfly/reboot"))
+
+
+def test_a_mistyped_field_is_refused_naming_the_object_and_the_field(
+    kustomize_bin: Path, cluster: KubeTarget
+) -> None:
+    service = _reboot_service(kustomize_bin)
+    service["spec"]["template"]["spec"]["containerConcurrency"] = "one"
+    with pytest.raises(DeployError) as refused:
+        cluster.apply([service], dry_run=True)
+    message = str(refused.value)
+    assert message.startswith("Service mayfly/reboot: ")
+    assert "spec.template.spec.containerConcurrency" in message
+
+
+def test_a_misspelt_field_is_refused_naming_the_object_and_the_field(
+    kustomize_bin: Path, cluster: KubeTarget
+) -> None:
+    service = _reboot_service(kustomize_bin)
+    spec = service["spec"]["template"]["spec"]
+    spec["timeoutSecond"] = spec.pop("timeoutSeconds")
+    with pytest.raises(DeployError) as refused:
+        cluster.apply([service], dry_run=True)
+    message = str(refused.value)
+    assert message.startswith("Service mayfly/reboot: ")
+    assert "spec.template.spec.timeoutSecond" in message
+
+
+def test_mayfly_deploy_apply_creates_what_it_renders(
+    kubeconfig: Path, scratch_namespace: str, cluster: KubeTarget
+) -> None:
+    runner = CliRunner()
+    argv = ["deploy", str(TASKPKGS / "reboot"), "--apply", "--kubeconfig", str(kubeconfig)]
+    argv += ["-n", scratch_namespace]
+    result = runner.invoke(cli, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"applied serving.knative.dev/v1 Service {scratch_namespace}/reboot" in result.output
+    assert result.output.count("applied eventing.knative.dev/v1 Trigger") == 3
+
+    api = kube_client.CustomObjectsApi(kube_config.new_client_from_config(str(kubeconfig)))
+    stored: dict[str, Any] = api.get_namespaced_custom_object(
+        "serving.knative.dev", "v1", scratch_namespace, "services", "reboot"
+    )
+    template = stored["spec"]["template"]
+    assert template["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] == "0"
+    assert template["spec"]["containerConcurrency"] == 1
+    assert template["spec"]["timeoutSeconds"] == 150
+    trigger = api.get_namespaced_custom_object(
+        "eventing.knative.dev", "v1", scratch_namespace, "triggers", "reboot-high"
+    )
+    assert trigger["spec"]["filter"]["attributes"]["tasktype"] == "reboot"
+
+    # Applying again changes nothing and succeeds (server-side apply is idempotent).
+    again = runner.invoke(cli, argv, catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+
+
+def test_mayfly_deploy_apply_reports_a_refusal_without_a_traceback(
+    kubeconfig: Path, cluster: KubeTarget
+) -> None:
+    argv = ["deploy", str(TASKPKGS / "reboot"), "--apply", "--kubeconfig", str(kubeconfig)]
+    argv += ["-n", "no-such-namespace", "--dry-run"]
+    result = CliRunner().invoke(cli, argv, catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "Service no-such-namespace/reboot" in result.output
+    assert "not found" in result.output
