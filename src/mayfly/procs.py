@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 
@@ -23,7 +22,10 @@ def die_with_parent(expected_parent: int | None = None) -> None:
     """
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # dlopen(NULL): the interpreter's own namespace, where libc's prctl is.
+        # find_library("c") ran ldconfig in a subprocess, ~10 ms in every task
+        # process a job-mode coordinator forked (it never loaded libc itself).
+        _libc = ctypes.CDLL(None, use_errno=True)
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
