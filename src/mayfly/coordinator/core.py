@@ -95,6 +95,11 @@ class Coordinator:
             dataclasses.replace(self.options, instance_id=_instance_id()),
         )
 
+    def warm(self) -> None:
+        """Load what every request needs (the inventory), so that processes forked
+        from this one inherit it parsed. Re-reads only an inventory that changed."""
+        self._inventory()
+
     def cancel(self) -> None:
         """Stop the running request: running devices end ``canceled``. Signal-safe."""
         self._cancel.set()

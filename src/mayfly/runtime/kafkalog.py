@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -54,6 +54,8 @@ _DELIVERY_TIMEOUT_MS = 30_000
 # Commits, committed offsets, end offsets and topic creation retry this long.
 _OPERATION_TIMEOUT_MS = 30_000
 _CLOSE_TIMEOUT_S = 5.0
+# Least time between two metadata requests of a new producer (kafka-python: 100 ms).
+_METADATA_BACKOFF_MS = 5
 # Clients inherited through fork(): referenced forever, never closed (see module doc).
 _INHERITED: list[object] = []
 
@@ -119,6 +121,17 @@ class KafkaEventLog:
         consumer = _KafkaConsumer(self, group, topic)
         self._consumers.add(consumer)
         return consumer
+
+    def assume_topics(self, topics: Iterable[str]) -> None:
+        """Take ``topics`` as existing, without asking: appends to them skip the check.
+
+        For a process whose topics another process of the installation made:
+        the runtime's dispatcher creates every topic before it reads the request
+        a coordinator runs, so a forked coordinator need not make an admin
+        client to check (that was half its CPU on Kafka, bench/pipeline.py). A
+        topic assumed wrongly fails its appends after ``max_block_ms``.
+        """
+        self._topics.update(topics)
 
     def describe(self) -> str:
         return f"kafka://{self._bootstrap}"
@@ -224,6 +237,7 @@ class KafkaEventLog:
                     allow_auto_create_topics=False,
                     metrics_enabled=False,
                 )
+                _shorten_metadata_backoff(self._producer)
             return self._producer
 
     def _ensure_topic(self, topic: str) -> None:
@@ -244,6 +258,23 @@ class KafkaEventLog:
             # Created is not yet usable: wait until every partition has a leader.
             admin.wait_for_topics(names, timeout_ms=_OPERATION_TIMEOUT_MS)
         self._topics.update(names)
+
+
+def _shorten_metadata_backoff(producer: Any) -> None:
+    """Let a new producer ask for its topic's partitions right after bootstrapping.
+
+    The bootstrap learns the brokers, not the topics: the first ``send`` asks
+    again, and kafka-python 3.0 holds that request back by its cluster
+    metadata's ``retry_backoff_ms``, 100 ms that the producer's own setting does
+    not reach. A coordinator process makes one producer for one append, so that
+    wait was most of its result's latency on Kafka (bench/pipeline.py: a first
+    append of 120 ms, 17 ms of it CPU). Failed refreshes keep their own
+    exponential backoff (KIP-580), which this does not touch.
+    """
+    metadata = getattr(producer, "_metadata", None)
+    config = getattr(metadata, "config", None)
+    if isinstance(config, dict) and "retry_backoff_ms" in config:
+        config["retry_backoff_ms"] = _METADATA_BACKOFF_MS
 
 
 def _installation_topics(topic: str) -> list[str]:

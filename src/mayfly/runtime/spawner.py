@@ -37,7 +37,10 @@ _FORK = multiprocessing.get_context("fork")
 _LOG = logging.getLogger("mayfly.runtime.spawner")
 
 #: Builds what a coordinator process needs, in the warm parent, once: returns
-#: a function that runs one request record and returns the exit code.
+#: a function that runs one request record and returns the exit code. If that
+#: function has a ``before_fork()`` attribute, the warm parent calls it before
+#: each fork, to refresh in one place what every coordinator would otherwise
+#: redo (the parsed inventory).
 Prepare = Callable[[], Callable[[LogRecord, datetime], int]]
 
 
@@ -54,6 +57,7 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
     die_with_parent(runtime_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     run_request = prepare()
+    before_fork: Callable[[], None] = getattr(run_request, "before_fork", lambda: None)
     children: dict[int, tuple[str, int]] = {}  # pidfd -> (token, pid)
     conn.send(("ready", os.getpid()))
     while True:
@@ -76,6 +80,7 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
             if message[0] == "stop":
                 return
             _, token, record, dequeued_at = message
+            before_fork()
             pid = os.fork()
             if pid == 0:
                 _coordinator_child(conn, run_request, record, dequeued_at)
