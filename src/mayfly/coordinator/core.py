@@ -50,7 +50,7 @@ class CoordinatorOptions:
 
     cache_dir: Path
     mode: str = "job"
-    max_processes: int = 64
+    max_processes: int = 16  # settings.DEFAULT_MAX_PROCESSES, measured in bench/fanout.py
     """Cap on task processes at once, whatever the package asks for."""
     retry_backoff_s: float = 0.2
     instance_id: str = field(default_factory=lambda: _instance_id())
