@@ -56,3 +56,14 @@ demo-real: $(STAMP) ## the demo on the real servers of `make up`: Kafka, S3 and 
 	MAYFLY_S3_SECRET_KEY=$$MAYFLY_TEST_S3_SECRET_KEY OTEL_EXPORTER_OTLP_ENDPOINT=$$MAYFLY_TEST_OTLP_ENDPOINT \
 	$(BIN)/mayfly demo --home .mayfly/demo-real --event-log kafka://$$MAYFLY_TEST_KAFKA_BOOTSTRAP \
 		--store s3://mayfly-demo --jaeger-url $$MAYFLY_TEST_JAEGER_URL
+
+.PHONY: bench
+bench: $(STAMP) ## benchmarks against Celery, wrk and a fresh interpreter (after `make up`); installs redis-server, wrk, Celery
+	@command -v redis-server >/dev/null && command -v wrk >/dev/null || { \
+		echo "installing the Debian packages redis-server and wrk (benchmark baselines)"; \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server wrk; }
+	@$(BIN)/python -c "import celery" 2>/dev/null || { \
+		echo "installing the bench extra (Celery with Redis, py-spy, pyinstrument)"; \
+		$(BIN)/python -m pip install --quiet -e '.[dev,bench]'; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

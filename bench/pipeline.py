@@ -1,0 +1,376 @@
+"""Throughput, latency under load and idle footprint, against Celery with Redis.
+
+Every request is one HTTP action (``config-push``) on one simulated device;
+the simulator runs in its own process. Three systems, one after the other so
+they never share the two cores:
+
+- **Mayfly on real Kafka** (`make up`'s broker): ``mayfly up`` as a user runs
+  it, under a topic prefix of its own, traces to the real Jaeger;
+- **Mayfly's local runtime** (SQLite event log), for latency;
+- **Celery** 5 with a Redis broker and result backend (a throwaway
+  ``redis-server``), default prefork pool of one worker process per core,
+  doing the same action through the same HTTP driver.
+
+For each: a burst of requests published as fast as the publisher can
+(throughput: requests / (last result - first publish)), then a fixed rate
+for a fixed time (latency, publish to result, p50/p99). After the load, the
+idle footprint: Mayfly's coordinator processes still alive and the
+dispatcher's RSS; Celery's persistent processes and their RSS.
+
+    python bench/pipeline.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    PYTHON,
+    Child,
+    descendants,
+    mayfly_env,
+    percentile,
+    publish_packages,
+    redis_server,
+    rss_mb,
+    service_env,
+    simulator,
+    write_json,
+)
+
+from mayfly.backends import open_event_log
+from mayfly.devices import parse_inventory
+from mayfly.events import TaskCompleted, from_kafka, new_request
+from mayfly.runtime.publisher import publish_request
+from mayfly.settings import Settings
+
+FLEET = 2000
+RESULT_TIMEOUT_S = 120.0
+
+
+def _rate_schedule(count: int, rate: float | None) -> Callable[[int], None]:
+    """Sleeps until request ``i`` is due (no-op for a burst)."""
+    start = time.monotonic()
+
+    def wait(i: int) -> None:
+        if rate:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    return wait
+
+
+def _summary(published: dict[str, float], done: dict[str, float], ok: int) -> dict[str, Any]:
+    latencies = [(done[k] - published[k]) * 1000 for k in done if k in published]
+    first = min(published.values()) if published else 0.0
+    last = max(done.values()) if done else first
+    span = max(last - first, 1e-9)
+    return {
+        "requests": len(published),
+        "results": len(done),
+        "succeeded": ok,
+        "seconds": round(span, 3),
+        "rate_per_s": round(len(done) / span, 1),
+        "p50_ms": round(percentile(latencies, 50), 1),
+        "p99_ms": round(percentile(latencies, 99), 1),
+    }
+
+
+# -- Mayfly ---------------------------------------------------------------------
+
+
+class MayflyTarget:
+    def __init__(self, root: Path, env: dict[str, str], devices: list[str]) -> None:
+        self.env = env
+        self.devices = devices
+        self.settings = Settings.from_env(env)
+        self.up = Child("mayfly up", [PYTHON, "-m", "mayfly", "up"], root / "up.log", env)
+        self.up.wait_for(r"mayfly up: event log", 90)
+        self.log = open_event_log(self.settings)
+        self.results = self.log.consumer(
+            f"bench-{uuid.uuid4().hex[:8]}", self.settings.topics.results
+        )
+
+    def load(self, count: int, rate: float | None) -> dict[str, Any]:
+        published: dict[str, float] = {}
+        done: dict[str, float] = {}
+        ok = 0
+        wait = _rate_schedule(count, rate)
+        requests = [
+            new_request("bench-push", devices=[self.devices[i % len(self.devices)]])
+            for i in range(count)
+        ]
+
+        def publish() -> None:
+            for i, request in enumerate(requests):
+                wait(i)
+                published[request.id] = time.monotonic()
+                publish_request(self.log, request, None, self.settings.topics)
+
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        wanted = {r.id for r in requests}
+        deadline = time.monotonic() + RESULT_TIMEOUT_S + (count / rate if rate else 0)
+        while len(done) < count and time.monotonic() < deadline:
+            for record in self.results.poll(500, 0.05):
+                now = time.monotonic()
+                event = from_kafka(record.headers, record.key, record.value)
+                if event.request_id in wanted and event.request_id not in done:
+                    done[event.request_id] = now
+                    ok += isinstance(event, TaskCompleted) and event.status == "succeeded"
+        publisher.join(5)
+        return _summary(published, done, ok)
+
+    def idle(self, settle_s: float = 3.0) -> dict[str, Any]:
+        time.sleep(settle_s)
+        tree = descendants(self.up.pid)
+        warm = [p for p in tree if p in _children_of(self.up.pid)]
+        coordinators = [p for p in tree if p not in warm]
+        return {
+            "coordinators_alive": len(coordinators),
+            "dispatcher_rss_mb": round(rss_mb(self.up.pid), 1),
+            "warm_parent_rss_mb": round(sum(rss_mb(p) for p in warm), 1),
+            "processes": 1 + len(tree),
+        }
+
+    def close(self) -> None:
+        self.results.close()
+        self.log.close()
+        self.up.stop()
+
+
+def _children_of(pid: int) -> list[int]:
+    from _common import children
+
+    return children(pid)
+
+
+# -- Celery ---------------------------------------------------------------------
+
+
+class CeleryTarget:
+    def __init__(self, root: Path, redis_url: str, fleet: dict[str, str]) -> None:
+        os.environ["MAYFLY_BENCH_REDIS"] = redis_url
+        import celery_app
+
+        self.app = celery_app.app
+        self.push = celery_app.push
+        self.fleet = fleet
+        self.devices = list(fleet)
+        env = dict(os.environ) | {
+            "MAYFLY_BENCH_REDIS": redis_url,
+            "PYTHONPATH": str(Path(__file__).resolve().parent),
+        }
+        self.worker = Child(
+            "celery worker",
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "celery_app",
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                str(os.cpu_count() or 1),
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "WARNING",
+            ],
+            root / "celery.log",
+            env,
+        )
+        deadline = time.monotonic() + 60
+        while not self.app.control.ping(timeout=0.5):
+            if time.monotonic() > deadline or not self.worker.alive():
+                raise RuntimeError(f"the Celery worker did not start: {self.worker.log}")
+        # First tasks pay for imports in the pool processes; not what we measure.
+        self.push.delay(self.devices[0], fleet[self.devices[0]], uuid.uuid4().hex).get(30)
+
+    def load(self, count: int, rate: float | None) -> dict[str, Any]:
+        from celery.result import AsyncResult
+
+        published: dict[str, float] = {}
+        done: dict[str, float] = {}
+        wait = _rate_schedule(count, rate)
+        ids: list[str] = []
+        lock = threading.Condition()
+
+        def publish() -> None:
+            for i in range(count):
+                wait(i)
+                device = self.devices[i % len(self.devices)]
+                key = uuid.uuid4().hex
+                published[key] = time.monotonic()
+                # The task id is the key: the collector makes its own handle
+                # (Celery's result backend is per thread).
+                self.push.apply_async((device, self.fleet[device], key), task_id=key)
+                with lock:
+                    ids.append(key)
+                    lock.notify()
+
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        ok = 0
+        deadline = time.monotonic() + RESULT_TIMEOUT_S + (count / rate if rate else 0)
+        for i in range(count):
+            with lock:
+                while len(ids) <= i and time.monotonic() < deadline:
+                    lock.wait(1.0)
+                if len(ids) <= i:
+                    break
+                key = ids[i]
+            try:
+                value = AsyncResult(key, app=self.app).get(
+                    timeout=max(0.1, deadline - time.monotonic())
+                )
+            except Exception:  # a timeout or a failed task: counted as missing
+                continue
+            done[key] = time.monotonic()
+            ok += value == "config-push"
+        publisher.join(5)
+        # Pending-result handles unsubscribe when collected: while Redis still
+        # answers, or each one retries its reconnect for seconds at exit.
+        gc.collect()
+        return _summary(published, done, ok)
+
+    def idle(self, settle_s: float = 3.0) -> dict[str, Any]:
+        time.sleep(settle_s)
+        tree = [self.worker.pid, *descendants(self.worker.pid)]
+        return {
+            "processes": len(tree),
+            "rss_mb": round(sum(rss_mb(p) for p in tree), 1),
+            "main_rss_mb": round(rss_mb(self.worker.pid), 1),
+        }
+
+    def close(self) -> None:
+        self.worker.stop()
+
+
+# -- the run --------------------------------------------------------------------
+
+
+def _celery(
+    root: Path, addresses: dict[str, str], burst: int, steady: int, rate: float
+) -> dict[str, Any]:
+    with redis_server(root) as redis_url:
+        celery = CeleryTarget(root, redis_url, addresses)
+        try:
+            return {
+                "throughput": celery.load(burst, None),
+                "latency": celery.load(steady, rate),
+                "idle": celery.idle(),
+                "concurrency": os.cpu_count(),
+            }
+        finally:
+            celery.close()
+
+
+def run(
+    root: Path, burst: int, rate: float, seconds: float, only: set[str] | None = None
+) -> dict[str, Any]:
+    services = service_env()
+    bootstrap = services.get("MAYFLY_TEST_KAFKA_BOOTSTRAP")
+    otlp = services.get("MAYFLY_TEST_OTLP_ENDPOINT")
+    out: dict[str, Any] = {
+        "fleet": FLEET,
+        "burst_requests": burst,
+        "fixed_rate_per_s": rate,
+        "fixed_rate_seconds": seconds,
+    }
+    steady = round(rate * seconds)
+    with simulator(root, FLEET) as fleet:
+        inventory = parse_inventory(fleet.inventory.read_bytes())
+        addresses = {d.id: d.address for d in inventory}
+        devices = list(addresses)
+
+        if only is None or "celery" in only:
+            out["celery"] = _celery(root, addresses, burst, steady, rate)
+
+        runs = []
+        if bootstrap:
+            runs.append(("kafka", f"kafka://{bootstrap}"))
+        else:
+            out["kafka_skipped"] = "no Kafka: run `make up` first"
+        runs.append(("sqlite", ""))
+        for name, log in runs:
+            if only is not None and f"mayfly_{name}" not in only:
+                continue
+            home = root / f"mayfly-{name}"
+            extra = {"MAYFLY_TOPIC_PREFIX": f"bench-{uuid.uuid4().hex[:8]}"}
+            if log:
+                extra["MAYFLY_EVENT_LOG"] = log
+            if otlp:
+                extra["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp
+            env = mayfly_env(home, fleet.inventory, **extra)
+            publish_packages(env)
+            target = MayflyTarget(home, env, devices)
+            try:
+                settings = target.settings
+                out[f"mayfly_{name}"] = {
+                    "throughput": target.load(burst, None),
+                    "latency": target.load(steady, rate),
+                    "idle": target.idle(),
+                    "max_coordinators": settings.max_coordinators,
+                    "per_task_cap": settings.per_task_cap,
+                    "event_log": target.log.describe(),
+                }
+            finally:
+                target.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--burst", type=int, default=600, help="requests in the burst")
+    parser.add_argument("--rate", type=float, default=20.0, help="fixed rate, requests/s")
+    parser.add_argument("--seconds", type=float, default=15.0, help="fixed-rate duration")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--only", action="append", choices=["celery", "mayfly_kafka", "mayfly_sqlite"]
+    )
+    parser.add_argument("--limit-s", type=int, default=600, help="hard stop of the whole run")
+    args = parser.parse_args()
+    import signal
+    import tempfile
+
+    def overrun(*_: object) -> None:
+        raise TimeoutError(f"pipeline benchmark over its {args.limit_s} s limit")
+
+    # Bounded whatever happens; raising (not dying) lets every server stop.
+    signal.signal(signal.SIGALRM, overrun)
+    signal.alarm(args.limit_s)
+
+    with tempfile.TemporaryDirectory(prefix="mayfly-bench-pipeline-") as tmp:
+        out = run(
+            Path(tmp), args.burst, args.rate, args.seconds, set(args.only) if args.only else None
+        )
+    for system in ("celery", "mayfly_kafka", "mayfly_sqlite"):
+        if system in out:
+            row = out[system]
+            t, lat, idle = row["throughput"], row["latency"], row["idle"]
+            print(
+                f"{system:<14} burst {t['rate_per_s']:>7.1f}/s ({t['results']}/{t['requests']} "
+                f"in {t['seconds']} s)  at {args.rate:g}/s p50 {lat['p50_ms']} ms "
+                f"p99 {lat['p99_ms']} ms  idle {idle}"
+            )
+    write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
