@@ -234,18 +234,22 @@ def _pod_spec_extras(options: DeployOptions) -> dict[str, Any]:
     return extras
 
 
+def _workload_metadata(manifest: Manifest, options: DeployOptions) -> dict[str, Any]:
+    return {
+        "name": manifest.name,
+        "namespace": options.namespace,
+        "labels": _labels(manifest, "coordinator"),
+        "annotations": {VERSION_ANNOTATION: manifest.version},
+    }
+
+
 def _service(manifest: Manifest, options: DeployOptions) -> Resource:
     timeout = service_timeout_s(manifest)
     labels = _labels(manifest, "coordinator")
     return {
         "apiVersion": _KSVC,
         "kind": "Service",
-        "metadata": {
-            "name": manifest.name,
-            "namespace": options.namespace,
-            "labels": labels,
-            "annotations": {VERSION_ANNOTATION: manifest.version},
-        },
+        "metadata": _workload_metadata(manifest, options),
         "spec": {
             "template": {
                 "metadata": {
@@ -288,12 +292,7 @@ def _jobsink(manifest: Manifest, options: DeployOptions) -> Resource:
     return {
         "apiVersion": _JOBSINK,
         "kind": "JobSink",
-        "metadata": {
-            "name": manifest.name,
-            "namespace": options.namespace,
-            "labels": labels,
-            "annotations": {VERSION_ANNOTATION: manifest.version},
-        },
+        "metadata": _workload_metadata(manifest, options),
         "spec": {
             "job": {
                 "apiVersion": "batch/v1",
