@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import yaml
@@ -20,6 +20,7 @@ from mayfly.deploy import (
     kn_command,
     render_task,
 )
+from mayfly.deploy.render import Shape
 from mayfly.errors import DeployError
 from mayfly.packages.manifest import MANIFEST_FILE, Manifest, load_manifest
 
@@ -138,7 +139,7 @@ def deploy(
         max_processes=max_processes,
         runtime_class=runtime_class,
         max_revision_timeout_s=max_revision_timeout,
-        shape="service" if shape == "service" else "job" if shape == "job" else None,
+        shape=cast("Shape | None", shape),  # click.Choice allows only those two
     )
     resources = render_task(manifest, options)
     if print_kn:

@@ -38,6 +38,7 @@ from mayfly.events import (
     rejection_for,
 )
 from mayfly.packages import FetchedPackage, PackageRepository
+from mayfly.settings import DEFAULT_MAX_PROCESSES
 
 __all__ = ["Coordinator", "CoordinatorOptions", "overall_status"]
 
@@ -50,7 +51,7 @@ class CoordinatorOptions:
 
     cache_dir: Path
     mode: str = "job"
-    max_processes: int = 16  # settings.DEFAULT_MAX_PROCESSES, measured in bench/fanout.py
+    max_processes: int = DEFAULT_MAX_PROCESSES
     """Cap on task processes at once, whatever the package asks for."""
     retry_backoff_s: float = 0.2
     instance_id: str = field(default_factory=lambda: _instance_id())

@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_IMAGE",
     "DeployOptions",
     "Resource",
+    "Shape",
     "describe",
     "kn_command",
     "render_task",
