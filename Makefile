@@ -29,16 +29,16 @@ unit: $(STAMP) ## the tests alone, against whatever services are already up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck $(STAMP) ## lint, types, then every test with the real servers started for the run
-	$(BIN)/python dev/services.py run -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python dev/services run -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 up: $(STAMP) ## start the real servers (Kafka, S3, Jaeger, Kubernetes API) on 127.0.0.1, leave them running
-	$(BIN)/python dev/services.py up
+	$(BIN)/python dev/services up
 
 down: ## stop the servers that `make up` started
-	@test -x $(BIN)/python && $(BIN)/python dev/services.py down || true
+	@test -x $(BIN)/python && $(BIN)/python dev/services down || true
 
 status: ## show which servers are running
-	$(BIN)/python dev/services.py status
+	$(BIN)/python dev/services status
 
 clean: ## remove the virtual environment and caches in the checkout
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache src/*.egg-info
@@ -49,7 +49,7 @@ demo: $(STAMP) ## the main job: the whole pipeline on one machine, no server nee
 
 .PHONY: demo-real
 demo-real: $(STAMP) ## the demo on the real servers of `make up`: Kafka, S3 and Jaeger
-	@env_lines="$$($(BIN)/python dev/services.py env)"; eval "$$env_lines"; \
+	@env_lines="$$($(BIN)/python dev/services env)"; eval "$$env_lines"; \
 	if [ -z "$$MAYFLY_TEST_KAFKA_BOOTSTRAP" ] || [ -z "$$MAYFLY_TEST_S3_ENDPOINT" ] || [ -z "$$MAYFLY_TEST_JAEGER_URL" ]; then \
 		echo "the real servers are not all running: run 'make up' first"; exit 1; fi; \
 	MAYFLY_S3_ENDPOINT=$$MAYFLY_TEST_S3_ENDPOINT MAYFLY_S3_ACCESS_KEY=$$MAYFLY_TEST_S3_ACCESS_KEY \

@@ -98,9 +98,9 @@ def machine() -> dict[str, Any]:
 
 
 def service_env() -> dict[str, str]:
-    """Where `make up`'s servers are (Kafka, S3, Jaeger), from dev/services.py."""
+    """Where `make up`'s servers are (Kafka, S3, Jaeger), from dev/services."""
     out = subprocess.run(
-        [PYTHON, str(ROOT / "dev" / "services.py"), "env"],
+        [PYTHON, str(ROOT / "dev" / "services"), "env"],
         capture_output=True,
         text=True,
         timeout=30,

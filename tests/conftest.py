@@ -1,8 +1,8 @@
 """Fixtures for the real servers that integration tests talk to.
 
-`dev/services.py` starts the servers and exports where they are; `make test` runs
+`dev/services` starts the servers and exports where they are; `make test` runs
 pytest through it, and `make up` leaves them running for `make unit` or a bare
-`pytest` (after `eval "$(.venv/bin/python dev/services.py env)"`).
+`pytest` (after `eval "$(.venv/bin/python dev/services env)"`).
 
 When a server's variables are absent, the tests that need it skip: a laptop
 without the servers still runs everything else. Under ``CI=true`` they fail
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 from minio import Minio
 
-# Names exported by dev/services.py (S3_ENDPOINT_ENV and friends there).
+# Names exported by dev/services (S3_ENDPOINT_ENV and friends there).
 S3_ENDPOINT_ENV = "MAYFLY_TEST_S3_ENDPOINT"
 S3_ACCESS_KEY_ENV = "MAYFLY_TEST_S3_ACCESS_KEY"
 S3_SECRET_KEY_ENV = "MAYFLY_TEST_S3_SECRET_KEY"

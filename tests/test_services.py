@@ -1,4 +1,4 @@
-"""The real servers started by dev/services.py answer like the real thing."""
+"""The real servers started by dev/services answer like the real thing."""
 
 from __future__ import annotations
 

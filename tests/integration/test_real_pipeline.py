@@ -266,7 +266,7 @@ def test_producers_that_are_not_mayfly(stack: Stack) -> None:
 def test_a_paused_broker_delays_requests_but_loses_none(stack: Stack) -> None:
     pid = int(
         subprocess.run(
-            [sys.executable, str(ROOT / "dev" / "services.py"), "pid", "kafka"],
+            [sys.executable, str(ROOT / "dev" / "services"), "pid", "kafka"],
             capture_output=True,
             text=True,
             check=True,

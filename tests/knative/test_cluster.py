@@ -2,7 +2,7 @@
 
 The API server (built from its Go module, with etcd) has the CRDs of Knative
 Serving, Eventing and eventing-kafka-broker installed at pinned versions (see
-dev/services.py). Every object goes through a server-side apply dry run with
+dev/services). Every object goes through a server-side apply dry run with
 strict field validation: the server checks it against the CRD's schema, and a
 mistyped or misspelt field is refused by name. No Knative controllers run, so
 what is checked is the objects' shape, not their behaviour.

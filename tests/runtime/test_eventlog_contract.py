@@ -523,13 +523,13 @@ def test_kafka_records_appended_by_a_forked_child_reach_the_parent(
 
 def _broker_pid() -> int:
     found = subprocess.run(
-        [sys.executable, str(REPO / "dev" / "services.py"), "pid", "kafka"],
+        [sys.executable, str(REPO / "dev" / "services"), "pid", "kafka"],
         capture_output=True,
         text=True,
         check=False,
     )
     if found.returncode != 0 or not found.stdout.strip().isdigit():
-        pytest.skip(f"the Kafka broker was not started by dev/services.py: {found.stderr.strip()}")
+        pytest.skip(f"the Kafka broker was not started by dev/services: {found.stderr.strip()}")
     return int(found.stdout.strip())
 
 
