@@ -272,8 +272,19 @@ def test_broken_devices_fail_actions_but_answer_state(serve: Serve) -> None:
 
     assert (action.status_code, action.json()) == (500, {"error": "device fault"})
     assert state.status_code == 200
-    assert "health" not in state.json()["labels"]
-    assert fleet.sim.records("sim-0002")["log"] == []
+    # A broken device's state is a healthy one's: online, first boot, its own labels.
+    # Only the simulator's records say it is broken.
+    body = state.json()
+    assert (body["id"], body["status"], body["boot_count"]) == ("sim-0002", "online", 1)
+    assert body["firmware"]["version"] == "1.0.0"
+    assert body["labels"] == {"site": "lab-b", "model": "m2", "ring": "main"}
+    listed = fleet.server.inventory().get("sim-0002")
+    assert listed is not None
+    assert body["labels"] == listed.labels
+    records = fleet.sim.records("sim-0002")
+    assert (records["broken"], fleet.sim.records("sim-0001")["broken"]) == (True, False)
+    assert records["rejected"] == {"k1": 1}
+    assert records["log"] == []
     assert fleet.act("reboot", device="sim-0001").status_code == 200
     assert fleet.admin("summary")["broken"] == ["sim-0002"]
 

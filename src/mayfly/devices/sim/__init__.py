@@ -4,11 +4,13 @@ The demo's fleet, the tests' fleet and the benchmark target. :class:`Simulator`
 holds the fleet (state machines, idempotency records, injected latency and
 failures) and does no I/O; :class:`SimulatorServer` serves it over HTTP from a
 background thread, :func:`serve_until_signalled` in the foreground (the
-``mayfly devices simulate`` command).
+``mayfly devices simulate`` command). :class:`SimulatorDriver` is the embedded
+``DeviceDriver``: the same fleet, called in-process instead of over HTTP.
 """
 
 from __future__ import annotations
 
+from mayfly.devices.sim.driver import SimulatorDriver
 from mayfly.devices.sim.fleet import (
     ACTIONS,
     CAPABILITIES,
@@ -32,6 +34,7 @@ __all__ = [
     "INITIAL_FIRMWARE",
     "SimResponse",
     "Simulator",
+    "SimulatorDriver",
     "SimulatorServer",
     "device_ids",
     "make_app",
