@@ -8,6 +8,12 @@ The protocol, relative to a device's ``address`` (its base URL)::
 
 A busy or rebooting device answers 503, a rate-limited one 429; either may send
 ``Retry-After`` (delta-seconds or an HTTP-date).
+
+The driver decides what to send, whether and when to retry, and what an answer
+means; one exchange (a request out, its response back) goes through a
+:class:`Transport`, by default ``requests`` over a pooled session. The embedded
+:class:`~mayfly.devices.sim.SimulatorDriver` is this driver with a transport
+that calls the simulator in-process.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import requests
@@ -29,7 +35,7 @@ from requests.adapters import HTTPAdapter
 from mayfly.devices.inventory import Device
 from mayfly.errors import DeviceActionError, DeviceUnavailableError
 
-__all__ = ["HttpDriver"]
+__all__ = ["Answer", "HttpDriver", "Transport"]
 
 _log = logging.getLogger(__name__)
 
@@ -37,13 +43,109 @@ _log = logging.getLogger(__name__)
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
-class HttpDriver:
-    """A thread-safe :class:`~mayfly.devices.driver.DeviceDriver` for HTTP devices.
+class Answer(Protocol):
+    """A device's response, as the driver reads it: the part of ``requests.Response`` used."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Looked up case-insensitively (``Retry-After``)."""
+        ...
+
+    @property
+    def content(self) -> bytes: ...
+
+
+class Transport(Protocol):
+    """Performs one exchange with a device for :class:`HttpDriver`; must be thread-safe.
+
+    The driver calls :meth:`send` once per attempt and owns everything around
+    it: retries, backoff, ``Retry-After``, deadlines and the errors raised.
+    """
+
+    def send(
+        self,
+        device: Device,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        timeout: tuple[float, float],
+    ) -> Answer:
+        """Send ``method`` ``path`` (relative to the device) and return its answer.
+
+        ``timeout`` is (connect, read) seconds, as ``requests`` takes it.
+        Failures are told with ``requests``' exceptions, which the driver maps:
+
+        Raises:
+            requests.ConnectTimeout: retried, as a connect timeout.
+            requests.Timeout: retried, as a read timeout.
+            requests.ConnectionError: retried, as a connection error (likewise
+                ``requests.exceptions.ChunkedEncodingError``).
+            requests.RequestException: anything else, e.g. a header value that
+                cannot be sent: not retried.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the transport holds; safe to call more than once."""
+        ...
+
+
+class _RequestsTransport:
+    """The default transport: ``requests`` over one keep-alive pooled session.
 
     One ``requests.Session`` is shared by every thread: its urllib3 pool manager
     is thread-safe, and sharing lets any thread reuse any idle keep-alive
     connection. Nothing mutates the session after construction; cookies are
     refused so that one device's cookie never reaches another on the same host.
+    """
+
+    def __init__(self, pool_size: int) -> None:
+        session = requests.Session()
+        # Retries are HttpDriver's (they know Retry-After and deadlines), so urllib3 makes none.
+        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        # No proxy variables or ~/.netrc lookups on every call: devices are reached directly.
+        session.trust_env = False
+        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        session.headers.update({"Accept": "application/json", "User-Agent": "mayfly-http-driver"})
+        self._session = session
+
+    def send(
+        self,
+        device: Device,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        timeout: tuple[float, float],
+    ) -> requests.Response:
+        return self._session.request(
+            method,
+            device.address.rstrip("/") + path,
+            data=body,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class HttpDriver:
+    """A thread-safe :class:`~mayfly.devices.driver.DeviceDriver` for HTTP devices.
+
+    Each attempt is one :meth:`Transport.send`; the default transport shares
+    one keep-alive pooled ``requests.Session`` between all threads and refuses
+    cookies (see ``_RequestsTransport``).
 
     Args:
         connect_timeout: seconds to wait for a TCP (and TLS) connection.
@@ -56,8 +158,11 @@ class HttpDriver:
         max_retry_after: cap on a device's ``Retry-After``, so a device cannot
             park a worker for long.
         pool_size: keep-alive connections kept per host, and hosts kept; size it
-            to the number of threads using the driver.
+            to the number of threads using the driver. Checked, but only the
+            default transport uses it.
         sleep: called to wait between attempts; tests inject a recorder.
+        transport: performs each exchange; None for ``requests`` (the default
+            transport, closed by :meth:`close` like any other).
     """
 
     def __init__(
@@ -71,6 +176,7 @@ class HttpDriver:
         max_retry_after: float = 10.0,
         pool_size: int = 64,
         sleep: Callable[[float], None] = time.sleep,
+        transport: Transport | None = None,
     ) -> None:
         if retries < 0 or pool_size < 1:
             raise ValueError("retries must be >= 0 and pool_size >= 1")
@@ -81,16 +187,7 @@ class HttpDriver:
         self._max_backoff = max_backoff
         self._max_retry_after = max_retry_after
         self._sleep = sleep
-        session = requests.Session()
-        # Retries are ours (they know Retry-After and deadlines), so urllib3 makes none.
-        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        # No proxy variables or ~/.netrc lookups on every call: devices are reached directly.
-        session.trust_env = False
-        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-        session.headers.update({"Accept": "application/json", "User-Agent": "mayfly-http-driver"})
-        self._session = session
+        self._transport = _RequestsTransport(pool_size) if transport is None else transport
 
     def state(self, device: Device, *, deadline: float | None = None) -> dict[str, Any]:
         """The device's current state (``GET {address}/state``); ``deadline`` as in :meth:`action`.
@@ -141,8 +238,8 @@ class HttpDriver:
         return self._call(device, "POST", path, body, headers, deadline)
 
     def close(self) -> None:
-        """Close the pooled connections. Safe to call more than once."""
-        self._session.close()
+        """Close the pooled connections (the transport). Safe to call more than once."""
+        self._transport.close()
 
     def _call(
         self,
@@ -153,7 +250,6 @@ class HttpDriver:
         headers: dict[str, str],
         deadline: float | None,
     ) -> dict[str, Any]:
-        url = device.address.rstrip("/") + path
         what = f"{method} {path}"
         failure = ""
         for attempt in range(1, self._attempts + 1):
@@ -165,13 +261,8 @@ class HttpDriver:
                 connect, read = min(connect, remaining), min(read, remaining)
             retry_after: float | None = None
             try:
-                response = self._session.request(
-                    method,
-                    url,
-                    data=body,
-                    headers=headers,
-                    timeout=(connect, read),
-                    allow_redirects=False,
+                response = self._transport.send(
+                    device, method, path, body, headers, (connect, read)
                 )
             except requests.ConnectTimeout:
                 failure = "connect timeout"
@@ -212,7 +303,7 @@ class HttpDriver:
         raise DeviceUnavailableError(device.id, message)
 
 
-def _json_object(device: Device, what: str, response: requests.Response) -> dict[str, Any]:
+def _json_object(device: Device, what: str, response: Answer) -> dict[str, Any]:
     # json.loads on bytes detects UTF-8/16/32 itself, skipping requests' charset guessing.
     cause: ValueError | None = None
     try:
@@ -227,7 +318,7 @@ def _json_object(device: Device, what: str, response: requests.Response) -> dict
     raise DeviceActionError(device.id, message) from cause
 
 
-def _device_error(response: requests.Response) -> str | None:
+def _device_error(response: Answer) -> str | None:
     """The ``error`` field of a JSON answer, truncated: it ends up in events."""
     try:
         error = json.loads(response.content).get("error")
@@ -236,7 +327,7 @@ def _device_error(response: requests.Response) -> str | None:
     return str(error)[:200] if error else None
 
 
-def _refusal(what: str, response: requests.Response) -> str:
+def _refusal(what: str, response: Answer) -> str:
     message = f"{what}: {response.status_code} {response.reason or ''}".rstrip()
     error = _device_error(response)
     return f"{message}: {error}" if error else message

@@ -5,7 +5,8 @@ holds the fleet (state machines, idempotency records, injected latency and
 failures) and does no I/O; :class:`SimulatorServer` serves it over HTTP from a
 background thread, :func:`serve_until_signalled` in the foreground (the
 ``mayfly devices simulate`` command). :class:`SimulatorDriver` is the embedded
-``DeviceDriver``: the same fleet, called in-process instead of over HTTP.
+``DeviceDriver``: ``HttpDriver`` with a transport that calls the same fleet
+in-process instead of over HTTP.
 """
 
 from __future__ import annotations
