@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install Mayfly with its dev tools
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check, and the import layering of src/mayfly
 	$(BIN)/ruff check src tests functions taskpkgs bench dev
 	$(BIN)/ruff format --check src tests functions taskpkgs bench dev
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP) ## mypy --strict on src/
 	$(BIN)/mypy

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mayfly.backends import open_repository
-from mayfly.packages import build_package, generate_keypair, load_private_key, sign_built
 from mayfly.settings import Settings
+from mayfly.testing import publish_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -270,22 +269,17 @@ def mayfly_env(root: Path, inventory: Path, **extra: str) -> dict[str, str]:
 def publish_packages(env: Mapping[str, str]) -> None:
     """Sign and publish the benchmark packages (bench-push, noop) into the home's store."""
     settings = Settings.from_env(env)
-    home = settings.home
-    key = home / "keys" / "signing.key"
-    if not key.exists():
-        generate_keypair(key, home / "trusted" / "signing.pub")
-    repo = open_repository(Settings.from_env(env))
+    folders = []
     for manifest, module, code in (
         (PUSH, "bench_push", PUSH_CODE),
         (NOOP, "noop", NOOP_CODE),
     ):
-        folder = home.parent / f"pkg-{manifest['name']}"
+        folder = settings.home.parent / f"pkg-{manifest['name']}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "manifest.json").write_text(json.dumps(manifest))
         (folder / f"{module}.py").write_text(code)
-        built = build_package(folder)
-        repo.publish(built, sign_built(load_private_key(key), built))
-        repo.promote(str(manifest["name"]), str(manifest["version"]), "stable")
+        folders.append(folder)
+    publish_folders(settings, folders)
 
 
 def write_json(path: Path | None, data: Mapping[str, Any]) -> None:

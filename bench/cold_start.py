@@ -27,15 +27,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mayfly.backends import open_repository
+from mayfly.app.local import WarmCoordinator
 from mayfly.devices.sim import Simulator, SimulatorServer
+from mayfly.eventlog import LogRecord
+from mayfly.eventlog.sqlite import SqliteEventLog
 from mayfly.events import TaskCompleted, from_kafka, new_request, to_kafka_record
-from mayfly.packages import build_package, generate_keypair, load_private_key, sign_built
-from mayfly.runtime.app import prepare_coordinator
-from mayfly.runtime.eventlog import RESULTS_TOPIC, LogRecord
 from mayfly.runtime.spawner import Spawner
-from mayfly.runtime.sqlitelog import SqliteEventLog
 from mayfly.settings import Settings
+from mayfly.testing import publish_folder
+from mayfly.topics import Topics
 
 NOOP = {
     "name": "noop",
@@ -58,25 +58,20 @@ def _setup(root: Path, inventory: Path) -> dict[str, str]:
         "MAYFLY_INVENTORY": str(inventory),
         "MAYFLY_RESULT_SINK": str(root / "job-results.jsonl"),
     }
-    home = root / "home"
-    generate_keypair(home / "keys" / "signing.key", home / "trusted" / "signing.pub")
     folder = root / "noop"
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps(NOOP))
     (folder / "noop.py").write_text("def run(ctx):\n    return 'ok'\n")
-    built = build_package(folder)
-    repo = open_repository(Settings.from_env(env))
-    repo.publish(built, sign_built(load_private_key(home / "keys" / "signing.key"), built))
-    repo.promote("noop", "1.0.0", "stable")
+    publish_folder(Settings.from_env(env), folder)
     return env
 
 
 def warm_fork(env: dict[str, str], runs: int) -> list[float]:
     settings = Settings.from_env(env)
     log = SqliteEventLog(Path(settings.event_log))
-    spawner = Spawner(lambda: prepare_coordinator(settings))
+    spawner = Spawner(lambda: WarmCoordinator(settings))
     spawner.start()
-    consumer = log.consumer("bench", RESULTS_TOPIC)
+    consumer = log.consumer("bench", Topics().results)
     found: list[float] = []
     try:
         for i in range(runs):

@@ -37,10 +37,10 @@ from _common import (
     write_json,
 )
 
-from mayfly.backends import open_event_log
+from mayfly.app.wiring import open_event_log
 from mayfly.devices import parse_inventory
+from mayfly.eventlog.publisher import publish_request
 from mayfly.events import TaskCompleted, from_kafka, merge_completed, new_request
-from mayfly.runtime.publisher import publish_request
 from mayfly.settings import Settings
 
 _WRK_SCRIPT = """

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-from mayfly.demo import DemoPlan, run_demo
+from mayfly.app.demo import DemoPlan, run_demo
 
 
-def test_demo_accounts_for_every_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+def test_demo_accounts_for_every_request(tmp_path: Path) -> None:
     lines: list[str] = []
     home = tmp_path / "demo"
     code = run_demo(DemoPlan(home=home, devices=40, timeout_s=90, echo=lines.append))

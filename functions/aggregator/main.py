@@ -5,7 +5,7 @@ Served by functions-framework (``functions-framework --source main.py
 coordinator's reason: the framework's CloudEvent path answers ``200 OK`` with
 a plain-text body, which a Kafka Broker Trigger counts as a failed delivery,
 and picks its own status for input it cannot decode. Here every answer is an
-empty body with the status Knative needs (see :mod:`mayfly.aggregator.entry`):
+empty body with the status Knative needs (see :mod:`mayfly.aggregator.ingest`):
 202 taken, 400 undecodable (straight to the dead-letter sink, not retried),
 503 archive unreachable (retried).
 
@@ -18,21 +18,19 @@ never make a whole result.
 
 from __future__ import annotations
 
-import atexit
 from functools import cache
 
 import flask
 import functions_framework
 
-from mayfly.aggregator.entry import AggregatorService, service_from_env
+from mayfly.app.functions import aggregator_service
+from mayfly.app.wiring import AggregatorService
 
 
 @cache
 def service() -> AggregatorService:
     """This instance's aggregator; its spans are flushed when the process exits."""
-    built = service_from_env()
-    atexit.register(built.close)
-    return built
+    return aggregator_service()
 
 
 @functions_framework.http

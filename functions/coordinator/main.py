@@ -13,20 +13,18 @@ from functools import cache
 import flask
 import functions_framework
 
-from mayfly.coordinator import Coordinator, build_coordinator, handle_http
-from mayfly.coordinator.sinks import ResultSink, open_sink
-from mayfly.settings import Settings
+from mayfly.app.functions import coordinator_pipeline
+from mayfly.coordinator import RequestPipeline
+from mayfly.coordinator.http import answer_http
 
 
 @cache
-def _instance() -> tuple[Coordinator, ResultSink | None]:
-    settings = Settings.from_env()
-    sink = open_sink(settings.result_sink) if settings.result_sink != "-" else None
-    return build_coordinator(settings, "knative"), sink
+def pipeline() -> RequestPipeline:
+    """This instance's request pipeline, built on the first delivery."""
+    return coordinator_pipeline()
 
 
 @functions_framework.http
 def coordinator(request: flask.Request) -> flask.Response:
-    core, sink = _instance()
-    status, headers, body = handle_http(core, sink, request.headers, request.get_data())
+    status, headers, body = answer_http(pipeline(), request.headers, request.get_data())
     return flask.Response(body, status=status, headers=headers)

@@ -21,6 +21,7 @@ readable message or a ``task.rejected`` event::
     ├── SinkError                   a result could not be made durable
     ├── EventLogError               the event log cannot append, read or commit
     ├── CoordinatorCrashedError     a request kept crashing its coordinator
+    ├── RuntimeStartError           the local runtime's warm parent could not start
     ├── DeployError                 Kubernetes refused or could not take a resource
     └── DeviceError                 talking to one device failed
         ├── DeviceUnavailableError  unreachable, timing out, 5xx or 429 after retries
@@ -49,6 +50,7 @@ __all__ = [
     "PackageError",
     "PackageNotFoundError",
     "ParamsError",
+    "RuntimeStartError",
     "SigningKeyError",
     "SinkError",
     "StoreError",
@@ -189,6 +191,11 @@ class SinkError(MayflyError):
 class CoordinatorCrashedError(MayflyError):
     """Raised (as a rejection's cause) when a request's coordinator process kept
     dying without a result, so the request goes to the dead-letter topic."""
+
+
+class RuntimeStartError(MayflyError):
+    """Raised when the local runtime's warm parent cannot build what coordinators
+    need (an unreachable store, an unreadable key folder); the message says why."""
 
 
 class EventLogError(MayflyError):

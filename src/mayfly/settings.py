@@ -1,33 +1,13 @@
-"""Settings, read once at the edge from the environment (and CLI flags).
+"""Settings, read once at the edge from the environment and CLI flags.
 
-Environment variables (CLI flags of the same meaning win over them):
+:data:`OPTIONS` is the one list of everything a user can configure: each
+option's field, environment variable, CLI flag and meaning. The CLI makes its
+flags from it (``mayfly.cli._common.settings_options``), the README's table
+lists it, and :meth:`Settings.from_env` reads it. A flag wins over its
+variable. Nothing else in Mayfly reads the environment for these, and nothing
+writes to it.
 
-=========================  ===================================================
-``MAYFLY_HOME``            Mayfly's own folder: keys, local store, caches.
-                           Default ``$XDG_DATA_HOME/mayfly`` or
-                           ``~/.local/share/mayfly``.
-``MAYFLY_STORE``           Package store: a folder path, or ``s3://BUCKET``.
-                           Default ``$MAYFLY_HOME/packages``.
-``MAYFLY_S3_ENDPOINT``     S3 endpoint URL, e.g. ``http://127.0.0.1:8333``.
-``MAYFLY_S3_ACCESS_KEY``   S3 access key.
-``MAYFLY_S3_SECRET_KEY``   S3 secret key.
-``MAYFLY_S3_REGION``       S3 region (optional).
-``MAYFLY_SIGNING_KEY``     Private key used to sign packages.
-                           Default ``$MAYFLY_HOME/keys/signing.key``.
-``MAYFLY_TRUSTED_KEYS``    Public keys (files or folders of ``*.pub``),
-                           separated by ``:``. Default ``$MAYFLY_HOME/trusted``.
-``MAYFLY_INVENTORY``       Device inventory: a file, or ``s3://BUCKET/KEY``.
-                           Default ``inventory.json`` in the working folder.
-``MAYFLY_RESULT_SINK``     Where results go: ``-`` (stdout), a file,
-                           ``http(s)://...`` or ``kafka://HOST:PORT/TOPIC``.
-                           ``K_SINK`` (Knative SinkBinding) is used when unset.
-``MAYFLY_MAX_PROCESSES``   Cap on task processes per coordinator. Default 16.
-``MAYFLY_EVENT_LOG``       The event log: a SQLite file (the embedded default,
-                           ``$MAYFLY_HOME/events.db``) or ``kafka://HOST:PORT``.
-``MAYFLY_MAX_COORDINATORS`` Coordinator processes running at once. Default 8.
-``MAYFLY_PER_TASK_CAP``    Of those, at most this many of one task type. Default 4.
-``MAYFLY_TOPIC_PREFIX``    Prefix of every topic name. Default ``mayfly``.
-=========================  ===================================================
+Run ``mayfly up --help`` (or any command's) to see each flag with its variable.
 """
 
 from __future__ import annotations
@@ -37,19 +17,23 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mayfly.errors import ConfigError
-from mayfly.runtime.eventlog import Topics
+from mayfly.topics import DEFAULT_PREFIX, Topics
 
 __all__ = [
     "DEFAULT_MAX_PROCESSES",
+    "ENV_ARCHIVE",
     "ENV_EVENT_LOG",
     "ENV_HOME",
     "ENV_INVENTORY",
     "ENV_K_SINK",
     "ENV_MAX_COORDINATORS",
     "ENV_MAX_PROCESSES",
+    "ENV_METRICS_EXPORTER",
+    "ENV_OTLP_ENDPOINT",
+    "ENV_OTLP_METRICS_ENDPOINT",
     "ENV_PER_TASK_CAP",
     "ENV_RESULT_SINK",
     "ENV_S3_ACCESS_KEY",
@@ -59,8 +43,12 @@ __all__ = [
     "ENV_SIGNING_KEY",
     "ENV_STORE",
     "ENV_TOPIC_PREFIX",
+    "ENV_TRACE_FILE",
     "ENV_TRUSTED_KEYS",
+    "OPTIONS",
+    "Option",
     "Settings",
+    "option",
 ]
 
 ENV_HOME = "MAYFLY_HOME"
@@ -79,6 +67,11 @@ ENV_EVENT_LOG = "MAYFLY_EVENT_LOG"
 ENV_MAX_COORDINATORS = "MAYFLY_MAX_COORDINATORS"
 ENV_PER_TASK_CAP = "MAYFLY_PER_TASK_CAP"
 ENV_TOPIC_PREFIX = "MAYFLY_TOPIC_PREFIX"
+ENV_ARCHIVE = "MAYFLY_ARCHIVE"
+ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+ENV_OTLP_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+ENV_METRICS_EXPORTER = "OTEL_METRICS_EXPORTER"
+ENV_TRACE_FILE = "MAYFLY_TRACE_FILE"
 
 #: Task processes per coordinator unless MAYFLY_MAX_PROCESSES says otherwise.
 #: Measured on 2 cores (bench/fanout.py, 10,000 devices): 16 did 381 actions/s,
@@ -87,10 +80,83 @@ ENV_TOPIC_PREFIX = "MAYFLY_TOPIC_PREFIX"
 #: each costs a fork, so a larger cap made starts slower, not fan-outs faster.
 DEFAULT_MAX_PROCESSES = 16
 
+Kind = Literal["text", "path", "count", "paths"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configurable setting: where it is read from and what it means."""
+
+    field: str
+    """The :class:`Settings` attribute."""
+    env: str
+    flag: str | None
+    """The CLI flag; ``None`` for a secret, which a flag would show in ``ps``, and for
+    what only job mode and the functions read (they take no flags)."""
+    help: str
+    default: str
+    """The default, as the README and ``--help`` show it."""
+    kind: Kind = "text"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("home", ENV_HOME, "--home", "Mayfly's folder: keys, local store, caches, runtime state",
+           "$XDG_DATA_HOME/mayfly or ~/.local/share/mayfly", "path"),
+    Option("store", ENV_STORE, "--store", "package store: a folder, or s3://BUCKET",
+           "$MAYFLY_HOME/packages"),
+    Option("s3_endpoint", ENV_S3_ENDPOINT, "--s3-endpoint",
+           "S3 endpoint URL, e.g. http://127.0.0.1:8333", "none"),
+    Option("s3_access_key", ENV_S3_ACCESS_KEY, "--s3-access-key", "S3 access key", "none"),
+    Option("s3_secret_key", ENV_S3_SECRET_KEY, None,
+           "S3 secret key (the variable only: a flag would show in the process list)", "none"),
+    Option("s3_region", ENV_S3_REGION, "--s3-region", "S3 region", "none"),
+    Option("signing_key", ENV_SIGNING_KEY, "--key", "private key for signing packages",
+           "$MAYFLY_HOME/keys/signing.key", "path"),
+    Option("trusted_keys", ENV_TRUSTED_KEYS, "--trusted",
+           "trusted public keys: files or folders (the variable `:`-separated, the flag "
+           "repeatable)", "$MAYFLY_HOME/trusted", "paths"),
+    Option("inventory", ENV_INVENTORY, "--inventory",
+           "device inventory: a file or s3://BUCKET/KEY", "inventory.json"),
+    Option("result_sink", ENV_RESULT_SINK, None,
+           "where job mode and the coordinator function deliver results: -, a file, "
+           "http(s)://..., kafka://HOST:PORT/TOPIC (the variable only: no command "
+           "delivers results)", "$K_SINK, else -"),
+    Option("max_processes", ENV_MAX_PROCESSES, "--max-processes",
+           "task processes per coordinator at most", str(DEFAULT_MAX_PROCESSES), "count"),
+    Option("event_log", ENV_EVENT_LOG, "--event-log",
+           "event log: a SQLite file, or kafka://HOST:PORT[,HOST:PORT]",
+           "$MAYFLY_HOME/events.db"),
+    Option("topic_prefix", ENV_TOPIC_PREFIX, "--topic-prefix",
+           "prefix of every topic (PREFIX.requests.high, PREFIX.results and the rest)",
+           DEFAULT_PREFIX),
+    Option("max_coordinators", ENV_MAX_COORDINATORS, "--max-coordinators",
+           "coordinator processes at once", "8", "count"),
+    Option("per_task_cap", ENV_PER_TASK_CAP, "--per-task-cap",
+           "coordinator processes of one task type at once", "4", "count"),
+    Option("archive", ENV_ARCHIVE, "--archive",
+           "results archive: a folder or s3://BUCKET[/PREFIX]", "$MAYFLY_HOME/archive"),
+    Option("otlp_endpoint", ENV_OTLP_ENDPOINT, "--otlp-endpoint",
+           "OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318 (Jaeger)",
+           "none: the trace file"),
+    Option("otlp_metrics_endpoint", ENV_OTLP_METRICS_ENDPOINT, "--otlp-metrics-endpoint",
+           "full OTLP/HTTP metrics URL (OTEL_METRICS_EXPORTER=otlp: the endpoint's "
+           "/v1/metrics)", "none: no metrics leave the process"),
+    Option("trace_file", ENV_TRACE_FILE, "--trace-file",
+           "OTLP-JSON trace file when no OTLP endpoint is set",
+           "$MAYFLY_HOME/telemetry/traces.jsonl", "path"),
+)  # fmt: skip
+
+_BY_FIELD = {o.field: o for o in OPTIONS}
+
+
+def option(field: str) -> Option:
+    """The option behind a :class:`Settings` field."""
+    return _BY_FIELD[field]
+
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything configurable, resolved to concrete values."""
+    """Everything configurable, resolved to concrete values (see :data:`OPTIONS`)."""
 
     home: Path
     store: str
@@ -106,17 +172,43 @@ class Settings:
     event_log: str = ""
     max_coordinators: int = 8
     per_task_cap: int = 4
-    topic_prefix: str = "mayfly"
+    topic_prefix: str = DEFAULT_PREFIX
+    archive: str = ""
+    otlp_endpoint: str | None = None
+    otlp_metrics_endpoint: str | None = None
+    trace_file: Path | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        flags: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Resolve every setting: a flag, else its variable, else its default.
+
+        Args:
+            environ: defaults to ``os.environ``.
+            flags: CLI values by field name; ``None`` and empty values are unset.
+
+        Raises:
+            ConfigError: a value that cannot be used, naming its variable.
+        """
+        env = dict(os.environ if environ is None else environ)
+        for name, value in (flags or {}).items():
+            if value is None or value == () or value == "":
+                continue
+            opt = option(name)
+            env[opt.env] = ":".join(str(v) for v in value) if opt.kind == "paths" else str(value)
         if env.get(ENV_HOME):
             home = Path(env[ENV_HOME]).expanduser()
         else:
             data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
             home = Path(data).expanduser() / "mayfly"
         trusted = tuple(Path(p).expanduser() for p in env.get(ENV_TRUSTED_KEYS, "").split(":") if p)
+        metrics_endpoint = env.get(ENV_OTLP_METRICS_ENDPOINT) or None
+        endpoint = env.get(ENV_OTLP_ENDPOINT) or None
+        if metrics_endpoint is None and endpoint and env.get(ENV_METRICS_EXPORTER) == "otlp":
+            metrics_endpoint = endpoint  # configure_telemetry appends /v1/metrics
         return cls(
             home=home,
             store=env.get(ENV_STORE) or str(home / "packages"),
@@ -124,9 +216,7 @@ class Settings:
             s3_access_key=env.get(ENV_S3_ACCESS_KEY) or None,
             s3_secret_key=env.get(ENV_S3_SECRET_KEY) or None,
             s3_region=env.get(ENV_S3_REGION) or None,
-            signing_key=Path(env[ENV_SIGNING_KEY]).expanduser()
-            if env.get(ENV_SIGNING_KEY)
-            else None,
+            signing_key=_path(env, ENV_SIGNING_KEY),
             trusted_keys=trusted,
             inventory=env.get(ENV_INVENTORY) or "inventory.json",
             result_sink=env.get(ENV_RESULT_SINK) or env.get(ENV_K_SINK) or "-",
@@ -134,7 +224,13 @@ class Settings:
             event_log=env.get(ENV_EVENT_LOG) or str(home / "events.db"),
             max_coordinators=_positive_int(env, ENV_MAX_COORDINATORS, 8),
             per_task_cap=_positive_int(env, ENV_PER_TASK_CAP, 4),
-            topic_prefix=env.get(ENV_TOPIC_PREFIX) or "mayfly",
+            topic_prefix=_prefix(env),
+            archive=env.get(ENV_ARCHIVE) or str(home / "archive"),
+            otlp_endpoint=endpoint,
+            otlp_metrics_endpoint=metrics_endpoint,
+            trace_file=None
+            if endpoint
+            else (_path(env, ENV_TRACE_FILE) or home / "telemetry" / "traces.jsonl"),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -166,6 +262,15 @@ class Settings:
         return self.store.startswith("s3://")
 
     @property
+    def event_log_is_kafka(self) -> bool:
+        return self.event_log.startswith("kafka://")
+
+    @property
+    def messaging_system(self) -> str:
+        """``messaging.system`` of the event log: ``kafka`` or ``sqlite``."""
+        return "kafka" if self.event_log_is_kafka else "sqlite"
+
+    @property
     def s3_bucket(self) -> str:
         bucket = self.store.removeprefix("s3://").strip("/")
         if not bucket or "/" in bucket:
@@ -184,3 +289,16 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     if value < 1:
         raise ConfigError(f"{name}={raw!r}: expected a positive whole number")
     return value
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw).expanduser() if raw else None
+
+
+def _prefix(env: Mapping[str, str]) -> str:
+    raw = env.get(ENV_TOPIC_PREFIX) or DEFAULT_PREFIX
+    # Kafka topic names: letters, digits, '.', '_', '-'; the prefix adds '.requests.high'.
+    if len(raw) > 200 or not all(c.isalnum() or c in "._-" for c in raw):
+        raise ConfigError(f"{ENV_TOPIC_PREFIX}={raw!r}: use letters, digits, '.', '_' or '-'")
+    return raw

@@ -21,17 +21,9 @@ Metrics leave the process only when asked (``metrics_endpoint``,
 accepts traces only, and a metrics pipeline pointed at it would fail every
 export.
 
-Environment read by :func:`telemetry_options_from_env` (the edge helper):
-
-==================================  =========================================
-``OTEL_EXPORTER_OTLP_ENDPOINT``     OTLP/HTTP base URL; traces go to
-                                    ``<url>/v1/traces``. Unset: trace file.
-``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``  full OTLP/HTTP metrics URL; also
-                                    ``OTEL_METRICS_EXPORTER=otlp`` sends
-                                    metrics to ``<base>/v1/metrics``.
-``MAYFLY_TRACE_FILE``               trace file when no endpoint is set.
-                                    Default ``$MAYFLY_HOME/telemetry/traces.jsonl``.
-==================================  =========================================
+Where to, as the user configured it (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``, ``MAYFLY_TRACE_FILE`` and their
+flags), is read once by :class:`mayfly.settings.Settings`.
 
 The SDK's own variables (``OTEL_EXPORTER_OTLP_HEADERS``, ``..._TIMEOUT``,
 ``OTEL_TRACES_SAMPLER``, ``OTEL_RESOURCE_ATTRIBUTES``) keep working.
@@ -42,7 +34,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,28 +60,19 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from mayfly import __version__
 from mayfly.errors import ConfigError
+from mayfly.settings import ENV_OTLP_ENDPOINT, ENV_OTLP_METRICS_ENDPOINT
 
 __all__ = [
     "DEFAULT_DEVICE_SERIES_LIMIT",
     "DEFAULT_MAX_QUEUE_SIZE",
-    "ENV_METRICS_EXPORTER",
-    "ENV_OTLP_ENDPOINT",
-    "ENV_OTLP_METRICS_ENDPOINT",
-    "ENV_TRACE_FILE",
     "OtlpJsonFileMetricExporter",
     "OtlpJsonFileSpanExporter",
     "Telemetry",
-    "TelemetryOptions",
     "configure_telemetry",
     "metrics_to_otlp_json",
     "spans_to_otlp_json",
-    "telemetry_options_from_env",
 ]
 
-ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
-ENV_OTLP_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
-ENV_METRICS_EXPORTER = "OTEL_METRICS_EXPORTER"
-ENV_TRACE_FILE = "MAYFLY_TRACE_FILE"
 
 #: Spans buffered before the batch processor drops any. The SDK's default
 #: (2048) overflows when an aggregator catches up on a backlog of results.
@@ -232,15 +214,6 @@ class OtlpJsonFileMetricExporter(MetricExporter):
 
 
 # --- Configuration -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TelemetryOptions:
-    """Where telemetry goes, as read from the environment by an edge."""
-
-    otlp_endpoint: str | None = None
-    trace_file: Path | None = None
-    metrics_endpoint: str | None = None
 
 
 @dataclass
@@ -386,24 +359,3 @@ def _check_url(url: str, name: str) -> str:
             f"{name}={url!r}: expected an http(s):// URL such as http://127.0.0.1:4318"
         )
     return url
-
-
-def telemetry_options_from_env(
-    home: Path, environ: Mapping[str, str] | None = None
-) -> TelemetryOptions:
-    """Read where telemetry goes from the environment (see the module docstring).
-
-    Args:
-        home: ``Settings.home``, under which the default trace file lives.
-        environ: defaults to ``os.environ``.
-    """
-    env = os.environ if environ is None else environ
-    endpoint = env.get(ENV_OTLP_ENDPOINT) or None
-    metrics_endpoint = env.get(ENV_OTLP_METRICS_ENDPOINT) or None
-    if metrics_endpoint is None and endpoint and env.get(ENV_METRICS_EXPORTER) == "otlp":
-        metrics_endpoint = endpoint
-    trace_file = None
-    if endpoint is None:
-        raw = env.get(ENV_TRACE_FILE)
-        trace_file = Path(raw).expanduser() if raw else home / "telemetry" / "traces.jsonl"
-    return TelemetryOptions(endpoint, trace_file, metrics_endpoint)

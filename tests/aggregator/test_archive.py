@@ -14,9 +14,9 @@ from mayfly.aggregator import (
     ResultArchive,
     decode_archived,
     encode_archived,
-    open_archive,
 )
 from mayfly.aggregator.archive import archive_key
+from mayfly.app.wiring import open_archive
 from mayfly.errors import ConfigError
 from mayfly.events import STRUCTURED_CONTENT_TYPE, TaskCompleted, from_http
 from mayfly.packages import LocalPackageStore
@@ -125,7 +125,7 @@ def test_s3_archive_round_trip(s3_bucket: tuple[S3Server, str]) -> None:
         s3_access_key=server.access_key,
         s3_secret_key=server.secret_key,
     )
-    archive = open_archive(f"s3://{bucket}/results", settings)
+    archive = open_archive(settings, f"s3://{bucket}/results")
     assert isinstance(archive, BucketResultArchive)
     _check_round_trip(archive)
     keys = [obj.object_name for obj in server.client().list_objects(bucket, recursive=True)]
@@ -134,6 +134,6 @@ def test_s3_archive_round_trip(s3_bucket: tuple[S3Server, str]) -> None:
 
 def test_an_s3_archive_needs_s3_settings() -> None:
     with pytest.raises(ConfigError, match="MAYFLY_S3_ENDPOINT"):
-        open_archive("s3://results", Settings(home=Path("/h"), store="/s"))
+        open_archive(Settings(home=Path("/h"), store="/s"), "s3://results")
     with pytest.raises(ConfigError, match="s3://BUCKET"):
-        open_archive("s3://", Settings(home=Path("/h"), store="/s"))
+        open_archive(Settings(home=Path("/h"), store="/s"), "s3://")

@@ -9,10 +9,9 @@ import pytest
 
 from mayfly.aggregator import Aggregator
 from mayfly.errors import ConfigError
+from mayfly.settings import Settings
 from mayfly.telemetry import (
-    TelemetryOptions,
     configure_telemetry,
-    telemetry_options_from_env,
 )
 
 from .conftest import PUBLISHER_SPAN_ID, TRACE_ID, device, rejection, result
@@ -83,17 +82,24 @@ def test_an_endpoint_that_is_not_a_url_is_a_config_error() -> None:
 
 def test_options_from_the_environment(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert telemetry_options_from_env(home, {}) == TelemetryOptions(
-        trace_file=home / "telemetry" / "traces.jsonl"
+    base = {"MAYFLY_HOME": str(home)}
+    settings = Settings.from_env(base)
+    assert (settings.otlp_endpoint, settings.trace_file, settings.otlp_metrics_endpoint) == (
+        None,
+        home / "telemetry" / "traces.jsonl",
+        None,
     )
-    assert telemetry_options_from_env(
-        home, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
-    ) == TelemetryOptions(otlp_endpoint="http://127.0.0.1:4318")
-    with_metrics = telemetry_options_from_env(
-        home,
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_METRICS_EXPORTER": "otlp"},
+    to_jaeger = Settings.from_env(base | {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
+    assert (to_jaeger.otlp_endpoint, to_jaeger.trace_file, to_jaeger.otlp_metrics_endpoint) == (
+        "http://127.0.0.1:4318",
+        None,
+        None,
     )
-    assert with_metrics.metrics_endpoint == "http://collector:4318"
-    assert telemetry_options_from_env(
-        home, {"MAYFLY_TRACE_FILE": str(tmp_path / "t.jsonl")}
+    with_metrics = Settings.from_env(
+        base
+        | {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_METRICS_EXPORTER": "otlp"},
+    )
+    assert with_metrics.otlp_metrics_endpoint == "http://collector:4318"
+    assert Settings.from_env(
+        base | {"MAYFLY_TRACE_FILE": str(tmp_path / "t.jsonl")}
     ).trace_file == (tmp_path / "t.jsonl")

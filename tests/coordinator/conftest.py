@@ -5,24 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mayfly.backends import open_repository
+from mayfly.app.wiring import open_repository
 from mayfly.coordinator import Coordinator, CoordinatorOptions
 from mayfly.devices.http import HttpDriver
 from mayfly.devices.sim import Simulator, SimulatorServer
-from mayfly.packages import (
-    PackageRepository,
-    build_package,
-    generate_keypair,
-    load_private_key,
-    sign_built,
-)
+from mayfly.packages import PackageRepository
 from mayfly.settings import Settings
+from mayfly.testing import publish_folder, publish_folders
 
 TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
 
@@ -36,7 +31,8 @@ class Env:
     results: Path
 
     def variables(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MAYFLY_", "TASK_"))}
+        # os.environ is already clean: tests/conftest.py's isolated_environment.
+        env = dict(os.environ)
         env.update(
             MAYFLY_HOME=str(self.home),
             MAYFLY_INVENTORY=str(self.inventory),
@@ -51,23 +47,22 @@ class Env:
         return open_repository(self.settings())
 
     def publish(self, folder: Path) -> None:
-        built = build_package(folder)
-        key = load_private_key(self.home / "keys" / "signing.key")
-        repo = self.repository()
-        repo.publish(built, sign_built(key, built))
-        repo.promote(built.manifest.name, built.manifest.version, "stable")
+        publish_folder(self.settings(), folder)
 
     def coordinator(self, **options: object) -> Coordinator:
         settings = self.settings()
-        from mayfly.backends import load_inventory
+        from mayfly.app.wiring import load_inventory
 
         return Coordinator(
             self.repository(),
             inventory=lambda: load_inventory(settings),
             driver_factory=HttpDriver,
             options=CoordinatorOptions(
-                cache_dir=settings.package_cache, mode="test", retry_backoff_s=0.05, **options
-            ),  # type: ignore[arg-type]
+                cache_dir=settings.package_cache,
+                mode="test",
+                retry_backoff_s=0.05,
+                **options,  # type: ignore[arg-type]
+            ),
         )
 
     def result_events(self) -> list[dict[str, object]]:
@@ -78,11 +73,13 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
-    home = tmp_path / "home"
-    generate_keypair(home / "keys" / "signing.key", home / "trusted" / "signing.pub")
-    e = Env(home=home, inventory=tmp_path / "inventory.json", results=tmp_path / "results.jsonl")
-    for name in ("reboot", "firmware-update", "config-push"):
-        e.publish(TASKPKGS / name)
+    e = Env(
+        home=tmp_path / "home",
+        inventory=tmp_path / "inventory.json",
+        results=tmp_path / "results.jsonl",
+    )
+    names = ("reboot", "firmware-update", "config-push")
+    publish_folders(e.settings(), [TASKPKGS / name for name in names])
     return e
 
 
@@ -108,7 +105,7 @@ def fleet(env: Env) -> Iterator[FleetFactory]:
 
 
 def write_package(
-    folder: Path, manifest: dict[str, object], code: str, module: str = "task"
+    folder: Path, manifest: Mapping[str, object], code: str, module: str = "task"
 ) -> Path:
     if folder.exists():
         shutil.rmtree(folder)

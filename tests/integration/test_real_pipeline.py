@@ -23,9 +23,12 @@ from click.testing import CliRunner
 from kafka import KafkaProducer
 
 from mayfly.aggregator import Aggregator
-from mayfly.backends import open_event_log, open_repository
+from mayfly.aggregator.ingest import Ingest
+from mayfly.app.local import Runtime
+from mayfly.app.wiring import open_event_log
 from mayfly.cli import cli
 from mayfly.devices.sim import Simulator, SimulatorServer
+from mayfly.eventlog.publisher import publish_request
 from mayfly.events import (
     MayflyEvent,
     TaskCompleted,
@@ -34,11 +37,9 @@ from mayfly.events import (
     new_request,
     to_http,
 )
-from mayfly.packages import build_package, generate_keypair, load_private_key, sign_built
-from mayfly.runtime.app import Runtime
-from mayfly.runtime.publisher import publish_request
 from mayfly.settings import Settings
 from mayfly.telemetry import configure_telemetry
+from mayfly.testing import publish_folders
 
 from ..conftest import JaegerServer, S3Server
 
@@ -63,7 +64,8 @@ def stack(
 ) -> Iterator[Stack]:
     server, bucket = s3_bucket
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAYFLY_", "TASK_"))}
+    # os.environ is already clean: tests/conftest.py's isolated_environment.
+    env = dict(os.environ)
     env |= {
         "MAYFLY_HOME": str(home),
         "MAYFLY_INVENTORY": str(tmp_path / "inventory.json"),
@@ -75,13 +77,7 @@ def stack(
         "MAYFLY_S3_SECRET_KEY": server.secret_key,
     }
     settings = Settings.from_env(env)
-    generate_keypair(settings.signing_key_path, home / "trusted" / "signing.pub")
-    repo = open_repository(settings)
-    key = load_private_key(settings.signing_key_path)
-    for name in ("reboot", "config-push"):
-        built = build_package(ROOT / "taskpkgs" / name)
-        repo.publish(built, sign_built(key, built))
-        repo.promote(name, built.manifest.version, "stable")
+    publish_folders(settings, [ROOT / "taskpkgs" / "reboot", ROOT / "taskpkgs" / "config-push"])
     with SimulatorServer(Simulator(12, reboot_time=0.05)) as sim_server:
         Path(settings.inventory).write_bytes(sim_server.inventory().to_json())
         yield Stack(settings, sim_server.simulator, jaeger, kafka_bootstrap)
@@ -126,7 +122,7 @@ def test_requests_run_from_kafka_with_packages_from_s3_and_traces_in_jaeger(
             telemetry.tracer(), telemetry.meter(), None, destination=stack.settings.topics.results
         )
     )
-    runtime = Runtime(stack.settings, on_results=results)
+    runtime = Runtime(stack.settings, ingest=Ingest(None, on_events=results))
     runtime.start()
     try:
         publisher = telemetry.tracer("mayfly.publisher")
@@ -237,7 +233,7 @@ def test_producers_that_are_not_mayfly(stack: Stack) -> None:
         producer.close()
 
     results = _Collector()
-    runtime = Runtime(stack.settings, on_results=results)
+    runtime = Runtime(stack.settings, ingest=Ingest(None, on_events=results))
     runtime.start()
     try:
         _run_until(runtime, lambda: len(results.events) + len(results.anonymous) >= 4, 90)
@@ -273,7 +269,7 @@ def test_a_paused_broker_delays_requests_but_loses_none(stack: Stack) -> None:
         ).stdout.strip()
     )
     results = _Collector()
-    runtime = Runtime(stack.settings, on_results=results)
+    runtime = Runtime(stack.settings, ingest=Ingest(None, on_events=results))
     runtime.start()
     sent = [new_request("reboot", devices=[f"sim-{i:04d}"]) for i in range(1, 13)]
     try:

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from mayfly.backends import open_repository
 from mayfly.devices.sim import Simulator, SimulatorServer
+from mayfly.eventlog.sqlite import SqliteEventLog
 from mayfly.events import TaskCompleted, TaskRejected, from_kafka
-from mayfly.packages import build_package, generate_keypair, load_private_key, sign_built
-from mayfly.runtime.eventlog import RESULTS_TOPIC
-from mayfly.runtime.sqlitelog import SqliteEventLog
 from mayfly.settings import Settings
+from mayfly.testing import publish_folders
+from mayfly.topics import Topics
 
 TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
 
@@ -31,18 +30,13 @@ class Home:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MAYFLY_", "TASK_"))}
+        # os.environ is already clean: tests/conftest.py's isolated_environment.
+        env = dict(os.environ)
         env |= {"MAYFLY_HOME": str(self.root), "MAYFLY_INVENTORY": str(self.inventory)}
         return env | extra
 
     def settings(self, **extra: str) -> Settings:
         return Settings.from_env(self.env(**extra))
-
-    def publish_package(self, folder: Path) -> None:
-        built = build_package(folder)
-        repo = open_repository(self.settings())
-        repo.publish(built, sign_built(load_private_key(self.root / "keys" / "signing.key"), built))
-        repo.promote(built.manifest.name, built.manifest.version, "stable")
 
     def log(self) -> SqliteEventLog:
         return SqliteEventLog(self.root / "events.db")
@@ -61,7 +55,7 @@ class Home:
         """Every request id with a result on the results topic."""
         log = self.log()
         try:
-            consumer = log.consumer(f"test-{time.monotonic_ns()}", RESULTS_TOPIC)
+            consumer = log.consumer(f"test-{time.monotonic_ns()}", Topics().results)
             found: dict[str, TaskCompleted | TaskRejected] = {}
             while records := consumer.poll(1000, 0.0):
                 for record in records:
@@ -84,11 +78,8 @@ class Home:
 
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Home]:
-    root = tmp_path / "home"
-    generate_keypair(root / "keys" / "signing.key", root / "trusted" / "signing.pub")
-    h = Home(root=root, inventory=tmp_path / "inventory.json")
-    for name in ("reboot", "config-push"):
-        h.publish_package(TASKPKGS / name)
+    h = Home(root=tmp_path / "home", inventory=tmp_path / "inventory.json")
+    publish_folders(h.settings(), [TASKPKGS / "reboot", TASKPKGS / "config-push"])
     yield h
     for process in h.processes:
         if process.poll() is None:

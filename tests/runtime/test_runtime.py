@@ -10,11 +10,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from mayfly.app.local import Runtime
 from mayfly.devices import idempotency_key
 from mayfly.devices.sim import SimulatorServer
+from mayfly.eventlog.publisher import publish_request
 from mayfly.events import TaskCompleted, new_request
-from mayfly.runtime.app import Runtime
-from mayfly.runtime.publisher import publish_request
 
 from .conftest import Home
 

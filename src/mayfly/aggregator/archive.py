@@ -33,29 +33,24 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Protocol, TypeAlias, runtime_checkable
 
-from mayfly.errors import ConfigError, EventError, StoreError
+from mayfly.errors import EventError, StoreError
 from mayfly.events import TASK_COMPLETED, TASK_REJECTED, TaskCompleted, TaskRejected
 from mayfly.packages import PackageStore
-from mayfly.settings import Settings
 
 __all__ = [
-    "ENV_ARCHIVE",
     "ArchivedEvent",
     "BucketResultArchive",
     "LocalResultArchive",
     "ResultArchive",
     "archive_key",
-    "archive_location_from_env",
     "decode_archived",
     "dedupe_key",
     "encode_archived",
     "event_time",
-    "open_archive",
 ]
 
 #: Where results are archived: a folder, or ``s3://BUCKET[/PREFIX]``.
 #: Default ``$MAYFLY_HOME/archive``.
-ENV_ARCHIVE = "MAYFLY_ARCHIVE"
 
 ArchivedEvent: TypeAlias = TaskCompleted | TaskRejected
 
@@ -370,35 +365,3 @@ class BucketResultArchive:
                 yield decode_archived(blob)
             except EventError as exc:
                 _LOG.warning("%s: skipped an unreadable object (%s)", key, exc)
-
-
-# --- Edge helpers ---------------------------------------------------------------
-
-
-def archive_location_from_env(home: Path, environ: Mapping[str, str] | None = None) -> str:
-    """``MAYFLY_ARCHIVE``, else ``$MAYFLY_HOME/archive``."""
-    env = os.environ if environ is None else environ
-    return env.get(ENV_ARCHIVE) or str(home / "archive")
-
-
-def open_archive(
-    location: str, settings: Settings, *, create_bucket: bool = False
-) -> ResultArchive:
-    """The archive at ``location``: a folder, or ``s3://BUCKET[/PREFIX]``.
-
-    S3 credentials and endpoint come from ``settings`` (``MAYFLY_S3_*``); the
-    prefix defaults to ``archive``.
-
-    Raises:
-        ConfigError: for an s3:// location without a bucket or S3 settings.
-    """
-    if not location.startswith("s3://"):
-        return LocalResultArchive(Path(location).expanduser())
-    bucket, _, prefix = location.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise ConfigError(f"{ENV_ARCHIVE}={location!r}: expected s3://BUCKET[/PREFIX]")
-    # Imported here: backends pulls in the package store, only needed for S3.
-    from mayfly.backends import open_s3_store
-
-    store = open_s3_store(settings, bucket, create_bucket=create_bucket)
-    return BucketResultArchive(store, prefix.strip("/") or "archive")

@@ -114,10 +114,6 @@ class Aggregator:
         """Results waiting for missing parts."""
         return len(self._pending)
 
-    def seen(self, event: ArchivedEvent) -> bool:
-        """Whether this event's request was already processed here."""
-        return dedupe_key(event) in self._processed
-
     def handle(
         self, event: TaskCompleted | TaskRejected, *, destination: str | None = None
     ) -> Outcome:

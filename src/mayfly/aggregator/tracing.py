@@ -63,11 +63,12 @@ from mayfly.events import (
     TaskCompleted,
     TaskRejected,
 )
+from mayfly.topics import Topics
 
 __all__ = ["DEFAULT_DESTINATION", "ResultTracer"]
 
 #: Topic results arrive on unless the caller says otherwise.
-DEFAULT_DESTINATION = "mayfly.results"
+DEFAULT_DESTINATION = Topics().results
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)

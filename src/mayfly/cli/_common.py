@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-import os
+import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from mayfly.errors import MayflyError
-from mayfly.settings import (
-    ENV_HOME,
-    ENV_S3_ENDPOINT,
-    ENV_STORE,
-    ENV_TRUSTED_KEYS,
-    Settings,
-)
+from mayfly.errors import ConfigError, MayflyError
+from mayfly.settings import Option, Settings, option
 
-__all__ = ["MayflyGroup", "fail", "settings_from", "settings_options"]
+__all__ = [
+    "PACKAGE_SETTINGS",
+    "S3_SETTINGS",
+    "MayflyGroup",
+    "fail",
+    "load_settings",
+    "settings_options",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Settings that reach an S3 server.
+S3_SETTINGS = ("s3_endpoint", "s3_access_key", "s3_region")
+#: Settings of the commands that read packages from the store.
+PACKAGE_SETTINGS = ("home", "store", *S3_SETTINGS, "trusted_keys")
 
 _HINTS: dict[str, str] = {
     "IntegrityError": "the package was refused; do not run it. Re-publish from a trusted build.",
@@ -29,12 +34,11 @@ _HINTS: dict[str, str] = {
     "PackageNotFoundError": "see what exists with `mayfly pkg list`.",
     "ImmutableVersionError": "published bytes stay as they are; bump the version.",
     "StoreError": "check the store location and that the server is reachable.",
-    "ConfigError": "see `mayfly --help` for the environment variables.",
 }
 
 
 class MayflyGroup(click.Group):
-    """A click group that turns :class:`MayflyError` into a message and exit 1."""
+    """A click group that turns :class:`MayflyError` into a message and an exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -44,49 +48,60 @@ class MayflyGroup(click.Group):
 
 
 def fail(exc: MayflyError) -> None:
-    """Print what went wrong and what to do, then exit 1."""
+    """Print what went wrong and what to do, then exit: 2 for a configuration
+    error (one line: it names the setting), else 1."""
     label = "refused" if type(exc).__name__ == "IntegrityError" else "error"
     click.secho(f"{label}: {exc}", err=True, fg="red")
+    if isinstance(exc, ConfigError):
+        raise SystemExit(2)
     hint = _HINTS.get(type(exc).__name__)
     if hint:
         click.echo(f"hint: {hint}", err=True)
     raise SystemExit(1)
 
 
-def settings_options(fn: F) -> F:
-    """Flags mirroring the environment variables a package command reads."""
-    fn = click.option(
-        "--trusted",
-        "trusted",
-        multiple=True,
-        type=click.Path(path_type=str),
-        help=f"Trusted public key file or folder (repeatable). Env: {ENV_TRUSTED_KEYS}.",
-    )(fn)
-    fn = click.option(
-        "--s3-endpoint", help=f"S3 endpoint URL for an s3:// store. Env: {ENV_S3_ENDPOINT}."
-    )(fn)
-    fn = click.option("--store", help=f"Package store: a folder or s3://BUCKET. Env: {ENV_STORE}.")(
-        fn
-    )
-    fn = click.option(
-        "--home", type=click.Path(path_type=str), help=f"Mayfly's folder. Env: {ENV_HOME}."
-    )(fn)
-    return fn
+def load_settings(flags: dict[str, Any] | None = None) -> Settings:
+    """Settings from the environment, with the given flags taking precedence.
+
+    Raises:
+        ConfigError: naming the variable or flag at fault.
+    """
+    return Settings.from_env(None, flags or {})
 
 
-def settings_from(
-    home: str | None = None,
-    store: str | None = None,
-    s3_endpoint: str | None = None,
-    trusted: tuple[str, ...] = (),
-) -> Settings:
-    """Settings from the environment, with flags taking precedence."""
-    env: dict[str, str] = dict(os.environ)
-    if home:
-        # --home moves every default under it, exactly as MAYFLY_HOME would.
-        env[ENV_HOME] = home
-    return Settings.from_env(env).replace(
-        store=store,
-        s3_endpoint=s3_endpoint,
-        trusted_keys=tuple(Path(t) for t in trusted) or None,
-    )
+def _param(field: str) -> str:
+    return f"setting_{field}"
+
+
+def _click_option(opt: Option) -> Callable[[F], F]:
+    assert opt.flag is not None
+    text = f"{opt.help[0].upper()}{opt.help[1:]}. [env: {opt.env}; default: {opt.default}]"
+    kinds: dict[str, dict[str, Any]] = {
+        "text": {},
+        "path": {"type": click.Path(path_type=str)},
+        "count": {"type": click.IntRange(1, 256)},
+        "paths": {"type": click.Path(path_type=str), "multiple": True},
+    }
+    return click.option(opt.flag, _param(opt.field), help=text, **kinds[opt.kind])
+
+
+def settings_options(*fields: str) -> Callable[[F], F]:
+    """Add the flags of these settings (from :data:`mayfly.settings.OPTIONS`) and
+    hand the command one resolved ``settings: Settings`` instead of them.
+
+    Every flag's help names its environment variable; a flag wins over it.
+    """
+    options = [option(f) for f in fields]
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            flags = {o.field: kwargs.pop(_param(o.field), None) for o in options if o.flag}
+            return fn(*args, settings=load_settings(flags), **kwargs)
+
+        for opt in reversed(options):
+            if opt.flag is not None:
+                command = _click_option(opt)(command)
+        return command  # type: ignore[return-value]
+
+    return decorate

@@ -68,7 +68,7 @@ def demo(
     says where the traces are (Jaeger when OTEL_EXPORTER_OTLP_ENDPOINT is set,
     else an OTLP-JSON file). Exits 0 only when every request is accounted for.
     """
-    from mayfly.demo import DemoPlan, run_demo
+    from mayfly.app.demo import DemoPlan, run_demo
 
     plan = DemoPlan(
         home=home.absolute(),

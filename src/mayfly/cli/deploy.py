@@ -10,8 +10,8 @@ import click
 import yaml
 
 from mayfly import __version__
-from mayfly.backends import open_repository
-from mayfly.cli._common import settings_from, settings_options
+from mayfly.app.wiring import open_repository
+from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
 from mayfly.deploy import (
     DEFAULT_IMAGE,
     DeployOptions,
@@ -23,6 +23,7 @@ from mayfly.deploy import (
 from mayfly.deploy.render import Shape
 from mayfly.errors import DeployError
 from mayfly.packages.manifest import MANIFEST_FILE, Manifest, load_manifest
+from mayfly.settings import Settings
 
 __all__ = ["deploy", "dump_yaml"]
 
@@ -39,9 +40,7 @@ def dump_yaml(resources: list[Resource]) -> str:
     return yaml.dump_all(resources, Dumper=_NoAliases, sort_keys=False, default_flow_style=False)
 
 
-def _manifest(
-    task: str, version: str | None, channel: str | None, opts: dict[str, Any]
-) -> Manifest:
+def _manifest(task: str, version: str | None, channel: str | None, settings: Settings) -> Manifest:
     folder = Path(task)
     if (folder / MANIFEST_FILE).is_file():
         # A package folder: what `mayfly pkg build` would build. Handy before publishing;
@@ -51,12 +50,6 @@ def _manifest(
         return load_manifest(folder)
     if "/" in task:
         raise DeployError(f"{task}: no {MANIFEST_FILE} there, and it is not a task name")
-    settings = settings_from(
-        home=opts["home"],
-        store=opts["store"],
-        s3_endpoint=opts["s3_endpoint"],
-        trusted=opts["trusted"],
-    )
     # Fetched, not just read: a package that fails its signature is not deployed.
     return open_repository(settings).fetch(task, version or channel).manifest
 
@@ -100,7 +93,7 @@ def _manifest(
     help="The cluster's max-revision-timeout-seconds.",
 )
 @click.option("--print-kn", is_flag=True, help="Print the equivalent `kn service create`.")
-@settings_options
+@settings_options(*PACKAGE_SETTINGS)
 def deploy(
     task: str,
     version: str | None,
@@ -118,7 +111,7 @@ def deploy(
     shape: str | None,
     max_revision_timeout: int,
     print_kn: bool,
-    **opts: Any,
+    settings: Settings,
 ) -> None:
     """Render the Knative resources for TASK, a published task type (or a package folder).
 
@@ -131,7 +124,7 @@ def deploy(
         raise click.UsageError("give --version or --channel, not both")
     if dry_run and not apply_:
         raise click.UsageError("--dry-run goes with --apply")
-    manifest = _manifest(task, version, channel, opts)
+    manifest = _manifest(task, version, channel, settings)
     options = DeployOptions(
         image=image,
         namespace=namespace,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
-from mayfly.backends import load_trusted_keys, open_repository
-from mayfly.cli._common import settings_from, settings_options
+from mayfly.app.wiring import load_trusted_keys, open_repository
+from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
 from mayfly.errors import IntegrityError, PackageError
 from mayfly.packages import (
     BuiltPackage,
@@ -23,18 +22,9 @@ from mayfly.packages import (
     sign_built,
     verify_package,
 )
-from mayfly.settings import ENV_SIGNING_KEY, Settings
+from mayfly.settings import Settings
 
 __all__ = ["pkg"]
-
-
-def _settings(opts: dict[str, Any]) -> Settings:
-    return settings_from(
-        home=opts.get("home"),
-        store=opts.get("store"),
-        s3_endpoint=opts.get("s3_endpoint"),
-        trusted=opts.get("trusted", ()),
-    )
 
 
 def _load_built(path: Path) -> BuiltPackage:
@@ -48,12 +38,8 @@ def _load_built(path: Path) -> BuiltPackage:
     return BuiltPackage(read_manifest_from_archive(data), data, digest_of(data))
 
 
-key_option = click.option(
-    "--key",
-    "key_path",
-    type=click.Path(path_type=Path),
-    help=f"Private signing key. Env: {ENV_SIGNING_KEY}. Default: $MAYFLY_HOME/keys/signing.key.",
-)
+#: The package commands that sign also take the signing key.
+_SIGNING_SETTINGS = (*PACKAGE_SETTINGS, "signing_key")
 
 
 @click.group()
@@ -75,14 +61,13 @@ def pkg() -> None:
 @click.option("--name", default="signing", show_default=True, help="File name stem of the keys.")
 @click.option("--force", is_flag=True, help="Replace existing keys.")
 @click.option("--no-trust", is_flag=True, help="Do not add the public key to the trusted keys.")
-@settings_options
-def keygen(out: Path | None, name: str, force: bool, no_trust: bool, **opts: Any) -> None:
+@settings_options(*PACKAGE_SETTINGS)
+def keygen(out: Path | None, name: str, force: bool, no_trust: bool, settings: Settings) -> None:
     """Create an Ed25519 signing key pair.
 
     The private key is written with mode 0600; the public key is also copied
     into $MAYFLY_HOME/trusted so this machine accepts what it signs.
     """
-    settings = _settings(opts)
     folder = out or settings.signing_key_path.parent
     private, public = folder / f"{name}.key", folder / f"{name}.pub"
     kid = generate_keypair(private, public, overwrite=force)
@@ -113,13 +98,11 @@ def build(folder: Path, output: Path | None) -> None:
 
 @pkg.command("sign")
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@key_option
-@settings_options
-def sign_cmd(archive: Path, key_path: Path | None, **opts: Any) -> None:
+@settings_options(*_SIGNING_SETTINGS)
+def sign_cmd(archive: Path, settings: Settings) -> None:
     """Sign ARCHIVE, writing ARCHIVE.sig beside it."""
-    settings = _settings(opts)
     built = _load_built(archive)
-    sig = sign_built(load_private_key(key_path or settings.signing_key_path), built)
+    sig = sign_built(load_private_key(settings.signing_key_path), built)
     out = archive.with_name(archive.name + ".sig")
     out.write_bytes(sig.to_json())
     click.echo(f"signed {built.manifest.name} {built.manifest.version} with key {sig.key_id}")
@@ -134,22 +117,20 @@ def sign_cmd(archive: Path, key_path: Path | None, **opts: Any) -> None:
     show_default=True,
     help="Channel to point at this version ('' for none).",
 )
-@key_option
-@settings_options
-def publish(source: Path, channel: str, key_path: Path | None, **opts: Any) -> None:
+@settings_options(*_SIGNING_SETTINGS)
+def publish(source: Path, channel: str, settings: Settings) -> None:
     """Publish SOURCE (a package folder or a built archive) to the store.
 
     A folder is built and signed on the fly; an archive uses ARCHIVE.sig if it
     exists. Versions are immutable: the same bytes again is a no-op, other
     bytes under a published version are refused.
     """
-    settings = _settings(opts)
     built = _load_built(source)
     sig_file = source.with_name(source.name + ".sig")
     if source.is_file() and sig_file.exists():
         sig = Signature.from_json(sig_file.read_bytes())
     else:
-        sig = sign_built(load_private_key(key_path or settings.signing_key_path), built)
+        sig = sign_built(load_private_key(settings.signing_key_path), built)
     repo = open_repository(settings)
     result = repo.publish(built, sig)
     m = result.manifest
@@ -163,10 +144,9 @@ def publish(source: Path, channel: str, key_path: Path | None, **opts: Any) -> N
 
 @pkg.command("list")
 @click.argument("name", required=False)
-@settings_options
-def list_cmd(name: str | None, **opts: Any) -> None:
+@settings_options(*PACKAGE_SETTINGS)
+def list_cmd(name: str | None, settings: Settings) -> None:
     """List published packages, or the versions of NAME with digests and channels."""
-    settings = _settings(opts)
     repo = open_repository(settings)
     names = [name] if name else repo.packages()
     if not names:
@@ -185,10 +165,9 @@ def list_cmd(name: str | None, **opts: Any) -> None:
 @click.argument("name")
 @click.argument("version")
 @click.argument("channel")
-@settings_options
-def promote(name: str, version: str, channel: str, **opts: Any) -> None:
+@settings_options(*PACKAGE_SETTINGS)
+def promote(name: str, version: str, channel: str, settings: Settings) -> None:
     """Point CHANNEL of package NAME at VERSION (which must verify)."""
-    settings = _settings(opts)
     repo = open_repository(settings)
     previous = repo.promote(name, version, channel)
     click.echo(f"{name} channel {channel}: {previous or '(new)'} -> {version}")
@@ -202,14 +181,13 @@ def promote(name: str, version: str, channel: str, **opts: Any) -> None:
     type=click.Path(path_type=Path),
     help="Signature file for an archive (default ARCHIVE.sig).",
 )
-@settings_options
-def verify(target: str, sig_path: Path | None, **opts: Any) -> None:
+@settings_options(*PACKAGE_SETTINGS)
+def verify(target: str, sig_path: Path | None, settings: Settings) -> None:
     """Verify TARGET: an archive file, or NAME[@VERSION|@CHANNEL] in the store.
 
     Checks the archive's sha256 against the signed digest and the Ed25519
     signature against the trusted keys. Exits 1 and says why when refused.
     """
-    settings = _settings(opts)
     trusted = load_trusted_keys(settings)
     path = Path(target)
     if path.is_file():
@@ -236,10 +214,9 @@ def verify(target: str, sig_path: Path | None, **opts: Any) -> None:
     type=click.Path(path_type=Path),
     help="Folder to extract into (default: the package cache).",
 )
-@settings_options
-def fetch(ref: str, dest: Path | None, **opts: Any) -> None:
+@settings_options(*PACKAGE_SETTINGS)
+def fetch(ref: str, dest: Path | None, settings: Settings) -> None:
     """Fetch NAME[@VERSION|@CHANNEL], verify it, and extract it safely."""
-    settings = _settings(opts)
     name, version = parse_ref(ref)
     fetched = open_repository(settings).fetch(name, version)
     path = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,10 +10,11 @@ from typing import NoReturn
 
 import click
 
-from mayfly.aggregator.archive import ENV_ARCHIVE, archive_location_from_env, open_archive
 from mayfly.aggregator.insights import compute_insights, insights_to_json
 from mayfly.aggregator.render import render_html, render_png, render_text
-from mayfly.settings import ENV_HOME, ENV_S3_ENDPOINT, Settings
+from mayfly.app.wiring import open_archive
+from mayfly.cli._common import S3_SETTINGS, settings_options
+from mayfly.settings import Settings
 
 __all__ = ["parse_duration", "parse_moment", "report"]
 
@@ -117,15 +117,7 @@ def _fail(message: str, hint: str) -> NoReturn:
     " with the plot and the tables.",
 )
 @click.option("--bucket", type=_Bucket(), help="Width of the plot's time buckets (default: auto).")
-@click.option(
-    "--archive",
-    help=f"Result archive: a folder or s3://BUCKET[/PREFIX]. Env: {ENV_ARCHIVE}."
-    " Default: $MAYFLY_HOME/archive.",
-)
-@click.option("--home", type=click.Path(path_type=str), help=f"Mayfly's folder. Env: {ENV_HOME}.")
-@click.option(
-    "--s3-endpoint", help=f"S3 endpoint URL for an s3:// archive. Env: {ENV_S3_ENDPOINT}."
-)
+@settings_options("home", "archive", *S3_SETTINGS)
 def report(
     since: datetime | None,
     until: datetime | None,
@@ -134,9 +126,7 @@ def report(
     as_json: bool,
     plot: Path | None,
     bucket: timedelta | None,
-    archive: str | None,
-    home: str | None,
-    s3_endpoint: str | None,
+    settings: Settings,
 ) -> None:
     """Show how task types and devices fared, from the archived results.
 
@@ -153,12 +143,7 @@ def report(
     """
     if plot is not None and plot.suffix.lower() not in (".png", ".html", ".htm"):
         raise click.BadParameter("the plot file must end in .png or .html", param_hint="--plot")
-    env = dict(os.environ)
-    if home:
-        env[ENV_HOME] = home
-    settings = Settings.from_env(env).replace(s3_endpoint=s3_endpoint)
-    location = archive or archive_location_from_env(settings.home, env)
-    source = open_archive(location, settings)
+    source = open_archive(settings)
     insights = compute_insights(
         source.read(since=since, until=until, task=task), top=top, bucket=bucket
     )

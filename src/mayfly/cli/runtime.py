@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mayfly.backends import open_event_log
-from mayfly.cli._common import settings_from
-from mayfly.coordinator.entry import summarize
+from mayfly.app.wiring import open_event_log
+from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
+from mayfly.coordinator import summarize
 from mayfly.errors import EventError
+from mayfly.eventlog.publisher import publish_request
 from mayfly.events import (
     MayflyEvent,
     Priority,
@@ -22,23 +22,24 @@ from mayfly.events import (
     TaskRejected,
     new_request,
 )
-from mayfly.runtime.publisher import publish_request
-from mayfly.settings import ENV_EVENT_LOG, ENV_MAX_COORDINATORS, ENV_PER_TASK_CAP, Settings
+from mayfly.settings import Settings
 
 __all__ = ["publish", "up"]
 
-event_log_option = click.option(
-    "--event-log",
-    help="Event log: kafka://HOST:PORT, or a SQLite file (default $MAYFLY_HOME/events.db). "
-    f"Env: {ENV_EVENT_LOG}.",
+#: What `mayfly up` runs on: the event log, packages, devices, limits, telemetry.
+_UP_SETTINGS = (
+    *PACKAGE_SETTINGS,
+    "event_log",
+    "topic_prefix",
+    "inventory",
+    "max_processes",
+    "max_coordinators",
+    "per_task_cap",
+    "archive",
+    "otlp_endpoint",
+    "otlp_metrics_endpoint",
+    "trace_file",
 )
-home_option = click.option(
-    "--home", type=click.Path(path_type=str), help="Mayfly's folder. Env: MAYFLY_HOME."
-)
-
-
-def _settings(home: str | None, event_log: str | None, **changes: Any) -> Settings:
-    return settings_from(home=home).replace(event_log=event_log, **changes)
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -109,14 +110,7 @@ def _from_file(path: Path) -> list[dict[str, Any]]:
     help="Requests from a JSON file: an object or a list of objects with task, "
     "devices, selector, params, version, channel, priority.",
 )
-@event_log_option
-@home_option
-@click.option(
-    "--otlp-endpoint",
-    envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
-    help="OTLP/HTTP endpoint: start each request's trace with a publish span there and "
-    "print its trace id. Env: OTEL_EXPORTER_OTLP_ENDPOINT.",
-)
+@settings_options("home", "event_log", "topic_prefix", "otlp_endpoint")
 def publish(
     task: str | None,
     devices: tuple[str, ...],
@@ -128,11 +122,12 @@ def publish(
     priority: str,
     count: int,
     file: Path | None,
-    event_log: str | None,
-    home: str | None,
-    otlp_endpoint: str | None,
+    settings: Settings,
 ) -> None:
     """Publish task requests for TASK (or from --file) to the event log.
+
+    With an OTLP endpoint, each request's trace starts with a publish span
+    there and its trace id is printed.
 
     \b
     Examples:
@@ -182,12 +177,11 @@ def publish(
             )
         except EventError as exc:
             raise click.BadParameter(str(exc)) from exc
-    settings = _settings(home, event_log)
     telemetry = None
-    if otlp_endpoint:
+    if settings.otlp_endpoint:
         from mayfly.telemetry import configure_telemetry
 
-        telemetry = configure_telemetry("mayfly-publisher", otlp_endpoint=otlp_endpoint)
+        telemetry = configure_telemetry("mayfly-publisher", otlp_endpoint=settings.otlp_endpoint)
     log = open_event_log(settings)
     try:
         for request in requests_:
@@ -216,71 +210,36 @@ def _print_result(event: MayflyEvent) -> None:
 
 
 @click.command()
-@event_log_option
-@home_option
-@click.option(
-    "--max-coordinators",
-    type=click.IntRange(1, 256),
-    help=f"Coordinator processes at once. Env: {ENV_MAX_COORDINATORS}.",
-)
-@click.option(
-    "--per-task-cap",
-    type=click.IntRange(1, 256),
-    help=f"Coordinators of one task type at once. Env: {ENV_PER_TASK_CAP}.",
-)
-@click.option("--store", help="Package store: a folder or s3://BUCKET. Env: MAYFLY_STORE.")
-@click.option("--s3-endpoint", help="S3 endpoint URL for s3:// stores. Env: MAYFLY_S3_ENDPOINT.")
-@click.option(
-    "--otlp-endpoint",
-    help="OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318 (Jaeger). "
-    "Env: OTEL_EXPORTER_OTLP_ENDPOINT. Unset: an OTLP-JSON file under MAYFLY_HOME.",
-)
+@settings_options(*_UP_SETTINGS)
 @click.option("-v", "--verbose", is_flag=True, help="Log every dispatch decision.")
-def up(
-    event_log: str | None,
-    home: str | None,
-    max_coordinators: int | None,
-    per_task_cap: int | None,
-    store: str | None,
-    s3_endpoint: str | None,
-    otlp_endpoint: str | None,
-    verbose: bool,
-) -> None:
+def up(settings: Settings, verbose: bool) -> None:
     """Run the local runtime until Ctrl-C: dispatcher, coordinators, aggregator.
 
     Requests published with `mayfly publish` (or any producer writing to the
     event log) are served by priority lane; each one gets its own coordinator
     process, forked from a warm parent, which exits when the request is done.
     """
-    from mayfly.runtime.app import Runtime
+    from mayfly.app.local import Runtime, check_wiring
+    from mayfly.app.wiring import build_aggregator
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    settings = _settings(
-        home,
-        event_log,
-        max_coordinators=max_coordinators,
-        per_task_cap=per_task_cap,
-        store=store,
-        s3_endpoint=s3_endpoint,
-    )
-
-    def on_results(events: list[MayflyEvent]) -> None:
-        aggregate(events)
-        _print_results(events)
-
-    runtime = Runtime(settings, on_results=on_results)
+    # A configuration error is said here, in one line, before anything is forked.
+    check_wiring(settings)
+    runtime = Runtime(settings)
     # Fork the warm parent before telemetry starts its export threads, so no
     # coordinator carries a copy of them.
     runtime.spawner.start()
-    aggregate, telemetry, where = _aggregation(settings, otlp_endpoint)
+    aggregation = build_aggregator(settings, on_events=_print_results)
+    runtime.ingest = aggregation.ingest
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     runtime.start()
     click.echo(
         f"mayfly up: event log {runtime.log.describe()}, "
-        f"{settings.max_coordinators} coordinators at most; {where}; Ctrl-C stops"
+        f"{settings.max_coordinators} coordinators at most; {aggregation.describe()}; "
+        "Ctrl-C stops"
     )
     try:
         runtime.run()
@@ -288,38 +247,4 @@ def up(
         pass
     finally:
         runtime.close()
-        telemetry.flush()
-        telemetry.shutdown()
-
-
-def _aggregation(
-    settings: Settings, otlp_endpoint: str | None = None
-) -> tuple[Callable[[list[MayflyEvent]], None], Any, str]:
-    """The aggregator as the runtime's results consumer: traces, metrics, archive."""
-    from mayfly.aggregator import Aggregator
-    from mayfly.aggregator.archive import archive_location_from_env, open_archive
-    from mayfly.telemetry import configure_telemetry, telemetry_options_from_env
-
-    options = telemetry_options_from_env(settings.home)
-    endpoint = otlp_endpoint or options.otlp_endpoint
-    telemetry = configure_telemetry(
-        "mayfly-aggregator",
-        otlp_endpoint=endpoint,
-        trace_file=None if endpoint else options.trace_file,
-    )
-    archive = open_archive(archive_location_from_env(settings.home), settings)
-    aggregator = Aggregator(
-        telemetry.tracer(),
-        telemetry.meter(),
-        archive,
-        messaging_system=settings.event_log.split(":", 1)[0]
-        if "://" in settings.event_log
-        else "sqlite",
-        destination=settings.topics.results,
-    )
-
-    def aggregate(events: list[MayflyEvent]) -> None:
-        aggregator.handle_many([e for e in events if isinstance(e, TaskCompleted | TaskRejected)])
-
-    where = f"traces to {telemetry.destination}, archive {archive.describe()}"
-    return aggregate, telemetry, where
+        aggregation.close()

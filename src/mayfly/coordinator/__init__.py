@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from mayfly.coordinator.core import Coordinator, CoordinatorOptions, overall_status
-from mayfly.coordinator.entry import ExitCode, build_coordinator, handle_http, run_job
-from mayfly.coordinator.runner import DeviceProgress
+from mayfly.coordinator.pipeline import Handled, RequestPipeline, exit_code_for, summarize
+from mayfly.exitcodes import ExitCode
 
 __all__ = [
     "Coordinator",
     "CoordinatorOptions",
-    "DeviceProgress",
     "ExitCode",
-    "build_coordinator",
-    "handle_http",
+    "Handled",
+    "RequestPipeline",
+    "exit_code_for",
     "overall_status",
-    "run_job",
+    "summarize",
 ]

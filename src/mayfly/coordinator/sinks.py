@@ -1,18 +1,13 @@
-"""Where a coordinator delivers its result: a file, an HTTP sink, or Kafka.
+"""Where a coordinator delivers its result: stdout, a file, an HTTP sink, or an event log.
 
 Every sink returns from :meth:`ResultSink.emit` only once the event is durable
-(fsynced, acknowledged with 2xx, or acknowledged by all in-sync Kafka
-replicas), because the coordinator exits right after and a request whose
-result was lost would look as if it never ran.
+(fsynced, acknowledged with 2xx, or appended to the event log: on Kafka,
+acknowledged by all in-sync replicas), because the coordinator exits right
+after and a request whose result was lost would look as if it never ran.
 
-Targets, as one string (``MAYFLY_RESULT_SINK``, or ``K_SINK`` from a Knative
-SinkBinding):
-
-- ``-``: structured JSON lines on stdout;
-- ``file:PATH`` or a plain path: structured JSON lines appended to PATH;
-- ``http://...`` / ``https://...``: a binary-mode CloudEvent POST;
-- ``kafka://HOST:PORT[,HOST:PORT]/TOPIC``: binary-mode record on TOPIC, and a
-  rejection also on the dead-letter topic.
+Which sink a target string names (``MAYFLY_RESULT_SINK``, or ``K_SINK`` from a
+Knative SinkBinding) is decided by the composition root,
+:func:`mayfly.app.wiring.open_sink`.
 """
 
 from __future__ import annotations
@@ -22,11 +17,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import requests
 
-from mayfly.errors import ConfigError, SinkError
+from mayfly.errors import MayflyError, SinkError
+from mayfly.eventlog import EventLog
 from mayfly.events import (
     MayflyEvent,
     TaskCompleted,
@@ -35,18 +31,15 @@ from mayfly.events import (
     to_http,
     to_kafka_record,
 )
+from mayfly.topics import Topics
 
 __all__ = [
-    "DEAD_LETTER_TOPIC",
+    "EventLogSink",
     "FileSink",
     "HttpSink",
-    "KafkaSink",
     "ResultSink",
     "deliver",
-    "open_sink",
 ]
-
-DEAD_LETTER_TOPIC = "mayfly.deadletter"
 
 
 class ResultSink(Protocol):
@@ -84,11 +77,14 @@ class FileSink:
             sys.stdout.buffer.write(line)
             sys.stdout.buffer.flush()
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("ab") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise SinkError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         pass
@@ -127,60 +123,48 @@ class HttpSink:
                 problem = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code < 500 and response.status_code != 429:
                     break
-            self._sleep(min(0.2 * 2**attempt, 3.0))
+            if attempt + 1 < self._attempts:  # no wait after the last one
+                self._sleep(min(0.2 * 2**attempt, 3.0))
         raise SinkError(f"result sink {self.url} refused the event: {problem}")
 
     def close(self) -> None:
         self._session.close()
 
 
-class KafkaSink:
-    """Produces binary-mode records keyed by partition key, acks from all replicas."""
+class EventLogSink:
+    """Appends binary-mode records keyed by partition key; a rejection also goes to
+    the dead-letter topic.
+
+    Over Kafka this is the event log's one idempotent producer per process
+    (``mayfly.eventlog.kafka``), so a result and the requests share its
+    durability and fork handling.
+    """
 
     def __init__(
-        self, bootstrap: str, topic: str, *, dead_letter_topic: str = DEAD_LETTER_TOPIC
+        self,
+        log: EventLog,
+        topics: Topics | None = None,
+        *,
+        results: str | None = None,
+        owns_log: bool = False,
     ) -> None:
-        from kafka import KafkaProducer  # imported only when Kafka is the sink
-        from kafka.errors import KafkaError
-
-        self.topic = topic
-        self.dead_letter_topic = dead_letter_topic
-        try:
-            self._producer: Any = KafkaProducer(
-                bootstrap_servers=bootstrap.split(","), acks="all", linger_ms=5
-            )
-        except KafkaError as exc:
-            raise SinkError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
-        self._errors: tuple[type[BaseException], ...] = (KafkaError,)
+        topics = topics or Topics()
+        self.log = log
+        self._owns_log = owns_log
+        self.results_topic = results or topics.results
+        self.dead_letter_topic = topics.dead_letter
 
     def emit(self, event: MayflyEvent) -> None:
         key, value, headers = to_kafka_record(event)
-        topics = [self.topic]
-        if isinstance(event, TaskRejected):
-            topics.append(self.dead_letter_topic)
         try:
-            futures = [
-                self._producer.send(t, key=key, value=value, headers=headers) for t in topics
-            ]
-            for future in futures:
-                future.get(timeout=30)
-        except self._errors as exc:
-            raise SinkError(f"Kafka did not acknowledge {event.__class__.__name__}: {exc}") from exc
+            self.log.append(self.results_topic, key, value, headers)
+            if isinstance(event, TaskRejected):
+                self.log.append(self.dead_letter_topic, key, value, headers)
+        except MayflyError as exc:
+            raise SinkError(
+                f"{self.log.describe()} did not take {event.event_type}: {exc}"
+            ) from exc
 
     def close(self) -> None:
-        self._producer.close(timeout=10)
-
-
-def open_sink(target: str) -> ResultSink:
-    """The sink a target string names (see the module docstring)."""
-    if target in ("", "-", "stdout"):
-        return FileSink(None)
-    if target.startswith(("http://", "https://")):
-        return HttpSink(target)
-    if target.startswith("kafka://"):
-        rest = target.removeprefix("kafka://")
-        bootstrap, _, topic = rest.partition("/")
-        if not bootstrap or not topic:
-            raise ConfigError(f"result sink {target!r}: expected kafka://HOST:PORT/TOPIC")
-        return KafkaSink(bootstrap, topic)
-    return FileSink(Path(target.removeprefix("file:")))
+        if self._owns_log:
+            self.log.close()

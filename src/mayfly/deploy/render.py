@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mayfly import __version__
-from mayfly.coordinator.entry import JOBSINK_EVENT_PATH
+from mayfly.coordinator.job import JOBSINK_EVENT_PATH
 from mayfly.errors import DeployError
 from mayfly.events import TASK_REQUESTED, Priority
+from mayfly.exitcodes import ExitCode
 from mayfly.packages.manifest import Manifest
 
 __all__ = [
@@ -303,9 +304,9 @@ def _jobsink(manifest: Manifest, options: DeployOptions) -> Resource:
                     "activeDeadlineSeconds": timeout,
                     "ttlSecondsAfterFinished": 3600,
                     "backoffLimit": options.retries,
-                    # Exit codes of job mode: 3 partial, 4 failed, 5 rejected all mean
-                    # the result was delivered, and 2 is a bad configuration that a
-                    # retry cannot fix: only 6 (result not delivered) and crashes retry.
+                    # Job mode's final exit codes (partial, failed, rejected: the result
+                    # was delivered; a bad configuration, which a retry cannot fix):
+                    # only an undelivered result and crashes retry.
                     "podFailurePolicy": {
                         "rules": [
                             {
@@ -313,7 +314,7 @@ def _jobsink(manifest: Manifest, options: DeployOptions) -> Resource:
                                 "onExitCodes": {
                                     "containerName": "coordinator",
                                     "operator": "In",
-                                    "values": [2, 3, 4, 5],
+                                    "values": ExitCode.final_failure_codes(),
                                 },
                             }
                         ]

@@ -192,6 +192,12 @@ class PackageRepository:
                 found.append(parts[1])
         return sorted(found, key=semver.Version.parse)
 
+    def check(self) -> None:
+        """Ask the store for one key no package has: an unreachable store or bad
+        credentials raise :class:`~mayfly.errors.StoreError` now, not on the first
+        request. Cheaper than a listing, which grows with the bucket."""
+        self.store.get("mayfly-store-check")
+
     def packages(self) -> list[str]:
         names = {key.split("/", 1)[0] for key in self.store.list_keys("")}
         return sorted(n for n in names if _NAME.match(n))

@@ -1,23 +1,7 @@
-"""The local runtime: embedded event log, dispatcher, warm-parent spawner."""
+"""The local runtime's machinery: dispatcher, its policies, warm-parent spawner, state.
+
+The event log it reads is :mod:`mayfly.eventlog`; :mod:`mayfly.app.local`
+wires the whole for ``mayfly up``.
+"""
 
 from __future__ import annotations
-
-from mayfly.runtime.eventlog import (
-    DEAD_LETTER_TOPIC,
-    REQUEST_TOPICS,
-    RESULTS_TOPIC,
-    EventLog,
-    LogConsumer,
-    LogRecord,
-    request_topic,
-)
-
-__all__ = [
-    "DEAD_LETTER_TOPIC",
-    "REQUEST_TOPICS",
-    "RESULTS_TOPIC",
-    "EventLog",
-    "LogConsumer",
-    "LogRecord",
-    "request_topic",
-]

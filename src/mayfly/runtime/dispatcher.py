@@ -14,7 +14,11 @@ What it promises, on the embedded log and on Kafka alike:
   it exits); after a crash the rest is delivered again, requests that already
   have a result are skipped, and devices dedupe repeated actions by key;
 - **poison requests end**: a request whose coordinator keeps crashing is
-  rejected to the dead-letter topic after ``max_crashes`` crashes.
+  retried after a backoff, and rejected to the dead-letter topic after
+  ``max_crashes`` crashes.
+
+The decisions themselves (lane pick, commit progress, crash budget) are pure
+functions in :mod:`mayfly.runtime.policy`; this module applies them.
 """
 
 from __future__ import annotations
@@ -27,20 +31,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 
+from mayfly.coordinator.sinks import EventLogSink
 from mayfly.errors import CoordinatorCrashedError
+from mayfly.eventlog import EventLog, LogConsumer, LogRecord
 from mayfly.events import Priority, peek_attributes, rejection_for
-from mayfly.runtime.eventlog import DEFAULT_TOPICS, EventLog, LogConsumer, LogRecord, Topics
-from mayfly.runtime.logsink import EventLogSink
+from mayfly.exitcodes import ExitCode
+from mayfly.runtime.policy import DEFAULT_WEIGHTS, after_crash, commit_progress, pick_lane
 from mayfly.runtime.spawner import CoordinatorExit, Spawner
 from mayfly.runtime.state import RuntimeState
+from mayfly.topics import Topics
 
-__all__ = ["DEFAULT_WEIGHTS", "Dispatcher", "DispatcherOptions"]
+__all__ = ["DEFAULT_WEIGHTS", "DispatchEvent", "Dispatcher", "DispatcherOptions"]
 
 _LOG = logging.getLogger("mayfly.runtime.dispatcher")
-DEFAULT_WEIGHTS = {Priority.HIGH: 8, Priority.NORMAL: 3, Priority.LOW: 1}
-#: Exit codes after which the result is durable (see mayfly.coordinator.entry).
-_DELIVERED = frozenset({0, 3, 4, 5})
+
+
+class DispatchEvent(StrEnum):
+    """What the dispatcher tells ``on_event`` about."""
+
+    STARTED = "started"
+    FINISHED = "finished"
+    SKIPPED = "skipped"
+    """The request already has a durable result (a redelivery)."""
+    DEAD_LETTERED = "dead_lettered"
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,8 @@ class DispatcherOptions:
     per_task_cap: int = 4
     weights: dict[Priority, int] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     max_crashes: int = 3
+    crash_backoff_s: float = 0.1
+    """First wait before a crashed request starts again; doubles per crash."""
     buffer: int = 64
     """Records read ahead per lane."""
     idle_wait_s: float = 0.01
@@ -62,6 +79,8 @@ class _Pending:
     request_id: str
     task: str
     key: str
+    not_before: float = 0.0
+    """``time.monotonic()`` before which it may not start (a crash's backoff)."""
 
 
 class _Lane:
@@ -73,7 +92,6 @@ class _Lane:
         self.outstanding: dict[int, set[int]] = collections.defaultdict(set)
         self.next_offset: dict[int, int] = dict(consumer.committed())
         self.committed: dict[int, int] = dict(self.next_offset)
-        self.credit = 0
 
     def read(self, record: LogRecord) -> None:
         self.outstanding[record.partition].add(record.offset)
@@ -84,17 +102,8 @@ class _Lane:
         self.commit_progress()
 
     def commit_progress(self) -> None:
-        """Commit, per partition, up to the first record not yet done.
-
-        Records finish out of order (many coordinators at once); committing
-        past an unfinished one would lose it in a crash.
-        """
-        changes: dict[int, int] = {}
-        for partition, next_offset in self.next_offset.items():
-            pending = self.outstanding.get(partition)
-            target = min(pending) if pending else next_offset
-            if target > self.committed.get(partition, 0):
-                changes[partition] = target
+        """Commit, per partition, up to the first record not yet done."""
+        changes = commit_progress(self.next_offset, self.outstanding, self.committed)
         if changes:
             self.consumer.commit(changes)
             self.committed.update(changes)
@@ -109,9 +118,10 @@ class Dispatcher:
         spawner: Spawner,
         state: RuntimeState,
         options: DispatcherOptions | None = None,
-        on_event: Callable[[str, dict[str, object]], None] | None = None,
-        topics: Topics = DEFAULT_TOPICS,
+        on_event: Callable[[DispatchEvent, dict[str, object]], None] | None = None,
+        topics: Topics | None = None,
     ) -> None:
+        topics = topics or Topics()
         self.options = options or DispatcherOptions()
         self.spawner = spawner
         self.state = state
@@ -121,6 +131,7 @@ class Dispatcher:
             p: _Lane(p, log.consumer(self.options.group, topics.lane(p))) for p in Priority
         }
         self.running: dict[str, _Pending] = {}
+        self._credits: dict[Priority, int] = {}
         self._tokens = itertools.count()
         self._on_event = on_event or (lambda _kind, _info: None)
 
@@ -154,8 +165,9 @@ class Dispatcher:
         running_keys = {p.key for p in self.running.values()}
         per_task = collections.Counter(p.task for p in self.running.values())
         blocked: set[str] = set()
+        now = time.monotonic()
         for pending in lane.buffer:
-            if pending.key in running_keys or pending.key in blocked:
+            if pending.key in running_keys or pending.key in blocked or pending.not_before > now:
                 blocked.add(pending.key)
                 continue
             if per_task[pending.task] >= self.options.per_task_cap:
@@ -165,22 +177,16 @@ class Dispatcher:
         return None
 
     def _pick(self) -> _Pending | None:
-        candidates = [
-            (lane, p) for lane in self.lanes.values() if (p := self._startable(lane)) is not None
-        ]
-        if not candidates:
+        startable = {
+            lane.priority: p
+            for lane in self.lanes.values()
+            if (p := self._startable(lane)) is not None
+        }
+        chosen = pick_lane(list(startable), self._credits, self.options.weights)
+        if chosen is None:
             return None
-        # Smooth weighted round-robin over the lanes that have work.
-        total = 0
-        for lane, _ in candidates:
-            weight = self.options.weights.get(lane.priority, 1)
-            lane.credit += weight
-            total += weight
-        lane, pending = max(
-            candidates, key=lambda c: (c[0].credit, -list(Priority).index(c[0].priority))
-        )
-        lane.credit -= total
-        lane.buffer.remove(pending)
+        pending = startable[chosen]
+        self.lanes[chosen].buffer.remove(pending)
         return pending
 
     # -- starting and finishing -----------------------------------------------
@@ -194,14 +200,14 @@ class Dispatcher:
             if pending is None:
                 return
             if self.state.has_result(pending.request_id):
-                self._on_event("skipped", {"request_id": pending.request_id})
+                self._on_event(DispatchEvent.SKIPPED, {"request_id": pending.request_id})
                 self._done(pending)
                 continue
             token = f"{next(self._tokens)}:{pending.request_id}"
             self.running[token] = pending
             self.spawner.spawn(token, pending.record, datetime.now(UTC))
             self._on_event(
-                "started",
+                DispatchEvent.STARTED,
                 {
                     "request_id": pending.request_id,
                     "priority": pending.lane.value,
@@ -213,10 +219,12 @@ class Dispatcher:
         pending = self.running.pop(ended.token, None)
         if pending is None:
             return
-        if ended.returncode in _DELIVERED:
+        if ended.returncode in ExitCode.durable_codes():
             self.state.mark_result(pending.request_id)
             self._done(pending)
-            self._on_event("finished", {"request_id": pending.request_id, "code": ended.returncode})
+            self._on_event(
+                DispatchEvent.FINISHED, {"request_id": pending.request_id, "code": ended.returncode}
+            )
             return
         crashes = self.state.add_crash(pending.request_id)
         why = (
@@ -231,14 +239,18 @@ class Dispatcher:
             crashes,
             self.options.max_crashes,
         )
-        if crashes >= self.options.max_crashes:
+        decision = after_crash(
+            crashes, self.options.max_crashes, base_s=self.options.crash_backoff_s
+        )
+        if decision.give_up:
             reason = f"coordinator crashed {crashes} times (last: {why})"
             attributes = peek_attributes(pending.record.headers, pending.record.value)
             self.sink.emit(rejection_for(CoordinatorCrashedError(reason), attributes))
             self.state.mark_result(pending.request_id)
             self._done(pending)
-            self._on_event("dead_lettered", {"request_id": pending.request_id})
+            self._on_event(DispatchEvent.DEAD_LETTERED, {"request_id": pending.request_id})
         else:
+            pending.not_before = time.monotonic() + decision.retry_in_s
             self.lanes[pending.lane].buffer.appendleft(pending)
 
     # -- the loop --------------------------------------------------------------

@@ -27,21 +27,34 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Protocol
 
+from mayfly.errors import ConfigError, MayflyError, RuntimeStartError
+from mayfly.eventlog import LogRecord
 from mayfly.procs import die_with_parent
-from mayfly.runtime.eventlog import LogRecord
 
-__all__ = ["CoordinatorExit", "Spawner"]
+__all__ = ["CoordinatorExit", "ForkedWork", "Prepare", "Spawner"]
 
 _FORK = multiprocessing.get_context("fork")
 _LOG = logging.getLogger("mayfly.runtime.spawner")
 
-#: Builds what a coordinator process needs, in the warm parent, once: returns
-#: a function that runs one request record and returns the exit code. If that
-#: function has a ``before_fork()`` attribute, the warm parent calls it before
-#: each fork, to refresh in one place what every coordinator would otherwise
-#: redo (the parsed inventory).
-Prepare = Callable[[], Callable[[LogRecord, datetime], int]]
+
+class ForkedWork(Protocol):
+    """What the warm parent holds: built once, run in every coordinator it forks."""
+
+    def before_fork(self) -> None:
+        """Called in the warm parent before each fork, to refresh in one place what
+        every coordinator would otherwise redo (the parsed inventory)."""
+        ...
+
+    def run(self, record: LogRecord, dequeued_at: datetime) -> int:
+        """Run one request record in a forked coordinator; returns its exit code."""
+        ...
+
+
+#: Builds the :class:`ForkedWork` in the warm parent, once. A
+#: :class:`~mayfly.errors.MayflyError` it raises stops the start with its message.
+Prepare = Callable[[], ForkedWork]
 
 
 @dataclass(frozen=True)
@@ -56,8 +69,13 @@ class CoordinatorExit:
 def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
     die_with_parent(runtime_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    run_request = prepare()
-    before_fork: Callable[[], None] = getattr(run_request, "before_fork", lambda: None)
+    try:
+        work = prepare()
+    except MayflyError as exc:
+        # Told to the runtime, which says it in one line: a traceback from a
+        # forked process would be all a user saw of a misconfigured store.
+        conn.send(("error", isinstance(exc, ConfigError), str(exc)))
+        return
     children: dict[int, tuple[str, int]] = {}  # pidfd -> (token, pid)
     conn.send(("ready", os.getpid()))
     while True:
@@ -80,17 +98,17 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
             if message[0] == "stop":
                 return
             _, token, record, dequeued_at = message
-            before_fork()
+            work.before_fork()
             pid = os.fork()
             if pid == 0:
-                _coordinator_child(conn, run_request, record, dequeued_at)
+                _coordinator_child(conn, work, record, dequeued_at)
             # A pidfd turns "this child exited" into a readable fd for select().
             children[os.pidfd_open(pid)] = (token, pid)
 
 
 def _coordinator_child(
     conn: Connection,
-    run_request: Callable[[LogRecord, datetime], int],
+    work: ForkedWork,
     record: LogRecord,
     dequeued_at: datetime,
 ) -> None:
@@ -99,7 +117,7 @@ def _coordinator_child(
         die_with_parent()
         conn.close()  # the pipe belongs to the warm parent
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        code = run_request(record, dequeued_at)
+        code = work.run(record, dequeued_at)
     except BaseException:
         _LOG.exception("coordinator crashed")
     finally:
@@ -117,7 +135,12 @@ class Spawner:
         self._process: BaseProcess | None = None
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Fork the warm parent and wait until it has done its imports (once)."""
+        """Fork the warm parent and wait until it has done its imports (once).
+
+        Raises:
+            ConfigError: the warm parent found the configuration unusable.
+            RuntimeStartError: it could not build the coordinator wiring otherwise.
+        """
         if self._process is not None:
             return
         parent, child = _FORK.Pipe()
@@ -134,9 +157,16 @@ class Spawner:
         child.close()
         self._conn = parent
         if not parent.poll(timeout_s):
-            raise RuntimeError("the warm parent did not become ready")
-        kind, _pid = parent.recv()
-        assert kind == "ready"
+            self.stop()
+            raise RuntimeStartError(f"the warm parent did not become ready in {timeout_s:.0f} s")
+        try:
+            message = parent.recv()
+        except EOFError:
+            message = ("error", False, "the warm parent exited before it was ready")
+        if message[0] == "error":
+            _, is_config, text = message
+            self.stop()
+            raise (ConfigError if is_config else RuntimeStartError)(text)
 
     def fileno(self) -> int:
         assert self._conn is not None

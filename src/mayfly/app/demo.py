@@ -20,15 +20,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mayfly.app.local import Runtime
+from mayfly.app.publishing import ensure_signing_key, publish_folder
+from mayfly.app.wiring import build_aggregator, open_repository
+from mayfly.eventlog.publisher import publish_request
 from mayfly.events import MayflyEvent, TaskCompleted, TaskRejected, TaskRequest, new_request
-from mayfly.packages import build_package, generate_keypair, load_private_key, sign_built
-from mayfly.runtime.app import Runtime
-from mayfly.runtime.publisher import publish_request
-from mayfly.settings import Settings
+from mayfly.runtime.dispatcher import DispatchEvent
+from mayfly.settings import (
+    ENV_EVENT_LOG,
+    ENV_HOME,
+    ENV_INVENTORY,
+    ENV_STORE,
+    ENV_TOPIC_PREFIX,
+    ENV_TRACE_FILE,
+    Settings,
+)
 
 __all__ = ["DemoPlan", "demo_requests", "run_demo"]
 
-TASKPKGS = Path(__file__).resolve().parents[2] / "taskpkgs"
+TASKPKGS = Path(__file__).resolve().parents[3] / "taskpkgs"
 SITES = ("lab-a", "lab-b", "lab-c")
 
 
@@ -133,31 +143,28 @@ class _Progress:
 def _prepare_home(plan: DemoPlan) -> Settings:
     if plan.home.exists():
         shutil.rmtree(plan.home)
+    # The demo's own home and topics; S3 credentials and the OTLP endpoint are the user's.
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith("MAYFLY_") or k.startswith("MAYFLY_S3_")
     }
-    env["MAYFLY_HOME"] = str(plan.home)
-    env["MAYFLY_INVENTORY"] = str(plan.home / "inventory.json")
+    env[ENV_HOME] = str(plan.home)
+    env[ENV_INVENTORY] = str(plan.home / "inventory.json")
+    env[ENV_TRACE_FILE] = str(plan.home / "traces.otlp.jsonl")
     if plan.event_log:
-        env["MAYFLY_EVENT_LOG"] = plan.event_log
+        env[ENV_EVENT_LOG] = plan.event_log
         # Fresh topics per run: a shared cluster's older requests stay out of it.
-        env["MAYFLY_TOPIC_PREFIX"] = f"mayfly-demo-{uuid.uuid4().hex[:8]}"
+        env[ENV_TOPIC_PREFIX] = f"mayfly-demo-{uuid.uuid4().hex[:8]}"
     if plan.store:
-        env["MAYFLY_STORE"] = plan.store
+        env[ENV_STORE] = plan.store
     settings = Settings.from_env(env)
-    generate_keypair(settings.signing_key_path, settings.home / "trusted" / "demo.pub")
-    from mayfly.backends import open_repository
-
+    ensure_signing_key(settings)
     repo = open_repository(settings)
-    key = load_private_key(settings.signing_key_path)
     for name in ("reboot", "firmware-update", "config-push"):
-        built = build_package(plan.taskpkgs / name)
-        repo.publish(built, sign_built(key, built))
-        repo.promote(name, built.manifest.version, "stable")
+        published = publish_folder(settings, plan.taskpkgs / name, repository=repo)
         plan.echo(
-            f"  published {name} {built.manifest.version} {built.digest[:19]}... "
+            f"  published {name} {published.manifest.version} {published.digest[:19]}... "
             f"to {repo.store.describe()}"
         )
     return settings
@@ -165,41 +172,27 @@ def _prepare_home(plan: DemoPlan) -> Settings:
 
 def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -> int:
     """Run the demo; 0 only when every published request is accounted for."""
-    from mayfly.aggregator import Aggregator
-    from mayfly.aggregator.archive import LocalResultArchive
     from mayfly.devices.sim import Simulator, SimulatorServer
-    from mayfly.telemetry import configure_telemetry
 
     echo = plan.echo
     echo(f"== Mayfly demo in {plan.home}")
     settings = _prepare_home(plan)
     progress = _Progress(expected=set())
 
-    def on_results(events: list[MayflyEvent]) -> None:
-        aggregator.handle_many([e for e in events if isinstance(e, TaskCompleted | TaskRejected)])
-        progress.add(events)
-
-    def on_dispatch(kind: str, _info: dict[str, object]) -> None:
+    def on_dispatch(kind: DispatchEvent, _info: dict[str, object]) -> None:
         with progress.lock:
-            progress.running += {"started": 1, "finished": -1, "dead_lettered": -1}.get(kind, 0)
+            progress.running += {
+                DispatchEvent.STARTED: 1,
+                DispatchEvent.FINISHED: -1,
+                DispatchEvent.DEAD_LETTERED: -1,
+            }.get(kind, 0)
 
-    runtime = Runtime(settings, on_results=on_results, on_dispatch=on_dispatch)
+    runtime = Runtime(settings, on_dispatch=on_dispatch)
     # The warm parent is forked first, while this process has one thread:
     # telemetry's export threads and the simulator's server start after it.
     runtime.spawner.start()
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
-    trace_file = settings.home / "traces.otlp.jsonl"
-    telemetry = configure_telemetry(
-        "mayfly-aggregator", otlp_endpoint=endpoint, trace_file=None if endpoint else trace_file
-    )
-    archive = LocalResultArchive(settings.home / "archive")
-    aggregator = Aggregator(
-        telemetry.tracer(),
-        telemetry.meter(),
-        archive,
-        messaging_system=runtime.log.describe().split(":", 1)[0],
-        destination=settings.topics.results,
-    )
+    aggregation = build_aggregator(settings, on_events=progress.add)
+    runtime.ingest = aggregation.ingest
     runtime.start()
     simulator = Simulator(
         plan.devices,
@@ -217,7 +210,7 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
             f"  {plan.devices} simulated devices at {server.url} "
             f"({len(simulator.broken_ids)} set to fail, {plan.failure_rate:.0%} flaky answers)"
         )
-        publisher = telemetry.tracer("mayfly.publisher")
+        publisher = aggregation.telemetry.tracer("mayfly.publisher")
         requests = [
             publish_request(runtime.log, request, publisher, settings.topics)
             for request in demo_requests(simulator.device_ids())
@@ -232,19 +225,20 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
     finally:
         runtime.close()
         server.stop()
-        telemetry.flush()
-        telemetry.shutdown()
+        aggregation.close()
     echo("")
     if report is not None:
         report(settings)
-    if endpoint:
-        echo(f"traces: sent to {endpoint} (service mayfly-aggregator)")
+    if settings.otlp_endpoint:
+        echo(f"traces: sent to {settings.otlp_endpoint} (service mayfly-aggregator)")
         example = _example_trace(progress)
         if plan.jaeger_url and example:
             echo(f"one trace in Jaeger: {plan.jaeger_url.rstrip('/')}/trace/{example}")
     else:
-        echo(f"traces: {trace_file} (OTLP JSON; set OTEL_EXPORTER_OTLP_ENDPOINT for Jaeger)")
-    echo(f"results archive: {archive.describe()}   event log: {runtime.log.describe()}")
+        echo(
+            f"traces: {settings.trace_file} (OTLP JSON; set OTEL_EXPORTER_OTLP_ENDPOINT for Jaeger)"
+        )
+    echo(f"results archive: {aggregation.archive.describe()}   event log: {runtime.log.describe()}")
     missing = progress.expected - set(progress.results)
     if missing:
         echo(f"NOT accounted for: {len(missing)} request(s): {', '.join(sorted(missing)[:5])}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mayfly.eventlog import EventLog
 from mayfly.events import TaskRequest, to_kafka_record
-from mayfly.runtime.eventlog import DEFAULT_TOPICS, EventLog, Topics
+from mayfly.topics import Topics
 
 __all__ = ["publish_request"]
 
@@ -17,7 +18,7 @@ def publish_request(
     log: EventLog,
     request: TaskRequest,
     tracer: trace.Tracer | None = None,
-    topics: Topics = DEFAULT_TOPICS,
+    topics: Topics | None = None,
 ) -> TaskRequest:
     """Append a request (Kafka binary mode, keyed by partition key) to its lane.
 
@@ -28,7 +29,7 @@ def publish_request(
     Returns:
         The request as published (with its trace context).
     """
-    topic = topics.lane(request.priority)
+    topic = (topics or Topics()).lane(request.priority)
     if tracer is None or request.traceparent:
         key, value, headers = to_kafka_record(request)
         log.append(topic, key, value, headers)

@@ -18,59 +18,18 @@ Semantics both implementations keep (and the contract tests check):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mayfly.events import Priority
-
 __all__ = [
-    "DEAD_LETTER_TOPIC",
-    "DEFAULT_TOPICS",
-    "REQUEST_TOPICS",
-    "RESULTS_TOPIC",
     "EventLog",
+    "Headers",
     "LogConsumer",
     "LogRecord",
-    "Topics",
-    "request_topic",
 ]
 
-
-@dataclass(frozen=True)
-class Topics:
-    """Topic names under one prefix (``MAYFLY_TOPIC_PREFIX``), so several
-    Mayfly installations, or test runs, can share one Kafka cluster."""
-
-    prefix: str = "mayfly"
-
-    def lane(self, priority: Priority | str) -> str:
-        """The lane (topic) a request of this priority is published to."""
-        return f"{self.prefix}.requests.{Priority(priority).value}"
-
-    @property
-    def results(self) -> str:
-        return f"{self.prefix}.results"
-
-    @property
-    def dead_letter(self) -> str:
-        return f"{self.prefix}.deadletter"
-
-    def all(self) -> list[str]:
-        return [*(self.lane(p) for p in Priority), self.results, self.dead_letter]
-
-
-DEFAULT_TOPICS = Topics()
-REQUEST_TOPICS: Mapping[Priority, str] = {p: DEFAULT_TOPICS.lane(p) for p in Priority}
-RESULTS_TOPIC = DEFAULT_TOPICS.results
-DEAD_LETTER_TOPIC = DEFAULT_TOPICS.dead_letter
-
 Headers = Sequence[tuple[str, bytes]]
-
-
-def request_topic(priority: Priority | str) -> str:
-    """The default lane (topic) a request of this priority is published to."""
-    return DEFAULT_TOPICS.lane(priority)
 
 
 @dataclass(frozen=True)
@@ -117,6 +76,14 @@ class EventLog(Protocol):
 
     def consumer(self, group: str, topic: str) -> LogConsumer:
         """A consumer of ``topic`` in ``group``, starting at the committed offsets."""
+        ...
+
+    def assume_topics(self, topics: Iterable[str]) -> None:
+        """Take ``topics`` as existing, so appends to them skip any check.
+
+        For a process whose topics another process of the installation made
+        (a coordinator forked by the runtime, whose dispatcher made them all).
+        """
         ...
 
     def describe(self) -> str:

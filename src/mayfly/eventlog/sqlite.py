@@ -23,13 +23,13 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from mayfly.errors import EventLogError
-from mayfly.runtime.eventlog import Headers, LogConsumer, LogRecord
+from mayfly.eventlog import Headers, LogConsumer, LogRecord
 
 __all__ = ["SCHEMA_VERSION", "SqliteEventLog"]
 
@@ -191,7 +191,7 @@ class _Db:
 
 
 class SqliteEventLog:
-    """The :class:`~mayfly.runtime.eventlog.EventLog` of the local runtime, in one SQLite file.
+    """The :class:`~mayfly.eventlog.EventLog` of the local runtime, in one SQLite file.
 
     Safe to share between threads, and to use on both sides of a ``fork()``.
 
@@ -223,6 +223,9 @@ class SqliteEventLog:
         consumer = _SqliteConsumer(self._db.path, group, topic, self._poll_interval_s)
         self._consumers.add(consumer)
         return consumer
+
+    def assume_topics(self, topics: Iterable[str]) -> None:
+        """Nothing to do: every SQLite topic exists once written to."""
 
     def describe(self) -> str:
         return f"sqlite:{self._db.path}"

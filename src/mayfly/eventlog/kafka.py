@@ -40,7 +40,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from mayfly.errors import EventLogError
-from mayfly.runtime.eventlog import Headers, LogConsumer, LogRecord, Topics
+from mayfly.eventlog import Headers, LogConsumer, LogRecord
+from mayfly.topics import installation_of
 
 __all__ = ["KafkaEventLog"]
 
@@ -61,7 +62,7 @@ _INHERITED: list[object] = []
 
 
 class KafkaEventLog:
-    """The :class:`~mayfly.runtime.eventlog.EventLog` on a Kafka cluster.
+    """The :class:`~mayfly.eventlog.EventLog` on a Kafka cluster.
 
     Safe to share between threads, and to use on both sides of a ``fork()``
     (except consumers: they belong to the process that made them).
@@ -279,9 +280,8 @@ def _shorten_metadata_backoff(producer: Any) -> None:
 
 def _installation_topics(topic: str) -> list[str]:
     """Every topic of the Mayfly installation whose topic this is, else just ``topic``."""
-    prefix = topic.rpartition(".requests." if ".requests." in topic else ".")[0]
-    family = Topics(prefix).all() if prefix else []
-    return family if topic in family else [topic]
+    installation = installation_of(topic)
+    return installation.all() if installation is not None else [topic]
 
 
 def _to_record(r: Any) -> LogRecord:

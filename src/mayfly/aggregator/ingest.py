@@ -1,0 +1,111 @@
+"""Result events in, from any transport: decode, keep what is a result, aggregate.
+
+One ingest behind every way results reach the aggregator: records the local
+runtime reads from the results topic (``mayfly up``, the demo) and HTTP
+deliveries to the Knative aggregator function.
+
+HTTP answers, for a Kafka Broker Trigger or a KafkaSource sink:
+
+- ``202`` with an empty body: the event was taken (processed, buffered as a
+  part, or a duplicate), or it is not a result (a request on a shared broker);
+- ``400`` with an empty body: not a decodable Mayfly event, or a part that
+  contradicts its siblings. Knative's data-plane contract reads 400 as
+  "unparsable event": a failed delivery that is not retried, so the event
+  goes straight to the Trigger's dead-letter sink. That is where it belongs:
+  kept for a person to look at (nothing is dropped silently), while a 2xx
+  would acknowledge and lose it and a 5xx would retry what cannot succeed;
+- ``503``: the archive is unreachable; the delivery is retried later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from mayfly.aggregator.core import Aggregator, Outcome
+from mayfly.errors import EventError, StoreError
+from mayfly.eventlog import LogRecord
+from mayfly.events import MayflyEvent, TaskCompleted, TaskRejected, from_http, from_kafka
+
+__all__ = ["Ingest", "commit_offsets"]
+
+_LOG = logging.getLogger("mayfly.aggregator")
+Results = list[TaskCompleted | TaskRejected]
+
+
+def commit_offsets(records: Sequence[LogRecord]) -> dict[int, int]:
+    """Per partition, the offset after the last of ``records``: what to commit
+    once they are durable."""
+    offsets: dict[int, int] = {}
+    for record in records:
+        offsets[record.partition] = max(offsets.get(record.partition, 0), record.offset + 1)
+    return offsets
+
+
+class Ingest:
+    """Feeds an :class:`Aggregator` from records or HTTP deliveries.
+
+    Args:
+        aggregator: archives, traces and measures results; ``None`` only
+            decodes and hands the events to ``on_events``.
+        on_events: called with every decoded batch after it was aggregated
+            (the CLI prints results, the demo counts them).
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator | None,
+        *,
+        on_events: Callable[[list[MayflyEvent]], None] | None = None,
+    ) -> None:
+        self.aggregator = aggregator
+        self._on_events = on_events
+
+    def records(self, records: Sequence[LogRecord]) -> dict[int, int]:
+        """Aggregate one poll of the results topic.
+
+        Returns:
+            The offsets to commit now that the results are durable (archived).
+
+        Raises:
+            StoreError: the archive would not take them; commit nothing.
+        """
+        events: list[MayflyEvent] = []
+        for record in records:
+            try:
+                events.append(from_kafka(record.headers, record.key, record.value))
+            except EventError as exc:
+                _LOG.warning(
+                    "undecodable record at %s/%d@%d: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    exc,
+                )
+        self._aggregate(events)
+        return commit_offsets(records)
+
+    def http(self, headers: Mapping[str, str], body: bytes) -> int:
+        """One CloudEvent delivery; returns the HTTP status to answer with an empty body."""
+        try:
+            event = from_http(dict(headers), body)
+        except EventError as exc:
+            _LOG.warning("undecodable event (answering 400 for the dead-letter sink): %s", exc)
+            return 400
+        if not isinstance(event, TaskCompleted | TaskRejected):
+            return 202  # a request on a shared broker: not ours
+        try:
+            outcomes = self._aggregate([event])
+        except StoreError:
+            _LOG.exception("result not archived; answering 503 so it is redelivered")
+            return 503
+        return 400 if outcomes and outcomes[0] is Outcome.INVALID else 202
+
+    def _aggregate(self, events: list[MayflyEvent]) -> list[Outcome]:
+        results: Results = [e for e in events if isinstance(e, TaskCompleted | TaskRejected)]
+        outcomes: list[Outcome] = []
+        if results and self.aggregator is not None:
+            outcomes = self.aggregator.handle_many(results)
+        if events and self._on_events is not None:
+            self._on_events(events)
+        return outcomes

@@ -1,0 +1,35 @@
+"""What the Knative functions run: one coordinator pipeline or aggregator per instance.
+
+``functions/coordinator/main.py`` and ``functions/aggregator/main.py`` are
+thin functions-framework entry points over these builders; each instance
+calls one once, on its first delivery, and keeps what it returns.
+"""
+
+from __future__ import annotations
+
+import atexit
+
+from mayfly.app.wiring import AggregatorService, build_aggregator, build_coordinator, open_sink
+from mayfly.coordinator import RequestPipeline
+from mayfly.settings import Settings
+
+__all__ = ["aggregator_service", "coordinator_pipeline"]
+
+
+def coordinator_pipeline() -> RequestPipeline:
+    """A pipeline from the environment: results to ``K_SINK`` when set, else reply events."""
+    settings = Settings.from_env()
+    sink = open_sink(settings) if settings.result_sink != "-" else None
+    coordinator = build_coordinator(settings, "knative")
+    return RequestPipeline(lambda: coordinator, sink)
+
+
+def aggregator_service() -> AggregatorService:
+    """The aggregator from the environment; its spans are flushed when the process exits.
+
+    Results reach it from Kafka through Knative, whatever ``MAYFLY_EVENT_LOG``
+    says, so its spans say ``messaging.system: kafka``.
+    """
+    built = build_aggregator(Settings.from_env(), messaging_system="kafka")
+    atexit.register(built.close)
+    return built

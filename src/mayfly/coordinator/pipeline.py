@@ -1,0 +1,147 @@
+"""The request pipeline: decode, dispatch on type, run or reject, deliver.
+
+One pipeline behind every way a request reaches a coordinator (an HTTP
+delivery from Knative, job mode's environment or CloudEvent file, a record the
+local runtime read from a lane). The transports differ only in how they read
+an event and how they answer; what happens to the event is decided here:
+
+- a request runs, and its result is delivered;
+- anything that is not a valid event (bad JSON, a broken contract) is
+  rejected with the reason, and the rejection is delivered (results topic and
+  dead letters), so nothing is dropped silently;
+- a Mayfly result or rejection is passed over, logged: it is output, not a
+  request, and rejecting it could circle for ever through a broker that
+  routes replies back (a rejection of a rejection of ...).
+
+The outcome carries the :class:`~mayfly.exitcodes.ExitCode` that says whether
+it is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from mayfly.coordinator.core import Coordinator
+from mayfly.coordinator.runner import DeviceProgress
+from mayfly.coordinator.sinks import ResultSink, deliver
+from mayfly.errors import EventError, SinkError
+from mayfly.events import (
+    MayflyEvent,
+    OverallStatus,
+    TaskCompleted,
+    TaskRejected,
+    TaskRequest,
+    rejection_for,
+)
+from mayfly.exitcodes import ExitCode
+
+__all__ = ["Handled", "Outcome", "RequestPipeline", "exit_code_for", "summarize"]
+
+Outcome = TaskCompleted | TaskRejected
+_LOG = logging.getLogger("mayfly.coordinator")
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What the pipeline did with one event."""
+
+    outcome: Outcome | None
+    """The result or rejection; ``None`` when the event was not a request."""
+    code: ExitCode
+    error: str | None = None
+    """Why the outcome was not delivered, when it was not."""
+
+    @property
+    def passed_over(self) -> bool:
+        return self.outcome is None
+
+
+def exit_code_for(outcome: Outcome) -> ExitCode:
+    if isinstance(outcome, TaskRejected):
+        return ExitCode.REJECTED
+    return {
+        OverallStatus.SUCCEEDED: ExitCode.OK,
+        OverallStatus.PARTIAL: ExitCode.PARTIAL,
+    }.get(outcome.status, ExitCode.FAILED)
+
+
+def summarize(outcome: Outcome) -> str:
+    """One line: the outcome and how many devices ended in each status."""
+    if isinstance(outcome, TaskRejected):
+        return f"rejected ({outcome.code}): {outcome.reason}"
+    counts: dict[str, int] = {}
+    for device in outcome.devices:
+        counts[device.status] = counts.get(device.status, 0) + 1
+    shown = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"{outcome.task} {outcome.package.version}: {outcome.status} ({shown})"
+
+
+class RequestPipeline:
+    """Runs one event through a coordinator and delivers the outcome.
+
+    Args:
+        coordinator: the coordinator for this event (called once per event,
+            so a forked process can take one under its own instance id).
+        sink: where outcomes go; ``None`` leaves delivery to the caller (a
+            Knative reply event).
+        on_progress: told of each device's progress while a request runs.
+    """
+
+    def __init__(
+        self,
+        coordinator: Callable[[], Coordinator],
+        sink: ResultSink | None,
+        *,
+        on_progress: Callable[[str, DeviceProgress], None] | None = None,
+    ) -> None:
+        self._coordinator = coordinator
+        self.sink = sink
+        self._on_progress = on_progress
+
+    def handle(
+        self,
+        read: Callable[[], MayflyEvent],
+        attributes: Callable[[], Mapping[str, object]],
+        *,
+        received_at: datetime,
+        on_start: Callable[[Coordinator], None] | None = None,
+    ) -> Handled:
+        """Read an event with ``read()`` and see it through.
+
+        Args:
+            read: decodes the event; raises :class:`EventError` when it cannot.
+            attributes: what could be read of a broken event's attributes, for
+                its rejection (id, type, tasktype, trace context).
+            received_at: when the transport took the event.
+            on_start: called with the coordinator before a request runs (job
+                mode installs its SIGTERM handler there).
+        """
+        outcome: Outcome
+        try:
+            event = read()
+        except EventError as exc:
+            outcome = rejection_for(exc, attributes())
+        else:
+            if not isinstance(event, TaskRequest):
+                _LOG.warning("passed over %s %s: not a request", event.event_type, event.id)
+                return Handled(None, ExitCode.OK)
+            coordinator = self._coordinator()
+            if on_start is not None:
+                on_start(coordinator)
+            report = self._on_progress
+            outcome = coordinator.handle(
+                event,
+                received_at=received_at,
+                on_progress=None if report is None else lambda p: report(event.id, p),
+            )
+        if self.sink is None:
+            return Handled(outcome, exit_code_for(outcome))
+        try:
+            deliver(self.sink, outcome)
+        except SinkError as exc:
+            _LOG.error("%s: outcome not delivered: %s", outcome.request_id or outcome.id, exc)
+            return Handled(outcome, ExitCode.UNDELIVERED, str(exc))
+        return Handled(outcome, exit_code_for(outcome))

@@ -1,0 +1,53 @@
+"""Topic names: the one definition of every topic a Mayfly installation uses.
+
+A leaf module (it imports only the event contract's priorities), so the event
+log, the runtime, sinks, the aggregator and the CLI all name topics the same
+way, under one prefix (``MAYFLY_TOPIC_PREFIX``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mayfly.events import Priority
+
+__all__ = ["DEFAULT_PREFIX", "Topics", "installation_of"]
+
+DEFAULT_PREFIX = "mayfly"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one prefix, so several Mayfly installations, or test
+    runs, can share one Kafka cluster."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def lane(self, priority: Priority | str) -> str:
+        """The lane (topic) a request of this priority is published to."""
+        return f"{self.prefix}.requests.{Priority(priority).value}"
+
+    def lanes(self) -> list[str]:
+        """Every request lane, highest priority first."""
+        return [self.lane(p) for p in Priority]
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}.deadletter"
+
+    def all(self) -> list[str]:
+        return [*self.lanes(), self.results, self.dead_letter]
+
+
+def installation_of(topic: str) -> Topics | None:
+    """The installation whose topic ``topic`` is, or ``None`` for a foreign topic."""
+    marker = ".requests." if ".requests." in topic else "."
+    prefix = topic.rpartition(marker)[0]
+    if not prefix:
+        return None
+    topics = Topics(prefix)
+    return topics if topic in topics.all() else None

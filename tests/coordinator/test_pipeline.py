@@ -1,0 +1,173 @@
+"""One request pipeline behind every transport: HTTP, job mode and the local runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mayfly.app.local import WarmCoordinator
+from mayfly.coordinator import ExitCode, Handled, RequestPipeline
+from mayfly.coordinator.http import answer_http
+from mayfly.coordinator.sinks import EventLogSink, FileSink
+from mayfly.errors import SinkError
+from mayfly.eventlog import LogRecord
+from mayfly.eventlog.sqlite import SqliteEventLog
+from mayfly.events import (
+    MayflyEvent,
+    TaskCompleted,
+    TaskRejected,
+    from_http,
+    from_kafka,
+    new_request,
+    peek_attributes,
+    to_http,
+    to_kafka_record,
+)
+from mayfly.topics import Topics
+
+from .conftest import Env, FleetFactory
+
+DATA = Path(__file__).parents[1] / "data"
+
+
+def _completed() -> TaskCompleted:
+    event = from_http(
+        {"content-type": "application/cloudevents+json"}, (DATA / "completed.json").read_bytes()
+    )
+    assert isinstance(event, TaskCompleted)
+    return event
+
+
+class _Refusing:
+    def emit(self, event: MayflyEvent) -> None:
+        raise SinkError("the sink is down")
+
+    def close(self) -> None:
+        pass
+
+
+def _handle(pipeline: RequestPipeline, event_bytes: tuple[dict[str, str], bytes]) -> Handled:
+    headers, body = event_bytes
+    return pipeline.handle(
+        lambda: from_http(headers, body),
+        lambda: peek_attributes(headers, body),
+        received_at=datetime.now(UTC),
+    )
+
+
+def test_a_request_runs_and_its_result_is_delivered(env: Env, fleet: FleetFactory) -> None:
+    fleet(2)
+    coordinator = env.coordinator()
+    pipeline = RequestPipeline(lambda: coordinator, FileSink(env.results))
+    handled = _handle(pipeline, to_http(new_request("reboot", devices=["sim-0001"]), "binary"))
+    assert handled.code is ExitCode.OK
+    assert isinstance(handled.outcome, TaskCompleted)
+    [delivered] = env.result_events()
+    assert delivered["type"] == "dev.mayfly.task.completed"
+    assert delivered["data"]["request_id"] == handled.outcome.request_id
+
+
+def test_a_broken_event_is_rejected_with_the_reason_and_delivered(env: Env) -> None:
+    coordinator = env.coordinator()
+    pipeline = RequestPipeline(lambda: coordinator, FileSink(env.results))
+    handled = _handle(pipeline, ({"content-type": "application/json"}, b"{not json"))
+    assert handled.code is ExitCode.REJECTED
+    assert isinstance(handled.outcome, TaskRejected)
+    [delivered] = env.result_events()
+    assert delivered["type"] == "dev.mayfly.task.rejected"
+    assert delivered["data"]["reason"] == handled.outcome.reason
+
+
+def test_an_outcome_the_sink_refuses_is_undelivered_not_lost_silently(env: Env) -> None:
+    coordinator = env.coordinator()
+    pipeline = RequestPipeline(lambda: coordinator, _Refusing())
+    handled = _handle(pipeline, ({"content-type": "application/json"}, b"[]"))
+    assert handled.code is ExitCode.UNDELIVERED
+    assert not handled.code.result_durable
+    assert handled.error is not None
+    assert "the sink is down" in handled.error
+
+
+# -- a Mayfly output event where a request was expected: passed over everywhere --
+
+
+def test_http_passes_a_result_over_with_an_empty_202(env: Env) -> None:
+    coordinator = env.coordinator()
+    for sink in (FileSink(env.results), None):  # K_SINK set, and reply mode
+        answer = answer_http(
+            RequestPipeline(lambda: coordinator, sink), *to_http(_completed(), "binary")
+        )
+        assert answer == (202, {}, b"")
+    assert env.result_events() == []
+
+
+def test_job_mode_passes_a_result_over_and_delivers_nothing(env: Env, tmp_path: Path) -> None:
+    event_file = tmp_path / "event"
+    event_file.write_bytes(to_http(_completed(), "structured")[1])
+    job = subprocess.run(
+        [sys.executable, "-m", "mayfly.coordinator"],
+        env=env.variables() | {"K_EVENT_PATH": str(event_file)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert job.returncode == ExitCode.OK, job.stderr
+    assert "not a request" in job.stderr
+    assert env.result_events() == []
+
+
+def test_the_local_runtime_passes_a_result_over_and_appends_nothing(env: Env) -> None:
+    settings = env.settings()
+    warm = WarmCoordinator(settings)
+    key, value, headers = to_kafka_record(_completed())
+    record = LogRecord(Topics().lane("normal"), 0, 0, key, value, tuple(headers))
+    assert warm.run(record, datetime.now(UTC)) == ExitCode.OK
+    log = SqliteEventLog(Path(settings.event_log))
+    try:
+        consumer = log.consumer("test", Topics().results)
+        assert consumer.poll(10, 0.0) == []
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("lane_record", [b"\x00\xffnot json"])
+def test_the_local_runtime_rejects_a_record_that_is_no_cloudevent(
+    env: Env, lane_record: bytes
+) -> None:
+    settings = env.settings()
+    warm = WarmCoordinator(settings)
+    record = LogRecord(Topics().lane("normal"), 0, 7, b"junk", lane_record)
+    assert warm.run(record, datetime.now(UTC)) == ExitCode.REJECTED
+    log = SqliteEventLog(Path(settings.event_log))
+    try:
+        for topic in (Topics().results, Topics().dead_letter):
+            [found] = log.consumer("test", topic).poll(10, 0.0)
+            rejected = from_kafka(found.headers, found.key, found.value)
+            assert isinstance(rejected, TaskRejected)
+            assert rejected.code == "not_a_cloudevent"
+    finally:
+        log.close()
+
+
+def test_the_event_log_sink_honours_the_topic_prefix(tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "events.db")
+    try:
+        topics = Topics("site-b")
+        sink = EventLogSink(log, topics)
+        rejection = json.loads((DATA / "rejected.json").read_text())
+        event = from_http(
+            {"content-type": "application/cloudevents+json"}, json.dumps(rejection).encode()
+        )
+        sink.emit(event)
+        assert [r.topic for r in log.consumer("t", "site-b.deadletter").poll(10, 0.0)] == [
+            "site-b.deadletter"
+        ]
+        assert log.consumer("t", "mayfly.deadletter").poll(10, 0.0) == []
+    finally:
+        log.close()
