@@ -7,6 +7,10 @@ pytest through it, and `make up` leaves them running for `make unit` or a bare
 When a server's variables are absent, the tests that need it skip: a laptop
 without the servers still runs everything else. Under ``CI=true`` they fail
 instead, so CI can never pass by silently skipping its integration tests.
+
+Every test also starts in a clean environment (:func:`isolated_environment`):
+none of the developer's Mayfly, OpenTelemetry, Knative or job-mode variables,
+and a home folder of its own.
 """
 
 from __future__ import annotations
@@ -59,6 +63,46 @@ class JaegerServer:
     """Base URL of the OTLP/HTTP receiver; spans go to ``{otlp_endpoint}/v1/traces``."""
     query_url: str
     """Base URL of the query API, e.g. ``{query_url}/api/traces/{trace_id}``."""
+
+
+#: Variables a developer's shell (or a CI job) may hold that change what Mayfly does:
+#: its settings, OpenTelemetry's, Knative's sink and job mode's request (see
+#: mayfly.coordinator.job).
+_SCRUBBED_PREFIXES = ("MAYFLY_", "OTEL_", "TASK_")
+_SCRUBBED_NAMES = frozenset({"K_SINK", "K_EVENT_PATH", "DEVICE_IDS", "DEVICE_SELECTOR"})
+#: Where dev/services keeps its pid files (dev/services/base.py, services_home()).
+SERVICES_HOME_ENV = "MAYFLY_SERVICES_HOME"
+#: Kept: MAYFLY_TEST_* name the test servers, and dev/services needs its folder to
+#: find them (`dev/services pid kafka` in the tests that pause the broker).
+_KEPT = ("MAYFLY_TEST_", SERVICES_HOME_ENV)
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Every test: none of the variables above, and ``HOME`` a fresh folder of its own.
+
+    ``XDG_DATA_HOME`` points inside it too, so Mayfly's default home
+    (``$XDG_DATA_HOME/mayfly``) is never the developer's ``~/.local/share/mayfly``.
+    Autouse fixtures run before the other function-scoped ones, so fixtures that
+    copy ``os.environ`` for a subprocess copy the clean one. Returns that home.
+    """
+    for name in list(os.environ):
+        if name.startswith(_KEPT):
+            continue
+        if name.startswith(_SCRUBBED_PREFIXES) or name in _SCRUBBED_NAMES:
+            monkeypatch.delenv(name)
+    # dev/services' default folder is under ~/.cache: pin it before HOME moves.
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    monkeypatch.setenv(
+        SERVICES_HOME_ENV, os.environ.get(SERVICES_HOME_ENV) or str(cache / "mayfly" / "services")
+    )
+    # Not tmp_path itself: tests that list their tmp_path must not find our folders there.
+    home = tmp_path_factory.mktemp("user-home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    return home
 
 
 def _missing_server(what: str) -> None:

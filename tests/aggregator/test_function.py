@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +26,7 @@ def home(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlaskClient]:
-    for name in list(os.environ):
-        if name.startswith(("MAYFLY_", "OTEL_")) and not name.startswith("MAYFLY_TEST_"):
-            monkeypatch.delenv(name)
+    # No MAYFLY_* or OTEL_* of the developer's: tests/conftest.py's isolated_environment.
     monkeypatch.setenv("MAYFLY_HOME", str(home))
     app = create_app(target="aggregator", source=str(SOURCE))
     yield app.test_client()

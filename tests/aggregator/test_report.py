@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -30,9 +29,6 @@ def home(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mayfly(home: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
-    for name in list(os.environ):
-        if name.startswith("MAYFLY_") and not name.startswith("MAYFLY_TEST_"):
-            monkeypatch.delenv(name)
     monkeypatch.setenv("MAYFLY_HOME", str(home))
     runner = CliRunner()
 

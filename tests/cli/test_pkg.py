@@ -26,9 +26,6 @@ def home(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mayfly(home: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
-    for name in list(os.environ):
-        if name.startswith("MAYFLY_") and not name.startswith("MAYFLY_TEST_"):
-            monkeypatch.delenv(name)
     monkeypatch.setenv("MAYFLY_HOME", str(home))
     runner = CliRunner()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +24,6 @@ Run = Callable[..., Result]
 
 @pytest.fixture
 def mayfly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
-    for name in list(os.environ):
-        if name.startswith("MAYFLY_") and not name.startswith("MAYFLY_TEST_"):
-            monkeypatch.delenv(name)
     monkeypatch.setenv("MAYFLY_HOME", str(tmp_path / "home"))
     runner = CliRunner()
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -164,6 +163,10 @@ def test_garbage_is_refused(tmp_path: Path, data: bytes) -> None:
 def test_existing_destination_is_kept(tmp_path: Path) -> None:
     built = build_package(TASKPKGS / "reboot")
     dest = extract_archive(built.data, tmp_path / "pkg")
+    # Someone (a concurrent extraction of the same digest) is using this copy: a second
+    # extraction must leave it as it is, not swap a new one in, and leave no staging behind.
+    (dest / "in-use").write_text("mine")
     again = extract_archive(built.data, tmp_path / "pkg")
     assert again == dest
-    shutil.rmtree(dest)
+    assert (dest / "in-use").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]

@@ -83,9 +83,14 @@ def test_keygen_writes_private_key_0600(tmp_path: Path) -> None:
     kid = generate_keypair(tmp_path / "k.key", tmp_path / "k.pub")
     assert len(kid) == 16
     assert (tmp_path / "k.key").stat().st_mode & 0o777 == 0o600
-    assert load_private_key(tmp_path / "k.key")
+    # The pair works: what the private key signs, the public key (trusted by folder) verifies.
+    built = build_package(TASKPKGS / "reboot")
+    sig = sign_built(load_private_key(tmp_path / "k.key"), built)
+    assert sig.key_id == kid
     trusted = TrustedKeys.from_paths([tmp_path])
-    assert trusted.get(kid) is not None
+    assert len(trusted) == 1
+    manifest = verify_package(built.data, sig, None, trusted)
+    assert (manifest.name, manifest.version) == ("reboot", "1.0.0")
     with pytest.raises(SigningKeyError, match="already exists"):
         generate_keypair(tmp_path / "k.key", tmp_path / "k.pub")
 
