@@ -6,6 +6,7 @@ readable message or a ``task.rejected`` event::
 
     MayflyError
     ├── ConfigError                 bad settings or environment
+    │   └── UnusableFileError       a state file that is foreign, garbage or corrupt
     ├── EventError                  a CloudEvent that breaks the contract
     ├── PackageError                anything about a task package
     │   ├── ManifestError           manifest missing or invalid
@@ -20,6 +21,7 @@ readable message or a ``task.rejected`` event::
     ├── ParamsError                 request params fail the package schema
     ├── SinkError                   a result could not be made durable
     ├── EventLogError               the event log cannot append, read or commit
+    │   └── EventLogFileError       its SQLite file is unusable (an UnusableFileError too)
     ├── CoordinatorCrashedError     a request kept crashing its coordinator
     ├── RuntimeStartError           the local runtime's warm parent could not start
     ├── DeployError                 Kubernetes refused or could not take a resource
@@ -33,6 +35,8 @@ rejection needs (``package``, ``version``, ``field``...).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "ConfigError",
     "CoordinatorCrashedError",
@@ -42,6 +46,7 @@ __all__ = [
     "DeviceUnavailableError",
     "EventError",
     "EventLogError",
+    "EventLogFileError",
     "ImmutableVersionError",
     "IntegrityError",
     "InventoryError",
@@ -56,6 +61,7 @@ __all__ = [
     "StoreError",
     "UnknownDeviceError",
     "UnsafeArchiveError",
+    "UnusableFileError",
 ]
 
 
@@ -65,6 +71,26 @@ class MayflyError(Exception):
 
 class ConfigError(MayflyError):
     """Raised when settings or environment variables are missing or invalid."""
+
+
+class UnusableFileError(ConfigError):
+    """Raised when a file Mayfly keeps its own state in (the SQLite event log, the
+    runtime's state) cannot be used: its folder cannot be created or written, it
+    is not a SQLite database, it is another application's database, its schema is
+    one this Mayfly does not read, or it is corrupt.
+
+    A configuration error (exit 2): nothing runs until the file is moved aside
+    or Mayfly is pointed at another one, and a foreign file is left untouched.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong with it, and what to do.
+    """
+
+    def __init__(self, path: Path, reason: str, *, label: str = "") -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{label}{path}: {reason}")
 
 
 class EventError(MayflyError):
@@ -106,8 +132,25 @@ class ManifestError(PackageError):
 
 
 class UnsafeArchiveError(PackageError):
-    """Raised when an archive holds a member that would escape the target folder,
-    is a device or link, or exceeds the size or file-count limits."""
+    """Raised when an archive holds a member that is not a plain file or folder (a
+    link, a device), has an unsafe name or path, collides with another member,
+    or exceeds the size or file-count limits.
+
+    Attributes:
+        member: the offending member's name as the archive spells it, when one is
+            at fault (not for a corrupt or oversized stream).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        member: str | None = None,
+        package: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        super().__init__(message, package=package, version=version)
+        self.member = member
 
 
 class IntegrityError(PackageError):
@@ -200,6 +243,15 @@ class RuntimeStartError(MayflyError):
 
 class EventLogError(MayflyError):
     """Raised when the event log (SQLite or Kafka) cannot append, read or commit."""
+
+
+class EventLogFileError(UnusableFileError, EventLogError):
+    """Raised when the SQLite event log's file cannot be used (see
+    :class:`UnusableFileError`); an :class:`EventLogError` too, so whoever catches
+    the log's errors still does. The message starts ``sqlite:PATH:``."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(path, reason, label="sqlite:")
 
 
 class DeployError(MayflyError):

@@ -13,7 +13,10 @@ written last, so a reader never resolves a half-published version.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +31,12 @@ from mayfly.errors import (
 from mayfly.packages.archive import (
     ArchiveLimits,
     BuiltPackage,
+    archive_tree,
     digest_of,
     extract_archive,
     read_manifest_from_archive,
+    remove_tree,
+    tree_mismatch,
 )
 from mayfly.packages.manifest import NAME_PATTERN, Manifest, parse_manifest
 from mayfly.packages.signing import Signature, TrustedKeys, verify
@@ -50,6 +56,9 @@ DEFAULT_CHANNEL = "stable"
 _CHANNEL = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _NAME = re.compile(NAME_PATTERN)
 ARCHIVE, MANIFEST, SIGNATURE = "package.tar.gz", "manifest.json", "package.sig"
+#: Extract-and-check rounds before giving up on a cache folder that keeps changing.
+_CACHE_ATTEMPTS = 3
+_LOG = logging.getLogger("mayfly.packages")
 
 
 @dataclass(frozen=True)
@@ -62,11 +71,55 @@ class FetchedPackage:
     signature: Signature
 
     def materialise(self, cache_root: Path, limits: ArchiveLimits | None = None) -> Path:
-        """Extract into ``cache_root/<digest hex>``, once: the digest names the content."""
+        """The verified archive extracted into ``cache_root/<digest hex>``, read-only.
+
+        What runs is what was verified: a folder already there is checked
+        against these (verified) archive bytes first, every file hashed, and
+        one that differs in any way (a changed, added or missing file, a mode,
+        an owner, a link) is discarded and extracted afresh, with a warning.
+        ``__pycache__`` folders Python wrote there are deleted, never trusted.
+
+        Raises:
+            UnsafeArchiveError: if the archive holds a member extraction refuses.
+            IntegrityError: if the folder keeps changing while it is checked.
+        """
+        where = {"package": self.manifest.name, "version": self.manifest.version}
         dest = cache_root / self.digest.removeprefix("sha256:")
-        if dest.is_dir():
-            return dest
-        return extract_archive(self.data, dest, limits)
+        expected = archive_tree(self.data, limits)
+        for _ in range(_CACHE_ATTEMPTS):
+            if not os.path.lexists(dest):
+                extract_archive(self.data, dest, limits, read_only=True)
+            problem = tree_mismatch(dest, expected)
+            if problem is None:
+                return dest
+            _LOG.warning(
+                "package cache %s of %s %s differs from its signed archive (%s): extracting "
+                "it afresh",
+                dest,
+                self.manifest.name,
+                self.manifest.version,
+                problem,
+            )
+            _discard(dest, problem, where)
+        raise IntegrityError(f"package cache {dest} keeps changing while it is checked", **where)
+
+
+def _discard(path: Path, why: str, where: dict[str, str]) -> None:
+    """Move a cache folder out of the way at once (a rename), then delete it."""
+    aside = path.with_name(f".discard-{path.name[:16]}-{secrets.token_hex(4)}")
+    try:
+        path.rename(aside)
+    except FileNotFoundError:
+        return  # someone discarded it first
+    except OSError as exc:
+        raise IntegrityError(
+            f"package cache {path} differs from the signed archive ({why}) and cannot be "
+            f"moved aside: {exc.strerror}",
+            **where,
+        ) from exc
+    remove_tree(aside)
+    if os.path.lexists(aside):
+        _LOG.warning("could not delete the discarded package cache %s", aside)
 
 
 @dataclass(frozen=True)
