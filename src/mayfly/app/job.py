@@ -4,35 +4,88 @@ The request comes from the environment or a CloudEvent file
 (:mod:`mayfly.coordinator.job` says which variables); settings, the result
 sink and the coordinator come from :class:`~mayfly.settings.Settings`. The
 exit status is the request's :class:`~mayfly.exitcodes.ExitCode`.
+
+A result that the sink does not take (a full disk, a folder without write
+permission, a sink that is down) is not lost: the devices already acted. Job
+mode keeps it in a spool, ``$MAYFLY_HOME/spool/``, one file per outcome of
+structured CloudEvents (one JSON object a line, as a file sink writes them),
+fsynced, and says where on stderr; it still exits 6, since the sink has not
+got it. Every job-mode run first delivers what the spool holds, oldest first,
+to its sink, and a run of a request whose spooled result it just delivered
+does not run it again.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
+import time
 from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
 
 from mayfly.app.wiring import build_coordinator, open_sink
 from mayfly.coordinator import Coordinator, RequestPipeline, summarize
 from mayfly.coordinator.job import event_from_env, process_start, request_attributes
-from mayfly.errors import MayflyError
+from mayfly.coordinator.pipeline import Outcome, exit_code_for
+from mayfly.coordinator.sinks import ResultSink
+from mayfly.errors import EventError, MayflyError, SinkError
+from mayfly.events import (
+    MayflyEvent,
+    TaskCompleted,
+    TaskRejected,
+    TaskRequest,
+    from_http,
+    split_completed,
+    to_http,
+)
 from mayfly.exitcodes import ExitCode
 from mayfly.settings import Settings
 
-__all__ = ["run_job"]
+__all__ = ["run_job", "spool_dir"]
+
+_STRUCTURED = {"content-type": "application/cloudevents+json"}
+
+
+def _say(message: str) -> None:
+    print(f"mayfly coordinator: {message}", file=sys.stderr)
 
 
 def run_job(env: Mapping[str, str] | None = None) -> int:
-    """Run one request, deliver the outcome, return the exit code."""
+    """Deliver what the spool holds, run one request, deliver the outcome, return
+    the exit code."""
     env = os.environ if env is None else env
     received_at = process_start()
     try:
         settings = Settings.from_env(env)
         sink = open_sink(settings)
-        coordinator = build_coordinator(settings, "job")
     except MayflyError as exc:
-        print(f"mayfly coordinator: {exc}", file=sys.stderr)
+        _say(str(exc))
+        return ExitCode.CONFIG
+    try:
+        return _run(env, settings, sink, received_at)
+    finally:
+        sink.close()
+
+
+def _run(
+    env: Mapping[str, str], settings: Settings, sink: ResultSink, received_at: datetime
+) -> int:
+    delivered = _deliver_spooled(spool_dir(settings), sink)
+    try:
+        event: MayflyEvent | EventError = event_from_env(env)
+    except EventError as exc:
+        event = exc  # the pipeline rejects it, with the reason
+    if isinstance(event, TaskRequest) and event.id in delivered:
+        outcome = delivered[event.id]
+        _say(f"{event.id} already ran; its spooled outcome is now delivered: {summarize(outcome)}")
+        return int(exit_code_for(outcome))
+    try:
+        coordinator = build_coordinator(settings, "job", require_packages=True)
+    except MayflyError as exc:
+        _say(str(exc))
         return ExitCode.CONFIG
 
     def on_start(running: Coordinator) -> None:
@@ -40,19 +93,87 @@ def run_job(env: Mapping[str, str] | None = None) -> int:
         # still running end "canceled" and the result is still delivered.
         signal.signal(signal.SIGTERM, lambda *_: running.cancel())
 
-    try:
-        handled = RequestPipeline(lambda: coordinator, sink).handle(
-            lambda: event_from_env(env),
-            lambda: request_attributes(env),
-            received_at=received_at,
-            on_start=on_start,
-        )
-    finally:
-        sink.close()
+    def read() -> MayflyEvent:
+        if isinstance(event, EventError):
+            raise event
+        return event
+
+    handled = RequestPipeline(lambda: coordinator, sink).handle(
+        read,
+        lambda: request_attributes(env),
+        received_at=received_at,
+        on_start=on_start,
+    )
     if handled.error is not None:
-        print(f"mayfly coordinator: {handled.error}", file=sys.stderr)
+        _say(handled.error)
+        if handled.outcome is not None:
+            _keep(spool_dir(settings), handled.outcome)
     elif handled.outcome is None:
-        print("mayfly coordinator: the event is not a request; nothing to run", file=sys.stderr)
+        _say("the event is not a request; nothing to run")
     else:
-        print(f"mayfly coordinator: {summarize(handled.outcome)}", file=sys.stderr)
+        _say(summarize(handled.outcome))
     return int(handled.code)
+
+
+def spool_dir(settings: Settings) -> Path:
+    """Where job mode keeps outcomes that its sink did not take."""
+    return settings.home / "spool"
+
+
+def _keep(folder: Path, outcome: Outcome) -> None:
+    """Write the outcome to the spool, durably, and say where (or that it is lost)."""
+    events = split_completed(outcome) if isinstance(outcome, TaskCompleted) else (outcome,)
+    body = b"".join(to_http(event, "structured")[1] + b"\n" for event in events)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", outcome.request_id or outcome.id)[:80]
+    path = folder / f"{time.time_ns():020d}-{name}.jsonl"
+    tmp = folder / f".{path.name}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.rename(path)  # a reader sees the whole file or none
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # and the name survives a power cut
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        _say(f"the outcome could not be kept in {folder} either ({exc.strerror or exc}): lost")
+        return
+    _say(f"outcome kept in {path}; the next job-mode run delivers it first")
+
+
+def _deliver_spooled(folder: Path, sink: ResultSink) -> dict[str, Outcome]:
+    """Emit each spooled file's events, oldest first; remove a file once its events
+    are durable. Stops at the first the sink refuses (it is likely still down).
+
+    Returns:
+        The delivered outcomes by request id.
+    """
+    delivered: dict[str, Outcome] = {}
+    try:
+        paths = sorted(folder.glob("*.jsonl"))
+    except OSError:
+        return delivered
+    for path in paths:
+        try:
+            events = [from_http(_STRUCTURED, line) for line in path.read_bytes().splitlines()]
+        except (OSError, EventError) as exc:
+            _say(f"spooled {path} is unreadable, left there: {exc}")
+            continue
+        try:
+            for event in events:
+                sink.emit(event)
+        except SinkError as exc:
+            _say(f"spooled outcomes stay in {folder}: {exc}")
+            break
+        path.unlink(missing_ok=True)  # another run may have delivered it too: at least once
+        first = events[0] if events else None
+        if isinstance(first, TaskCompleted | TaskRejected):
+            shown = summarize(first) if len(events) == 1 else f"{len(events)} parts"
+            _say(f"delivered the spooled outcome of {first.request_id} ({shown}) from {path}")
+            if first.request_id:
+                delivered[first.request_id] = first
+    return delivered

@@ -26,6 +26,7 @@ from mayfly.errors import ConfigError, InventoryError
 from mayfly.eventlog import EventLog
 from mayfly.events import MayflyEvent
 from mayfly.packages import LocalPackageStore, PackageRepository, PackageStore, TrustedKeys
+from mayfly.packages.repository import SIGNATURE
 from mayfly.settings import (
     ENV_ARCHIVE,
     ENV_EVENT_LOG,
@@ -43,6 +44,7 @@ __all__ = [
     "AggregatorService",
     "build_aggregator",
     "build_coordinator",
+    "check_event_log",
     "event_log_sink",
     "inventory_loader",
     "load_inventory",
@@ -141,11 +143,57 @@ def inventory_loader(settings: Settings) -> Callable[[], Inventory]:
     return load
 
 
-def open_store(settings: Settings) -> PackageStore:
-    """The package store that ``settings.store`` names: a folder or ``s3://bucket``."""
-    if not settings.store_is_s3:
-        return LocalPackageStore(Path(settings.store).expanduser())
-    return open_s3_store(settings, settings.s3_bucket, create_bucket=True)
+def open_store(settings: Settings, *, require_packages: bool = False) -> PackageStore:
+    """The package store that ``settings.store`` names: a folder or ``s3://bucket``.
+
+    A folder that does not exist yet is a new, empty store, which publishing
+    (``mayfly pkg publish``) creates.
+
+    Args:
+        require_packages: for what only runs packages (``mayfly up``, job mode): a
+            folder that does not exist or holds no package is a configuration
+            error, so a mistyped ``MAYFLY_STORE`` or ``MAYFLY_HOME`` is said at
+            start instead of every request being rejected ``unknown_task``.
+
+    Raises:
+        ConfigError: ``require_packages`` and no package in the folder, saying
+            whether the path looks wrong or the home is new.
+    """
+    if settings.store_is_s3:
+        return open_s3_store(settings, settings.s3_bucket, create_bucket=True)
+    root = Path(settings.store).expanduser()
+    if require_packages:
+        _require_packages(settings, root)
+    return LocalPackageStore(root)
+
+
+def _require_packages(settings: Settings, root: Path) -> None:
+    try:
+        # A version is published once its signature is written (last).
+        if root.is_dir() and next(root.glob(f"*/*/{SIGNATURE}"), None) is not None:
+            return
+    except OSError as exc:
+        raise ConfigError(f"{_named('store')}={settings.store!r}: {exc.strerror}") from exc
+    publish = "`mayfly pkg publish FOLDER`"
+    if root != settings.home / "packages":
+        if not root.exists():
+            why = "no such folder: check the path"
+        elif not root.is_dir():
+            why = "not a folder: check the path"
+        else:
+            why = "holds no task package: check the path"
+        raise ConfigError(
+            f"{_named('store')}={settings.store!r}: {why}, or publish to it with {publish}"
+        )
+    if not settings.home.exists():
+        raise ConfigError(
+            f"{_named('home')}={str(settings.home)!r}: no such folder: check the path, "
+            f"or start a new home by publishing a package with {publish}"
+        )
+    raise ConfigError(
+        f"no task package in {root} (the store of this home) yet: publish one with "
+        f"{publish}, or point {_named('store')} at your store"
+    )
 
 
 def load_trusted_keys(settings: Settings) -> TrustedKeys:
@@ -155,9 +203,11 @@ def load_trusted_keys(settings: Settings) -> TrustedKeys:
     return TrustedKeys.from_paths([p for p in settings.trusted_key_paths if p.exists()])
 
 
-def open_repository(settings: Settings) -> PackageRepository:
-    """The package repository over the configured store and trusted keys."""
-    return PackageRepository(open_store(settings), load_trusted_keys(settings))
+def open_repository(settings: Settings, *, require_packages: bool = False) -> PackageRepository:
+    """The package repository over the configured store and trusted keys
+    (``require_packages``: see :func:`open_store`)."""
+    store = open_store(settings, require_packages=require_packages)
+    return PackageRepository(store, load_trusted_keys(settings))
 
 
 def open_event_log(settings: Settings) -> EventLog:
@@ -171,6 +221,22 @@ def open_event_log(settings: Settings) -> EventLog:
     from mayfly.eventlog.sqlite import SqliteEventLog
 
     return SqliteEventLog(Path(settings.event_log).expanduser())
+
+
+def check_event_log(settings: Settings) -> None:
+    """Open a SQLite event log now and read it whole (``PRAGMA quick_check``), so
+    a foreign, garbage or corrupt file stops a start in one line. Kafka is met
+    on first use, as before.
+
+    Raises:
+        EventLogFileError: naming the file and what is wrong with it.
+    """
+    if settings.event_log_is_kafka:
+        return
+    from mayfly.eventlog.sqlite import SqliteEventLog
+
+    with SqliteEventLog(Path(settings.event_log).expanduser()) as log:
+        log.check()
 
 
 def _kafka_log(bootstrap: str) -> EventLog:
@@ -208,10 +274,13 @@ def event_log_sink(log: EventLog, topics: Topics) -> ResultSink:
     return EventLogSink(log, topics)
 
 
-def build_coordinator(settings: Settings, mode: str) -> Coordinator:
-    """A coordinator wired to the configured store, inventory and HTTP devices."""
+def build_coordinator(
+    settings: Settings, mode: str, *, require_packages: bool = False
+) -> Coordinator:
+    """A coordinator wired to the configured store, inventory and HTTP devices
+    (``require_packages``: see :func:`open_store`)."""
     return Coordinator(
-        open_repository(settings),
+        open_repository(settings, require_packages=require_packages),
         inventory=inventory_loader(settings),
         driver_factory=HttpDriver,
         options=CoordinatorOptions(

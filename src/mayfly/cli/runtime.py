@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mayfly.app.wiring import open_event_log
+from mayfly.app.wiring import check_event_log, open_event_log, open_store
 from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
 from mayfly.coordinator import summarize
-from mayfly.errors import EventError
+from mayfly.errors import EventError, MayflyError
 from mayfly.eventlog.publisher import publish_request
 from mayfly.events import (
     MayflyEvent,
@@ -59,6 +62,20 @@ def _param_value(raw: str) -> Any:
         return raw
 
 
+#: What a request in a --file may say: new_request's arguments, by the same names.
+_FILE_KEYS = (
+    "task",
+    "devices",
+    "selector",
+    "params",
+    "version",
+    "channel",
+    "priority",
+    "rollout",
+    "deadline",
+)
+
+
 def _from_file(path: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(path.read_text())
@@ -67,6 +84,15 @@ def _from_file(path: Path) -> list[dict[str, Any]]:
     items = doc if isinstance(doc, list) else [doc]
     if not all(isinstance(i, dict) for i in items):
         raise click.BadParameter("expected a JSON object or a list of objects", param_hint="--file")
+    for index, item in enumerate(items):
+        # A misspelt key ("deadine") would otherwise be dropped and the request run without it.
+        unknown = sorted(set(item) - set(_FILE_KEYS))
+        if unknown:
+            where = f"request {index}" if isinstance(doc, list) else "the request"
+            raise click.BadParameter(
+                f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(_FILE_KEYS)})",
+                param_hint="--file",
+            )
     return items
 
 
@@ -108,7 +134,9 @@ def _from_file(path: Path) -> list[dict[str, Any]]:
     "file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Requests from a JSON file: an object or a list of objects with task, "
-    "devices, selector, params, version, channel, priority.",
+    "devices, selector, params, version, channel, priority, rollout "
+    '({"max_parallel": N, "max_failure_ratio": R}) and deadline (ISO 8601 with a '
+    "time zone); any other key is refused.",
 )
 @settings_options("home", "event_log", "topic_prefix", "otlp_endpoint")
 def publish(
@@ -173,6 +201,9 @@ def publish(
                     version=spec.get("version"),
                     channel=spec.get("channel"),
                     priority=spec.get("priority") or "normal",
+                    rollout=spec.get("rollout"),
+                    # An ISO 8601 string: the request's validation parses and checks it.
+                    deadline=spec.get("deadline"),
                 )
             )
         except EventError as exc:
@@ -226,25 +257,73 @@ def up(settings: Settings, verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    # A configuration error is said here, in one line, before anything is forked.
+    # A configuration error is said here, in one line, before anything is forked:
+    # a store with no package (a typo, or a new home), unusable settings, or an
+    # event log that is another application's file, not SQLite, or corrupt.
+    open_store(settings, require_packages=True)
     check_wiring(settings)
+    check_event_log(settings)
     runtime = Runtime(settings)
+    runtime.state.check()
+    runtime.state.close()  # no connection is carried across the warm parent's fork
     # Fork the warm parent before telemetry starts its export threads, so no
     # coordinator carries a copy of them.
     runtime.spawner.start()
-    aggregation = build_aggregator(settings, on_events=_print_results)
-    runtime.ingest = aggregation.ingest
-    signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
-    runtime.start()
-    click.echo(
-        f"mayfly up: event log {runtime.log.describe()}, "
-        f"{settings.max_coordinators} coordinators at most; {aggregation.describe()}; "
-        "Ctrl-C stops"
-    )
+    died = _RuntimeThreads(runtime.stop)
+    aggregation = None
     try:
-        runtime.run()
-    except KeyboardInterrupt:
-        pass
+        aggregation = build_aggregator(settings, on_events=_print_results)
+        runtime.ingest = aggregation.ingest
+        signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+        runtime.start()
+        click.echo(
+            f"mayfly up: event log {runtime.log.describe()}, "
+            f"{settings.max_coordinators} coordinators at most; {aggregation.describe()}; "
+            "Ctrl-C stops"
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            runtime.run()
+        died.reraise()
     finally:
+        # Whatever stopped it (Ctrl-C, SIGTERM, an error while starting or serving),
+        # the warm parent and the threads go too: nothing is left running.
         runtime.close()
-        aggregation.close()
+        died.uninstall()  # after the aggregator's thread was joined
+        if aggregation is not None:
+            aggregation.close()
+
+
+class _RuntimeThreads:
+    """Stops the runtime when one of its threads (the aggregator's) dies, and
+    hands the reason to the command: a runtime that lost its aggregator would
+    otherwise go on serving without reading a single result."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self._previous = threading.excepthook
+        self._error: BaseException | None = None
+        self._thread = ""
+        threading.excepthook = self._died
+
+    def _died(self, args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread is not None else ""
+        if not name.startswith("mayfly-"):
+            self._previous(args)
+            return
+        if not isinstance(args.exc_value, MayflyError):
+            self._previous(args)  # a bug: its traceback is what to report
+        if self._error is None:
+            self._error, self._thread = args.exc_value, name
+        self._stop()
+
+    def reraise(self) -> None:
+        """Raise what killed a thread: a Mayfly error as itself (one line)."""
+        if isinstance(self._error, MayflyError):
+            raise self._error
+        if self._error is not None:
+            raise click.ClickException(
+                f"thread {self._thread} died ({self._error!r}, traceback above); stopped"
+            )
+
+    def uninstall(self) -> None:
+        threading.excepthook = self._previous

@@ -74,8 +74,11 @@ class FileSink:
         _, body = to_http(event, "structured")
         line = body + b"\n"
         if self.path is None:
-            sys.stdout.buffer.write(line)
-            sys.stdout.buffer.flush()
+            try:
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
+            except (OSError, ValueError) as exc:  # a closed pipe, or a closed stdout
+                raise SinkError(f"cannot write to stdout: {exc}") from exc
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,10 @@ class FileSink:
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
-            raise SinkError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
+            why = exc.strerror or str(exc)
+            if isinstance(exc, FileExistsError | NotADirectoryError):
+                why = f"a file is in the way of its folder {self.path.parent}"
+            raise SinkError(f"cannot append to {self.path}: {why}") from exc
 
     def close(self) -> None:
         pass
