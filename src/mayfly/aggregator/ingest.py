@@ -15,6 +15,13 @@ HTTP answers, for a Kafka Broker Trigger or a KafkaSource sink:
   kept for a person to look at (nothing is dropped silently), while a 2xx
   would acknowledge and lose it and a 5xx would retry what cannot succeed;
 - ``503``: the archive is unreachable; the delivery is retried later.
+
+Nothing a result contains can stop the ingest: a record that does not
+decode is logged and handed to ``on_undecodable`` (the local runtime
+dead-letters it), and its offset committed with the rest, so it is never
+replayed; an event that makes the aggregator itself raise (anything but the
+archive's :class:`~mayfly.errors.StoreError`) is logged and skipped, its
+batch-mates aggregated one by one; over HTTP, both are a ``400``.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from mayfly.errors import EventError, StoreError
 from mayfly.eventlog import LogRecord
 from mayfly.events import MayflyEvent, TaskCompleted, TaskRejected, from_http, from_kafka
 
-__all__ = ["Ingest", "commit_offsets"]
+__all__ = ["Ingest", "Undecodable", "commit_offsets"]
 
 _LOG = logging.getLogger("mayfly.aggregator")
 Results = list[TaskCompleted | TaskRejected]
+#: Told of each record that does not decode, and why.
+Undecodable = Callable[[LogRecord, EventError], None]
 
 
 def commit_offsets(records: Sequence[LogRecord]) -> dict[int, int]:
@@ -61,11 +70,19 @@ class Ingest:
         self.aggregator = aggregator
         self._on_events = on_events
 
-    def records(self, records: Sequence[LogRecord]) -> dict[int, int]:
+    def records(
+        self, records: Sequence[LogRecord], *, on_undecodable: Undecodable | None = None
+    ) -> dict[int, int]:
         """Aggregate one poll of the results topic.
 
+        Args:
+            records: the poll.
+            on_undecodable: told of each record that does not decode (after it
+                was logged); it must not raise.
+
         Returns:
-            The offsets to commit now that the results are durable (archived).
+            The offsets to commit now that the results are durable (archived),
+            past the records that did not decode or could not be aggregated.
 
         Raises:
             StoreError: the archive would not take them; commit nothing.
@@ -74,23 +91,27 @@ class Ingest:
         for record in records:
             try:
                 events.append(from_kafka(record.headers, record.key, record.value))
-            except EventError as exc:
+            except Exception as exc:  # hostile input is bad input, whatever it raises
+                error = exc if isinstance(exc, EventError) else _undecodable(exc)
                 _LOG.warning(
-                    "undecodable record at %s/%d@%d: %s",
+                    "undecodable record at %s/%d@%d, skipped: %s",
                     record.topic,
                     record.partition,
                     record.offset,
-                    exc,
+                    error,
                 )
-        self._aggregate(events)
+                if on_undecodable is not None:
+                    on_undecodable(record, error)
+        self._aggregate_each(events)
         return commit_offsets(records)
 
     def http(self, headers: Mapping[str, str], body: bytes) -> int:
         """One CloudEvent delivery; returns the HTTP status to answer with an empty body."""
         try:
             event = from_http(dict(headers), body)
-        except EventError as exc:
-            _LOG.warning("undecodable event (answering 400 for the dead-letter sink): %s", exc)
+        except Exception as exc:  # hostile input is bad input, whatever it raises
+            error = exc if isinstance(exc, EventError) else _undecodable(exc)
+            _LOG.warning("undecodable event (answering 400 for the dead-letter sink): %s", error)
             return 400
         if not isinstance(event, TaskCompleted | TaskRejected):
             return 202  # a request on a shared broker: not ours
@@ -99,7 +120,28 @@ class Ingest:
         except StoreError:
             _LOG.exception("result not archived; answering 503 so it is redelivered")
             return 503
+        except Exception:
+            # Not the archive: redelivering the same event would fail the same way.
+            _LOG.exception("%s not aggregated; answering 400 for the dead-letter sink", event.id)
+            return 400
         return 400 if outcomes and outcomes[0] is Outcome.INVALID else 202
+
+    def _aggregate_each(self, events: list[MayflyEvent]) -> None:
+        """Aggregate a batch; if it raises (not StoreError), each event on its own."""
+        try:
+            self._aggregate(events)
+        except StoreError:
+            raise
+        except Exception:
+            _LOG.exception("a batch of %d events failed; aggregating them one by one", len(events))
+            for event in events:
+                try:
+                    self._aggregate([event])
+                except StoreError:
+                    raise
+                except Exception:
+                    # Dedupe keeps the ones the batch already took from counting twice.
+                    _LOG.exception("%s %s not aggregated, skipped", event.event_type, event.id)
 
     def _aggregate(self, events: list[MayflyEvent]) -> list[Outcome]:
         results: Results = [e for e in events if isinstance(e, TaskCompleted | TaskRejected)]
@@ -109,3 +151,8 @@ class Ingest:
         if events and self._on_events is not None:
             self._on_events(events)
         return outcomes
+
+
+def _undecodable(exc: BaseException) -> EventError:
+    # The decoders raise EventError only; anything else is their bug on this input.
+    return EventError("data", f"cannot be decoded ({type(exc).__name__}: {exc})"[:1000])

@@ -11,16 +11,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from mayfly.aggregator.ingest import Ingest
+from mayfly.aggregator.ingest import Ingest, commit_offsets
 from mayfly.app.wiring import build_coordinator, event_log_sink, open_event_log, open_repository
 from mayfly.coordinator import RequestPipeline
 from mayfly.coordinator.runner import DeviceProgress
-from mayfly.errors import MayflyError
-from mayfly.eventlog import EventLog, LogRecord
-from mayfly.events import from_kafka, peek_attributes
+from mayfly.errors import EventError, MayflyError, StoreError, UnusableFileError
+from mayfly.eventlog import EventLog, LogConsumer, LogRecord
+from mayfly.events import from_kafka, peek_attributes, rejection_for, to_kafka_record
 from mayfly.runtime.dispatcher import Dispatcher, DispatcherOptions, DispatchEvent
 from mayfly.runtime.spawner import ForkedWork, Spawner
 from mayfly.runtime.state import RuntimeState
@@ -29,7 +29,11 @@ from mayfly.settings import Settings
 __all__ = ["AGGREGATOR_GROUP", "Runtime", "WarmCoordinator", "check_wiring"]
 
 AGGREGATOR_GROUP = "mayfly-aggregator"
+#: The source of the rejections the aggregator dead-letters.
+AGGREGATOR_SOURCE = "/mayfly/aggregator"
 _LOG = logging.getLogger("mayfly.runtime")
+# Waits of the aggregator thread while the archive or the log refuses (doubling).
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.2, 5.0
 
 
 def check_wiring(settings: Settings) -> None:
@@ -159,15 +163,75 @@ class Runtime:
             self._aggregator.start()
 
     def _aggregate(self, ingest: Ingest) -> None:
+        """The aggregator thread: read results, aggregate, commit; until stopped.
+
+        Nothing a record holds ends it: a result that does not decode is
+        dead-lettered and committed past, anything else that goes wrong on a
+        record is logged and the record skipped (:class:`Ingest`), and an
+        unreachable archive or log is waited for, the batch kept, never skipped.
+        """
         consumer = self.log.consumer(AGGREGATOR_GROUP, self.settings.topics.results)
         try:
             while not self._stop.is_set():
-                records = consumer.poll(500, 0.2)
+                try:
+                    records = consumer.poll(500, 0.2)
+                except UnusableFileError:
+                    raise  # a foreign or corrupt log: `mayfly up` stops with its one line
+                except Exception:
+                    _LOG.exception("results not read; reading again")
+                    self._stop.wait(_RETRY_FIRST_S)
+                    continue
                 if records:
-                    # After the ingest made them durable (archive), never before.
-                    consumer.commit(ingest.records(records))
+                    self._aggregate_batch(ingest, consumer, records)
         finally:
             consumer.close()
+
+    def _aggregate_batch(
+        self, ingest: Ingest, consumer: LogConsumer, records: Sequence[LogRecord]
+    ) -> None:
+        wait_s = _RETRY_FIRST_S
+        while not self._stop.is_set():
+            try:
+                # After the ingest made them durable (archive), never before.
+                offsets = ingest.records(records, on_undecodable=self._dead_letter_result)
+            except StoreError as exc:
+                _LOG.warning("results not archived, retrying in %.1f s: %s", wait_s, exc)
+            except Exception:
+                # Not the records (the ingest takes care of those): a bug. The
+                # batch is committed past rather than replayed for ever.
+                _LOG.exception("a batch of %d results failed; skipped", len(records))
+                offsets = commit_offsets(records)
+                break
+            else:
+                break
+            self._stop.wait(wait_s)
+            wait_s = min(wait_s * 2, _RETRY_MAX_S)
+        else:
+            return  # stopping: the batch is read again after a restart
+        try:
+            consumer.commit(offsets)
+        except UnusableFileError:
+            raise
+        except Exception:
+            # The next commit covers these offsets too; a crash before it replays
+            # them, and the aggregator dedupes.
+            _LOG.exception("results offsets not committed")
+
+    def _dead_letter_result(self, record: LogRecord, error: EventError) -> None:
+        """Put the rejection of a result that does not decode on the dead-letter topic."""
+        try:
+            rejected = rejection_for(
+                error, peek_attributes(record.headers, record.value), source=AGGREGATOR_SOURCE
+            )
+            key, value, headers = to_kafka_record(rejected)
+            self.log.append(self.settings.topics.dead_letter, key, value, headers)
+        except Exception:
+            _LOG.exception(
+                "undecodable result %s/%d@%d not dead-lettered",
+                record.topic,
+                record.partition,
+                record.offset,
+            )
 
     def run(self, should_stop: Callable[[], bool] | None = None) -> None:
         """Serve until ``should_stop()`` or :meth:`stop`."""

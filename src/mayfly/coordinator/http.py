@@ -5,6 +5,13 @@ Kafka Broker Trigger counts a non-CloudEvent body as a failed delivery. With a
 sink (``K_SINK``), outcomes go there and the answer is 202 (503 when the sink
 would not take it, so the event is redelivered). Without one, the outcome is
 the reply event, which a Broker routes onwards.
+
+Whatever the delivery holds, the answer is one of those: an event that does
+not decode is rejected (the rejection is bounded and fit for headers, so the
+sink takes it and a 503 never has the broker redeliver what cannot succeed);
+a decoder failure of any other kind counts as a bad event too; a reply that
+cannot be encoded is an empty 400 (Knative's "unparsable": dead-lettered,
+not retried) for a rejection, an empty 500 otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +21,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from mayfly.coordinator.pipeline import RequestPipeline
-from mayfly.events import TaskCompleted, from_http, peek_attributes, split_completed, to_http
+from mayfly.errors import EventError
+from mayfly.events import (
+    MayflyEvent,
+    TaskCompleted,
+    TaskRejected,
+    from_http,
+    peek_attributes,
+    split_completed,
+    to_http,
+)
 from mayfly.exitcodes import ExitCode
 
 __all__ = ["HttpAnswer", "answer_http"]
@@ -24,13 +40,25 @@ _LOG = logging.getLogger("mayfly.coordinator")
 
 
 def answer_http(pipeline: RequestPipeline, headers: Mapping[str, str], body: bytes) -> HttpAnswer:
-    """Run one delivery through ``pipeline`` and answer it."""
+    """Run one delivery through ``pipeline`` and answer it; never raises."""
     plain = dict(headers)
-    handled = pipeline.handle(
-        lambda: from_http(plain, body),
-        lambda: peek_attributes(plain, body),
-        received_at=datetime.now(UTC),
-    )
+
+    def read() -> MayflyEvent:
+        try:
+            return from_http(plain, body)
+        except EventError:
+            raise
+        except Exception as exc:  # a decoder's bug on this input: still a bad event
+            _LOG.exception("decoding the delivery failed")
+            raise EventError("data", f"cannot be decoded ({type(exc).__name__})") from exc
+
+    try:
+        handled = pipeline.handle(
+            read, lambda: peek_attributes(plain, body), received_at=datetime.now(UTC)
+        )
+    except Exception:
+        _LOG.exception("the delivery failed; answering 500 so it is redelivered")
+        return 500, {}, b""
     outcome = handled.outcome
     if handled.code is ExitCode.UNDELIVERED:
         _LOG.error("answering 503 so the event is redelivered")
@@ -43,5 +71,9 @@ def answer_http(pipeline: RequestPipeline, headers: Mapping[str, str], body: byt
             "result of %s needs %d events; set K_SINK for large fan-outs", parts[0].id, len(parts)
         )
         return 500, {}, b""
-    reply_headers, reply_body = to_http(parts[0], "binary")
+    try:
+        reply_headers, reply_body = to_http(parts[0], "binary")
+    except EventError:
+        _LOG.exception("the reply to %s cannot be encoded", outcome.request_id or outcome.id)
+        return (400 if isinstance(outcome, TaskRejected) else 500), {}, b""
     return 200, reply_headers, reply_body

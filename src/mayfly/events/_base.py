@@ -47,6 +47,7 @@ __all__ = [
     "Priority",
     "SemVer",
     "TraceParent",
+    "TraceState",
     "UtcDatetime",
     "contract_error",
     "format_time",
@@ -145,11 +146,15 @@ _SEMVER_PATTERN = (
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
 _EVENT_ID_PATTERN = r"^[\x21-\x7e]{1,256}$"
+# W3C trace context: printable ASCII, at most 512 characters; no space at either
+# end, which an HTTP header would lose (and `requests` refuses to send).
+_TRACESTATE_PATTERN = r"^(?:[\x21-\x7e](?:[\x20-\x7e]{0,510}[\x21-\x7e])?)?$"
 # What a person should read instead of a regular expression.
 _PATTERN_HINTS = {
     _NAME_PATTERN: "must be a name of 1-63 characters a-z, 0-9 and '-', not starting with '-'",
     _SEMVER_PATTERN: "must be a semantic version such as 1.4.0 or 2.0.0-rc.1",
     _EVENT_ID_PATTERN: "must be 1-256 visible ASCII characters, no spaces",
+    _TRACESTATE_PATTERN: "must be a W3C tracestate: at most 512 printable ASCII characters",
 }
 
 #: Package, task and channel names: they become bucket prefixes and service names.
@@ -162,6 +167,8 @@ DeviceId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 TraceParent = Annotated[str, AfterValidator(_check_traceparent)]
+#: Travels verbatim in the ``tracestate`` header of every event a request leads to.
+TraceState = Annotated[str, StringConstraints(pattern=_TRACESTATE_PATTERN)]
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -198,7 +205,7 @@ class EventModel(BaseModel):
     time: UtcDatetime = Field(default_factory=_utcnow)
     priority: Priority = Priority.NORMAL
     traceparent: TraceParent | None = None
-    tracestate: str | None = None
+    tracestate: TraceState | None = None
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

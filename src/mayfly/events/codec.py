@@ -17,7 +17,14 @@ versions would break the contract:
   reports a missing attribute as a Python set repr, not as a field.
 
 Decoding parses JSON once, from the bytes on the wire, and checks the
-attributes before the data. The ``datacontenttype`` rule: absent means JSON
+attributes before the data. Every decoder is bounded, so that no message can
+make it raise anything but :class:`~mayfly.errors.EventError` or cost more
+than its size: bodies of at most ``MAX_MESSAGE_BYTES``, ``data`` of at most
+``MAX_EVENT_BYTES`` nested at most ``MAX_JSON_DEPTH`` deep (checked before
+parsing), at most ``MAX_EXTENSION_ATTRIBUTES`` extension attributes, values of
+at most ``MAX_ATTRIBUTE_CHARS`` and free of control characters.
+
+The ``datacontenttype`` rule: absent means JSON
 (as in the CloudEvents JSON format); ``application/json`` is accepted with an
 optional ``charset=utf-8``; anything else is refused.
 """
@@ -39,13 +46,17 @@ from cloudevents.http import CloudEvent
 from mayfly.errors import EventError
 from mayfly.events._base import MAX_EVENT_BYTES, SPECVERSION
 from mayfly.events._wire import (
-    ENVELOPE_ALLOWANCE,
-    JSON,
+    MAX_JSON_DEPTH,
+    MAX_MESSAGE_BYTES,
     STRUCTURED_CONTENT_TYPE,
     Headers,
     KafkaRecord,
+    LoneSurrogateError,
+    check_attributes,
     check_content_type,
+    check_depth,
     is_record,
+    loads,
     parse_data,
     peek_attributes,
     split_headers,
@@ -199,7 +210,10 @@ def from_kafka(
             raise EventError("partitionkey", "the Kafka record key is not UTF-8") from exc
     elif isinstance(key, str):
         key_text = key
-    return _decode_message(attributes, content_type, value, key_text or None, "ce_")
+    try:
+        return _decode_message(attributes, content_type, value, key_text or None, "ce_")
+    except RecursionError as exc:  # the bounds make this unreachable; hostile input is bad input
+        raise EventError("data", "nested too deeply to decode") from exc
 
 
 # --- HTTP -------------------------------------------------------------------
@@ -237,7 +251,10 @@ def from_http(headers: Headers | None, body: bytes | str | None) -> MayflyEvent:
             when the message is not a CloudEvent at all.
     """
     attributes, content_type = split_headers(headers, "ce-")
-    return _decode_message(attributes, content_type, body, None, "ce-")
+    try:
+        return _decode_message(attributes, content_type, body, None, "ce-")
+    except RecursionError as exc:  # the bounds make this unreachable; hostile input is bad input
+        raise EventError("data", "nested too deeply to decode") from exc
 
 
 # --- Internals --------------------------------------------------------------
@@ -301,10 +318,14 @@ def _decode_message(
 
 def _decode_structured(body: bytes | str | None, key: str | None, *, lenient: bool) -> MayflyEvent:
     body = body or b""
-    if len(body) > MAX_EVENT_BYTES + ENVELOPE_ALLOWANCE:
+    if len(body) > MAX_MESSAGE_BYTES:
         raise EventError("data", f"the structured event is {len(body)} bytes, over the limit")
+    # The envelope is one level above its data.
+    check_depth(body, MAX_JSON_DEPTH + 1)
     try:
-        envelope = JSON.decode(body if isinstance(body, str) else bytes(body).decode())
+        envelope = loads(body)
+    except LoneSurrogateError as exc:
+        raise EventError(exc.key or "data", str(exc)) from exc
     except ValueError as exc:
         if lenient:
             raise EventError("specversion", "not a CloudEvent: the body is not JSON") from exc
@@ -334,14 +355,15 @@ def _decode(attributes: dict[str, Any], data: Any, *, where: str) -> MayflyEvent
         raise EventError("specversion", f"missing ({where}); this is not a CloudEvent")
     if specversion != SPECVERSION:
         raise EventError(
-            "specversion", f"{specversion!r} is not supported; Mayfly speaks CloudEvents 1.0"
+            "specversion", f"{specversion!r:.80} is not supported; Mayfly speaks CloudEvents 1.0"
         )
+    check_attributes(attributes)
     for name in ("id", "source", "type"):
         value = attributes.get(name)
         if value is None:
             raise EventError(name, "missing required attribute")
         if not isinstance(value, str) or not value:
-            raise EventError(name, f"must be a non-empty string, got {value!r}")
+            raise EventError(name, f"must be a non-empty string, got {value!r:.80}")
     check_content_type(attributes.get("datacontenttype"))
     model = _MODELS.get(attributes["type"])
     if model is None:

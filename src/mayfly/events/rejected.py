@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
-from uuid import uuid4
+from uuid import UUID, uuid4, uuid5
 
 from pydantic import ConfigDict, Field, StringConstraints
 
@@ -38,12 +38,39 @@ from mayfly.events._base import (
 
 __all__ = ["RejectionCode", "TaskRejected", "rejection_for"]
 
-# Values copied from a bad event are capped so a hostile input cannot make
-# its own rejection too large to publish.
+# What is copied from a bad event is capped so a hostile input cannot make its
+# own rejection too large to publish (1 MB), nor break the headers it goes out
+# in: a rejection is a few KiB whatever it rejects.
 _MAX_COPIED_CHARS = 1024
 _MAX_REASON_CHARS = 4096
+_MAX_FIELD_CHARS = 256
+_MAX_ORIGINAL_ATTRIBUTES = 32
+_MAX_ORIGINAL_CHARS = 16 * 1024
+_MAX_NAME_CHARS = 64
+# The attributes most worth keeping of an original, in this order.
+_FIRST_KEPT = (
+    "id",
+    "type",
+    "source",
+    "specversion",
+    "time",
+    "tasktype",
+    "priority",
+    "partitionkey",
+    "traceparent",
+    "tracestate",
+    "datacontenttype",
+    "subject",
+    "dataschema",
+)
 _PRIORITIES = frozenset(p.value for p in Priority)
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# What may travel in a header (ce-id, ce-partitionkey, Kafka key): visible
+# ASCII, no spaces; the request id contract (``EventId``).
+_HEADER_SAFE_ID = re.compile(r"[\x21-\x7e]{1,256}")
+_HEADER_SAFE_TRACESTATE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e]{0,510}[\x21-\x7e])?)?")
+# Rejections of an input whose id cannot be used are named after it all the same.
+_UNUSABLE_ID_NAMESPACE = UUID("8f0e5c1a-4b7d-4e0a-9d3c-6a2f1b9e7c54")
 
 
 class RejectionCode(StrEnum):
@@ -129,6 +156,14 @@ def rejection_for(
     signature and archive errors are ``integrity``; anything else ``internal``.
     The trace context and priority of the original are carried over when valid.
 
+    Never raises, and never makes an event too large or unfit for headers,
+    whatever the input: ``original`` keeps at most 32 attributes (the
+    CloudEvents ones first) of at most 1,024 characters, 16 KiB in all; the
+    reason and field are cut; an id that could not travel in a header (control
+    characters, spaces, over 256 characters) is not the ``request_id``, and the
+    rejection's own id is then derived from it (a uuid5), so a redelivery is
+    still rejected under the same id.
+
     Args:
         error: what went wrong.
         raw_attributes: the offending event's attributes as far as known, e.g.
@@ -138,14 +173,23 @@ def rejection_for(
         source: the rejecting component.
     """
     raw = dict(raw_attributes or {})
-    original = {
-        name: _text(value)
-        for name, value in raw.items()
-        if name not in ("data", "data_base64") and value is not None
-    }
+    original = _original(raw)
     raw_id = raw.get("id")
-    request_id = _text(raw_id) if isinstance(raw_id, str) and raw_id else None
+    request_id = raw_id if isinstance(raw_id, str) and _HEADER_SAFE_ID.fullmatch(raw_id) else None
+    if request_id is not None:
+        # Deterministic when possible, so a redelivered bad request is rejected once.
+        rejection_id = f"{request_id}:rejected"
+    elif isinstance(raw_id, str) and raw_id:
+        rejection_id = str(uuid5(_UNUSABLE_ID_NAMESPACE, _text(raw_id)))
+    else:
+        rejection_id = str(uuid4())
     field = error.field if isinstance(error, EventError | ParamsError) else None
+    if field is not None:
+        field = _cut(field, _MAX_FIELD_CHARS)
+    try:
+        reason = _reason(error)
+    except Exception:  # an exception whose str() raises: its type says enough
+        reason = f"internal error: {type(error).__name__}"
     task = raw.get("tasktype")
     if isinstance(error, PackageError) and error.package:
         task = error.package
@@ -154,22 +198,61 @@ def rejection_for(
     tracestate = raw.get("tracestate")
     priority = raw.get("priority")
     values = {
-        # Deterministic when possible, so a redelivered bad request is rejected once.
-        "id": f"{request_id}:rejected" if request_id and len(request_id) <= 256 else str(uuid4()),
+        "id": rejection_id,
         "source": source,
         "priority": priority
         if isinstance(priority, str) and priority in _PRIORITIES
         else Priority.NORMAL,
         "traceparent": traceparent if has_trace else None,
-        "tracestate": _text(tracestate) if has_trace and isinstance(tracestate, str) else None,
+        "tracestate": tracestate
+        if has_trace
+        and isinstance(tracestate, str)
+        and _HEADER_SAFE_TRACESTATE.fullmatch(tracestate)
+        else None,
         "request_id": request_id,
-        "reason": _reason(error)[:_MAX_REASON_CHARS],
+        "reason": _cut(reason, _MAX_REASON_CHARS),
         "code": code if code is not None else _code(error, raw),
         "field": field,
         "task": _text(task) if isinstance(task, str) else None,
         "original": original,
     }
     return validate_model(TaskRejected, values)
+
+
+def _original(raw: Mapping[str, Any]) -> dict[str, str]:
+    """A bounded copy of the original's attributes, the CloudEvents ones first."""
+    names = [name for name in _FIRST_KEPT if name in raw]
+    names += [name for name in raw if name not in _FIRST_KEPT]
+    original: dict[str, str] = {}
+    budget = _MAX_ORIGINAL_CHARS
+    for name in names:
+        value = raw[name]
+        if value is None or name in ("data", "data_base64") or not isinstance(name, str):
+            continue
+        if len(original) >= _MAX_ORIGINAL_ATTRIBUTES:
+            break
+        text = _text(value)
+        budget -= len(name) + len(text)
+        if budget < 0:
+            break
+        original[_cut(name, _MAX_NAME_CHARS)] = text
+    return original
+
+
+def _cut(text: str, limit: int) -> str:
+    return _encodable(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _encodable(text: str) -> str:
+    """``text``, with any lone surrogate escaped: one would make the rejection
+    impossible to encode (pydantic refuses to serialise it)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _code(error: BaseException, raw: Mapping[str, Any]) -> RejectionCode:
@@ -206,4 +289,4 @@ def _text(value: object) -> str:
         text = value
     else:
         text = json.dumps(value, default=str)
-    return text[:_MAX_COPIED_CHARS]
+    return _encodable(text[:_MAX_COPIED_CHARS])

@@ -15,7 +15,10 @@ What it promises, on the embedded log and on Kafka alike:
   have a result are skipped, and devices dedupe repeated actions by key;
 - **poison requests end**: a request whose coordinator keeps crashing is
   retried after a backoff, and rejected to the dead-letter topic after
-  ``max_crashes`` crashes.
+  ``max_crashes`` crashes. Nothing a record holds can stop the dispatcher:
+  what it reads of a record is bounded (:func:`~mayfly.events.peek_attributes`),
+  and a dead letter that cannot be written is written again as a bare one
+  (no copied attributes), or retried later while the log refuses appends.
 
 The decisions themselves (lane pick, commit progress, crash budget) are pure
 functions in :mod:`mayfly.runtime.policy`; this module applies them.
@@ -34,7 +37,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from mayfly.coordinator.sinks import EventLogSink
-from mayfly.errors import CoordinatorCrashedError
+from mayfly.errors import CoordinatorCrashedError, SinkError
 from mayfly.eventlog import EventLog, LogConsumer, LogRecord
 from mayfly.events import Priority, peek_attributes, rejection_for
 from mayfly.exitcodes import ExitCode
@@ -242,16 +245,51 @@ class Dispatcher:
         decision = after_crash(
             crashes, self.options.max_crashes, base_s=self.options.crash_backoff_s
         )
-        if decision.give_up:
-            reason = f"coordinator crashed {crashes} times (last: {why})"
-            attributes = peek_attributes(pending.record.headers, pending.record.value)
-            self.sink.emit(rejection_for(CoordinatorCrashedError(reason), attributes))
+        if decision.give_up and self._dead_letter(pending, crashes, why):
             self.state.mark_result(pending.request_id)
             self._done(pending)
             self._on_event(DispatchEvent.DEAD_LETTERED, {"request_id": pending.request_id})
-        else:
-            pending.not_before = time.monotonic() + decision.retry_in_s
-            self.lanes[pending.lane].buffer.appendleft(pending)
+            return
+        retry_in_s = decision.retry_in_s if not decision.give_up else self._give_up_retry_s()
+        pending.not_before = time.monotonic() + retry_in_s
+        self.lanes[pending.lane].buffer.appendleft(pending)
+
+    def _give_up_retry_s(self) -> float:
+        # The log refused the dead letter: try again (the request runs once
+        # more first) after the longest crash backoff, not in a tight loop.
+        return self.options.crash_backoff_s * float(2 ** max(self.options.max_crashes - 1, 0))
+
+    def _dead_letter(self, pending: _Pending, crashes: int, why: str) -> bool:
+        """Reject a request whose coordinator kept crashing; never raises.
+
+        Returns:
+            Whether the rejection is durable (else the log refused it for now).
+        """
+        error = CoordinatorCrashedError(f"coordinator crashed {crashes} times (last: {why})")
+        record = pending.record
+        try:
+            self.sink.emit(rejection_for(error, peek_attributes(record.headers, record.value)))
+            return True
+        except Exception:
+            _LOG.exception(
+                "dead letter of %s (%s/%d@%d) not written; writing a bare one",
+                pending.request_id,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+        # What is certain to encode: the request id and the reason, nothing copied.
+        bare = {"id": pending.request_id, "partitionkey": pending.key}
+        try:
+            self.sink.emit(rejection_for(error, bare))
+            return True
+        except SinkError as exc:
+            _LOG.error("dead letter of %s not written, will retry: %s", pending.request_id, exc)
+            return False
+        except Exception:
+            # Not the log: nothing a retry would change. Said loudly, and passed.
+            _LOG.exception("dead letter of %s cannot be written; skipped", pending.request_id)
+            return True
 
     # -- the loop --------------------------------------------------------------
 
