@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mayfly.errors import ConfigError
+from mayfly.sandbox.secrets import private
 from mayfly.topics import DEFAULT_PREFIX, Topics
 
 __all__ = [
@@ -214,7 +215,8 @@ class Settings:
             store=env.get(ENV_STORE) or str(home / "packages"),
             s3_endpoint=env.get(ENV_S3_ENDPOINT) or None,
             s3_access_key=env.get(ENV_S3_ACCESS_KEY) or None,
-            s3_secret_key=env.get(ENV_S3_SECRET_KEY) or None,
+            # A private copy: task processes forked from this one wipe it in place.
+            s3_secret_key=private(env.get(ENV_S3_SECRET_KEY)),
             s3_region=env.get(ENV_S3_REGION) or None,
             signing_key=_path(env, ENV_SIGNING_KEY),
             trusted_keys=trusted,

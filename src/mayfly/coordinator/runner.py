@@ -1,15 +1,17 @@
 """Fan-out: run a package on many devices in task processes, bounded and timed.
 
 The coordinator's loop is single-threaded: it forks task processes (at most
-the allowed parallelism), hands each one device at a time over a pipe, and
-waits on all pipes and process sentinels at once. That keeps three promises
+the allowed parallelism), hands each one device at a time over its channel
+(bounded JSON frames, :mod:`mayfly.coordinator.frames`), and waits on all
+channels and process sentinels at once. That keeps three promises
 without any thread:
 
 - a device attempt that overruns its per-device timeout is ended by killing
   its task process (package code cannot ignore that) and recorded as
   ``timed_out``; a replacement process takes the next device;
-- a task process that dies (memory, CPU limit, a crash) fails only the
-  device it was running;
+- a task process that dies (memory, CPU limit, a crash) or sends anything
+  but a valid frame fails only the device it was running, and every process
+  it could have started ends with it (it has its own session, killed whole);
 - failed attempts are retried up to the manifest's limit with backoff, and
   the request's own deadline and failure budget stop the rest cleanly.
 """
@@ -17,29 +19,33 @@ without any thread:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import json
 import math
-import multiprocessing
 import multiprocessing.connection
 import os
+import select
+import shutil
 import signal
+import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
+from mayfly.coordinator.frames import Channel, ProtocolError, check_task_frame
 from mayfly.coordinator.worker import WorkerSpec, worker_main
 from mayfly.devices import Device
 from mayfly.events import DeviceResult, DeviceStatus
 
 __all__ = ["DeviceProgress", "RunPlan", "run_devices"]
 
-_FORK = multiprocessing.get_context("fork")
 ProgressFn = Callable[["DeviceProgress"], None]
 
 
@@ -93,10 +99,54 @@ class _Device:
         )
 
 
+class _TaskProcess:
+    """A forked task process, watched through a pidfd.
+
+    Not a multiprocessing.Process: its sentinel is a pipe the child must keep
+    open, and the sandbox closes every descriptor but the channel.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.sentinel = os.pidfd_open(pid)
+        self.exitcode: int | None = None
+
+    def poll(self, block: bool = False) -> int | None:
+        if self.exitcode is None:
+            done, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+            if done:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+                os.close(self.sentinel)
+        return self.exitcode
+
+    def is_alive(self) -> bool:
+        return self.poll() is None
+
+    def join(self, timeout: float) -> None:
+        if self.exitcode is None and select.select([self.sentinel], [], [], timeout)[0]:
+            self.poll(block=True)
+
+
+def _start(fd: int, spec: WorkerSpec) -> int:
+    coordinator = os.getpid()
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    code = 1
+    try:
+        worker_main(fd, spec, coordinator)
+        code = 0
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)  # never return into the coordinator's code
+
+
 @dataclass
 class _Worker:
-    process: BaseProcess
-    conn: Connection
+    process: _TaskProcess
+    channel: Channel
     ready: bool = False
     job: _Device | None = None
     job_deadline: float = math.inf
@@ -117,6 +167,10 @@ class _Run:
         for state in self.states.values():
             heapq.heappush(self.queue, (0.0, next(self.seq), state))
         self.workers: list[_Worker] = []
+        # Task processes' private folders; 0711 so each can reach only its own.
+        self.scratch = Path(tempfile.mkdtemp(prefix="mayfly-scratch-"))
+        self.scratch.chmod(0o711)
+        self.spec = dataclasses.replace(plan.spec, scratch_root=self.scratch)
         self.failed = 0
         self.finished = 0
         self.import_error: str | None = None
@@ -124,23 +178,33 @@ class _Run:
     # -- process management --------------------------------------------------
 
     def _spawn(self) -> None:
-        parent, child = _FORK.Pipe()
-        process = _FORK.Process(
-            target=worker_main, args=(child, self.plan.spec, os.getpid()), daemon=True
-        )
-        process.start()
-        child.close()
-        self.workers.append(_Worker(process, parent))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        process = _TaskProcess(_start(theirs.fileno(), self.spec))
+        theirs.close()
+        ours.setblocking(False)
+        self.workers.append(_Worker(process, Channel(ours.detach())))
 
     def _retire(self, worker: _Worker, *, kill: bool) -> None:
+        pid = worker.process.pid
         if kill and worker.process.is_alive():
-            os.kill(worker.process.pid or 0, signal.SIGKILL)
+            # Its own session: whatever it started goes with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         else:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                worker.conn.send(("stop",))
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+                worker.channel.send({"t": "stop"})
         worker.process.join(timeout=5)
-        worker.conn.close()
+        if worker.process.exitcode is None:  # it would not stop when asked
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            worker.process.poll(block=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # anything left in its session
+        worker.channel.close()
         self.workers.remove(worker)
+        shutil.rmtree(self.scratch / f"task-{pid}", ignore_errors=True)
 
     # -- device outcomes -----------------------------------------------------
 
@@ -213,8 +277,13 @@ class _Run:
                 state.started_at = _now()
             worker.job = state
             worker.job_deadline = min(now + self.plan.device_timeout_s, self.plan.deadline)
-            worker.conn.send(
-                ("run", state.device.model_dump_json(), state.attempts, worker.job_deadline)
+            worker.channel.send(
+                {
+                    "t": "run",
+                    "device": state.device.model_dump(mode="json"),
+                    "attempt": state.attempts,
+                    "remaining_s": max(0.0, worker.job_deadline - now),
+                }
             )
             self.on_progress(
                 DeviceProgress(state.device.id, DeviceStatus.RUNNING, 0.0, "", state.attempts)
@@ -223,24 +292,44 @@ class _Run:
     def _pending(self) -> int:
         return len(self.queue) + sum(1 for w in self.workers if w.job is not None)
 
-    def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        kind = message[0]
+    def _on_frame(self, worker: _Worker, frame: dict[str, Any]) -> None:
+        kind = frame["t"]
         if kind == "ready":
             worker.ready = True
         elif kind == "import_failed":
-            self.import_error = f"cannot load entrypoint: {message[1]}"
+            self.import_error = f"cannot load entrypoint: {frame['error']}"
         elif kind == "progress" and worker.job is not None:
-            _, device_id, percent, text = message
             self.on_progress(
-                DeviceProgress(device_id, DeviceStatus.RUNNING, percent, text, worker.job.attempts)
+                DeviceProgress(
+                    worker.job.device.id,
+                    DeviceStatus.RUNNING,
+                    frame["percent"],
+                    frame["message"],
+                    worker.job.attempts,
+                )
             )
         elif kind == "done" and worker.job is not None:
-            _, _, ok, output_json, error = message
             state, worker.job, worker.job_deadline = worker.job, None, math.inf
-            if ok:
-                self._finish(state, DeviceStatus.SUCCEEDED, output=json.loads(output_json))
+            if frame["ok"]:
+                try:
+                    output = _output(frame["output"])
+                except ProtocolError as exc:
+                    self._attempt_failed(state, DeviceStatus.FAILED, str(exc))
+                else:
+                    self._finish(state, DeviceStatus.SUCCEEDED, output=output)
             else:
-                self._attempt_failed(state, DeviceStatus.FAILED, error)
+                self._attempt_failed(state, DeviceStatus.FAILED, frame["error"] or "failed")
+        elif kind in ("progress", "done"):
+            raise ProtocolError(f"a {kind!r} frame while no device was given to it")
+
+    def _on_protocol_error(self, worker: _Worker, exc: ProtocolError) -> None:
+        state = worker.job
+        worker.job = None
+        self._retire(worker, kill=True)
+        if state is not None:
+            self._attempt_failed(state, DeviceStatus.FAILED, f"task process broke protocol: {exc}")
+        elif not worker.ready:
+            self.import_error = f"task process broke protocol before it was ready: {exc}"
 
     def _on_death(self, worker: _Worker) -> None:
         # The pipe can report EOF a moment before the process is reaped.
@@ -282,6 +371,7 @@ class _Run:
         finally:
             for worker in list(self.workers):
                 self._retire(worker, kill=worker.job is not None)
+            shutil.rmtree(self.scratch, ignore_errors=True)
         results = []
         for device_id, reason in self.plan.skipped.items():
             results.append(
@@ -330,7 +420,9 @@ class _Run:
         timeout = max(0.0, min(min(wake) - now, 0.5))
         handles: dict[Any, tuple[_Worker, bool]] = {}
         for worker in self.workers:
-            handles[worker.conn] = (worker, True)
+            if worker.channel.pending():
+                timeout = 0.0  # frames left from a capped read
+            handles[worker.channel.fd] = (worker, True)
             handles[worker.process.sentinel] = (worker, False)
         if not handles:
             time.sleep(min(timeout, 0.05))
@@ -340,13 +432,37 @@ class _Run:
             if worker not in self.workers:
                 continue
             if is_conn:
-                try:
-                    while worker.conn.poll():
-                        self._on_message(worker, worker.conn.recv())
-                except (EOFError, OSError):
+                self._read(worker)
+            elif not worker.channel.pending():
+                self._read(worker)
+                if worker in self.workers:
                     self._on_death(worker)
-            elif not worker.conn.poll():
-                self._on_death(worker)
+        # Frames a capped read left behind, from channels not readable again.
+        for worker in [w for w in self.workers if w.channel.pending()]:
+            self._read(worker)
+
+    def _read(self, worker: _Worker) -> None:
+        """Act on the frames that arrived, at most a bounded batch: the loop then
+        looks at its clocks again, however fast a process writes."""
+        try:
+            for frame in worker.channel.read():
+                self._on_frame(worker, check_task_frame(frame))
+                if worker not in self.workers:
+                    return
+        except ProtocolError as exc:
+            self._on_protocol_error(worker, exc)
+        except (EOFError, OSError):
+            self._on_death(worker)
+
+
+def _output(text: str | None) -> Any:
+    """A device's output, from the JSON text its task process sent."""
+    if text is None:
+        raise ProtocolError("a success without its output")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"output is not JSON a result can hold: {str(exc)[:80]}") from exc
 
 
 def run_devices(plan: RunPlan, on_progress: ProgressFn | None = None) -> list[DeviceResult]:

@@ -1,10 +1,12 @@
-"""The task process: runs package code for one device at a time, under limits.
+"""The task process: runs package code for one device at a time, in a sandbox.
 
-A task process is forked from the coordinator, lowers its own limits
-(address space, CPU seconds), imports the package's entrypoint and then
-serves ``run`` messages from its pipe. Everything it reports is plain data
-(JSON text for outputs), so a misbehaving package can only hurt itself: the
-coordinator kills it on a timeout and reads its death as that device's failure.
+A task process is forked from the coordinator, enters the sandbox
+(:mod:`mayfly.sandbox`: its own session, no secrets, limits, a scratch
+folder, Landlock, seccomp), lowers its address-space and CPU limits, imports
+the package's entrypoint and then serves ``run`` frames from its channel.
+Everything it reports is a bounded JSON frame (:mod:`mayfly.coordinator.frames`),
+so a misbehaving package can only hurt itself: the coordinator kills it on a
+timeout and reads its death, or a malformed frame, as that device's failure.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import os
 import resource
 import signal
 import sys
+import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from mayfly.coordinator.context import DeviceHandle, TaskContext
+from mayfly.coordinator.frames import Channel
 from mayfly.devices import Device, DeviceDriver
 from mayfly.packages import Manifest
 from mayfly.procs import die_with_parent
+from mayfly.sandbox import SandboxSpec, enter
 
 __all__ = ["MAX_OUTPUT_BYTES", "WorkerSpec", "worker_main"]
 
@@ -46,6 +51,10 @@ class WorkerSpec:
     driver_factory: Callable[[], DeviceDriver]
     cpu_seconds: int
     is_canceled: Callable[[], bool]
+    scratch_root: Path | None = None
+    """Each task process gets a private folder below this one (the runner's)."""
+    connect_ports: tuple[int, ...] = ()
+    """The TCP ports of the request's devices: the only ones it may connect to."""
 
 
 def _vm_size() -> int:
@@ -68,6 +77,9 @@ def _apply_limits(memory_mb: int, cpu_seconds: int) -> None:
 
 
 def _load_entrypoint(spec: WorkerSpec) -> Callable[[TaskContext], Any]:
+    # The package cache is read-only and checked against the signed archive:
+    # no bytecode is written into it (a stray .pyc would be code nobody signed).
+    sys.dont_write_bytecode = True
     sys.path.insert(0, str(spec.package_dir))
     module = importlib.import_module(spec.manifest.module)
     fn = getattr(module, spec.manifest.function, None)
@@ -84,48 +96,52 @@ def _describe(exc: BaseException, memory_mb: int) -> str:
     return f"{type(exc).__name__}: {exc}{where}"[:2000]
 
 
-def worker_main(conn: Connection, spec: WorkerSpec, coordinator_pid: int) -> None:
+def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
     """Body of a task process. Never returns an exception to the coordinator."""
     die_with_parent(coordinator_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    channel = Channel(fd)
     limits = spec.manifest.limits
     try:
+        enter(
+            SandboxSpec(
+                package_dir=spec.package_dir,
+                scratch_dir=(spec.scratch_root or Path(tempfile.gettempdir()))
+                / f"task-{os.getpid()}",
+                connect_ports=spec.connect_ports,
+            ),
+            keep_fds={fd},
+        )
         _apply_limits(limits.memory_mb, spec.cpu_seconds)
         entry = _load_entrypoint(spec)
     except BaseException as exc:
-        conn.send(("import_failed", _describe(exc, limits.memory_mb)))
+        channel.send({"t": "import_failed", "error": _describe(exc, limits.memory_mb)})
         return
-    conn.send(("ready",))
+    channel.send({"t": "ready"})
     driver = spec.driver_factory()
     try:
         while True:
-            # Siblings forked later hold copies of this pipe's other end, so a
-            # dead coordinator does not always mean EOF here: check the parent.
-            while not conn.poll(1.0):
-                if os.getppid() != coordinator_pid:
-                    return
-            message = conn.recv()
-            if message[0] != "run":
+            message = channel.read_blocking()
+            if not isinstance(message, dict) or message.get("t") != "run":
                 break
-            _, device_json, attempt, deadline = message
             _run_one(
-                conn,
+                channel,
                 spec,
                 entry,
                 driver,
-                Device.model_validate_json(device_json),
-                attempt,
-                deadline,
+                Device.model_validate(message["device"]),
+                int(message["attempt"]),
+                time.monotonic() + float(message["remaining_s"]),
             )
-    except (EOFError, BrokenPipeError):
+    except (EOFError, BrokenPipeError, OSError):
         pass  # the coordinator went away: nothing left to report to
     finally:
         driver.close()
 
 
 def _run_one(
-    conn: Connection,
+    channel: Channel,
     spec: WorkerSpec,
     entry: Callable[[TaskContext], Any],
     driver: DeviceDriver,
@@ -134,7 +150,7 @@ def _run_one(
     deadline: float,
 ) -> None:
     def progress(percent: float, message: str) -> None:
-        conn.send(("progress", device.id, percent, message))
+        channel.send({"t": "progress", "percent": percent, "message": message})
 
     ctx = TaskContext(
         device=DeviceHandle(device, driver, spec.request_id, deadline),
@@ -152,17 +168,11 @@ def _run_one(
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
-        conn.send(("done", device.id, False, None, _describe(exc, spec.manifest.limits.memory_mb)))
+        error = _describe(exc, spec.manifest.limits.memory_mb)
+        channel.send({"t": "done", "ok": False, "output": None, "error": error})
         return
     if len(text) > MAX_OUTPUT_BYTES:
-        conn.send(
-            (
-                "done",
-                device.id,
-                False,
-                None,
-                f"output of {len(text)} bytes exceeds the {MAX_OUTPUT_BYTES} byte limit",
-            )
-        )
+        error = f"output of {len(text)} bytes exceeds the {MAX_OUTPUT_BYTES} byte limit"
+        channel.send({"t": "done", "ok": False, "output": None, "error": error})
         return
-    conn.send(("done", device.id, True, text, None))
+    channel.send({"t": "done", "ok": True, "output": text, "error": None})

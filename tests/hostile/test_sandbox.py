@@ -1,0 +1,314 @@
+"""Malicious task packages (signed, by a trusted key): what they can no longer do.
+
+Each package is published into a fresh home and run by a real coordinator
+against a real simulated fleet; the package reports what it managed to do as
+its output, and the test checks that and the world around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mayfly.events import DeviceStatus, TaskCompleted, new_request
+from mayfly.sandbox import landlock, seccomp
+
+from ..coordinator.conftest import Env, FleetFactory, write_package
+
+#: How the secrets of these tests begin (the rest is random, made per test).
+MARKER = "s3-secret-"
+
+# Without the kernel's layers these cannot hold; under CI=true they run and fail.
+pytestmark = pytest.mark.skipif(
+    (landlock.abi_version() < 6 or not seccomp.supported()) and os.environ.get("CI") != "true",
+    reason="the kernel lacks Landlock ABI 6 or the seccomp filter's architecture",
+)
+
+
+def _manifest(name: str, **limits: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "version": "1.0.0",
+        "entrypoint": "task:run",
+        "limits": {"device_timeout_s": 10, "retries": 0, **limits},
+    }
+
+
+def _run(
+    env: Env, tmp_path: Path, name: str, code: str, devices: list[str], **limits: object
+) -> TaskCompleted:
+    env.publish(write_package(tmp_path / name, _manifest(name, **limits), textwrap.dedent(code)))
+    outcome = env.coordinator().handle(new_request(name, devices=devices))
+    assert isinstance(outcome, TaskCompleted), outcome
+    return outcome
+
+
+def test_a_pickle_on_the_channel_runs_nothing_in_the_coordinator(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    sim = fleet(2, broken=["sim-0002"]).simulator
+    marker = tmp_path / "ran-in-the-coordinator"
+    code = f"""
+        import os, pickle, struct
+
+        class Exploit:
+            def __reduce__(self):
+                return (os.system, ("touch {marker}",))
+
+        def run(ctx):
+            payload = pickle.dumps(Exploit())
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, struct.pack("!i", len(payload)) + payload)
+                except OSError:
+                    pass
+            return "wrote"
+        """
+    outcome = _run(env, tmp_path, "pickler", code, ["sim-0001", "sim-0002"])
+    assert not marker.exists(), "a pickle sent by package code ran in the coordinator"
+    by_id = {d.device_id: d for d in outcome.devices}
+    assert by_id["sim-0001"].status is DeviceStatus.FAILED
+    assert "broke protocol" in (by_id["sim-0001"].error or "")
+    assert by_id["sim-0002"].status is not DeviceStatus.SUCCEEDED
+    assert outcome.status != "succeeded"
+    assert sim.records("sim-0002")["log"] == []
+
+
+def test_a_forged_done_frame_cannot_speak_for_another_device(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet(2, broken=["sim-0002"])
+    code = """
+        import json, os, struct
+
+        def run(ctx):
+            if ctx.device.id == "sim-0002":
+                raise RuntimeError("this device is broken")
+            frame = json.dumps({"t": "done", "ok": True, "output": '"forged"', "error": None,
+                                "device": "sim-0002"}).encode()
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, struct.pack(">I", len(frame)) + frame)
+                except OSError:
+                    pass
+            return "real"
+        """
+    outcome = _run(env, tmp_path, "forger", code, ["sim-0001", "sim-0002"])
+    by_id = {d.device_id: d for d in outcome.devices}
+    assert by_id["sim-0002"].status is DeviceStatus.FAILED
+    assert by_id["sim-0002"].output != "forged"
+
+
+def test_no_secret_is_within_reach(env: Env, fleet: FleetFactory, tmp_path: Path) -> None:
+    # Job mode, as Knative runs it: the secret only in the coordinator's environment,
+    # so the coordinator's own copies are all a package could find in its heap.
+    fleet(1)
+    secret = f"{MARKER}{uuid.uuid4().hex}"
+    signing_key = env.home / "keys" / "signing.key"
+    code = f"""
+        import gc, os, threading
+
+        def attempt(what, fn):
+            try:
+                data = fn()
+            except Exception as exc:
+                return what + ": " + type(exc).__name__
+            text = data if isinstance(data, str) else data.decode("latin-1")
+            start = text.find({MARKER!r})
+            return what + (": found " + text[start : start + 80] if start >= 0 else ": clean")
+
+        def read(path):
+            with open(path, "rb") as fh:
+                return fh.read()
+
+        def heap():
+            found = []
+            for obj in gc.get_objects():
+                if isinstance(obj, dict):
+                    values = obj.values()
+                else:
+                    values = obj if isinstance(obj, list | tuple) else ()
+                found += [v for v in values if isinstance(v, str) and len(v) < 200]
+            return " ".join(found)
+
+        def run(ctx):
+            ppid = os.getppid()
+            return [
+                attempt("os.environ", lambda: repr(dict(os.environ))),
+                attempt("/proc/self/environ", lambda: read("/proc/self/environ")),
+                attempt("/proc/ppid/environ", lambda: read(f"/proc/{{ppid}}/environ")),
+                attempt("heap", heap),
+                attempt("signing key", lambda: read({str(signing_key)!r})),
+                attempt("thread", lambda: threading.Thread(target=len, args=("",)).start() or ""),
+            ]
+        """
+    env.publish(write_package(tmp_path / "snoop", _manifest("snoop"), textwrap.dedent(code)))
+    job = subprocess.run(
+        [sys.executable, "-m", "mayfly.coordinator"],
+        env=env.variables() | {"TASK_TYPE": "snoop", "DEVICE_IDS": "sim-0001",
+                               "MAYFLY_S3_SECRET_KEY": secret},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    [event] = env.result_events()
+    [device] = event["data"]["devices"]
+    report = device["output"]
+    assert not [line for line in report if secret in line], report
+    # What cannot even be opened, as a user would read it in the result.
+    assert "signing key: PermissionError" in report
+    assert "/proc/ppid/environ: PermissionError" in report
+    assert "os.environ: clean" in report
+    assert "thread: clean" in report  # threads still start: only processes are refused
+
+
+def test_the_supply_chain_is_out_of_reach(env: Env, fleet: FleetFactory, tmp_path: Path) -> None:
+    fleet(1)
+    trusted = env.home / "trusted"
+    before = sorted(p.name for p in trusted.iterdir())
+    # Another package's extracted files, as the cache holds them.
+    env.coordinator().handle(new_request("reboot", devices=["sim-0001"]))
+    reboot_py = next((env.home / "cache" / "packages").glob("*/reboot.py"))
+    original = reboot_py.read_bytes()
+    code = f"""
+        def attempt(what, fn):
+            try:
+                fn()
+            except Exception as exc:
+                return what + ": " + type(exc).__name__
+            return what + ": DONE"
+
+        def write(path, data):
+            with open(path, "w") as fh:
+                fh.write(data)
+
+        def run(ctx):
+            return [
+                attempt("trust a key", lambda: write({str(trusted / "evil.pub")!r}, "key")),
+                attempt("rewrite reboot", lambda: write({str(reboot_py)!r}, "import os")),
+            ]
+        """
+    outcome = _run(env, tmp_path, "usurper", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert device.output == ["trust a key: PermissionError", "rewrite reboot: PermissionError"]
+    assert sorted(p.name for p in trusted.iterdir()) == before
+    assert reboot_py.read_bytes() == original
+
+
+def test_package_code_starts_no_process(env: Env, fleet: FleetFactory, tmp_path: Path) -> None:
+    sim = fleet(2).simulator
+    code = """
+        import os, subprocess
+
+        def attempt(what, fn):
+            try:
+                fn()
+            except Exception as exc:
+                return what + ": " + type(exc).__name__
+            return what + ": STARTED"
+
+        def run(ctx):
+            return [
+                attempt("fork", os.fork),
+                attempt("subprocess", lambda: subprocess.Popen(["sleep", "30"])),
+            ]
+        """
+    outcome = _run(env, tmp_path, "spawner", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert device.output == ["fork: PermissionError", "subprocess: PermissionError"]
+    assert sim.records("sim-0002")["log"] == []
+
+
+def test_a_flood_of_progress_frames_does_not_outrun_the_timeout(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet(1)
+    code = """
+        def run(ctx):
+            while True:
+                ctx.progress(50, "x" * 150)
+        """
+    started = time.monotonic()
+    outcome = _run(env, tmp_path, "flooder", code, ["sim-0001"], device_timeout_s=2)
+    took = time.monotonic() - started
+    [device] = outcome.devices
+    assert device.status is DeviceStatus.TIMED_OUT, device
+    assert took < 8, f"the attempt ran {took:.1f} s against a 2 s device timeout"
+
+
+@pytest.fixture
+def bystander() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP service on loopback that is not a device (a broker, a store...)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                seen.append(conn.recv(100))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], seen
+    stop.set()
+    thread.join(timeout=2)
+    server.close()
+
+
+def test_only_the_devices_ports_are_reachable(
+    env: Env, fleet: FleetFactory, tmp_path: Path, bystander: tuple[int, list[bytes]]
+) -> None:
+    fleet(1)
+    port, seen = bystander
+    code = f"""
+        import socket
+
+        def run(ctx):
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=2).sendall(b"hello")
+            except OSError as exc:
+                return "refused: " + type(exc).__name__
+            return "CONNECTED"
+        """
+    outcome = _run(env, tmp_path, "prober", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert device.output == "refused: PermissionError"
+    assert seen == []
+
+
+def test_the_scratch_folder_is_private_and_removed(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet(1)
+    code = """
+        import os
+
+        def run(ctx):
+            with open("notes.txt", "w") as fh:
+                fh.write("kept here")
+            return os.getcwd()
+        """
+    outcome = _run(env, tmp_path, "scribbler", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert device.status is DeviceStatus.SUCCEEDED, device.error
+    scratch = Path(str(device.output))
+    assert scratch.name.startswith("task-")
+    assert not scratch.exists(), "the scratch folder should go with its task process"
+    assert json.dumps(device.output)  # plain data, as every output
+    assert os.getcwd() != str(scratch)
