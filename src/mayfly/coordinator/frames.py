@@ -53,6 +53,7 @@ MAX_FRAMES_PER_READ = 64
 _HEADER = struct.Struct(">I")
 _MAX_TEXT = 4096
 _MAX_DEPTH = 8
+_READ_BYTES = 64 * 1024
 
 
 class ProtocolError(Exception):
@@ -137,7 +138,8 @@ class Channel:
             ProtocolError: an oversized or undecodable frame.
         """
         try:
-            chunk = os.read(self.fd, MAX_FRAME_BYTES + _HEADER.size)
+            # 64 KiB at a time: os.read allocates what it is asked for, on every read.
+            chunk = os.read(self.fd, _READ_BYTES)
         except BlockingIOError:
             chunk = None
         if chunk == b"":
@@ -189,7 +191,7 @@ class Channel:
             frame = self._next()
             if frame is not None:
                 return frame
-            chunk = os.read(self.fd, 65536)
+            chunk = os.read(self.fd, _READ_BYTES)
             if not chunk:
                 raise EOFError("the coordinator closed the channel")
             self._buffer += chunk

@@ -38,14 +38,14 @@ def _zero(obj: str | bytes) -> None:
     # CPython keeps a compact ASCII str's characters, and a bytes object's
     # bytes, at the end of the object, followed by one NUL.
     if isinstance(obj, str) and not obj.isascii():
-        obj = obj.encode()  # not in place: the best a non-ASCII secret gets
-        return
+        return  # stored as 2- or 4-byte units at another offset: left as it is
     size = len(obj)
     ctypes.memset(id(obj) + sys.getsizeof(obj) - size - 1, 0, size)
 
 
 def wipe() -> int:
-    """Overwrite every remembered secret with NULs; returns how many."""
+    """Overwrite every remembered ASCII secret (S3 keys are) with NULs; returns how
+    many were taken off the list."""
     count = 0
     while _KNOWN:
         _zero(_KNOWN.pop())
