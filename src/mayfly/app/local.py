@@ -15,7 +15,13 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from mayfly.aggregator.ingest import Ingest, commit_offsets
-from mayfly.app.wiring import build_coordinator, event_log_sink, open_event_log, open_repository
+from mayfly.app.wiring import (
+    build_coordinator,
+    check_event_log,
+    event_log_sink,
+    open_event_log,
+    open_repository,
+)
 from mayfly.coordinator import RequestPipeline
 from mayfly.coordinator.runner import DeviceProgress
 from mayfly.errors import EventError, MayflyError, StoreError, UnusableFileError
@@ -40,13 +46,19 @@ def check_wiring(settings: Settings) -> None:
     """Build what a coordinator needs once in this process, so a configuration
     error is raised here, before any process is forked.
 
+    Checked, once each: a store with no package (a typo, or a new home); settings
+    that cannot work (an s3:// store without credentials, a bad event log URL);
+    an event log that is another application's file, not SQLite, or corrupt.
+
     Raises:
-        ConfigError: for settings that cannot work (an s3:// store without
-            credentials, a bad event log URL, ...).
+        ConfigError: naming the setting or the file.
         StoreError: the store does not answer.
     """
-    open_repository(settings).check()
-    open_event_log(settings).close()
+    open_repository(settings, require_packages=True).check()
+    if settings.event_log_is_kafka:
+        open_event_log(settings).close()  # the URL; brokers are met on first use
+    else:
+        check_event_log(settings)
 
 
 class WarmCoordinator:

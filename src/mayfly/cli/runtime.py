@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from mayfly.app.wiring import check_event_log, open_event_log, open_store
+from mayfly.app.wiring import open_event_log
 from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
 from mayfly.coordinator import summarize
 from mayfly.errors import EventError, MayflyError
@@ -257,12 +257,8 @@ def up(settings: Settings, verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    # A configuration error is said here, in one line, before anything is forked:
-    # a store with no package (a typo, or a new home), unusable settings, or an
-    # event log that is another application's file, not SQLite, or corrupt.
-    open_store(settings, require_packages=True)
+    # A configuration error is said here, in one line, before anything is forked.
     check_wiring(settings)
-    check_event_log(settings)
     runtime = Runtime(settings)
     runtime.state.check()
     runtime.state.close()  # no connection is carried across the warm parent's fork
