@@ -246,6 +246,123 @@ def test_a_flood_of_progress_frames_does_not_outrun_the_timeout(
     assert took < 8, f"the attempt ran {took:.1f} s against a 2 s device timeout"
 
 
+def test_a_package_reaches_only_the_device_it_was_given(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    # Both devices answer on one port, as behind a gateway: a port filter
+    # cannot tell them apart, so package code must have no network at all.
+    server = fleet(2)
+    sim = server.simulator
+    other = server.inventory().get("sim-0002").address
+    port = int(other.split(":")[2].split("/")[0])
+    code = f"""
+        import socket, urllib.request
+
+        def attempt(label, fn):
+            try:
+                fn()
+            except Exception as exc:
+                return f"{{label}}: refused ({{type(exc).__name__}})"
+            return f"{{label}}: REACHED"
+
+        def http():
+            req = urllib.request.Request({other!r} + "/actions/reboot", data=b"{{}}", method="POST",
+                                         headers={{"Content-Type": "application/json",
+                                                  "Idempotency-Key": "neighbour-1"}})
+            urllib.request.urlopen(req, timeout=2).read()
+
+        def udp():
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", {port}))
+
+        def run(ctx):
+            ctx.device.action("reboot")
+            return [attempt("http", http), attempt("udp", udp)]
+        """
+    outcome = _run(env, tmp_path, "neighbour", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert sim.records("sim-0002")["log"] == [], "package code acted on a device it was not given"
+    assert device.output == ["http: refused (URLError)", "udp: refused (PermissionError)"]
+    assert [e["action"] for e in sim.records("sim-0001")["log"]] == ["reboot"]
+
+
+def test_a_call_frame_naming_another_device_is_refused(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    sim = fleet(2).simulator
+    code = """
+        import json, os, struct
+
+        def run(ctx):
+            frame = json.dumps({"t": "call", "op": "action", "name": "reboot", "payload": {},
+                                "device": "sim-0002"}).encode()
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, struct.pack(">I", len(frame)) + frame)
+                except OSError:
+                    continue
+                return os.read(fd, 4096).decode(errors="replace")
+        """
+    outcome = _run(env, tmp_path, "redirector", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert device.status is DeviceStatus.FAILED, device
+    assert "broke protocol" in (device.error or "")
+    assert sim.records("sim-0002")["log"] == []
+    assert sim.records("sim-0001")["log"] == []
+
+
+def test_what_the_package_calls_reaches_its_device_through_the_coordinator(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    sim = fleet(1).simulator
+    code = """
+        import socket
+
+        def run(ctx):
+            try:
+                socket.create_connection(("127.0.0.1", 1), timeout=1)
+            except OSError as exc:
+                network = type(exc).__name__
+            first = ctx.device.action("reboot")
+            ctx.device.wait_until(lambda s: s.get("status") == "online", timeout_s=5)
+            state = ctx.device.state()["status"]
+            return {"network": network, "first": sorted(first), "state": state}
+        """
+    outcome = _run(env, tmp_path, "caller", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert device.status is DeviceStatus.SUCCEEDED, device.error
+    assert device.output["network"] == "PermissionError"
+    assert device.output["state"] == "online"
+    assert [entry["action"] for entry in sim.records("sim-0001")["log"]] == ["reboot"]
+
+
+def test_a_payload_too_deep_or_too_big_is_told_to_the_package(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    sim = fleet(1).simulator
+    code = """
+        from mayfly.errors import DeviceActionError
+
+        def run(ctx):
+            deep = {}
+            for _ in range(40):
+                deep = {"d": deep}
+            told = []
+            for payload in (deep, {"blob": "x" * 300_000}):
+                try:
+                    ctx.device.action("config-push", payload)
+                except DeviceActionError as exc:
+                    told.append(exc.reason[:80])
+            return told
+        """
+    outcome = _run(env, tmp_path, "oversized", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert device.status is DeviceStatus.SUCCEEDED, device.error
+    assert [t.split(":")[0] for t in device.output] == ["the call cannot be sent"] * 2
+    assert "nested more than 16 levels" in device.output[0]
+    assert "exceeds" in device.output[1]
+    assert sim.records("sim-0001")["log"] == []
+
+
 @pytest.fixture
 def bystander() -> Iterator[tuple[int, list[bytes]]]:
     """A TCP service on loopback that is not a device (a broker, a store...)."""
@@ -271,7 +388,7 @@ def bystander() -> Iterator[tuple[int, list[bytes]]]:
     server.close()
 
 
-def test_only_the_devices_ports_are_reachable(
+def test_no_service_on_the_network_is_reachable(
     env: Env, fleet: FleetFactory, tmp_path: Path, bystander: tuple[int, list[bytes]]
 ) -> None:
     fleet(1)

@@ -13,7 +13,9 @@ This is the whole API a task package sees (documented in taskpkgs/README.md)::
         ctx.cancelled()                         True once the attempt should stop
         ctx.request_id, ctx.attempt
 
-It runs inside the task process, never in the coordinator itself.
+It runs inside the task process, never in the coordinator itself; the
+device calls go through the coordinator (a :class:`DeviceLink`), which makes
+them on the attempt's device only.
 """
 
 from __future__ import annotations
@@ -21,28 +23,32 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from mayfly.devices import Device, DeviceDriver, idempotency_key
+from mayfly.devices import Device
 from mayfly.errors import DeviceError, DeviceUnavailableError
 
-__all__ = ["DeviceHandle", "TaskContext"]
+__all__ = ["DeviceHandle", "DeviceLink", "TaskContext"]
 
 _MIN_POLL_S = 0.02
 _MAX_POLL_S = 1.0
 
 
+class DeviceLink(Protocol):
+    """How a handle reaches its one device (in a task process: the coordinator)."""
+
+    def state(self) -> dict[str, Any]: ...
+
+    def action(self, name: str, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+
 class DeviceHandle:
     """One device as package code sees it, bounded by the attempt's deadline."""
 
-    def __init__(
-        self, device: Device, driver: DeviceDriver, request_id: str, deadline: float
-    ) -> None:
+    def __init__(self, device: Device, link: DeviceLink, deadline: float) -> None:
         self._device = device
-        self._driver = driver
-        self._request_id = request_id
+        self._link = link
         self._deadline = deadline
-        self._ordinals: dict[str, int] = {}
 
     @property
     def id(self) -> str:
@@ -58,7 +64,7 @@ class DeviceHandle:
 
     def state(self) -> dict[str, Any]:
         """The device's current state."""
-        return self._driver.state(self._device, deadline=self._deadline)
+        return self._link.state()
 
     def action(self, name: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         """Perform ``name`` on the device, once.
@@ -67,10 +73,7 @@ class DeviceHandle:
         same ``Idempotency-Key``, in this attempt, a retry or a redelivery, so
         the device applies it once and replays its answer afterwards.
         """
-        ordinal = self._ordinals.get(name, 0)
-        self._ordinals[name] = ordinal + 1
-        key = idempotency_key(self._request_id, self._device.id, name, ordinal)
-        return self._driver.action(self._device, name, payload or {}, key, deadline=self._deadline)
+        return self._link.action(name, payload or {})
 
     def wait_until(
         self,

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from mayfly.coordinator.params import validate_params
 from mayfly.coordinator.runner import DeviceProgress, RunPlan, run_devices
@@ -183,14 +182,13 @@ class Coordinator:
             package_dir=package_dir,
             manifest=fetched.manifest,
             params=dict(request.params),
-            driver_factory=self._driver_factory,
             cpu_seconds=max(1, math.ceil(limits.timeout_s)),
             is_canceled=self._cancel.is_set,
-            connect_ports=_ports(devices),
         )
         return RunPlan(
             spec=spec,
             devices=devices,
+            driver_factory=self._driver_factory,
             skipped=skipped,
             parallel=parallel,
             device_timeout_s=limits.device_timeout_s,
@@ -199,20 +197,6 @@ class Coordinator:
             max_failure_ratio=rollout.max_failure_ratio if rollout else None,
             retry_backoff_s=self.options.retry_backoff_s,
         )
-
-
-def _ports(devices: list[Device]) -> tuple[int, ...]:
-    """The TCP ports the request's devices answer on: all a task process may reach."""
-    ports: set[int] = set()
-    for device in devices:
-        try:
-            parts = urlsplit(device.address)
-            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-        except ValueError:
-            continue
-        if port:
-            ports.add(port)
-    return tuple(sorted(ports))
 
 
 def _split_by_capability(

@@ -14,14 +14,21 @@ Frames a task process sends::
     {"t": "import_failed", "error": str}
     {"t": "progress", "percent": number, "message": str}
     {"t": "done", "ok": bool, "output": str | null, "error": str | null}
+    {"t": "call", "op": "state"}
+    {"t": "call", "op": "action", "name": str, "payload": object}
 
 Frames the coordinator sends (trusted; the task process still checks them)::
 
     {"t": "run", "device": {...}, "attempt": int, "remaining_s": number}
+    {"t": "answer", "ok": true, "value": object}
+    {"t": "answer", "ok": false, "kind": "unavailable" | "refused", "reason": str}
     {"t": "stop"}
 
-A ``done`` or ``progress`` frame names no device: it is about the attempt the
-coordinator gave that process, so a package cannot speak for another device.
+No frame a task process sends names a device: ``done``, ``progress`` and
+``call`` are about the attempt the coordinator gave that process, so a package
+can neither speak for nor reach another device. A ``call`` is the package's
+only way to a device: the coordinator performs it on the attempt's device
+and sends the ``answer`` (see :mod:`mayfly.coordinator.devicecalls`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from mayfly.errors import EventError
 from mayfly.events._wire import check_depth
 
 __all__ = [
+    "MAX_ACTION_NAME",
+    "MAX_DEPTH",
     "MAX_FRAME_BYTES",
     "Channel",
     "ProtocolError",
@@ -52,7 +61,10 @@ MAX_FRAME_BYTES = 256 * 1024
 MAX_FRAMES_PER_READ = 64
 _HEADER = struct.Struct(">I")
 _MAX_TEXT = 4096
-_MAX_DEPTH = 8
+#: Nesting a frame may have: an action's payload sits two levels down.
+MAX_DEPTH = 16
+#: Longest action name a call may carry.
+MAX_ACTION_NAME = 128
 _READ_BYTES = 64 * 1024
 
 
@@ -105,7 +117,25 @@ def check_task_frame(frame: object) -> dict[str, Any]:
         if error is not None:
             frame["error"] = error[:_MAX_TEXT]
         return frame
+    if kind == "call":
+        return _check_call(frame)
     raise ProtocolError(f"unexpected frame {str(kind)[:40]!r} with keys {sorted(frame)[:8]}")
+
+
+def _check_call(frame: dict[str, Any]) -> dict[str, Any]:
+    op = frame.get("op")
+    if op == "state" and len(frame) == 2:
+        return frame
+    if op == "action" and set(frame) == {"t", "op", "name", "payload"}:
+        name = _text(frame, "name") or ""
+        if not 0 < len(name) <= MAX_ACTION_NAME or not name.isprintable():
+            raise ProtocolError(
+                f"call frame: an action name is 1 to {MAX_ACTION_NAME} printable characters"
+            )
+        if not isinstance(frame["payload"], dict):
+            raise ProtocolError("call frame: 'payload' must be an object")
+        return frame
+    raise ProtocolError(f"call frame: unknown operation {str(op)[:40]!r} or keys")
 
 
 class Channel:
@@ -125,7 +155,11 @@ class Channel:
         return self.fd
 
     def send(self, frame: Mapping[str, Any]) -> None:
-        data = memoryview(encode(frame))
+        self.write(encode(frame))
+
+    def write(self, encoded: bytes) -> None:
+        """Send a frame :func:`encode` made."""
+        data = memoryview(encoded)
         while data:
             written = os.write(self.fd, data)
             data = data[written:]
@@ -177,7 +211,7 @@ class Channel:
         try:
             # Frames are flat objects: a deeply nested one is refused before
             # json recurses into it.
-            check_depth(body, _MAX_DEPTH, "frame")
+            check_depth(body, MAX_DEPTH, "frame")
             frame: object = json.loads(body)
         except EventError as exc:
             raise ProtocolError("frame nests too deeply") from exc

@@ -1,10 +1,9 @@
 """Fan-out: run a package on many devices in task processes, bounded and timed.
 
-The coordinator's loop is single-threaded: it forks task processes (at most
+The coordinator's loop runs on one thread: it forks task processes (at most
 the allowed parallelism), hands each one device at a time over its channel
 (bounded JSON frames, :mod:`mayfly.coordinator.frames`), and waits on all
-channels and process sentinels at once. That keeps three promises
-without any thread:
+channels and process sentinels at once. That keeps these promises:
 
 - a device attempt that overruns its per-device timeout is ended by killing
   its task process (package code cannot ignore that) and recorded as
@@ -12,6 +11,10 @@ without any thread:
 - a task process that dies (memory, CPU limit, a crash) or sends anything
   but a valid frame fails only the device it was running, and every process
   it could have started ends with it (it has its own session, killed whole);
+- a task process reaches only the device of its current attempt: its device
+  calls arrive as frames and the coordinator makes them
+  (:mod:`mayfly.coordinator.devicecalls`, whose threads never touch the loop's
+  state: finished calls come back through a pipe the loop watches);
 - failed attempts are retried up to the manifest's limit with backoff, and
   the request's own deadline and failure budget stop the rest cleanly.
 """
@@ -39,9 +42,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mayfly.coordinator.devicecalls import DeviceCalls
 from mayfly.coordinator.frames import Channel, ProtocolError, check_task_frame
 from mayfly.coordinator.worker import WorkerSpec, worker_main
-from mayfly.devices import Device
+from mayfly.devices import Device, DeviceDriver
 from mayfly.events import DeviceResult, DeviceStatus
 
 __all__ = ["DeviceProgress", "RunPlan", "run_devices"]
@@ -66,6 +70,8 @@ class RunPlan:
 
     spec: WorkerSpec
     devices: list[Device]
+    driver_factory: Callable[[], DeviceDriver]
+    """Makes the driver the coordinator reaches devices with (task processes cannot)."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Devices not run at all, with the reason (e.g. a missing capability)."""
     parallel: int = 1
@@ -150,6 +156,10 @@ class _Worker:
     ready: bool = False
     job: _Device | None = None
     job_deadline: float = math.inf
+    call: object | None = None
+    """The device call it waits on, if any (a token matched with its answer)."""
+    ordinals: dict[str, int] = field(default_factory=dict)
+    """Calls of each action name in the current attempt (idempotency keys)."""
 
 
 def _now() -> datetime:
@@ -174,6 +184,8 @@ class _Run:
         self.failed = 0
         self.finished = 0
         self.import_error: str | None = None
+        self.calls = DeviceCalls(plan.driver_factory, plan.spec.request_id, plan.parallel)
+        self.call_seq = itertools.count()
 
     # -- process management --------------------------------------------------
 
@@ -277,6 +289,8 @@ class _Run:
                 state.started_at = _now()
             worker.job = state
             worker.job_deadline = min(now + self.plan.device_timeout_s, self.plan.deadline)
+            worker.call = None
+            worker.ordinals = {}
             worker.channel.send(
                 {
                     "t": "run",
@@ -308,8 +322,16 @@ class _Run:
                     worker.job.attempts,
                 )
             )
+        elif kind == "call" and worker.job is not None:
+            if worker.call is not None:
+                raise ProtocolError("a device call while its last one is unanswered")
+            worker.call = next(self.call_seq)
+            self.calls.submit(
+                worker.call, worker.job.device, frame, worker.ordinals, worker.job_deadline
+            )
         elif kind == "done" and worker.job is not None:
             state, worker.job, worker.job_deadline = worker.job, None, math.inf
+            worker.call = None
             if frame["ok"]:
                 try:
                     output = _output(frame["output"])
@@ -319,7 +341,7 @@ class _Run:
                     self._finish(state, DeviceStatus.SUCCEEDED, output=output)
             else:
                 self._attempt_failed(state, DeviceStatus.FAILED, frame["error"] or "failed")
-        elif kind in ("progress", "done"):
+        elif kind in ("progress", "done", "call"):
             raise ProtocolError(f"a {kind!r} frame while no device was given to it")
 
     def _on_protocol_error(self, worker: _Worker, exc: ProtocolError) -> None:
@@ -371,6 +393,7 @@ class _Run:
         finally:
             for worker in list(self.workers):
                 self._retire(worker, kill=worker.job is not None)
+            self.calls.close()
             shutil.rmtree(self.scratch, ignore_errors=True)
         results = []
         for device_id, reason in self.plan.skipped.items():
@@ -418,28 +441,42 @@ class _Run:
             wake.append(self.queue[0][0])
         wake.append(self.plan.deadline)
         timeout = max(0.0, min(min(wake) - now, 0.5))
-        handles: dict[Any, tuple[_Worker, bool]] = {}
+        handles: dict[Any, tuple[_Worker | None, bool]] = {self.calls.fd: (None, False)}
         for worker in self.workers:
             if worker.channel.pending():
                 timeout = 0.0  # frames left from a capped read
             handles[worker.channel.fd] = (worker, True)
             handles[worker.process.sentinel] = (worker, False)
-        if not handles:
-            time.sleep(min(timeout, 0.05))
-            return
         for ready in multiprocessing.connection.wait(list(handles), timeout):
-            worker, is_conn = handles[ready]
-            if worker not in self.workers:
+            owner, is_conn = handles[ready]
+            if owner is None:
+                self._answer_calls()
+            elif owner not in self.workers:
                 continue
-            if is_conn:
-                self._read(worker)
-            elif not worker.channel.pending():
-                self._read(worker)
-                if worker in self.workers:
-                    self._on_death(worker)
+            elif is_conn:
+                self._read(owner)
+            elif not owner.channel.pending():
+                self._read(owner)
+                if owner in self.workers:
+                    self._on_death(owner)
         # Frames a capped read left behind, from channels not readable again.
         for worker in [w for w in self.workers if w.channel.pending()]:
             self._read(worker)
+
+    def _answer_calls(self) -> None:
+        by_call = {w.call: w for w in self.workers if w.call is not None}
+        for token, answer in self.calls.completed():
+            worker = by_call.get(token)
+            if worker is None:
+                continue  # its attempt ended (timed out, killed) while the device answered
+            worker.call = None
+            try:
+                worker.channel.write(answer)
+            except BlockingIOError:
+                # It is not reading its answer: a wedged or hostile process.
+                self._on_protocol_error(worker, ProtocolError("it does not read its answers"))
+            except OSError:
+                self._on_death(worker)
 
     def _read(self, worker: _Worker) -> None:
         """Act on the frames that arrived, at most a bounded batch: the loop then

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from mayfly.coordinator.context import DeviceHandle, TaskContext
-from mayfly.coordinator.frames import Channel
-from mayfly.devices import Device, DeviceDriver
+from mayfly.coordinator.frames import MAX_DEPTH, Channel, ProtocolError, encode
+from mayfly.devices import Device
+from mayfly.errors import DeviceActionError, DeviceUnavailableError, EventError
+from mayfly.events._wire import check_depth
 from mayfly.packages import Manifest
 from mayfly.procs import die_with_parent
 from mayfly.sandbox import SandboxSpec, enter
@@ -48,13 +50,10 @@ class WorkerSpec:
     package_dir: Path
     manifest: Manifest
     params: dict[str, Any]
-    driver_factory: Callable[[], DeviceDriver]
     cpu_seconds: int
     is_canceled: Callable[[], bool]
     scratch_root: Path | None = None
     """Each task process gets a private folder below this one (the runner's)."""
-    connect_ports: tuple[int, ...] = ()
-    """The TCP ports of the request's devices: the only ones it may connect to."""
 
 
 def _vm_size() -> int:
@@ -109,7 +108,6 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
                 package_dir=spec.package_dir,
                 scratch_dir=(spec.scratch_root or Path(tempfile.gettempdir()))
                 / f"task-{os.getpid()}",
-                connect_ports=spec.connect_ports,
             ),
             keep_fds={fd},
         )
@@ -119,7 +117,6 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
         channel.send({"t": "import_failed", "error": _describe(exc, limits.memory_mb)})
         return
     channel.send({"t": "ready"})
-    driver = spec.driver_factory()
     try:
         while True:
             message = channel.read_blocking()
@@ -129,22 +126,18 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
                 channel,
                 spec,
                 entry,
-                driver,
                 Device.model_validate(message["device"]),
                 int(message["attempt"]),
                 time.monotonic() + float(message["remaining_s"]),
             )
     except (EOFError, BrokenPipeError, OSError):
         pass  # the coordinator went away: nothing left to report to
-    finally:
-        driver.close()
 
 
 def _run_one(
     channel: Channel,
     spec: WorkerSpec,
     entry: Callable[[TaskContext], Any],
-    driver: DeviceDriver,
     device: Device,
     attempt: int,
     deadline: float,
@@ -153,7 +146,7 @@ def _run_one(
         channel.send({"t": "progress", "percent": percent, "message": message})
 
     ctx = TaskContext(
-        device=DeviceHandle(device, driver, spec.request_id, deadline),
+        device=DeviceHandle(device, _Link(channel, device.id), deadline),
         params=spec.params,
         request_id=spec.request_id,
         attempt=attempt,
@@ -176,3 +169,42 @@ def _run_one(
         channel.send({"t": "done", "ok": False, "output": None, "error": error})
         return
     channel.send({"t": "done", "ok": True, "output": text, "error": None})
+
+
+class _Link:
+    """The device of the current attempt, reached through the coordinator.
+
+    A call is a frame; the coordinator makes it on this attempt's device and
+    answers. The process has no network of its own (the sandbox refuses it
+    every socket but this channel).
+    """
+
+    def __init__(self, channel: Channel, device_id: str) -> None:
+        self._channel = channel
+        self._device_id = device_id
+
+    def state(self) -> dict[str, Any]:
+        return self._call({"t": "call", "op": "state"})
+
+    def action(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._call({"t": "call", "op": "action", "name": name, "payload": payload})
+
+    def _call(self, frame: dict[str, Any]) -> dict[str, Any]:
+        try:
+            data = encode(frame)  # TypeError for a payload that is not JSON, as json.dumps
+            check_depth(data[4:], MAX_DEPTH, "payload")  # what the coordinator accepts
+        except (ProtocolError, EventError) as exc:
+            raise DeviceActionError(self._device_id, f"the call cannot be sent: {exc}") from None
+        self._channel.write(data)
+        answer = self._channel.read_blocking()
+        if not isinstance(answer, dict) or answer.get("t") != "answer":
+            raise DeviceActionError(self._device_id, "the coordinator did not answer the call")
+        if answer.get("ok") is True:
+            value = answer.get("value")
+            if isinstance(value, dict):
+                return value
+            raise DeviceActionError(self._device_id, "the device's answer is not an object")
+        reason = str(answer.get("reason") or "no reason given")
+        if answer.get("kind") == "unavailable":
+            raise DeviceUnavailableError(self._device_id, reason)
+        raise DeviceActionError(self._device_id, reason)

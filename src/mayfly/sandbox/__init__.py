@@ -17,11 +17,11 @@ it imports any package code, in this order (each layer is cheap: see
    so it can still read its package and scratch folder wherever they are,
    and Landlock, which binds root too, confines it to them);
 6. **Landlock**: read-only access to the interpreter, its libraries and the
-   package; read-write access to the scratch folder only; TCP connections only
-   to the ports of the request's devices; no signals or abstract unix sockets
-   beyond the sandbox;
-7. **seccomp**: no new processes or programs, no tracing or reading other
-   processes, no namespaces, mounts, io_uring, bpf or perf.
+   package; read-write access to the scratch folder only; no TCP connection or
+   bind at all; no signals or abstract unix sockets beyond the sandbox;
+7. **seccomp**: no socket but a unix one (so no network: devices are reached
+   through the coordinator), no new processes or programs, no tracing or
+   reading other processes, no namespaces, mounts, io_uring, bpf or perf.
 
 Where the kernel lacks a layer (no Landlock, another architecture for the
 seccomp filter), :func:`enter` leaves it out and :class:`Applied` says so; the
@@ -58,8 +58,6 @@ class SandboxSpec:
 
     package_dir: Path
     scratch_dir: Path
-    connect_ports: tuple[int, ...] = ()
-    """TCP ports it may connect to (the request's devices)."""
     max_file_bytes: int = 64 * 1024 * 1024
     max_open_files: int = 256
 
@@ -113,11 +111,10 @@ def _limits(spec: SandboxSpec) -> None:
 def _readable_roots(spec: SandboxSpec) -> list[Path]:
     roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix), spec.package_dir}
     roots |= {Path(p) for p in sys.path if p and os.path.isdir(p)}
-    # Shared libraries an extension module may load, and time zone data.
+    # Shared libraries an extension module may load, and time zone data. No
+    # resolver or TLS files: the process has no network (the coordinator has).
     roots |= {Path(p) for p in ("/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/share/zoneinfo")}
-    # Name resolution and TLS roots, for devices named by host or spoken to over https.
-    roots |= {Path("/etc") / n for n in ("hosts", "resolv.conf", "nsswitch.conf", "gai.conf")}
-    roots |= {Path("/etc/ssl"), Path("/dev/urandom"), Path("/etc/localtime")}
+    roots |= {Path("/dev/urandom"), Path("/etc/localtime")}
     return sorted(roots)
 
 
@@ -165,7 +162,7 @@ def enter(spec: SandboxSpec, *, keep_fds: set[int]) -> Applied:
         abi = landlock.restrict(
             read=_readable_roots(spec),
             write=[spec.scratch_dir, Path("/dev/null")],
-            connect_ports=spec.connect_ports,
+            connect_ports=(),  # none: the network is the coordinator's
         )
         applied.layers.append(f"landlock v{abi}")
     else:

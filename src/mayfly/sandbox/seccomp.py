@@ -1,6 +1,8 @@
-"""A seccomp filter for task processes: no new processes, no peeking at others.
+"""A seccomp filter for task processes: no network, no new processes, no peeking at others.
 
-Package code may start threads but no process (``fork``, ``vfork``, ``clone``
+Package code may open no socket but a unix one (it talks to its coordinator,
+which reaches the devices for it: no address, port or protocol of any network
+is open to it, UDP included). It may start threads but no process (``fork``, ``vfork``, ``clone``
 without ``CLONE_THREAD``, ``execve``), so nothing it starts can outlive its
 attempt; and it may not trace, read or write another process's memory, enter
 or make namespaces, mount, or reach the kernel through io_uring, bpf or
@@ -49,6 +51,8 @@ _DENIED = {
 }
 _CLONE = (56, 220)
 _CLONE3 = (435, 435)
+_SOCKET = (41, 198)
+_AF_UNIX = 1
 _ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}
 
 
@@ -77,6 +81,11 @@ def _program(machine: str) -> list[tuple[int, int, int, int]]:
     if machine == "x86_64":
         code += [(_JGE, 0, 1, _X32_BIT), (_RET, 0, 0, eperm)]
     code += [
+        (_JEQ, 0, 4, _SOCKET[column]),
+        (_LD_ABS_W, 0, 0, 16),  # low half of args[0]: socket's address family
+        (_JEQ, 1, 0, _AF_UNIX),
+        (_RET, 0, 0, eperm),
+        (_RET, 0, 0, _RET_ALLOW),
         (_JEQ, 0, 4, _CLONE[column]),
         (_LD_ABS_W, 0, 0, 16),  # low half of args[0]: clone's flags
         (_JSET, 1, 0, _CLONE_THREAD),

@@ -1,0 +1,143 @@
+"""Device calls made by the coordinator on behalf of its task processes.
+
+Package code never holds a network connection: its ``ctx.device.state()`` and
+``ctx.device.action(...)`` become ``call`` frames, and the coordinator
+performs each one on the device of that process's current attempt, with the
+request's driver, and sends the answer back. So a package reaches exactly
+the device it was given, whatever addresses or ports the fleet shares, and
+the sandbox can refuse it every socket.
+
+The coordinator's loop stays single-threaded and never waits on a device: a
+call runs on a small thread pool (one thread per task process at most: a
+process waits for its answer), and its finished answer, encoded, is queued and
+announced on a pipe the loop watches with the channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mayfly.coordinator.frames import MAX_FRAME_BYTES, encode
+from mayfly.devices import Device, DeviceDriver, idempotency_key
+from mayfly.errors import DeviceActionError, DeviceUnavailableError
+
+__all__ = ["DeviceCalls"]
+
+
+class DeviceCalls:
+    """Runs ``call`` frames against devices; results come back through :meth:`completed`.
+
+    Args:
+        driver_factory: makes the request's driver, on the first call only (a
+            request whose package never calls a device pays nothing).
+        request_id: part of every action's idempotency key.
+        threads: calls in flight at once (the request's task processes).
+    """
+
+    def __init__(
+        self, driver_factory: Callable[[], DeviceDriver], request_id: str, threads: int
+    ) -> None:
+        self._driver_factory = driver_factory
+        self._driver: DeviceDriver | None = None
+        self._request_id = request_id
+        self._threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._done: queue.SimpleQueue[tuple[object, bytes]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def fd(self) -> int:
+        """Readable whenever a call has finished."""
+        return self._wake_r
+
+    def submit(
+        self,
+        token: object,
+        device: Device,
+        frame: dict[str, Any],
+        ordinals: dict[str, int],
+        deadline: float,
+    ) -> None:
+        """Start the call in ``frame`` (checked) on ``device``, bounded by ``deadline``.
+
+        ``ordinals`` counts the attempt's calls of each action name: the n-th call
+        of a name carries the same idempotency key in every attempt and
+        redelivery, so the device applies it once.
+        """
+        key: str | None = None
+        if frame["op"] == "action":
+            name = frame["name"]
+            ordinal = ordinals.get(name, 0)
+            ordinals[name] = ordinal + 1
+            key = idempotency_key(self._request_id, device.id, name, ordinal)
+        if self._pool is None:
+            self._driver = self._driver_factory()
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="mayfly-device")
+        self._pool.submit(self._run, token, device, frame, key, deadline)
+
+    def _call(
+        self, device: Device, frame: dict[str, Any], key: str | None, deadline: float
+    ) -> dict[str, Any]:
+        assert self._driver is not None
+        if key is None:
+            return self._driver.state(device, deadline=deadline)
+        return self._driver.action(device, frame["name"], frame["payload"], key, deadline=deadline)
+
+    def _run(
+        self, token: object, device: Device, frame: dict[str, Any], key: str | None, deadline: float
+    ) -> None:
+        answer: dict[str, Any]
+        try:
+            answer = {"t": "answer", "ok": True, "value": self._call(device, frame, key, deadline)}
+        except DeviceUnavailableError as exc:
+            answer = _refusal("unavailable", exc.reason)
+        except DeviceActionError as exc:
+            answer = _refusal("refused", exc.reason)
+        except Exception as exc:  # a driver bug: that call fails, never the coordinator
+            answer = _refusal("unavailable", f"driver error: {type(exc).__name__}: {exc}")
+        try:
+            data = encode(answer)
+        except Exception as exc:  # too big, or not JSON: the package is told so
+            size = len(json.dumps(answer, default=str)) if isinstance(exc, ValueError) else 0
+            why = (
+                f"the device's answer of {size} bytes exceeds {MAX_FRAME_BYTES}"
+                if size
+                else f"the device's answer cannot be passed on: {str(exc)[:200]}"
+            )
+            data = encode(_refusal("refused", why))
+        self._done.put((token, data))
+        with contextlib.suppress(BlockingIOError):  # a full pipe: the loop is woken already
+            os.write(self._wake_w, b"\0")
+
+    def completed(self) -> list[tuple[object, bytes]]:
+        """Calls finished since the last look: (token, encoded answer frame)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        found = []
+        while True:
+            try:
+                found.append(self._done.get_nowait())
+            except queue.Empty:
+                return found
+
+    def close(self) -> None:
+        """Stop taking calls; calls in flight end at their deadline, unheard."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._driver is not None:
+            with contextlib.suppress(Exception):
+                self._driver.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _refusal(kind: str, reason: str) -> dict[str, Any]:
+    return {"t": "answer", "ok": False, "kind": kind, "reason": reason[:2000]}
