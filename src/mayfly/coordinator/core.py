@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
+import mmap
 import os
 import socket
 import time
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mayfly import sandbox
 from mayfly.coordinator.params import validate_params
 from mayfly.coordinator.runner import DeviceProgress, RunPlan, run_devices
 from mayfly.coordinator.worker import WorkerSpec
@@ -42,7 +43,23 @@ from mayfly.settings import DEFAULT_MAX_PROCESSES
 
 __all__ = ["Coordinator", "CoordinatorOptions", "overall_status"]
 
-_FORK = multiprocessing.get_context("fork")
+
+class _CancelFlag:
+    """A flag the coordinator sets and its task processes read, across fork.
+
+    One byte of anonymous shared memory: setting it takes no lock (so a signal
+    handler may), and a new one costs a syscall, where a multiprocessing Event
+    (semaphores, a condition) cost about a millisecond per request.
+    """
+
+    def __init__(self) -> None:
+        self._byte = mmap.mmap(-1, 1)
+
+    def set(self) -> None:
+        self._byte[0] = 1
+
+    def is_set(self) -> bool:
+        return self._byte[0] == 1
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,7 @@ class Coordinator:
         self._inventory = inventory
         self._driver_factory = driver_factory
         self.options = options
-        self._cancel = _FORK.Event()
+        self._cancel = _CancelFlag()
 
     def renewed(self) -> Coordinator:
         """The same wiring under a new instance id, for a freshly forked process."""
@@ -97,8 +114,10 @@ class Coordinator:
         )
 
     def warm(self) -> None:
-        """Load what every request needs (the inventory), so that processes forked
-        from this one inherit it parsed. Re-reads only an inventory that changed."""
+        """Load what every request needs (the inventory, the sandbox's fixed part),
+        so that processes forked from this one inherit it. Re-reads only an
+        inventory that changed."""
+        sandbox.prepare()
         self._inventory()
 
     def cancel(self) -> None:

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mayfly import sandbox
 from mayfly.coordinator.devicecalls import DeviceCalls
 from mayfly.coordinator.frames import Channel, ProtocolError, check_task_frame
 from mayfly.coordinator.worker import WorkerSpec, worker_main
@@ -185,6 +186,7 @@ class _Run:
         self.finished = 0
         self.import_error: str | None = None
         self.calls = DeviceCalls(plan.driver_factory, plan.spec.request_id, plan.parallel)
+        sandbox.prepare()  # once here, not in every task process (inherited)
         self.call_seq = itertools.count()
 
     # -- process management --------------------------------------------------

@@ -31,6 +31,7 @@ coordinator records it once in its log.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import resource
@@ -42,7 +43,7 @@ from pathlib import Path
 from mayfly.sandbox import landlock, seccomp
 from mayfly.sandbox.secrets import wipe, wipe_bytes
 
-__all__ = ["Applied", "SandboxSpec", "enter"]
+__all__ = ["Applied", "SandboxSpec", "enter", "prepare"]
 
 #: Variables a task process keeps; everything else (credentials included) goes.
 _KEPT_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONHASHSEED", "PYTHONIOENCODING")
@@ -108,14 +109,40 @@ def _limits(spec: SandboxSpec) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _readable_roots(spec: SandboxSpec) -> list[Path]:
-    roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix), spec.package_dir}
+@functools.cache
+def _interpreter_roots() -> tuple[Path, ...]:
+    """What every task process may read: the interpreter, its libraries, time zones.
+
+    Computed once per process tree: :func:`prepare` runs it in a warm parent, and
+    every process forked from it inherits the answer.
+    """
+    roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)}
     roots |= {Path(p) for p in sys.path if p and os.path.isdir(p)}
     # Shared libraries an extension module may load, and time zone data. No
     # resolver or TLS files: the process has no network (the coordinator has).
     roots |= {Path(p) for p in ("/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/share/zoneinfo")}
     roots |= {Path("/dev/urandom"), Path("/etc/localtime")}
-    return sorted(roots)
+    return tuple(sorted(roots))
+
+
+def _readable_roots(spec: SandboxSpec) -> list[Path]:
+    return [*_interpreter_roots(), spec.package_dir]
+
+
+def prepare() -> None:
+    """Do now, once, what :func:`enter` would otherwise do in every task process.
+
+    Call it in a process that forks coordinators (a warm parent): the
+    interpreter's read set and the seccomp program are then inherited.
+    """
+    _interpreter_roots()
+    if seccomp.supported():
+        seccomp.compiled()
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _drop_capabilities(libc: ctypes.CDLL) -> None:
@@ -149,7 +176,7 @@ def enter(spec: SandboxSpec, *, keep_fds: set[int]) -> Applied:
     applied.layers.append("no secrets")
     _limits(spec)
     os.chdir(spec.scratch_dir)
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     if os.geteuid() == 0:
         _drop_capabilities(libc)
         applied.layers.append("no capabilities")

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import platform
 
-__all__ = ["install", "supported"]
+__all__ = ["compiled", "install", "supported"]
 
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 _RET_ALLOW, _RET_ERRNO, _RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
@@ -102,6 +103,21 @@ def _program(machine: str) -> list[tuple[int, int, int, int]]:
     return code
 
 
+@functools.cache
+def compiled() -> _Program:
+    """The filter for this machine, built once (a warm parent's forks inherit it).
+
+    Raises:
+        OSError: the architecture is not covered.
+    """
+    machine = platform.machine()
+    if machine not in _ARCHES:
+        raise OSError(f"no seccomp filter for {machine}")
+    code = _program(machine)
+    filters = (_Filter * len(code))(*(_Filter(*i) for i in code))
+    return _Program(len(code), filters)  # ctypes keeps the array alive with it
+
+
 def install() -> None:
     """Set ``no_new_privs`` and install the filter on this thread's process.
 
@@ -110,14 +126,9 @@ def install() -> None:
     Raises:
         OSError: the architecture is not covered, or the kernel refused.
     """
-    machine = platform.machine()
-    if machine not in _ARCHES:
-        raise OSError(f"no seccomp filter for {machine}")
+    program = compiled()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    code = _program(machine)
-    filters = (_Filter * len(code))(*(_Filter(*i) for i in code))
-    program = _Program(len(code), filters)
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
