@@ -367,10 +367,11 @@ def test_a_key_that_is_no_header_value_fails_before_sending(rig: Rig) -> None:
     with pytest.raises(DeviceUnavailableError) as caught:
         rig.driver.action(rig.device(), "reboot", {}, "two\nlines")
 
-    # The words are requests' own (HttpDriver passes them on), so only their gist.
+    # The words are the HTTP library's own (HttpDriver passes them on), so only their gist.
     message = str(caught.value)
     assert message.startswith("device sim-0001: POST /actions/reboot: "), message
-    assert "header value: 'two\\nlines'" in message
+    assert "header value" in message, message
+    assert "two\\nlines" in message, message
     assert rig.sim.summary()["requests"] == 0
 
 

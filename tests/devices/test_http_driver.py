@@ -16,7 +16,7 @@ import requests
 import responses
 
 from mayfly.devices.driver import DeviceDriver
-from mayfly.devices.http import HttpDriver
+from mayfly.devices.http import HttpDriver, RequestsTransport
 from mayfly.devices.inventory import Device
 from mayfly.errors import DeviceActionError, DeviceUnavailableError
 
@@ -53,6 +53,9 @@ def make_driver(sleep: FakeSleep) -> Iterator[Callable[..., HttpDriver]]:
     made: list[HttpDriver] = []
 
     def make(**options: Any) -> HttpDriver:
+        # `responses` scripts answers by patching requests: the driver's logic
+        # is what these tests are about, over the requests transport.
+        options.setdefault("transport", RequestsTransport(options.get("pool_size", 64)))
         made.append(HttpDriver(sleep=sleep, **options))
         return made[-1]
 
