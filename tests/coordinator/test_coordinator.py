@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from mayfly.events import DeviceStatus, OverallStatus, TaskCompleted, TaskRejected, new_request
+from mayfly.packages import digest_of
 
 from .conftest import Env, FleetFactory, write_package
 
@@ -167,10 +168,16 @@ def test_bad_requests_are_rejected_with_the_reason(env: Env, fleet: FleetFactory
     assert no_match.code == "unknown_device"
 
     store = env.home / "packages" / "reboot" / "1.0.0" / "package.tar.gz"
-    data = bytearray(store.read_bytes())
+    original = store.read_bytes()
+    data = bytearray(original)
     data[-5] ^= 1
     store.write_bytes(bytes(data))
-    tampered = core.handle(new_request("reboot", devices=["sim-0001"]))
+    # Versions are immutable: a coordinator that verified this one runs the
+    # verified bytes; one that did not (a new process) refuses the rewrite.
+    verified = core.handle(new_request("reboot", devices=["sim-0001"]))
+    assert isinstance(verified, TaskCompleted), verified
+    assert verified.package.digest == digest_of(original)
+    tampered = env.coordinator().handle(new_request("reboot", devices=["sim-0001"]))
     assert isinstance(tampered, TaskRejected)
     assert tampered.code == "integrity"
     assert "reboot 1.0.0" in tampered.reason

@@ -41,6 +41,7 @@ from mayfly.packages.archive import (
 from mayfly.packages.manifest import NAME_PATTERN, Manifest, parse_manifest
 from mayfly.packages.signing import Signature, TrustedKeys, verify
 from mayfly.packages.store import PackageStore
+from mayfly.packages.verified import VerifiedVersions
 
 __all__ = [
     "DEFAULT_CHANNEL",
@@ -192,11 +193,35 @@ def verify_package(
 
 
 class PackageRepository:
-    """Signed, immutable package versions and movable channels over a store."""
+    """Signed, immutable package versions and movable channels over a store.
 
-    def __init__(self, store: PackageStore, trusted: TrustedKeys) -> None:
+    :meth:`fetch` keeps what it verified (:mod:`mayfly.packages.verified`): a
+    later fetch of the same version resolves its ref and reads nothing else.
+    """
+
+    def __init__(
+        self,
+        store: PackageStore,
+        trusted: TrustedKeys,
+        *,
+        verified: VerifiedVersions | None = None,
+    ) -> None:
         self.store = store
         self.trusted = trusted
+        self.verified = verified if verified is not None else VerifiedVersions()
+        self._pins: dict[tuple[str, str], str] = {}
+
+    def pinned(self, name: str, ref: str | None, version: str) -> PackageRepository:
+        """This repository, sharing its verified versions, but with ``ref`` of
+        ``name`` taken as resolved to ``version`` by :meth:`fetch`.
+
+        For a process forked right after this one resolved ``ref``: its view of
+        the channel is then as fresh as its own resolve would have been, and it
+        spares the store a read. Hand it to nothing that lives on.
+        """
+        view = PackageRepository(self.store, self.trusted, verified=self.verified)
+        view._pins = {**self._pins, (name, ref or DEFAULT_CHANNEL): version}
+        return view
 
     def publish(self, built: BuiltPackage, sig: Signature) -> PublishResult:
         """Publish one version. Same bytes again is a no-op; other bytes are refused.
@@ -296,11 +321,18 @@ class PackageRepository:
     def fetch(self, name: str, ref: str | None = None) -> FetchedPackage:
         """Resolve, download and verify a version.
 
+        The ref is resolved every time (a channel moves); a version that verified
+        here before, with a key still trusted, is reused without reading its
+        archive again.
+
         Raises:
             PackageNotFoundError: unknown package, version or channel.
             IntegrityError: altered bytes, a missing or untrusted signature.
         """
-        version = self.resolve(name, ref)
+        version = self._pins.get((name, ref or DEFAULT_CHANNEL)) or self.resolve(name, ref)
+        known = self.verified.get(name, version, self.trusted)
+        if known is not None:
+            return known
         prefix = f"{name}/{version}"
         data = self.store.get(f"{prefix}/{ARCHIVE}")
         raw_sig = self.store.get(f"{prefix}/{SIGNATURE}")
@@ -315,7 +347,11 @@ class PackageRepository:
             )
         manifest_json = self.store.get(f"{prefix}/{MANIFEST}")
         manifest = verify_package(data, sig, manifest_json, self.trusted)
-        return FetchedPackage(manifest=manifest, digest=sig.digest, data=data, signature=sig)
+        fetched = FetchedPackage(manifest=manifest, digest=sig.digest, data=data, signature=sig)
+        key = self.trusted.get(sig.key_id)
+        if key is not None:  # it is: verify_package just used it
+            self.verified.put(fetched, key)
+        return fetched
 
     def manifest(self, name: str, ref: str | None = None) -> Manifest:
         """The stored manifest of a version, without downloading the archive.
