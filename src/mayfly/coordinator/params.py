@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 import jsonschema
@@ -9,7 +11,39 @@ import jsonschema
 from mayfly.errors import ParamsError
 from mayfly.packages import Manifest
 
-__all__ = ["validate_params"]
+__all__ = ["params_validator", "validate_params"]
+
+#: Schemas whose validator is kept: one per package version a coordinator runs.
+_CACHED_SCHEMAS = 64
+_BY_OBJECT: dict[int, tuple[dict[str, Any], jsonschema.protocols.Validator]] = {}
+
+
+def params_validator(manifest: Manifest) -> jsonschema.protocols.Validator:
+    """The validator of the manifest's params schema, built once per schema.
+
+    Building one is most of what checking params costs; a warm parent that
+    builds it before it forks hands it to every coordinator.
+    """
+    schema = manifest.params_schema
+    known = _BY_OBJECT.get(id(schema))
+    if known is not None and known[0] is schema:
+        return known[1]
+    validator = _compiled(json.dumps(schema, separators=(",", ":")))
+    # The common case, a manifest fetched once and reused, skips the encoding
+    # (a forked coordinator's first json.dumps costs more than the rest of
+    # the check). Holding the schema keeps its id from naming another one.
+    if len(_BY_OBJECT) >= _CACHED_SCHEMAS:
+        _BY_OBJECT.pop(next(iter(_BY_OBJECT)))
+    _BY_OBJECT[id(schema)] = (schema, validator)
+    return validator
+
+
+@functools.lru_cache(maxsize=_CACHED_SCHEMAS)
+def _compiled(schema_json: str) -> jsonschema.protocols.Validator:
+    # Keyed by the schema's JSON, not by manifest: one schema can never get the
+    # validator of another. Key order is kept (not sorted): it decides which of
+    # equally relevant errors is reported, which must not depend on the cache.
+    return jsonschema.Draft202012Validator(json.loads(schema_json))
 
 
 def validate_params(manifest: Manifest, params: dict[str, Any]) -> None:
@@ -19,8 +53,7 @@ def validate_params(manifest: Manifest, params: dict[str, Any]) -> None:
     path, so ``params.config.log_level: 'loud' is not one of [...]`` tells the
     operator exactly what to fix.
     """
-    validator = jsonschema.Draft202012Validator(manifest.params_schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(params))
+    error = jsonschema.exceptions.best_match(params_validator(manifest).iter_errors(params))
     if error is None:
         return
     path = ".".join(["params", *(str(p) for p in error.absolute_path)])

@@ -1,0 +1,45 @@
+"""Params are checked against the package's schema, with a validator built once per schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mayfly.coordinator.params import params_validator, validate_params
+from mayfly.errors import ParamsError
+from mayfly.packages import Manifest, parse_manifest
+
+TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
+
+
+def _manifest(schema: dict[str, Any], version: str = "1.0.0") -> Manifest:
+    raw = {"name": "demo", "version": version, "entrypoint": "task:run", "params_schema": schema}
+    return parse_manifest(json.dumps(raw))
+
+
+def _config_push() -> Manifest:
+    return parse_manifest((TASKPKGS / "config-push" / "manifest.json").read_bytes())
+
+
+def test_the_offending_param_is_named_with_the_reason() -> None:
+    manifest = _config_push()
+    for _ in range(2):  # the same, whether the validator was built or reused
+        with pytest.raises(ParamsError) as caught:
+            validate_params(manifest, {"config": {"log_level": "loud"}})
+        assert caught.value.field == "params.config.log_level"
+        assert "'loud' is not one of ['debug', 'info', 'warning', 'error']" in str(caught.value)
+    validate_params(manifest, {"config": {"log_level": "info"}})
+
+
+def test_a_validator_is_built_once_per_schema() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    first = params_validator(_manifest(schema))
+    assert params_validator(_manifest(schema, "1.0.1")) is first  # another version, same schema
+    other = {"type": "object", "properties": {"n": {"type": "string"}}}
+    assert params_validator(_manifest(other)) is not first
+    validate_params(_manifest(schema), {"n": 3})
+    with pytest.raises(ParamsError, match=r"3 is not of type 'string'"):
+        validate_params(_manifest(other), {"n": 3})
