@@ -22,6 +22,7 @@ import stat
 import sys
 import tarfile
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ from mayfly.packages import (
     extract_archive,
     load_private_key,
     read_manifest_from_archive,
+    repository,
     sign_built,
 )
+from mayfly.packages.archive import ArchiveEntry
 
 TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
 MANIFEST = {"name": "hostile", "version": "1.0.0", "entrypoint": "task:run"}
@@ -501,6 +504,112 @@ def test_planted_bytecode_never_runs(tmp_path: Path, fetched: FetchedPackage) ->
     again = fetched.materialise(tmp_path / "cache")
     assert not os.path.lexists(again / "firmware_update" / "__pycache__")
     assert _snapshot(again) == _archive_files(fetched.data)
+
+
+# --- a cache checked in full once, then by its metadata -------------------------------
+
+
+class _FullChecks:
+    """Counts the full checks (every file hashed) that materialise runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = repository.tree_mismatch
+
+        def counted(root: Path, expected: dict[str, ArchiveEntry]) -> str | None:
+            self.count += 1
+            return real(root, expected)
+
+        monkeypatch.setattr(repository, "tree_mismatch", counted)
+
+
+@pytest.fixture
+def full_checks(monkeypatch: pytest.MonkeyPatch) -> _FullChecks:
+    return _FullChecks(monkeypatch)
+
+
+def _checked_once(fetched: FetchedPackage, cache: Path, full_checks: _FullChecks) -> Path:
+    """Materialise until the tree is old enough to be remembered, then prove it is:
+    a use that hashes nothing."""
+    tree = fetched.materialise(cache)
+    for _ in range(40):
+        time.sleep(0.06)
+        before = full_checks.count
+        fetched.materialise(cache)
+        if full_checks.count == before:
+            break
+    before = full_checks.count
+    assert fetched.materialise(cache) == tree
+    assert full_checks.count == before, "a tree checked in full should be reused by its metadata"
+    return tree
+
+
+def _rewrite_in_place_keeping_mtime(tree: Path, tmp_path: Path) -> None:
+    """Same inode, size, mode and mtime: only the ctime can tell."""
+    main = tree / "firmware_update" / "main.py"
+    before = main.stat()
+    injected = INJECTED.ljust(before.st_size, b" ")[: before.st_size]
+    main.chmod(0o644)
+    with main.open("r+b") as fh:
+        fh.write(injected)
+    main.chmod(stat.S_IMODE(before.st_mode))
+    os.utime(main, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = main.stat()
+    assert (after.st_ino, after.st_size, after.st_mode, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mode,
+        before.st_mtime_ns,
+    )
+
+
+SNAPSHOT_TAMPERS = {**TAMPERS, "rewritten-in-place-mtime-restored": _rewrite_in_place_keeping_mtime}
+
+
+@pytest.mark.parametrize("tamper", SNAPSHOT_TAMPERS.values(), ids=SNAPSHOT_TAMPERS.keys())
+def test_a_tamper_after_the_full_check_is_caught_by_the_metadata(
+    tmp_path: Path,
+    fetched: FetchedPackage,
+    full_checks: _FullChecks,
+    tamper: Callable[[Path, Path], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = tmp_path / "cache"
+    tree = _checked_once(fetched, cache, full_checks)
+    tamper(tree, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mayfly.packages"):
+        again = fetched.materialise(cache)
+    assert "differs from its signed archive" in caplog.text
+    assert _snapshot(again) == _archive_files(fetched.data)
+    assert INJECTED not in b"".join(p.read_bytes() for p in again.rglob("*.py"))
+    assert _modes(again) == READ_ONLY
+
+
+def test_a_chmod_put_back_is_checked_in_full_and_kept(
+    tmp_path: Path, fetched: FetchedPackage, full_checks: _FullChecks
+) -> None:
+    cache = tmp_path / "cache"
+    tree = _checked_once(fetched, cache, full_checks)
+    main = tree / "firmware_update" / "main.py"
+    inode = main.stat().st_ino
+    main.chmod(0o666)
+    main.chmod(0o444)
+    before = full_checks.count
+    fetched.materialise(cache)
+    assert full_checks.count == before + 1  # the metadata differed: every file hashed
+    assert main.stat().st_ino == inode  # and found right, so kept
+
+
+def test_planted_bytecode_after_the_full_check_never_runs(
+    tmp_path: Path, fetched: FetchedPackage, full_checks: _FullChecks
+) -> None:
+    tree = _checked_once(fetched, tmp_path / "cache", full_checks)
+    pycache = tree / "firmware_update" / "__pycache__"
+    with _writable(pycache):
+        pycache.mkdir()
+        (pycache / f"main.{sys.implementation.cache_tag}.pyc").write_bytes(b"planted")
+    again = fetched.materialise(tmp_path / "cache")
+    assert not os.path.lexists(again / "firmware_update" / "__pycache__")
 
 
 def test_cli_fetch_into_the_cache_undoes_a_tamper(home: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import semver
@@ -29,6 +29,7 @@ from mayfly.errors import (
     PackageNotFoundError,
 )
 from mayfly.packages.archive import (
+    ArchiveEntry,
     ArchiveLimits,
     BuiltPackage,
     archive_tree,
@@ -40,6 +41,7 @@ from mayfly.packages.archive import (
 )
 from mayfly.packages.manifest import NAME_PATTERN, Manifest, parse_manifest
 from mayfly.packages.signing import Signature, TrustedKeys, verify
+from mayfly.packages.snapshot import Snapshot, check_started, settled, snapshot_tree
 from mayfly.packages.store import PackageStore
 from mayfly.packages.verified import VerifiedVersions
 
@@ -59,7 +61,20 @@ _NAME = re.compile(NAME_PATTERN)
 ARCHIVE, MANIFEST, SIGNATURE = "package.tar.gz", "manifest.json", "package.sig"
 #: Extract-and-check rounds before giving up on a cache folder that keeps changing.
 _CACHE_ATTEMPTS = 3
+#: Cache folders whose snapshot one package keeps (one per cache root in use).
+_FOLDERS_REMEMBERED = 4
 _LOG = logging.getLogger("mayfly.packages")
+
+
+class _Checked:
+    """What a :class:`FetchedPackage` learnt of its archive and its extractions.
+
+    Derived from verified, immutable bytes, so kept for as long as they are.
+    """
+
+    def __init__(self) -> None:
+        self.trees: dict[ArchiveLimits, dict[str, ArchiveEntry]] = {}
+        self.folders: dict[tuple[str, ArchiveLimits], Snapshot] = {}
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,9 @@ class FetchedPackage:
     digest: str
     data: bytes
     signature: Signature
+    _checked: _Checked = field(
+        default_factory=_Checked, init=False, repr=False, compare=False, hash=False
+    )
 
     def materialise(self, cache_root: Path, limits: ArchiveLimits | None = None) -> Path:
         """The verified archive extracted into ``cache_root/<digest hex>``, read-only.
@@ -80,18 +98,39 @@ class FetchedPackage:
         an owner, a link) is discarded and extracted afresh, with a warning.
         ``__pycache__`` folders Python wrote there are deleted, never trusted.
 
+        A folder this package checked in full before is not hashed again while
+        the metadata of every entry in it, ctime included, is what it was then
+        (:mod:`mayfly.packages.snapshot` says why that is sound); any
+        difference, or a folder checked too recently to tell, means the full
+        check.
+
         Raises:
             UnsafeArchiveError: if the archive holds a member extraction refuses.
             IntegrityError: if the folder keeps changing while it is checked.
         """
         where = {"package": self.manifest.name, "version": self.manifest.version}
         dest = cache_root / self.digest.removeprefix("sha256:")
-        expected = archive_tree(self.data, limits)
+        limits = limits or ArchiveLimits()
+        memo = self._checked
+        folder = (str(dest.absolute()), limits)
+        known = memo.folders.pop(folder, None)
+        if known is not None and snapshot_tree(dest) == known:
+            memo.folders[folder] = known
+            return dest
+        expected = memo.trees.get(limits)
+        if expected is None:
+            expected = memo.trees[limits] = archive_tree(self.data, limits)
         for _ in range(_CACHE_ATTEMPTS):
             if not os.path.lexists(dest):
                 extract_archive(self.data, dest, limits, read_only=True)
+            started = check_started()
             problem = tree_mismatch(dest, expected)
             if problem is None:
+                checked = snapshot_tree(dest)
+                if checked is not None and settled(checked, started):
+                    if len(memo.folders) >= _FOLDERS_REMEMBERED:
+                        memo.folders.pop(next(iter(memo.folders)))
+                    memo.folders[folder] = checked
                 return dest
             _LOG.warning(
                 "package cache %s of %s %s differs from its signed archive (%s): extracting "
