@@ -42,9 +42,10 @@ _LOG = logging.getLogger("mayfly.runtime.spawner")
 class ForkedWork(Protocol):
     """What the warm parent holds: built once, run in every coordinator it forks."""
 
-    def before_fork(self) -> None:
-        """Called in the warm parent before each fork, to refresh in one place what
-        every coordinator would otherwise redo (the parsed inventory)."""
+    def before_fork(self, record: LogRecord) -> None:
+        """Called in the warm parent before it forks the coordinator of ``record``,
+        to do in one place what every coordinator would otherwise redo (the
+        parsed inventory, the request's verified package). Forks wait for it."""
         ...
 
     def run(self, record: LogRecord, dequeued_at: datetime) -> int:
@@ -98,7 +99,7 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
             if message[0] == "stop":
                 return
             _, token, record, dequeued_at = message
-            work.before_fork()
+            work.before_fork(record)
             pid = os.fork()
             if pid == 0:
                 _coordinator_child(conn, work, record, dequeued_at)
