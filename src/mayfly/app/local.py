@@ -335,5 +335,7 @@ class Runtime:
         if self._aggregator is not None:
             self._aggregator.join(timeout=10)
         self.spawner.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         self.state.close()
         self.log.close()

@@ -27,6 +27,7 @@ __all__ = [
     "Headers",
     "LogConsumer",
     "LogRecord",
+    "Waker",
 ]
 
 Headers = Sequence[tuple[str, bytes]]
@@ -67,6 +68,19 @@ class LogConsumer(Protocol):
     def close(self) -> None: ...
 
 
+class Waker(Protocol):
+    """A descriptor that becomes readable after a write to the log."""
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> bool:
+        """Consume what is pending; whether it may mean new records. Call it
+        before reading the log, so that a write after the read still wakes."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class EventLog(Protocol):
     """Topics of records: append, and read through consumer groups."""
 
@@ -88,6 +102,12 @@ class EventLog(Protocol):
 
     def describe(self) -> str:
         """Where the log is, for messages."""
+        ...
+
+    def waker(self) -> Waker | None:
+        """Something to ``select`` on that becomes readable after records may have
+        been appended (the caller closes it); None when the log has no such thing
+        and readers poll."""
         ...
 
     def close(self) -> None: ...

@@ -137,6 +137,10 @@ class KafkaEventLog:
     def describe(self) -> str:
         return f"kafka://{self._bootstrap}"
 
+    def waker(self) -> None:
+        """None: a Kafka reader waits in its own poll (a fetch the broker holds)."""
+        return None
+
     def close(self) -> None:
         """Close the clients this process made: consumers, producer (after a flush), admin."""
         for consumer in list(self._consumers):

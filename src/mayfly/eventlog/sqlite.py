@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from mayfly.errors import EventLogError, EventLogFileError
 from mayfly.eventlog import Headers, LogConsumer, LogRecord
+from mayfly.eventlog.filewatch import FileWatch, watch
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteEventLog"]
 
@@ -74,6 +75,9 @@ _COMMITTED = "SELECT next_offset FROM commits WHERE grp = ? AND topic = ?"
 _BUSY_TIMEOUT_S = 30.0
 _RETRY_SLEEP_S = 0.002
 _LEN = struct.Struct(">I")
+# A waiting poll sleeps on the file's inotify watch; this often it also asks the
+# file itself, in case a write went unseen (a file system without inotify events).
+_WATCHED_RECHECK_S = 0.5
 # Inherited connections of this process: referenced forever, never closed (see module doc).
 _INHERITED: list[sqlite3.Connection] = []
 
@@ -189,7 +193,9 @@ class SqliteEventLog:
 
     Args:
         path: the database file; it and its folder are created on first use.
-        poll_interval_s: how often a waiting ``poll`` checks for new records.
+        poll_interval_s: how often a waiting ``poll`` checks for new records
+            where the kernel cannot tell it of writes (no inotify); with inotify
+            it waits for a write instead, and checks every half second anyway.
     """
 
     def __init__(self, path: Path, *, poll_interval_s: float = 0.005) -> None:
@@ -218,6 +224,11 @@ class SqliteEventLog:
 
     def assume_topics(self, topics: Iterable[str]) -> None:
         """Nothing to do: every SQLite topic exists once written to."""
+
+    def waker(self) -> FileWatch | None:
+        """A descriptor readable after any process wrote to the file (the caller
+        closes it); None where the kernel cannot tell (poll instead)."""
+        return watch(self._db.path)
 
     def describe(self) -> str:
         return f"sqlite:{self._db.path}"
@@ -260,6 +271,8 @@ class _SqliteConsumer:
         self._db = _Db(path)
         self._group, self._topic = group, topic
         self._poll_interval_s = poll_interval_s
+        self._watch: FileWatch | None = None
+        self._watched = False
         self._position = self.committed().get(0, 0)
 
     def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
@@ -276,12 +289,24 @@ class _SqliteConsumer:
                     LogRecord(self._topic, 0, off, key, value, _decode_headers(headers), ts_ms)
                     for off, key, value, headers, ts_ms in rows
                 ]
+            watch = self._watcher()
             while (remaining := deadline - time.monotonic()) > 0:
-                time.sleep(min(self._poll_interval_s, remaining))
+                if watch is None:
+                    time.sleep(min(self._poll_interval_s, remaining))
+                else:
+                    watch.wait(min(_WATCHED_RECHECK_S, remaining))
                 if self._db.run(_data_version) != version:
                     break
             else:
                 return []
+
+    def _watcher(self) -> FileWatch | None:
+        # Made on the first waiting poll (most consumers never wait), and drained
+        # before each fetch by its wait: a write after the fetch stays pending.
+        if not self._watched:
+            self._watched = True
+            self._watch = watch(self._db.path)
+        return self._watch
 
     def _fetch(self, conn: sqlite3.Connection, limit: int) -> tuple[int, list[Any]]:
         version = _data_version(conn)
@@ -312,6 +337,8 @@ class _SqliteConsumer:
         return {0: end}
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         self._db.close()
 
 
