@@ -16,6 +16,7 @@ warm parent waits, holding no request.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -100,6 +101,11 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
                 return
             _, token, record, dequeued_at = message
             work.before_fork(record)
+            # Everything the warm parent holds moves to the permanent generation:
+            # a full collection in a coordinator then never walks (and so never
+            # copies, page by page) the inherited heap. Measured at 43 ms in a
+            # fork when one ran; for short requests it changes nothing.
+            gc.freeze()
             pid = os.fork()
             if pid == 0:
                 _coordinator_child(conn, work, record, dequeued_at)
