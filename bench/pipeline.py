@@ -13,11 +13,15 @@ they never share the two cores:
 
 For each: a burst of requests published as fast as the publisher can
 (throughput: requests / (last result - first publish)), then a fixed rate
-for a fixed time (latency, publish to result, p50/p99). After the load, the
-idle footprint: Mayfly's coordinator processes still alive and the
-dispatcher's RSS; Celery's persistent processes and their RSS.
+for a fixed time (latency, publish to result, p50/p99). After the load and a
+settle, the idle footprint: Mayfly's coordinator processes still alive and the
+dispatcher's RSS; Celery's persistent processes and their RSS; then the CPU
+each process tree uses over a fixed window while nothing is asked of it
+(``mayfly up`` and everything under it; Celery's main process and its pool
+workers, with the Redis server reported on its own), as percent of one core.
 
-    python bench/pipeline.py [--quick] [--json out.json]
+    python bench/pipeline.py [--burst N] [--rate R] [--seconds S]
+                             [--idle-window-s W] [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,6 +61,43 @@ from mayfly.settings import Settings
 
 FLEET = 2000
 RESULT_TIMEOUT_S = 120.0
+SETTLE_S = 3.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of one process, in clock ticks (0 when gone).
+
+    cutime and cstime hold the CPU of the children it waited for, so a tree's
+    sum keeps the CPU of processes that exit (and are reaped) inside the window.
+    """
+    try:
+        # Fields after the command name (which may hold spaces): state is field
+        # 3, utime, stime, cutime, cstime are 14 to 17.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _tree_ticks(pid: int) -> int:
+    return sum(_cpu_ticks(p) for p in (pid, *descendants(pid)))
+
+
+def idle_cpu(roots: dict[str, int], window_s: float) -> dict[str, float]:
+    """CPU of each process tree (by its root pid) over one window, percent of one core.
+
+    All trees are sampled over the same window. The resolution is one clock
+    tick per process (1/CLK_TCK s): 0.1 % of a core per process over 10 s.
+    """
+    start = {name: _tree_ticks(pid) for name, pid in roots.items()}
+    began = time.monotonic()
+    time.sleep(window_s)
+    end = {name: _tree_ticks(pid) for name, pid in roots.items()}
+    elapsed = time.monotonic() - began
+    return {
+        name: round(100 * max(0, end[name] - start[name]) / CLK_TCK / elapsed, 2) for name in roots
+    }
 
 
 def _rate_schedule(count: int, rate: float | None) -> Callable[[int], None]:
@@ -133,17 +174,19 @@ class MayflyTarget:
         publisher.join(5)
         return _summary(published, done, ok)
 
-    def idle(self, settle_s: float = 3.0) -> dict[str, Any]:
+    def idle(self, window_s: float, settle_s: float = SETTLE_S) -> dict[str, Any]:
         time.sleep(settle_s)
         tree = descendants(self.up.pid)
         warm = [p for p in tree if p in _children_of(self.up.pid)]
         coordinators = [p for p in tree if p not in warm]
-        return {
+        footprint = {
             "coordinators_alive": len(coordinators),
             "dispatcher_rss_mb": round(rss_mb(self.up.pid), 1),
             "warm_parent_rss_mb": round(sum(rss_mb(p) for p in warm), 1),
             "processes": 1 + len(tree),
         }
+        cpu = idle_cpu({"up": self.up.pid}, window_s)
+        return footprint | {"idle_cpu_pct": cpu["up"], "idle_cpu_window_s": window_s}
 
     def close(self) -> None:
         self.results.close()
@@ -169,6 +212,7 @@ class CeleryTarget:
         self.push = celery_app.push
         self.fleet = fleet
         self.devices = list(fleet)
+        self.redis_url = redis_url
         env = dict(os.environ) | {
             "MAYFLY_BENCH_REDIS": redis_url,
             "PYTHONPATH": str(Path(__file__).resolve().parent),
@@ -249,24 +293,54 @@ class CeleryTarget:
         gc.collect()
         return _summary(published, done, ok)
 
-    def idle(self, settle_s: float = 3.0) -> dict[str, Any]:
+    def idle(self, window_s: float, settle_s: float = SETTLE_S) -> dict[str, Any]:
         time.sleep(settle_s)
         tree = [self.worker.pid, *descendants(self.worker.pid)]
-        return {
+        footprint = {
             "processes": len(tree),
             "rss_mb": round(sum(rss_mb(p) for p in tree), 1),
             "main_rss_mb": round(rss_mb(self.worker.pid), 1),
+        }
+        roots = {"celery": self.worker.pid}
+        redis = _redis_pid(self.redis_url)
+        if redis is not None:
+            roots["redis"] = redis
+        cpu = idle_cpu(roots, window_s)
+        return footprint | {
+            "idle_cpu_pct": cpu["celery"],
+            "redis_idle_cpu_pct": cpu.get("redis"),
+            "idle_cpu_window_s": window_s,
         }
 
     def close(self) -> None:
         self.worker.stop()
 
 
+def _redis_pid(url: str) -> int | None:
+    """The redis-server this run started (a child of this process) for ``url``."""
+    port = url.rsplit(":", 1)[1].split("/", 1)[0]
+    for pid in _children_of(os.getpid()):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # Its arguments (``--port N``), or its title once it runs (``host:N``).
+        if comm == "redis-server" and port in cmdline.replace(":", " ").split():
+            return pid
+    return None
+
+
 # -- the run --------------------------------------------------------------------
 
 
 def _celery(
-    root: Path, addresses: dict[str, str], burst: int, steady: int, rate: float
+    root: Path,
+    addresses: dict[str, str],
+    burst: int,
+    steady: int,
+    rate: float,
+    idle_window_s: float,
 ) -> dict[str, Any]:
     with redis_server(root) as redis_url:
         celery = CeleryTarget(root, redis_url, addresses)
@@ -274,7 +348,7 @@ def _celery(
             return {
                 "throughput": celery.load(burst, None),
                 "latency": celery.load(steady, rate),
-                "idle": celery.idle(),
+                "idle": celery.idle(idle_window_s),
                 "concurrency": os.cpu_count(),
             }
         finally:
@@ -282,7 +356,12 @@ def _celery(
 
 
 def run(
-    root: Path, burst: int, rate: float, seconds: float, only: set[str] | None = None
+    root: Path,
+    burst: int,
+    rate: float,
+    seconds: float,
+    only: set[str] | None = None,
+    idle_window_s: float = 10.0,
 ) -> dict[str, Any]:
     services = service_env()
     bootstrap = services.get("MAYFLY_TEST_KAFKA_BOOTSTRAP")
@@ -292,6 +371,8 @@ def run(
         "burst_requests": burst,
         "fixed_rate_per_s": rate,
         "fixed_rate_seconds": seconds,
+        "idle_settle_s": SETTLE_S,
+        "idle_cpu_window_s": idle_window_s,
     }
     steady = round(rate * seconds)
     with simulator(root, FLEET) as fleet:
@@ -300,7 +381,7 @@ def run(
         devices = list(addresses)
 
         if only is None or "celery" in only:
-            out["celery"] = _celery(root, addresses, burst, steady, rate)
+            out["celery"] = _celery(root, addresses, burst, steady, rate, idle_window_s)
 
         runs = []
         if bootstrap:
@@ -325,7 +406,7 @@ def run(
                 out[f"mayfly_{name}"] = {
                     "throughput": target.load(burst, None),
                     "latency": target.load(steady, rate),
-                    "idle": target.idle(),
+                    "idle": target.idle(idle_window_s),
                     "max_coordinators": settings.max_coordinators,
                     "per_task_cap": settings.per_task_cap,
                     "event_log": target.log.describe(),
@@ -344,6 +425,12 @@ def main() -> None:
     parser.add_argument(
         "--only", action="append", choices=["celery", "mayfly_kafka", "mayfly_sqlite"]
     )
+    parser.add_argument(
+        "--idle-window-s",
+        type=float,
+        default=10.0,
+        help="window over which idle CPU is sampled, after the settle",
+    )
     parser.add_argument("--limit-s", type=int, default=600, help="hard stop of the whole run")
     args = parser.parse_args()
     import signal
@@ -358,16 +445,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mayfly-bench-pipeline-") as tmp:
         out = run(
-            Path(tmp), args.burst, args.rate, args.seconds, set(args.only) if args.only else None
+            Path(tmp),
+            args.burst,
+            args.rate,
+            args.seconds,
+            set(args.only) if args.only else None,
+            args.idle_window_s,
         )
     for system in ("celery", "mayfly_kafka", "mayfly_sqlite"):
         if system in out:
             row = out[system]
-            t, lat, idle = row["throughput"], row["latency"], row["idle"]
+            t, lat, idle = row["throughput"], row["latency"], dict(row["idle"])
+            cpu = f"idle CPU {idle.pop('idle_cpu_pct'):.2f}% of a core"
+            redis = idle.pop("redis_idle_cpu_pct", None)
+            if redis is not None:
+                cpu += f" (redis-server {redis:.2f}%)"
+            cpu += f" over {idle.pop('idle_cpu_window_s'):g} s"
             print(
                 f"{system:<14} burst {t['rate_per_s']:>7.1f}/s ({t['results']}/{t['requests']} "
                 f"in {t['seconds']} s)  at {args.rate:g}/s p50 {lat['p50_ms']} ms "
-                f"p99 {lat['p99_ms']} ms  idle {idle}"
+                f"p99 {lat['p99_ms']} ms  {cpu}  idle {idle}"
             )
     write_json(args.json, out)
 
