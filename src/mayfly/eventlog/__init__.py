@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
+    "WRITE_SETTLE_S",
     "EventLog",
     "Headers",
     "LogConsumer",
@@ -66,6 +67,13 @@ class LogConsumer(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+#: How long a reader woken by a :class:`Waker` keeps looking before it sleeps
+#: again: a wake can come before the write is visible (SQLite writes its WAL
+#: frames, the event, before it publishes the commit in shared memory, which
+#: makes none).
+WRITE_SETTLE_S = 0.05
 
 
 class Waker(Protocol):

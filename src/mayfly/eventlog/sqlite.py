@@ -26,6 +26,7 @@ file (``PRAGMA quick_check``) for ``mayfly up`` to run once at start.
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import struct
@@ -38,7 +39,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mayfly.errors import EventLogError, EventLogFileError
-from mayfly.eventlog import Headers, LogConsumer, LogRecord
+from mayfly.eventlog import WRITE_SETTLE_S, Headers, LogConsumer, LogRecord
 from mayfly.eventlog.filewatch import FileWatch, watch
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteEventLog"]
@@ -290,11 +291,12 @@ class _SqliteConsumer:
                     for off, key, value, headers, ts_ms in rows
                 ]
             watch = self._watcher()
+            written = -math.inf
             while (remaining := deadline - time.monotonic()) > 0:
-                if watch is None:
+                if watch is None or time.monotonic() - written < WRITE_SETTLE_S:
                     time.sleep(min(self._poll_interval_s, remaining))
-                else:
-                    watch.wait(min(_WATCHED_RECHECK_S, remaining))
+                elif watch.wait(min(_WATCHED_RECHECK_S, remaining)):
+                    written = time.monotonic()
                 if self._db.run(_data_version) != version:
                     break
             else:

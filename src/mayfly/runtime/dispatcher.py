@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import select
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from enum import StrEnum
 
 from mayfly.coordinator.sinks import EventLogSink
 from mayfly.errors import CoordinatorCrashedError, SinkError
-from mayfly.eventlog import EventLog, LogConsumer, LogRecord
+from mayfly.eventlog import WRITE_SETTLE_S, EventLog, LogConsumer, LogRecord
 from mayfly.events import Priority, peek_attributes, rejection_for
 from mayfly.exitcodes import ExitCode
 from mayfly.runtime.policy import DEFAULT_WEIGHTS, after_crash, commit_progress, pick_lane
@@ -144,6 +145,7 @@ class Dispatcher:
         # Idle, the loop sleeps in select() until a write to the log or an exit,
         # instead of asking every lane every 10 ms (most of an idle runtime's CPU).
         self._waker = log.waker()
+        self._written_at = -math.inf
 
     # -- reading ---------------------------------------------------------------
 
@@ -303,8 +305,8 @@ class Dispatcher:
     def step(self, wait_s: float | None = None) -> None:
         """One round: read, start what may start, wait for exits (and, where the
         log can say so, for appends)."""
-        if self._waker is not None:
-            self._waker.drain()  # before reading: a write after the read still wakes
+        if self._waker is not None and self._waker.drain():  # before reading: see Waker
+            self._written_at = time.monotonic()
         self._fill()
         self._start_ready()
         timeout = self._wait_s() if wait_s is None else wait_s
@@ -318,6 +320,10 @@ class Dispatcher:
 
     def _wait_s(self) -> float:
         if self._waker is None:
+            return self.options.idle_wait_s
+        if time.monotonic() - self._written_at < WRITE_SETTLE_S:
+            # A write can wake us before its records are visible: look again
+            # soon, for a moment, then sleep on the waker.
             return self.options.idle_wait_s
         wait = self.options.woken_wait_s
         # A crashed request waiting out its backoff is due at a time, not on a write.
