@@ -67,6 +67,8 @@ COORDINATOR_SOURCE = "/mayfly/coordinator"
 #: records over 1 MiB by default; the rest of the record (headers, key) fits
 #: in the difference.
 MAX_EVENT_BYTES = 1_000_000
+#: Longest attribute name a rejection or a peek keeps of a broken event.
+MAX_ATTRIBUTE_NAME_CHARS = 64
 
 
 class Priority(StrEnum):

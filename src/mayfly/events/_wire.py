@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, TypeAlias
 
 from mayfly.errors import EventError
-from mayfly.events._base import JSON_CONTENT_TYPE, MAX_EVENT_BYTES
+from mayfly.events._base import JSON_CONTENT_TYPE, MAX_ATTRIBUTE_NAME_CHARS, MAX_EVENT_BYTES
 
 __all__ = [
     "ENVELOPE_ALLOWANCE",
@@ -83,7 +83,6 @@ KNOWN_ATTRIBUTES = frozenset(
         "tracestate",
     }
 )
-_MAX_NAME_CHARS = 64
 # What peek_attributes keeps of a value: a rejection copies no more than this.
 _PEEKED_CHARS = 1024
 # C0 controls and DEL: they split or end a header line (CR, LF, NUL) on some
@@ -366,7 +365,8 @@ def check_attributes(attributes: Mapping[str, Any]) -> None:
 def _shown_name(name: str) -> str:
     """An attribute name fit to be an error's field: short, printable."""
     shown = name if name.isprintable() else repr(name)[1:-1]
-    return shown if len(shown) <= _MAX_NAME_CHARS else shown[: _MAX_NAME_CHARS - 3] + "..."
+    limit = MAX_ATTRIBUTE_NAME_CHARS
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def peek_attributes(
@@ -395,7 +395,7 @@ def peek_attributes(
                     if extensions >= MAX_EXTENSION_ATTRIBUTES:
                         continue
                     extensions += 1
-                attributes[attribute[:_MAX_NAME_CHARS]] = _peeked(value)
+                attributes[attribute[:MAX_ATTRIBUTE_NAME_CHARS]] = _peeked(value)
             elif lowered == "content-type":
                 content_type = _peeked(value)
         if attributes:
@@ -412,7 +412,7 @@ def peek_attributes(
                         if extensions >= MAX_EXTENSION_ATTRIBUTES:
                             continue
                         extensions += 1
-                    attributes[_peeked(name[:_MAX_NAME_CHARS])] = (
+                    attributes[_peeked(name[:MAX_ATTRIBUTE_NAME_CHARS])] = (
                         _peeked(value) if isinstance(value, str) else _printed(value)
                     )
     return attributes

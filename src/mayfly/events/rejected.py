@@ -28,6 +28,7 @@ from mayfly.errors import (
 )
 from mayfly.events._base import (
     COORDINATOR_SOURCE,
+    MAX_ATTRIBUTE_NAME_CHARS,
     TASK_REJECTED,
     EventModel,
     NonEmpty,
@@ -46,7 +47,6 @@ _MAX_REASON_CHARS = 4096
 _MAX_FIELD_CHARS = 256
 _MAX_ORIGINAL_ATTRIBUTES = 32
 _MAX_ORIGINAL_CHARS = 16 * 1024
-_MAX_NAME_CHARS = 64
 # The attributes most worth keeping of an original, in this order.
 _FIRST_KEPT = (
     "id",
@@ -235,7 +235,7 @@ def _original(raw: Mapping[str, Any]) -> dict[str, str]:
         budget -= len(name) + len(text)
         if budget < 0:
             break
-        original[_cut(name, _MAX_NAME_CHARS)] = text
+        original[_cut(name, MAX_ATTRIBUTE_NAME_CHARS)] = text
     return original
 
 
