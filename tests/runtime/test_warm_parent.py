@@ -133,3 +133,28 @@ def test_what_the_warm_up_cannot_do_the_coordinator_rejects_with_the_reason(runs
     assert isinstance(bad_params, TaskRejected)
     assert bad_params.code == "invalid_params"
     assert bad_params.field == "params.max_wait_s"
+
+
+def test_the_warm_parent_never_checks_a_request_s_params_itself(
+    home: Home, fleet: FleetFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Params are the publisher's, the schema is the package's: a value made to
+    # backtrack against a pattern would stall the one process every fork waits
+    # for. The warm-up builds the validator on empty params; the coordinator
+    # checks the request's.
+    fleet(1)
+    import mayfly.app.local as local
+
+    checked: list[dict[str, object]] = []
+    real = local.validate_params
+
+    def spy(manifest: object, params: dict[str, object]) -> None:
+        checked.append(dict(params))
+        real(manifest, params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "validate_params", spy)
+    warm = WarmCoordinator(home.settings())
+    request = new_request("reboot", devices=["sim-0001"], params={"max_wait_s": 0})
+    key, value, headers = to_kafka_record(request)
+    warm.before_fork(LogRecord("test", 0, 1, key, value, tuple(headers)))
+    assert checked == [{}]

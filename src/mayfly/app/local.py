@@ -154,8 +154,11 @@ class WarmCoordinator:
         with contextlib.suppress(MayflyError):
             fetched.materialise(self.coordinator.options.cache_dir)
         # Run once, not only built: a validator's first use does work of its own.
+        # On empty params, never the request's: a hostile value against a
+        # backtracking pattern would stall this process, and every fork with it.
+        # The request's own params are checked in its coordinator.
         with contextlib.suppress(ParamsError):
-            validate_params(fetched.manifest, dict(request.params))
+            validate_params(fetched.manifest, {})
         return _Prepared(record, request, pinned)
 
     def run(self, record: LogRecord, dequeued_at: datetime) -> int:
