@@ -104,11 +104,14 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
             # Everything the warm parent holds moves to the permanent generation:
             # a full collection in a coordinator then never walks (and so never
             # copies, page by page) the inherited heap. Measured at 43 ms in a
-            # fork when one ran; for short requests it changes nothing.
+            # fork when one ran; for short requests it changes nothing. The warm
+            # parent takes its objects back at once: frozen, its own cyclic
+            # garbage (a failed warm-up's traceback) would never be collected.
             gc.freeze()
             pid = os.fork()
             if pid == 0:
                 _coordinator_child(conn, work, record, dequeued_at)
+            gc.unfreeze()
             # A pidfd turns "this child exited" into a readable fd for select().
             children[os.pidfd_open(pid)] = (token, pid)
 
