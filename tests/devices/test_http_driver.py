@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -419,3 +420,48 @@ def test_connections_are_kept_alive_and_shared_across_threads() -> None:
     assert answers == [{"up": True}] * 200
     # 200 calls from 4 threads over at most 4 connections: one per call would be 200.
     assert len(_KeepAliveDevice.peers) <= 4
+
+
+class _EndlessDevice(BaseHTTPRequestHandler):
+    """Answers /big with a 3 MiB JSON object (a broken or hostile device), else a small one."""
+
+    protocol_version = "HTTP/1.1"
+    served: list[str]
+
+    def do_GET(self) -> None:
+        self.served.append(self.path)
+        big = self.path.endswith("/big/state")
+        body = b'{"blob": "' + b"x" * (3 * 1024 * 1024) + b'"}' if big else b'{"up": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the driver stopped reading: that is the point
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_an_answer_too_big_is_refused_unread_and_not_retried() -> None:
+    # The coordinator makes every device call of its request: a device that
+    # answers without end must not fill its memory.
+    from mayfly.devices.http import MAX_ANSWER_BYTES
+
+    _EndlessDevice.served = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EndlessDevice)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    driver = HttpDriver(retries=2, pool_size=1)
+    try:
+        with pytest.raises(DeviceUnavailableError) as caught:
+            driver.state(Device(id="big", address=f"{base}/big"))
+        # The same (only) pooled connection slot still serves the next call.
+        assert driver.state(Device(id="small", address=f"{base}/small")) == {"up": True}
+    finally:
+        driver.close()
+        server.shutdown()
+        server.server_close()
+    assert f"answer of more than {MAX_ANSWER_BYTES} bytes" in str(caught.value)
+    assert _EndlessDevice.served == ["/big/state", "/small/state"]

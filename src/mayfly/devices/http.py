@@ -41,6 +41,10 @@ __all__ = ["Answer", "HttpDriver", "RequestsTransport", "Transport"]
 _log = logging.getLogger(__name__)
 
 _HEADERS = {"Accept": "application/json", "User-Agent": "mayfly-http-driver"}
+#: Largest answer body read from a device (decoded): the coordinator makes
+#: every device call of its request, so a device that answers without end
+#: must not be able to fill its memory.
+MAX_ANSWER_BYTES = 1024 * 1024
 # Statuses whose Retry-After we honour; other 5xx back off on our own schedule.
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 
@@ -154,7 +158,8 @@ class _Urllib3Transport:
     coordinator makes every device call of its request. Its failures are
     told as ``requests``' exceptions, the :class:`Transport` contract.
     Cookies are never kept (urllib3 has no jar), so one device's cookie never
-    reaches another on the same host.
+    reaches another on the same host. An answer is read up to
+    :data:`MAX_ANSWER_BYTES`; a longer one is refused, not retried.
     """
 
     def __init__(self, pool_size: int) -> None:
@@ -184,7 +189,17 @@ class _Urllib3Transport:
                 timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
                 redirect=False,
                 retries=False,
+                preload_content=False,
             )
+            try:
+                content = response.read(MAX_ANSWER_BYTES + 1)
+            except BaseException:
+                response.close()
+                raise
+            if len(content) > MAX_ANSWER_BYTES:
+                response.close()  # the rest unread: this connection is not reused
+            else:
+                response.release_conn()
         except urllib3.exceptions.NewConnectionError as exc:
             # Checked first: urllib3 2 makes it a ConnectTimeoutError too.
             raise requests.ConnectionError(exc) from exc
@@ -196,18 +211,21 @@ class _Urllib3Transport:
             raise requests.RequestException(f"{url}: {exc}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise requests.ConnectionError(exc) from exc
-        return _Urllib3Answer(response)
+        if len(content) > MAX_ANSWER_BYTES:
+            # Not retried: the device would only send it again.
+            raise requests.RequestException(f"answer of more than {MAX_ANSWER_BYTES} bytes")
+        return _Urllib3Answer(response, content)
 
     def close(self) -> None:
         self._pool.clear()
 
 
 class _Urllib3Answer:
-    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
+    def __init__(self, response: urllib3.BaseHTTPResponse, content: bytes) -> None:
         self.status_code = response.status
         self.reason = response.reason
         self.headers = response.headers
-        self.content = response.data
+        self.content = content
 
 
 class HttpDriver:
