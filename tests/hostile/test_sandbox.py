@@ -362,19 +362,28 @@ def test_a_payload_too_deep_or_too_big_is_told_to_the_package(
             for _ in range(40):
                 deep = {"d": deep}
             told = []
-            for payload in (deep, {"blob": "x" * 300_000}):
+            for name, payload in (
+                ("config-push", deep),
+                ("config-push", {"blob": "x" * 300_000}),
+                ("x" * 500, {}),
+                ("line\\nbreak", {}),
+                ("config-push", ["not", "an", "object"]),
+            ):
                 try:
-                    ctx.device.action("config-push", payload)
+                    ctx.device.action(name, payload)
                 except DeviceActionError as exc:
-                    told.append(exc.reason[:80])
+                    told.append(exc.reason[:120])
             return told
         """
     outcome = _run(env, tmp_path, "oversized", code, ["sim-0001"])
     [device] = outcome.devices
     assert device.status is DeviceStatus.SUCCEEDED, device.error
-    assert [t.split(":")[0] for t in device.output] == ["the call cannot be sent"] * 2
+    assert [t.split(":")[0] for t in device.output] == ["the call cannot be sent"] * 5
     assert "nested more than 16 levels" in device.output[0]
     assert "exceeds" in device.output[1]
+    assert "action name is 1 to 128 printable characters" in device.output[2]
+    assert "action name is 1 to 128 printable characters" in device.output[3]
+    assert "'payload' must be an object" in device.output[4]
     assert sim.records("sim-0001")["log"] == []
 
 

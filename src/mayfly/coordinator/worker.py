@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mayfly.coordinator.context import DeviceHandle, TaskContext
-from mayfly.coordinator.frames import MAX_DEPTH, Channel, ProtocolError, encode
+from mayfly.coordinator.frames import MAX_DEPTH, Channel, ProtocolError, check_task_frame, encode
 from mayfly.devices import Device
 from mayfly.errors import DeviceActionError, DeviceUnavailableError, EventError
 from mayfly.events._wire import check_depth
@@ -190,9 +190,12 @@ class _Link:
         return self._call({"t": "call", "op": "action", "name": name, "payload": payload})
 
     def _call(self, frame: dict[str, Any]) -> dict[str, Any]:
+        # The coordinator's own checks, here first: a bad name or payload is the
+        # package's error to handle, not a broken protocol that ends the process.
         try:
+            check_task_frame(frame)
             data = encode(frame)  # TypeError for a payload that is not JSON, as json.dumps
-            check_depth(data[4:], MAX_DEPTH, "payload")  # what the coordinator accepts
+            check_depth(data[4:], MAX_DEPTH, "payload")
         except (ProtocolError, EventError) as exc:
             raise DeviceActionError(self._device_id, f"the call cannot be sent: {exc}") from None
         self._channel.write(data)
