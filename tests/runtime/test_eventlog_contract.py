@@ -286,6 +286,30 @@ def test_topics_are_independent(
     assert {p: n for p, n in ends.items() if n} == {_only_partition(records_b): 4}
 
 
+def test_append_many_adds_every_record_in_order_across_topics(
+    event_log: EventLog, open_consumer: Callable[[str, str], LogConsumer], group: str
+) -> None:
+    a, b = _name("topic"), _name("topic")
+    event_log.append(a, KEY, b"first")
+    event_log.append_many(
+        [(a, KEY, b"a1", [("h", b"1")]), (b, KEY, b"b0", ()), (a, KEY, b"a2", ())]
+    )
+    event_log.append_many([])
+    records_a = _drain(open_consumer(group, a), 3)
+    assert [(r.offset, r.value) for r in records_a] == [(0, b"first"), (1, b"a1"), (2, b"a2")]
+    assert records_a[1].headers == (("h", b"1"),)
+    assert [r.value for r in _drain(open_consumer(group, b), 1)] == [b"b0"]
+
+
+def test_append_many_refuses_a_bad_record_before_adding_any(
+    event_log: EventLog, open_consumer: Callable[[str, str], LogConsumer], topic: str, group: str
+) -> None:
+    with pytest.raises(TypeError):
+        event_log.append_many([(topic, KEY, b"ok", ()), (topic, KEY, "text", ())])  # type: ignore[list-item]
+    event_log.append(topic, KEY, b"after")
+    assert [r.value for r in _drain(open_consumer(group, topic), 1)] == [b"after"]
+
+
 # --- SQLite only ---------------------------------------------------------------
 
 

@@ -96,6 +96,12 @@ class EventLog(Protocol):
         """Add a record; return once it is durable."""
         ...
 
+    def append_many(self, records: Sequence[tuple[str, bytes | None, bytes, Headers]]) -> None:
+        """Add records ``(topic, key, value, headers)`` in order; return once every
+        one is durable (on a failure some may be, and may be appended again: the
+        readers dedupe). One commit or one round of acknowledgements for all."""
+        ...
+
     def consumer(self, group: str, topic: str) -> LogConsumer:
         """A consumer of ``topic`` in ``group``, starting at the committed offsets."""
         ...

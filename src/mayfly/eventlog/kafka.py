@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -103,18 +103,35 @@ class KafkaEventLog:
             EventLogError: no broker answered, or the record was refused or not
                 acknowledged within 30 s.
         """
-        if key is not None and not isinstance(key, bytes):
-            raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
-        if not isinstance(value, bytes):
-            raise TypeError(f"value must be bytes, not {type(value).__name__}")
-        pairs = list(headers)
-        for name, data in pairs:
-            if not isinstance(name, str) or not isinstance(data, bytes):
-                raise TypeError(f"a header is a (str, bytes) pair, not ({name!r}, {data!r})")
-        self._ensure_topic(topic)
-        with self._translated(f"record to {topic} not acknowledged"):
-            future = self._client("producer").send(topic, key=key, value=value, headers=pairs)
-            future.get(timeout=_DELIVERY_TIMEOUT_MS / 1000 + 5)  # the producer times out first
+        self.append_many([(topic, key, value, headers)])
+
+    def append_many(self, records: Sequence[tuple[str, bytes | None, bytes, Headers]]) -> None:
+        """Send every record, then wait for all of their acknowledgements: the
+        producer batches what is in flight together, one round trip for many.
+
+        Raises:
+            EventLogError: as :meth:`append`, for the first record refused.
+        """
+        checked = []
+        for topic, key, value, headers in records:
+            if key is not None and not isinstance(key, bytes):
+                raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
+            if not isinstance(value, bytes):
+                raise TypeError(f"value must be bytes, not {type(value).__name__}")
+            pairs = list(headers)
+            for name, data in pairs:
+                if not isinstance(name, str) or not isinstance(data, bytes):
+                    raise TypeError(f"a header is a (str, bytes) pair, not ({name!r}, {data!r})")
+            self._ensure_topic(topic)
+            checked.append((topic, key, value, pairs))
+        if not checked:
+            return
+        topics = ", ".join(sorted({t for t, _, _, _ in checked}))
+        with self._translated(f"record to {topics} not acknowledged"):
+            producer = self._client("producer")
+            futures = [producer.send(t, key=k, value=v, headers=h) for t, k, v, h in checked]
+            for future in futures:
+                future.get(timeout=_DELIVERY_TIMEOUT_MS / 1000 + 5)  # the producer times out first
 
     def consumer(self, group: str, topic: str) -> LogConsumer:
         """A consumer of every partition of ``topic``, at ``group``'s committed offsets."""
