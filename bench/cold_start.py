@@ -32,6 +32,7 @@ from mayfly.devices.sim import Simulator, SimulatorServer
 from mayfly.eventlog import LogRecord
 from mayfly.eventlog.sqlite import SqliteEventLog
 from mayfly.events import TaskCompleted, from_kafka, new_request, to_kafka_record
+from mayfly.runtime.session import answer_blocking
 from mayfly.runtime.spawner import Spawner
 from mayfly.settings import Settings
 from mayfly.testing import publish_folder
@@ -77,7 +78,9 @@ def warm_fork(env: dict[str, str], runs: int) -> list[float]:
         for i in range(runs):
             key, value, headers = to_kafka_record(new_request("noop", devices=["sim-0001"]))
             record = LogRecord("bench", 0, i, key, value, tuple(headers))
-            spawner.spawn(str(i), record, datetime.now(UTC))
+            session = spawner.spawn(str(i), record, datetime.now(UTC))
+            answer_blocking(session, log)  # as the runtime's appender, strict mode
+            session.close()
             exits = []
             while not exits:
                 exits = spawner.exits(5.0)

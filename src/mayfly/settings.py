@@ -26,6 +26,7 @@ from mayfly.topics import DEFAULT_PREFIX, Topics
 __all__ = [
     "DEFAULT_MAX_PROCESSES",
     "ENV_ARCHIVE",
+    "ENV_COORDINATOR_MODE",
     "ENV_EVENT_LOG",
     "ENV_HOME",
     "ENV_INVENTORY",
@@ -67,6 +68,7 @@ ENV_MAX_PROCESSES = "MAYFLY_MAX_PROCESSES"
 ENV_EVENT_LOG = "MAYFLY_EVENT_LOG"
 ENV_MAX_COORDINATORS = "MAYFLY_MAX_COORDINATORS"
 ENV_PER_TASK_CAP = "MAYFLY_PER_TASK_CAP"
+ENV_COORDINATOR_MODE = "MAYFLY_COORDINATOR_MODE"
 ENV_TOPIC_PREFIX = "MAYFLY_TOPIC_PREFIX"
 ENV_ARCHIVE = "MAYFLY_ARCHIVE"
 ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -131,9 +133,13 @@ OPTIONS: tuple[Option, ...] = (
            "prefix of every topic (PREFIX.requests.high, PREFIX.results and the rest)",
            DEFAULT_PREFIX),
     Option("max_coordinators", ENV_MAX_COORDINATORS, "--max-coordinators",
-           "coordinator processes at once", "8", "count"),
+           "requests running at once (each in its coordinator process)", "8", "count"),
     Option("per_task_cap", ENV_PER_TASK_CAP, "--per-task-cap",
-           "coordinator processes of one task type at once", "4", "count"),
+           "requests of one task type running at once", "4", "count"),
+    Option("coordinator_mode", ENV_COORDINATOR_MODE, "--coordinator-mode",
+           "serve: a coordinator runs the queued requests of its task type one after "
+           "another and exits when none is waiting; strict: one coordinator process per "
+           "request", "serve"),
     Option("archive", ENV_ARCHIVE, "--archive",
            "results archive: a folder or s3://BUCKET[/PREFIX]", "$MAYFLY_HOME/archive"),
     Option("otlp_endpoint", ENV_OTLP_ENDPOINT, "--otlp-endpoint",
@@ -173,6 +179,7 @@ class Settings:
     event_log: str = ""
     max_coordinators: int = 8
     per_task_cap: int = 4
+    coordinator_mode: str = "serve"
     topic_prefix: str = DEFAULT_PREFIX
     archive: str = ""
     otlp_endpoint: str | None = None
@@ -226,6 +233,7 @@ class Settings:
             event_log=env.get(ENV_EVENT_LOG) or str(home / "events.db"),
             max_coordinators=_positive_int(env, ENV_MAX_COORDINATORS, 8),
             per_task_cap=_positive_int(env, ENV_PER_TASK_CAP, 4),
+            coordinator_mode=_one_of(env, ENV_COORDINATOR_MODE, ("serve", "strict")),
             topic_prefix=_prefix(env),
             archive=env.get(ENV_ARCHIVE) or str(home / "archive"),
             otlp_endpoint=endpoint,
@@ -278,6 +286,15 @@ class Settings:
         if not bucket or "/" in bucket:
             raise ConfigError(f"{ENV_STORE}={self.store!r}: expected s3://BUCKET")
         return bucket
+
+
+def _one_of(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name)
+    if not raw:
+        return choices[0]
+    if raw.strip().lower() not in choices:
+        raise ConfigError(f"{name}={raw[:40]!r}: expected one of {', '.join(choices)}")
+    return raw.strip().lower()
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

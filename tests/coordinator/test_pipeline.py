@@ -28,11 +28,18 @@ from mayfly.events import (
     to_http,
     to_kafka_record,
 )
+from mayfly.runtime.session import DirectLink
+from mayfly.settings import Settings
 from mayfly.topics import Topics
 
 from .conftest import Env, FleetFactory
 
 DATA = Path(__file__).parents[1] / "data"
+
+
+def _link(settings: Settings) -> DirectLink:
+    """What the runtime's appender would do with the coordinator's records."""
+    return DirectLink(SqliteEventLog(Path(settings.event_log)))
 
 
 def _completed() -> TaskCompleted:
@@ -127,7 +134,7 @@ def test_the_local_runtime_passes_a_result_over_and_appends_nothing(env: Env) ->
     warm = WarmCoordinator(settings)
     key, value, headers = to_kafka_record(_completed())
     record = LogRecord(Topics().lane("normal"), 0, 0, key, value, tuple(headers))
-    assert warm.run(record, datetime.now(UTC)) == ExitCode.OK
+    assert warm.run(record, datetime.now(UTC), _link(settings)) == ExitCode.OK
     log = SqliteEventLog(Path(settings.event_log))
     try:
         consumer = log.consumer("test", Topics().results)
@@ -143,7 +150,7 @@ def test_the_local_runtime_rejects_a_record_that_is_no_cloudevent(
     settings = env.settings()
     warm = WarmCoordinator(settings)
     record = LogRecord(Topics().lane("normal"), 0, 7, b"junk", lane_record)
-    assert warm.run(record, datetime.now(UTC)) == ExitCode.REJECTED
+    assert warm.run(record, datetime.now(UTC), _link(settings)) == ExitCode.REJECTED
     log = SqliteEventLog(Path(settings.event_log))
     try:
         for topic in (Topics().results, Topics().dead_letter):

@@ -349,10 +349,10 @@ def test_a_coordinator_that_cannot_dead_letter_does_not_stop_the_dispatcher(
     real_run, real_emit = local.WarmCoordinator.run, EventLogSink.emit
     calls: list[MayflyEvent] = []
 
-    def run(self: local.WarmCoordinator, record: object, dequeued_at: object) -> int:
+    def run(self: local.WarmCoordinator, record: object, dequeued_at: object, link: object) -> int:
         if b"poison-crash" in dict(record.headers)["ce_id"]:  # type: ignore[attr-defined]
             os._exit(1)
-        return real_run(self, record, dequeued_at)  # type: ignore[arg-type]
+        return real_run(self, record, dequeued_at, link)  # type: ignore[arg-type]
 
     def emit(self: EventLogSink, event: MayflyEvent) -> None:
         calls.append(event)

@@ -16,6 +16,7 @@ from mayfly.devices.sim import SimulatorServer
 from mayfly.eventlog import LogRecord
 from mayfly.events import TaskCompleted, TaskRejected, from_kafka, new_request, to_kafka_record
 from mayfly.packages import LocalPackageStore
+from mayfly.runtime.session import answer_blocking
 from mayfly.runtime.spawner import Spawner
 from mayfly.testing import publish_folder
 from mayfly.topics import Topics
@@ -67,7 +68,9 @@ class Runs:
         key, value, headers = to_kafka_record(new_request(task, devices=["sim-0001"], **fields))
         self.count += 1
         record = LogRecord("test", 0, self.count, key, value, tuple(headers))
-        self.spawner.spawn(str(self.count), record, datetime.now(UTC))
+        session = self.spawner.spawn(str(self.count), record, datetime.now(UTC))
+        answer_blocking(session, self.log)
+        session.close()
         exits = []
         while not exits:
             exits = self.spawner.exits(30.0)

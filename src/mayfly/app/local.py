@@ -19,7 +19,6 @@ from mayfly.aggregator.ingest import Ingest, commit_offsets
 from mayfly.app.wiring import (
     build_coordinator,
     check_event_log,
-    event_log_sink,
     open_event_log,
     open_repository,
 )
@@ -38,6 +37,7 @@ from mayfly.events import (
 )
 from mayfly.packages import PackageRepository
 from mayfly.runtime.dispatcher import Dispatcher, DispatcherOptions, DispatchEvent
+from mayfly.runtime.session import Appends, RuntimeSink
 from mayfly.runtime.spawner import ForkedWork, Spawner
 from mayfly.runtime.state import RuntimeState
 from mayfly.settings import Settings
@@ -79,6 +79,8 @@ class _Prepared:
     request: TaskRequest
     repository: PackageRepository | None
     """The repository with the request's ref resolved just before the fork."""
+    digest: str | None = None
+    """The digest of the package version the ref resolved to."""
 
 
 class WarmCoordinator:
@@ -104,17 +106,9 @@ class WarmCoordinator:
         except MayflyError as exc:
             # Not fatal here: a request that needs the inventory is rejected with the reason.
             _LOG.warning("inventory not loaded yet: %s", exc)
-        self.state = RuntimeState(settings.runtime_dir / "state.db")
-        self.log = open_event_log(settings)
-        # A coordinator runs a request the dispatcher read from a lane, and the
-        # dispatcher created every topic of the installation before reading.
-        self.log.assume_topics(settings.topics.all())
-        self.pipeline = RequestPipeline(
-            self.coordinator.renewed,
-            event_log_sink(self.log, settings.topics),
-            on_progress=_log_progress,
-        )
         self._prepared: _Prepared | None = None
+        self._digest: str | None = None
+        """The package digest this (serving) coordinator runs; set on its first request."""
 
     def before_fork(self, record: LogRecord) -> None:
         # A file inventory is re-read only when it changed; an S3 one would cost a
@@ -159,27 +153,43 @@ class WarmCoordinator:
         # The request's own params are checked in its coordinator.
         with contextlib.suppress(ParamsError):
             validate_params(fetched.manifest, {})
-        return _Prepared(record, request, pinned)
+        return _Prepared(record, request, pinned, fetched.digest)
 
-    def run(self, record: LogRecord, dequeued_at: datetime) -> int:
+    def accepts(self, record: LogRecord) -> bool:
+        """A serving coordinator runs requests of one package digest: the one it
+        was forked for (a request whose package it could not ready runs here
+        too, and is rejected with the reason)."""
+        prepared = self._prepared
+        if prepared is None or prepared.record is not record or prepared.digest is None:
+            return True
+        if self._digest is None:
+            self._digest = prepared.digest
+        return prepared.digest == self._digest
+
+    def run(self, record: LogRecord, dequeued_at: datetime, link: Appends) -> int:
         prepared = self._prepared
         if prepared is not None and prepared.record is not record:
             prepared = None
+        if self._digest is None and prepared is not None:
+            self._digest = prepared.digest
         if prepared is not None and prepared.repository is not None:
             # Only in this (forked) coordinator: the warm parent keeps its own.
             self.coordinator.repository = prepared.repository
+        pipeline = RequestPipeline(
+            self.coordinator.renewed,
+            RuntimeSink(link, self.settings.topics),
+            on_progress=_log_progress,
+        )
         try:
-            handled = self.pipeline.handle(
+            # The dispatcher marks the result in the runtime's state once it is
+            # durable: it appended it.
+            handled = pipeline.handle(
                 lambda: _decoded(record, prepared),
                 lambda: peek_attributes(record.headers, record.value),
                 received_at=dequeued_at,
             )
         finally:
             self.coordinator.repository = self._repository
-        if handled.outcome is not None and handled.code.result_durable:
-            request_id = handled.outcome.request_id
-            if request_id:
-                self.state.mark_result(request_id)
         return int(handled.code)
 
 
@@ -242,6 +252,7 @@ class Runtime:
             DispatcherOptions(
                 max_coordinators=self.settings.max_coordinators,
                 per_task_cap=self.settings.per_task_cap,
+                serve=self.settings.coordinator_mode == "serve",
             ),
             on_event=self._on_dispatch,
             topics=self.settings.topics,

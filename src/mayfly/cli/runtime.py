@@ -38,6 +38,7 @@ _UP_SETTINGS = (
     "max_processes",
     "max_coordinators",
     "per_task_cap",
+    "coordinator_mode",
     "archive",
     "otlp_endpoint",
     "otlp_metrics_endpoint",

@@ -7,12 +7,17 @@ What it promises, on the embedded log and on Kafka alike:
   ahead of any low backlog, yet low still gets its share;
 - **order per partition key**: two requests with the same key (one device's
   tasks) never run at once, and start in log order;
-- **caps**: at most ``max_coordinators`` coordinator processes at once, and
-  at most ``per_task_cap`` of one task type;
+- **caps**: at most ``max_coordinators`` requests running at once, and at
+  most ``per_task_cap`` of one task type;
+- **serving, fairly**: in ``serve`` mode a coordinator that finished a request
+  is handed the next one of its task type, if the lanes' weighted pick would
+  start that one now anyway; otherwise it exits and its slot goes to the pick
+  (``strict`` mode: every coordinator exits after one request);
 - **at least once, applied once**: a lane's offset is committed only up to
-  the last request whose result is durable (the coordinator appends it before
-  it exits); after a crash the rest is delivered again, requests that already
-  have a result are skipped, and devices dedupe repeated actions by key;
+  the last request whose result is durable (the runtime's appender appended
+  it before the coordinator said it was done); after a crash the rest is
+  delivered again, requests that already have a result are skipped, and
+  devices dedupe repeated actions by key;
 - **poison requests end**: a request whose coordinator keeps crashing is
   retried after a backoff, and rejected to the dead-letter topic after
   ``max_crashes`` crashes. Nothing a record holds can stop the dispatcher:
@@ -27,6 +32,7 @@ functions in :mod:`mayfly.runtime.policy`; this module applies them.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import math
@@ -42,7 +48,9 @@ from mayfly.errors import CoordinatorCrashedError, SinkError
 from mayfly.eventlog import WRITE_SETTLE_S, EventLog, LogConsumer, LogRecord
 from mayfly.events import Priority, peek_attributes, rejection_for
 from mayfly.exitcodes import ExitCode
+from mayfly.runtime.appender import Appender
 from mayfly.runtime.policy import DEFAULT_WEIGHTS, after_crash, commit_progress, pick_lane
+from mayfly.runtime.session import CoordinatorSession
 from mayfly.runtime.spawner import CoordinatorExit, Spawner
 from mayfly.runtime.state import RuntimeState
 from mayfly.topics import Topics
@@ -78,6 +86,9 @@ class DispatcherOptions:
     woken_wait_s: float = 0.25
     """The longest a round waits when the log wakes it on appends (SQLite): how
     soon a stop is seen, and a safety net for a write it was not told of."""
+    serve: bool = True
+    """A coordinator serves further queued requests of its task type (``serve``
+    mode); False: one coordinator process per request (``strict`` mode)."""
 
 
 @dataclass
@@ -117,6 +128,10 @@ class _Lane:
             self.committed.update(changes)
 
 
+def _answer_append(session: CoordinatorSession, why: str | None) -> None:
+    session.send(("appended", why))
+
+
 class Dispatcher:
     """Single-threaded loop: poll lanes, start coordinators, reap exits, commit."""
 
@@ -139,6 +154,15 @@ class Dispatcher:
             p: _Lane(p, log.consumer(self.options.group, topics.lane(p))) for p in Priority
         }
         self.running: dict[str, _Pending] = {}
+        """Per coordinator (session token), the request it runs now."""
+        self.sessions: dict[str, CoordinatorSession] = {}
+        """Every coordinator process alive, serving or exiting."""
+        self.appender = Appender(log)
+        self._waits: set[CoordinatorSession] = set()
+        """Sessions still open at the coordinator's end: selected on."""
+        self._task_of: dict[str, str] = {}
+        """Per session, the task type it serves."""
+        self._stopping = False
         self._credits: dict[Priority, int] = {}
         self._tokens = itertools.count()
         self._on_event = on_event or (lambda _kind, _info: None)
@@ -208,42 +232,109 @@ class Dispatcher:
 
     def _start_ready(self) -> None:
         while len(self.running) < self.options.max_coordinators:
-            pending = self._pick()
+            pending = self._next_startable()
             if pending is None:
                 return
-            if self.state.has_result(pending.request_id):
-                self._on_event(DispatchEvent.SKIPPED, {"request_id": pending.request_id})
-                self._done(pending)
-                continue
-            token = f"{next(self._tokens)}:{pending.request_id}"
-            self.running[token] = pending
-            self.spawner.spawn(token, pending.record, datetime.now(UTC))
-            self._on_event(
-                DispatchEvent.STARTED,
-                {
-                    "request_id": pending.request_id,
-                    "priority": pending.lane.value,
-                    "task": pending.task,
-                },
-            )
+            self._launch(pending)
+
+    def _next_startable(self) -> _Pending | None:
+        """The pick to start next, passing over (and finishing) redeliveries."""
+        while (pending := self._pick()) is not None:
+            if not self.state.has_result(pending.request_id):
+                return pending
+            self._on_event(DispatchEvent.SKIPPED, {"request_id": pending.request_id})
+            self._done(pending)
+        return None
+
+    def _launch(self, pending: _Pending) -> None:
+        token = f"c{next(self._tokens)}"
+        self.running[token] = pending
+        session = self.spawner.spawn(token, pending.record, datetime.now(UTC))
+        self.sessions[token] = session
+        self._waits.add(session)
+        self._task_of[token] = pending.task
+        self._started(pending, token)
+
+    def _started(self, pending: _Pending, token: str) -> None:
+        self._on_event(
+            DispatchEvent.STARTED,
+            {
+                "request_id": pending.request_id,
+                "priority": pending.lane.value,
+                "task": pending.task,
+                "coordinator": token,
+            },
+        )
+
+    # -- what coordinators say -------------------------------------------------
+
+    def _serve(self, session: CoordinatorSession) -> None:
+        for message in session.receive():
+            kind = message[0]
+            if kind == "append":
+                self.appender.submit(message[1], functools.partial(_answer_append, session))
+            elif kind == "done":
+                self._on_done(session, int(message[1]))
+            elif kind == "declined":
+                pending = self.running.pop(session.token, None)
+                if pending is not None:  # started afresh, in a coordinator of its digest
+                    self.lanes[pending.lane].buffer.appendleft(pending)
+                session.send(("exit",))
+            elif kind == "eof":
+                # Its exit, with the status, comes from the warm parent.
+                self._waits.discard(session)
+
+    def _on_done(self, session: CoordinatorSession, code: int) -> None:
+        pending = self.running.pop(session.token, None)
+        if pending is not None:
+            self._finished(pending, code, f"exit code {code}")
+        if code not in ExitCode.durable_codes() or not self._hand_over(session):
+            session.send(("exit",))
+
+    def _hand_over(self, session: CoordinatorSession) -> bool:
+        """Give a coordinator that finished its request the next one of its task
+        type, when the weighted pick would start that one now anyway. Otherwise
+        the pick (of another type) starts in a new coordinator, in the slot this
+        one frees by exiting."""
+        if not self.options.serve or self._stopping:
+            return False
+        task = self._task_of.get(session.token)
+        pending = self._next_startable()
+        if pending is None:
+            return False
+        if pending.task != task:
+            self._launch(pending)
+            return False
+        if not session.send(("run", pending.record, datetime.now(UTC))):
+            self.lanes[pending.lane].buffer.appendleft(pending)
+            return False
+        self.running[session.token] = pending
+        self._started(pending, session.token)
+        return True
 
     def _on_exit(self, ended: CoordinatorExit) -> None:
+        session = self.sessions.pop(ended.token, None)
+        if session is None:
+            return
+        self._serve(session)  # what it said before it went
+        self._waits.discard(session)
+        session.close()
+        self._task_of.pop(ended.token, None)
         pending = self.running.pop(ended.token, None)
         if pending is None:
-            return
-        if ended.returncode in ExitCode.durable_codes():
+            return  # it said "done" for everything it ran
+        why = f"signal {-ended.returncode}" if ended.returncode < 0 else "no outcome"
+        if ended.returncode > 0:
+            why = f"exit code {ended.returncode}, no outcome"
+        self._finished(pending, int(ExitCode.INTERNAL), why)
+
+    def _finished(self, pending: _Pending, code: int, why: str) -> None:
+        if code in ExitCode.durable_codes():
             self.state.mark_result(pending.request_id)
             self._done(pending)
-            self._on_event(
-                DispatchEvent.FINISHED, {"request_id": pending.request_id, "code": ended.returncode}
-            )
+            self._on_event(DispatchEvent.FINISHED, {"request_id": pending.request_id, "code": code})
             return
         crashes = self.state.add_crash(pending.request_id)
-        why = (
-            f"signal {-ended.returncode}"
-            if ended.returncode < 0
-            else f"exit code {ended.returncode}"
-        )
         _LOG.warning(
             "coordinator for %s crashed (%s), crash %d of %d",
             pending.request_id,
@@ -310,10 +401,18 @@ class Dispatcher:
         self._fill()
         self._start_ready()
         timeout = self._wait_s() if wait_s is None else wait_s
-        waits = [self.spawner.fileno()]
+        self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for coordinators' messages, exits (and appends,
+        where the log can say), and act on what came."""
+        waits: list[int | CoordinatorSession] = [self.spawner.fileno(), *self._waits]
         if self._waker is not None:
             waits.append(self._waker.fileno())
         readable, _, _ = select.select(waits, [], [], timeout)
+        for ready in readable:
+            if isinstance(ready, CoordinatorSession):
+                self._serve(ready)
         if self.spawner.fileno() in readable:
             for ended in self.spawner.exits():
                 self._on_exit(ended)
@@ -333,7 +432,11 @@ class Dispatcher:
         return wait
 
     def close(self) -> None:
-        """Release the log's wake-up (the consumers belong to the log)."""
+        """Finish the appends under way; release the log's wake-up (the consumers
+        belong to the log)."""
+        self.appender.close()
+        for session in self.sessions.values():
+            session.close()
         if self._waker is not None:
             self._waker.close()
             self._waker = None
@@ -342,7 +445,7 @@ class Dispatcher:
         """Serve until ``should_stop()``; then let running coordinators finish."""
         while not should_stop():
             self.step()
+        self._stopping = True  # no more hand-overs: serving coordinators exit
         deadline = time.monotonic() + 30
-        while self.running and time.monotonic() < deadline:
-            for ended in self.spawner.exits(0.1):
-                self._on_exit(ended)
+        while self.sessions and time.monotonic() < deadline:
+            self._wait(0.1)

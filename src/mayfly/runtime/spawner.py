@@ -7,10 +7,13 @@ request, it forks a coordinator process that already has all of that in
 memory. Starting a coordinator costs a ``fork()`` (milliseconds), not a fresh
 interpreter's half second of imports.
 
-A coordinator process runs one request, appends its result to the event log,
-and exits; the warm parent reports its exit status to the dispatcher. When no
-request is running, no coordinator process exists (scale to zero); only the
-warm parent waits, holding no request.
+Each coordinator gets a channel to the runtime (:mod:`mayfly.runtime.session`),
+passed as a descriptor through the warm parent: over it the coordinator hands
+its result to the runtime's appender, says it is done, and is given the next
+queued request of its task type or told to exit. The warm parent reports each
+coordinator's exit status to the dispatcher. When no request is running, no
+coordinator process exists (scale to zero); only the warm parent waits,
+holding no request.
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ import multiprocessing
 import os
 import select
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Protocol
 
 from mayfly.errors import ConfigError, MayflyError, RuntimeStartError
 from mayfly.eventlog import LogRecord
 from mayfly.procs import die_with_parent
+from mayfly.runtime.session import Appends, CoordinatorSession, RuntimeLink
 
 __all__ = ["CoordinatorExit", "ForkedWork", "Prepare", "Spawner"]
 
@@ -46,11 +52,18 @@ class ForkedWork(Protocol):
     def before_fork(self, record: LogRecord) -> None:
         """Called in the warm parent before it forks the coordinator of ``record``,
         to do in one place what every coordinator would otherwise redo (the
-        parsed inventory, the request's verified package). Forks wait for it."""
+        parsed inventory, the request's verified package). Forks wait for it.
+        A serving coordinator calls it too, for each further request."""
         ...
 
-    def run(self, record: LogRecord, dequeued_at: datetime) -> int:
-        """Run one request record in a forked coordinator; returns its exit code."""
+    def accepts(self, record: LogRecord) -> bool:
+        """In a serving coordinator, after :meth:`before_fork`: whether ``record``
+        may run here (same package digest as the requests before it)."""
+        ...
+
+    def run(self, record: LogRecord, dequeued_at: datetime, link: Appends) -> int:
+        """Run one request record in a forked coordinator, delivering its outcome
+        through ``link``; returns its exit code."""
         ...
 
 
@@ -100,6 +113,7 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
             if message[0] == "stop":
                 return
             _, token, record, dequeued_at = message
+            session = recv_handle(conn)  # sent right after the message
             work.before_fork(record)
             # Everything the warm parent holds moves to the permanent generation:
             # a full collection in a coordinator then never walks (and so never
@@ -110,8 +124,9 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
             gc.freeze()
             pid = os.fork()
             if pid == 0:
-                _coordinator_child(conn, work, record, dequeued_at)
+                _coordinator_child(conn, work, record, dequeued_at, session)
             gc.unfreeze()
+            os.close(session)  # the coordinator's now
             # A pidfd turns "this child exited" into a readable fd for select().
             children[os.pidfd_open(pid)] = (token, pid)
 
@@ -121,14 +136,27 @@ def _coordinator_child(
     work: ForkedWork,
     record: LogRecord,
     dequeued_at: datetime,
+    session: int,
 ) -> None:
     code = 1
     try:
         die_with_parent()
         conn.close()  # the pipe belongs to the warm parent
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        code = work.run(record, dequeued_at)
+        link = RuntimeLink(Connection(session))
+        while True:
+            code = work.run(record, dequeued_at, link)
+            served = link.done(code)
+            if served is None:
+                break
+            record, dequeued_at = served
+            work.before_fork(record)
+            if not work.accepts(record):
+                link.decline()
+                break
+        code = 0  # every outcome was told over the link; the exit only ends it
     except BaseException:
+        code = 1  # the dispatcher takes an exit without "done" as a crash anyway
         _LOG.exception("coordinator crashed")
     finally:
         sys.stdout.flush()
@@ -182,10 +210,20 @@ class Spawner:
         assert self._conn is not None
         return self._conn.fileno()
 
-    def spawn(self, token: str, record: LogRecord, dequeued_at: datetime | None = None) -> None:
-        """Start one coordinator process for ``record``."""
+    def spawn(
+        self, token: str, record: LogRecord, dequeued_at: datetime | None = None
+    ) -> CoordinatorSession:
+        """Start one coordinator process for ``record``; its channel to answer on."""
         assert self._conn is not None
-        self._conn.send(("spawn", token, record, dequeued_at or datetime.now(UTC)))
+        assert self._process is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._conn.send(("spawn", token, record, dequeued_at or datetime.now(UTC)))
+            send_handle(self._conn, theirs.fileno(), self._process.pid or 0)
+        finally:
+            theirs.close()
+        ours.setblocking(True)
+        return CoordinatorSession(token, Connection(ours.detach()))
 
     def exits(self, timeout_s: float = 0.0) -> list[CoordinatorExit]:
         """Coordinator processes that ended since the last call."""

@@ -1,0 +1,203 @@
+"""The channel between the runtime and one coordinator process it started.
+
+A coordinator forked by the local runtime does not open the event log to
+deliver its result: it hands the encoded records to the runtime over this
+channel, and the runtime's long-lived appender (:mod:`mayfly.runtime.appender`)
+appends them, in batches with other coordinators' results, before it answers.
+The coordinator returns from its sink only after that answer, so "the result
+is durable before the request is done" holds as before; what changed is who
+holds the connection to the log (one producer for the runtime, not one per
+coordinator: on Kafka a new producer cost a coordinator about 40 ms of CPU).
+
+Then the coordinator says it is done with the request's exit code and asks for
+more. The dispatcher answers with the next request of the same task type for
+it to serve (the default, ``serve`` mode) or tells it to exit (``strict``
+mode: one coordinator process per request, or nothing of its kind waiting).
+Each request's package code still runs in fresh task processes.
+
+Both ends are Mayfly's own processes (package code runs in task processes,
+which never inherit this descriptor), so messages are pickled tuples over a
+Unix stream socket (:class:`multiprocessing.connection.Connection`):
+
+coordinator -> runtime
+    ``("append", [(topic, key, value, headers), ...])``: make these durable.
+    ``("done", code)``: the request ended with this exit code.
+    ``("declined",)``: the request handed over needs another package
+    digest; this coordinator exits and the request starts in a new one.
+runtime -> coordinator
+    ``("appended", None)`` or ``("appended", why)``: durable, or refused.
+    ``("run", record, dequeued_at)``: serve this request next.
+    ``("exit",)``: nothing more for this coordinator.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from mayfly.errors import SinkError
+from mayfly.eventlog import EventLog, Headers, LogRecord
+from mayfly.events import MayflyEvent, TaskRejected, to_kafka_record
+from mayfly.topics import Topics
+
+__all__ = [
+    "Append",
+    "Appends",
+    "CoordinatorSession",
+    "DirectLink",
+    "RuntimeLink",
+    "RuntimeSink",
+    "answer_blocking",
+]
+
+#: One record to append: topic, key, value, headers.
+Append = tuple[str, bytes | None, bytes, Headers]
+
+
+class CoordinatorSession:
+    """The runtime's end of one coordinator's channel."""
+
+    def __init__(self, token: str, conn: Connection) -> None:
+        self.token = token
+        self.conn = conn
+        # The appender answers appends from its thread while the dispatcher's
+        # thread answers "done": never interleaved on the wire.
+        self._send_lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def receive(self) -> list[tuple[Any, ...]]:
+        """Every message waiting now (without blocking); ``[("eof",)]`` last when the
+        coordinator closed its end."""
+        found: list[tuple[Any, ...]] = []
+        try:
+            while self.conn.poll(0):
+                found.append(self.conn.recv())
+        except (EOFError, OSError):
+            found.append(("eof",))
+        return found
+
+    def send(self, message: tuple[Any, ...]) -> bool:
+        """Send one message; False when the coordinator is gone."""
+        with self._send_lock:
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                return False
+        return True
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class RuntimeLink:
+    """The coordinator's end: appends through the runtime, and asks it for more."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def append(self, records: Sequence[Append]) -> None:
+        """Hand records to the runtime; return once it made them durable.
+
+        Raises:
+            SinkError: the runtime's log refused them, or the runtime is gone.
+        """
+        try:
+            self.conn.send(("append", [(t, k, v, tuple(h)) for t, k, v, h in records]))
+            answer = self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise SinkError(f"the runtime did not take the result: {exc or 'it is gone'}") from exc
+        if answer[0] != "appended":
+            raise SinkError(f"the runtime answered {answer[0]!r} to an append")
+        if answer[1] is not None:
+            raise SinkError(str(answer[1]))
+
+    def done(self, code: int) -> tuple[LogRecord, datetime] | None:
+        """Say the request ended with ``code``; the next request to serve, or None
+        to exit."""
+        return self._next(("done", code))
+
+    def decline(self) -> None:
+        """Give back the request just handed over (this process exits next)."""
+        self._next(("declined",))
+
+    def _next(self, message: tuple[Any, ...]) -> tuple[LogRecord, datetime] | None:
+        try:
+            self.conn.send(message)
+            answer = self.conn.recv()
+        except (EOFError, OSError):
+            return None  # the runtime is gone: nothing more to serve
+        if answer[0] == "run":
+            return answer[1], answer[2]
+        return None
+
+
+class Appends(Protocol):
+    """What a :class:`RuntimeSink` hands its records to."""
+
+    def append(self, records: Sequence[Append]) -> None: ...
+
+
+class DirectLink:
+    """Appends straight to a log: a coordinator run in the process that holds
+    the log (tools, tests), with no runtime between."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+
+    def append(self, records: Sequence[Append]) -> None:
+        try:
+            for topic, key, value, headers in records:
+                self.log.append(topic, key, value, headers)
+        except Exception as exc:
+            raise SinkError(f"{self.log.describe()} did not take the result: {exc}") from exc
+
+
+class RuntimeSink:
+    """A coordinator's :class:`~mayfly.coordinator.sinks.ResultSink` in the local
+    runtime: the records :class:`~mayfly.coordinator.sinks.EventLogSink` would
+    append (a rejection on the dead-letter topic too), made durable together by
+    the runtime's appender."""
+
+    def __init__(self, link: Appends, topics: Topics | None = None) -> None:
+        topics = topics or Topics()
+        self.link = link
+        self.results_topic = topics.results
+        self.dead_letter_topic = topics.dead_letter
+
+    def emit(self, event: MayflyEvent) -> None:
+        key, value, headers = to_kafka_record(event)
+        records: list[Append] = [(self.results_topic, key, value, headers)]
+        if isinstance(event, TaskRejected):
+            records.append((self.dead_letter_topic, key, value, headers))
+        self.link.append(records)
+
+    def close(self) -> None:
+        pass
+
+
+def answer_blocking(session: CoordinatorSession, log: EventLog, timeout_s: float = 60.0) -> int:
+    """Serve one coordinator as a runtime would, in strict mode: append what it
+    hands over, tell it to exit once done. Returns its exit code (1 when it went
+    away without saying). For tools and tests that drive a spawner directly."""
+    while session.conn.poll(timeout_s):
+        for message in session.receive():
+            kind = message[0]
+            if kind == "append":
+                why = None
+                try:
+                    for topic, key, value, headers in message[1]:
+                        log.append(topic, key, value, headers)
+                except Exception as exc:
+                    why = f"{log.describe()} did not take the result: {exc}"
+                session.send(("appended", why))
+            elif kind in ("done", "declined"):
+                session.send(("exit",))
+                return int(message[1]) if kind == "done" else 1
+            elif kind == "eof":
+                return 1
+    return 1
