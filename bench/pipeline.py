@@ -80,6 +80,46 @@ def _cpu_ticks(pid: int) -> int:
         return 0
 
 
+def _stat(pid: int) -> list[int]:
+    """minflt, cminflt, utime, stime, cutime, cstime of one process (zeros when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return [int(fields[i]) for i in (7, 8, 11, 12, 13, 14)]
+    except (OSError, IndexError, ValueError):
+        return [0] * 6
+
+
+class CpuSplit:
+    """CPU per request by process over a load, and the coordinators' minor faults.
+
+    The warm parent waits for every coordinator it forks (and each coordinator
+    for its task processes), so its cutime, cstime and cminflt hold theirs once
+    they exited: read after the last result and a short settle.
+    """
+
+    def __init__(self, dispatcher: int, warm_parent: int | None, simulator: int | None) -> None:
+        self.pids = {"dispatcher": dispatcher, "warm_parent": warm_parent, "simulator": simulator}
+        self._start = {name: _stat(pid) for name, pid in self.pids.items() if pid}
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        time.sleep(0.5)  # serving coordinators exit as soon as none is waiting
+        d = {
+            name: [b - a for a, b in zip(self._start[name], _stat(pid), strict=True)]
+            for name, pid in self.pids.items()
+            if pid
+        }
+        ms = 1000 / CLK_TCK / max(requests, 1)
+        out = {"dispatcher_cpu_ms": round((d["dispatcher"][2] + d["dispatcher"][3]) * ms, 2)}
+        if "warm_parent" in d:
+            w = d["warm_parent"]
+            out["warm_parent_cpu_ms"] = round((w[2] + w[3]) * ms, 2)
+            out["coordinators_cpu_ms"] = round((w[4] + w[5]) * ms, 2)  # task processes too
+            out["coordinator_minor_faults"] = round(w[1] / max(requests, 1), 1)
+        if "simulator" in d:
+            out["simulator_cpu_ms"] = round((d["simulator"][2] + d["simulator"][3]) * ms, 2)
+        return out
+
+
 def _tree_ticks(pid: int) -> int:
     return sum(_cpu_ticks(p) for p in (pid, *descendants(pid)))
 
@@ -133,7 +173,10 @@ def _summary(published: dict[str, float], done: dict[str, float], ok: int) -> di
 
 
 class MayflyTarget:
-    def __init__(self, root: Path, env: dict[str, str], devices: list[str]) -> None:
+    def __init__(
+        self, root: Path, env: dict[str, str], devices: list[str], simulator: int | None = None
+    ) -> None:
+        self.simulator = simulator
         self.env = env
         self.devices = devices
         self.settings = Settings.from_env(env)
@@ -160,6 +203,8 @@ class MayflyTarget:
                 published[request.id] = time.monotonic()
                 publish_request(self.log, request, None, self.settings.topics)
 
+        warm = _children_of(self.up.pid)
+        cpu = CpuSplit(self.up.pid, warm[0] if warm else None, self.simulator)
         publisher = threading.Thread(target=publish, daemon=True)
         publisher.start()
         wanted = {r.id for r in requests}
@@ -172,7 +217,8 @@ class MayflyTarget:
                     done[event.request_id] = now
                     ok += isinstance(event, TaskCompleted) and event.status == "succeeded"
         publisher.join(5)
-        return _summary(published, done, ok)
+        # The publisher's appends are this process's CPU, not counted here.
+        return _summary(published, done, ok) | {"per_request": cpu.per_request(len(done))}
 
     def idle(self, window_s: float, settle_s: float = SETTLE_S) -> dict[str, Any]:
         time.sleep(settle_s)
@@ -355,6 +401,55 @@ def _celery(
             celery.close()
 
 
+SYSTEMS = (
+    "celery",
+    "mayfly_kafka",
+    "mayfly_sqlite",
+    "mayfly_kafka_strict",
+    "mayfly_sqlite_strict",
+)
+
+
+def _mayfly(
+    home: Path,
+    simulator: int,
+    inventory: Path,
+    devices: list[str],
+    log: str,
+    otlp: str | None,
+    mode: str,
+    burst: int,
+    steady: int,
+    rate: float,
+    idle_window_s: float,
+) -> dict[str, Any]:
+    extra = {
+        "MAYFLY_TOPIC_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
+        "MAYFLY_COORDINATOR_MODE": mode,
+    }
+    if log:
+        extra["MAYFLY_EVENT_LOG"] = log
+    if otlp:
+        extra["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp
+    env = mayfly_env(home, inventory, **extra)
+    publish_packages(env)
+    target = MayflyTarget(home, env, devices, simulator)
+    try:
+        settings = target.settings
+        found: dict[str, Any] = {"throughput": target.load(burst, None)}
+        if mode == "serve":
+            found["latency"] = target.load(steady, rate)
+            found["idle"] = target.idle(idle_window_s)
+        return found | {
+            "coordinator_mode": mode,
+            "max_coordinators": settings.max_coordinators,
+            "per_task_cap": settings.per_task_cap,
+            "event_log": target.log.describe(),
+        }
+    finally:
+        target.close()
+
+
 def run(
     root: Path,
     burst: int,
@@ -389,30 +484,17 @@ def run(
         else:
             out["kafka_skipped"] = "no Kafka: run `make up` first"
         runs.append(("sqlite", ""))
-        for name, log in runs:
-            if only is not None and f"mayfly_{name}" not in only:
-                continue
-            home = root / f"mayfly-{name}"
-            extra = {"MAYFLY_TOPIC_PREFIX": f"bench-{uuid.uuid4().hex[:8]}"}
-            if log:
-                extra["MAYFLY_EVENT_LOG"] = log
-            if otlp:
-                extra["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp
-            env = mayfly_env(home, fleet.inventory, **extra)
-            publish_packages(env)
-            target = MayflyTarget(home, env, devices)
-            try:
-                settings = target.settings
-                out[f"mayfly_{name}"] = {
-                    "throughput": target.load(burst, None),
-                    "latency": target.load(steady, rate),
-                    "idle": target.idle(idle_window_s),
-                    "max_coordinators": settings.max_coordinators,
-                    "per_task_cap": settings.per_task_cap,
-                    "event_log": target.log.describe(),
-                }
-            finally:
-                target.close()
+        # The default (serve) mode through every phase; strict mode (one
+        # coordinator process per request) for the burst only, beside it.
+        for mode in ("serve", "strict"):
+            for name, log in runs:
+                system = f"mayfly_{name}" + ("_strict" if mode == "strict" else "")
+                if only is not None and system not in only:
+                    continue
+                out[system] = _mayfly(
+                    root / system, fleet.child.pid, fleet.inventory, devices, log, otlp, mode,
+                    burst, steady, rate, idle_window_s,
+                )  # fmt: skip
     return out
 
 
@@ -423,7 +505,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="fixed-rate duration")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
-        "--only", action="append", choices=["celery", "mayfly_kafka", "mayfly_sqlite"]
+        "--only",
+        action="append",
+        choices=list(SYSTEMS),
     )
     parser.add_argument(
         "--idle-window-s",
@@ -452,17 +536,24 @@ def main() -> None:
             set(args.only) if args.only else None,
             args.idle_window_s,
         )
-    for system in ("celery", "mayfly_kafka", "mayfly_sqlite"):
+    for system in SYSTEMS:
         if system in out:
             row = out[system]
-            t, lat, idle = row["throughput"], row["latency"], dict(row["idle"])
+            t = row["throughput"]
+            if "latency" not in row:
+                print(
+                    f"{system:<20} burst {t['rate_per_s']:>7.1f}/s ({t['results']}/"
+                    f"{t['requests']} in {t['seconds']} s)  {t.get('per_request')}"
+                )
+                continue
+            lat, idle = row["latency"], dict(row["idle"])
             cpu = f"idle CPU {idle.pop('idle_cpu_pct'):.2f}% of a core"
             redis = idle.pop("redis_idle_cpu_pct", None)
             if redis is not None:
                 cpu += f" (redis-server {redis:.2f}%)"
             cpu += f" over {idle.pop('idle_cpu_window_s'):g} s"
             print(
-                f"{system:<14} burst {t['rate_per_s']:>7.1f}/s ({t['results']}/{t['requests']} "
+                f"{system:<20} burst {t['rate_per_s']:>7.1f}/s ({t['results']}/{t['requests']} "
                 f"in {t['seconds']} s)  at {args.rate:g}/s p50 {lat['p50_ms']} ms "
                 f"p99 {lat['p99_ms']} ms  {cpu}  idle {idle}"
             )
