@@ -40,9 +40,14 @@ def _help_of_every_command() -> str:
     def walk(command: click.Command, path: list[str]) -> None:
         with click.Context(command, info_name=" ".join(path)) as ctx:
             texts.append(command.get_help(ctx))
-        if isinstance(command, click.Group):
-            for name, sub in command.commands.items():
-                walk(sub, [*path, name])
+            subs = (
+                {n: command.get_command(ctx, n) for n in command.list_commands(ctx)}
+                if isinstance(command, click.Group)
+                else {}
+            )
+        for name, sub in subs.items():
+            assert sub is not None, name
+            walk(sub, [*path, name])
 
     walk(cli, ["mayfly"])
     return "\n".join(texts)

@@ -13,17 +13,28 @@ import click
 
 from mayfly import __version__
 from mayfly.cli._common import MayflyGroup
-from mayfly.cli.demo import demo
-from mayfly.cli.deploy import deploy
-from mayfly.cli.devices import devices
-from mayfly.cli.pkg import pkg
-from mayfly.cli.report import report
-from mayfly.cli.runtime import publish, up
 
 __all__ = ["cli", "main"]
 
+#: Each command and where it lives, imported only when it runs: `mayfly up`
+#: then holds neither the simulator's aiohttp nor the deploy's YAML and
+#: Kubernetes code (the dispatcher's resident memory, bench/README.md).
+_COMMANDS = {
+    "pkg": "mayfly.cli.pkg:pkg",
+    "devices": "mayfly.cli.devices:devices",
+    "report": "mayfly.cli.report:report",
+    "up": "mayfly.cli.runtime:up",
+    "publish": "mayfly.cli.runtime:publish",
+    "demo": "mayfly.cli.demo:demo",
+    "deploy": "mayfly.cli.deploy:deploy",
+}
 
-@click.group(cls=MayflyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(
+    cls=MayflyGroup,
+    lazy_commands=_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="mayfly")
 def cli() -> None:
     """Mayfly runs actions against fleets of devices without a persistent coordinator.
@@ -31,15 +42,6 @@ def cli() -> None:
     Task requests are CloudEvents; for each one a short-lived coordinator
     fetches the signed task package, runs it on the devices, reports and exits.
     """
-
-
-cli.add_command(pkg)
-cli.add_command(devices)
-cli.add_command(report)
-cli.add_command(up)
-cli.add_command(publish)
-cli.add_command(demo)
-cli.add_command(deploy)
 
 
 def main() -> None:
