@@ -10,7 +10,9 @@ Where telemetry goes, first match wins:
    ``InMemoryMetricReader``);
 2. ``otlp_endpoint`` (``OTEL_EXPORTER_OTLP_ENDPOINT``, e.g.
    ``http://127.0.0.1:4318``): OTLP over HTTP/protobuf to ``/v1/traces``
-   (Jaeger v2, an OpenTelemetry Collector);
+   (Jaeger v2, an OpenTelemetry Collector); the spans of
+   :meth:`Telemetry.bulk_tracer` (the aggregator's) are encoded and posted
+   from a child process instead (:mod:`mayfly.spanexport`);
 3. ``trace_file``: OTLP-JSON lines, one ``ExportTraceServiceRequest`` per
    line, the format of OTLP/HTTP with JSON bodies and of the Collector's
    ``file`` exporter, so ``otelcol``'s ``otlpjsonfile`` receiver can replay it
@@ -61,6 +63,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from mayfly import __version__
 from mayfly.errors import ConfigError
 from mayfly.settings import ENV_OTLP_ENDPOINT, ENV_OTLP_METRICS_ENDPOINT
+from mayfly.spanexport import ProcessSpanExporter, RecordTracer
 
 __all__ = [
     "DEFAULT_DEVICE_SERIES_LIMIT",
@@ -228,25 +231,54 @@ class Telemetry:
     meter_provider: MeterProvider
     #: Human-readable destination of the traces, for a log line.
     destination: str = "nowhere"
+    #: OTLP/HTTP traces URL that :meth:`bulk_tracer` exports to, if any.
+    bulk_endpoint: str | None = None
+    _bulk: ProcessSpanExporter | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _closed: bool = field(default=False, repr=False)
 
     def tracer(self, name: str = "mayfly") -> trace.Tracer:
         return self.tracer_provider.get_tracer(name, __version__)
+
+    def bulk_tracer(self, name: str = "mayfly") -> trace.Tracer:
+        """A tracer for many short spans (the aggregator's), through the same API.
+
+        With an OTLP endpoint its spans are plain records, encoded and posted
+        from a child process (:mod:`mayfly.spanexport`), off the GIL of the
+        code making them; the provider's sampler and resource still apply.
+        Otherwise it is :meth:`tracer`. :meth:`flush` and :meth:`shutdown`
+        cover both.
+        """
+        if self.bulk_endpoint is None:
+            return self.tracer(name)
+        with self._lock:
+            if self._closed:
+                return self.tracer(name)
+            if self._bulk is None:
+                resource = self.tracer_provider.resource
+                self._bulk = ProcessSpanExporter(
+                    self.bulk_endpoint, resource.attributes, resource.schema_url
+                )
+        return RecordTracer(self._bulk, self.tracer_provider.sampler, name, __version__)
 
     def meter(self, name: str = "mayfly") -> metrics.Meter:
         return self.meter_provider.get_meter(name, __version__)
 
     def flush(self, timeout_millis: int = 30_000) -> bool:
         """Export everything recorded so far; True when it all went out in time."""
+        bulk = self._bulk.flush(timeout_millis) if self._bulk is not None else True
         spans = self.tracer_provider.force_flush(timeout_millis)
         measurements = self.meter_provider.force_flush(timeout_millis)
-        return bool(spans and measurements)
+        return bool(bulk and spans and measurements)
 
     def shutdown(self) -> None:
         """Flush and stop the exporters; later spans are dropped. Idempotent."""
         if self._closed:
             return
-        self._closed = True
+        with self._lock:
+            self._closed = True
+        if self._bulk is not None:
+            self._bulk.shutdown()
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
 
@@ -300,6 +332,7 @@ def configure_telemetry(
 
     tracer_provider = TracerProvider(resource=resource)
     exporter: SpanExporter | None = span_exporter
+    bulk_endpoint: str | None = None
     destination = "an in-process exporter" if span_exporter is not None else "nowhere"
     if exporter is None and otlp_endpoint:
         url = _signal_url(_check_url(otlp_endpoint, ENV_OTLP_ENDPOINT), "traces")
@@ -307,7 +340,7 @@ def configure_telemetry(
             OTLPSpanExporter,
         )
 
-        exporter, destination = OTLPSpanExporter(endpoint=url), url
+        exporter, destination, bulk_endpoint = OTLPSpanExporter(endpoint=url), url, url
     elif exporter is None and trace_file is not None:
         exporter, destination = OtlpJsonFileSpanExporter(trace_file), str(trace_file)
     if exporter is not None:
@@ -350,7 +383,7 @@ def configure_telemetry(
     if set_global:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-    return Telemetry(tracer_provider, meter_provider, destination)
+    return Telemetry(tracer_provider, meter_provider, destination, bulk_endpoint)
 
 
 def _check_url(url: str, name: str) -> str:
