@@ -119,7 +119,10 @@ def test_requests_run_from_kafka_with_packages_from_s3_and_traces_in_jaeger(
     telemetry = configure_telemetry("mayfly-it", otlp_endpoint=stack.jaeger.otlp_endpoint)
     results = _Collector(
         Aggregator(
-            telemetry.tracer(), telemetry.meter(), None, destination=stack.settings.topics.results
+            telemetry.bulk_tracer(),
+            telemetry.meter(),
+            None,
+            destination=stack.settings.topics.results,
         )
     )
     runtime = Runtime(stack.settings, ingest=Ingest(None, on_events=results))

@@ -363,7 +363,7 @@ def build_aggregator(
         metrics_endpoint=settings.otlp_metrics_endpoint,
     )
     aggregator = Aggregator(
-        telemetry.tracer("mayfly.aggregator"),
+        telemetry.bulk_tracer("mayfly.aggregator"),
         telemetry.meter("mayfly.aggregator"),
         archive,
         messaging_system=messaging_system or settings.messaging_system,
