@@ -7,10 +7,14 @@ metrics, exported over OTLP/HTTP to the real Jaeger of `make up`; the clock
 stops once the exporter has flushed everything. No archive: this measures
 the trace path.
 
+Mayfly's aggregator gets ``telemetry.bulk_tracer()``, as ``mayfly up`` wires
+it: spans as plain records, encoded and posted from a child process.
+
 Baseline: the same spans made directly with the OpenTelemetry SDK (no
-decoding, no metrics, no Mayfly) through the same exporter, what a
-hand-written consumer would cost at best. Also reported: Mayfly with an
-in-memory exporter (no export), the ceiling of the span-making part.
+decoding, no metrics, no Mayfly) through the stock batch processor and the
+SDK's OTLP/HTTP exporter to the same endpoint, what a hand-written consumer
+would cost at best. Also reported: Mayfly with a discarding SDK exporter (no
+export, SDK spans), the span-making part as it was before the bulk tracer.
 
     python bench/aggregator.py [--events 20000] [--json out.json]
 """
@@ -93,7 +97,7 @@ def mayfly(records: list[tuple[Any, Any, Any]], endpoint: str | None) -> dict[st
         otlp_endpoint=endpoint,
         span_exporter=None if endpoint else _Discard(),
     )
-    aggregator = Aggregator(telemetry.tracer(), telemetry.meter(), None)
+    aggregator = Aggregator(telemetry.bulk_tracer(), telemetry.meter(), None)
     started = time.perf_counter()
     for i in range(0, len(records), BATCH):
         events = [from_kafka(h, k, v) for h, k, v in records[i : i + BATCH]]
@@ -114,9 +118,23 @@ def mayfly(records: list[tuple[Any, Any, Any]], endpoint: str | None) -> dict[st
 def bare_sdk(count: int, endpoint: str) -> dict[str, Any]:
     """The same two spans per event, straight through the SDK and the same exporter."""
     from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    telemetry = configure_telemetry("mayfly-bench-baseline", otlp_endpoint=endpoint)
-    tracer = telemetry.tracer()
+    # The stock SDK pipeline, built here rather than by configure_telemetry (whose
+    # bulk tracer the aggregator uses): batch processor and OTLP/HTTP exporter in
+    # this process, the queue as large as Mayfly's so that nothing is dropped.
+    provider = TracerProvider(resource=Resource.create({"service.name": "mayfly-bench-baseline"}))
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces"),
+            max_queue_size=65_536,
+            max_export_batch_size=1024,
+        )
+    )
+    tracer = provider.get_tracer("mayfly")
     now = time.time_ns()
     started = time.perf_counter()
     for i in range(count):
@@ -135,9 +153,9 @@ def bare_sdk(count: int, endpoint: str) -> dict[str, Any]:
         )
         child.end(t + 3_000_000)
         root.end(t + 4_000_000)
-    flushed = telemetry.flush(120_000)
+    flushed = provider.force_flush(120_000)
     done = time.perf_counter()
-    telemetry.shutdown()
+    provider.shutdown()
     return {
         "events": count,
         "spans": 2 * count,
