@@ -169,6 +169,22 @@ def _summary(published: dict[str, float], done: dict[str, float], ok: int) -> di
     }
 
 
+def _stages(
+    stages: dict[str, list[float]], event: TaskCompleted, published: float, read: float
+) -> None:
+    """Where one request's publish-to-result time went (wall clock of this
+    machine, ``time.time()``, against the result's own timings): queued
+    (publish call to the dispatcher handing it to a coordinator), started (its
+    cold start: to the first device's task code), ran (to the result made),
+    delivered (its append and this reader's poll)."""
+    t = event.timings
+    received = t.received_at.timestamp()
+    started = received + (t.cold_start_ms or 0.0) / 1000
+    marks = (published, received, started, t.finished_at.timestamp(), read)
+    for name, a, b in zip(stages, marks, marks[1:], strict=False):
+        stages[name].append((b - a) * 1000)
+
+
 # -- Mayfly ---------------------------------------------------------------------
 
 
@@ -189,7 +205,9 @@ class MayflyTarget:
 
     def load(self, count: int, rate: float | None) -> dict[str, Any]:
         published: dict[str, float] = {}
+        published_wall: dict[str, float] = {}
         done: dict[str, float] = {}
+        stages: dict[str, list[float]] = {"queued": [], "started": [], "ran": [], "delivered": []}
         ok = 0
         wait = _rate_schedule(count, rate)
         requests = [
@@ -201,6 +219,7 @@ class MayflyTarget:
             for i, request in enumerate(requests):
                 wait(i)
                 published[request.id] = time.monotonic()
+                published_wall[request.id] = time.time()
                 publish_request(self.log, request, None, self.settings.topics)
 
         warm = _children_of(self.up.pid)
@@ -216,9 +235,14 @@ class MayflyTarget:
                 if event.request_id in wanted and event.request_id not in done:
                     done[event.request_id] = now
                     ok += isinstance(event, TaskCompleted) and event.status == "succeeded"
+                    if isinstance(event, TaskCompleted):
+                        _stages(stages, event, published_wall[event.request_id], time.time())
         publisher.join(5)
         # The publisher's appends are this process's CPU, not counted here.
-        return _summary(published, done, ok) | {"per_request": cpu.per_request(len(done))}
+        return _summary(published, done, ok) | {
+            "per_request": cpu.per_request(len(done)),
+            "stages_p50_ms": {k: round(percentile(v, 50), 1) for k, v in stages.items() if v},
+        }
 
     def idle(self, window_s: float, settle_s: float = SETTLE_S) -> dict[str, Any]:
         time.sleep(settle_s)
