@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from mayfly.errors import EventLogError
-from mayfly.eventlog import EventLog, LogConsumer, LogRecord
+from mayfly.eventlog import EventLog, LogConsumer, LogRecord, MultiTopicConsumer
 from mayfly.eventlog.kafka import KafkaEventLog
 from mayfly.eventlog.sqlite import SCHEMA_VERSION, SqliteEventLog
 
@@ -76,6 +76,22 @@ def open_consumer(event_log: EventLog) -> Iterator[Callable[[str, str], LogConsu
         consumer.close()
 
 
+@pytest.fixture
+def open_multi(
+    event_log: EventLog,
+) -> Iterator[Callable[[str, list[str]], MultiTopicConsumer]]:
+    """Makes multi-topic consumers of ``event_log`` and closes them all after the test."""
+    made: list[MultiTopicConsumer] = []
+
+    def make(group: str, topics: list[str]) -> MultiTopicConsumer:
+        made.append(event_log.consumer_of(group, topics))
+        return made[-1]
+
+    yield make
+    for consumer in made:
+        consumer.close()
+
+
 def _name(kind: str) -> str:
     return f"test.{kind}.{uuid.uuid4().hex}"
 
@@ -90,7 +106,7 @@ def group() -> str:
     return _name("group")
 
 
-def _drain(consumer: LogConsumer, count: int) -> list[LogRecord]:
+def _drain(consumer: LogConsumer | MultiTopicConsumer, count: int) -> list[LogRecord]:
     """Exactly ``count`` records, then nothing more within QUIET_S."""
     records: list[LogRecord] = []
     deadline = time.monotonic() + WAIT_S
@@ -308,6 +324,111 @@ def test_append_many_refuses_a_bad_record_before_adding_any(
         event_log.append_many([(topic, KEY, b"ok", ()), (topic, KEY, "text", ())])  # type: ignore[list-item]
     event_log.append(topic, KEY, b"after")
     assert [r.value for r in _drain(open_consumer(group, topic), 1)] == [b"after"]
+
+
+# --- one consumer of several topics ----------------------------------------------
+
+MultiFactory = Callable[[str, list[str]], MultiTopicConsumer]
+
+
+def _by_topic(records: list[LogRecord]) -> dict[str, list[tuple[int, bytes]]]:
+    found: dict[str, list[tuple[int, bytes]]] = collections.defaultdict(list)
+    for record in records:
+        found[record.topic].append((record.offset, record.value))
+    return dict(found)
+
+
+def test_a_multi_topic_consumer_reads_each_topic_in_order_under_its_name(
+    event_log: EventLog, open_multi: MultiFactory, group: str
+) -> None:
+    a, b, c = _name("topic"), _name("topic"), _name("topic")
+    for i in range(3):
+        event_log.append(a, KEY, f"a{i}".encode())
+        event_log.append(b, KEY, f"b{i}".encode())
+    consumer = open_multi(group, [a, b, c])
+    assert consumer.committed() == {a: {}, b: {}, c: {}}
+    records = _drain(consumer, 6)
+    assert _by_topic(records) == {
+        a: [(i, f"a{i}".encode()) for i in range(3)],
+        b: [(i, f"b{i}".encode()) for i in range(3)],
+    }
+    event_log.append(c, KEY, b"c0")
+    assert [(r.topic, r.offset, r.value) for r in _drain(consumer, 1)] == [(c, 0, b"c0")]
+
+
+def test_a_multi_topic_consumer_commits_per_topic_as_a_single_one_would(
+    event_log: EventLog,
+    open_multi: MultiFactory,
+    open_consumer: Callable[[str, str], LogConsumer],
+    group: str,
+) -> None:
+    a, b = _name("topic"), _name("topic")
+    _fill(event_log, a, 4)
+    _fill(event_log, b, 2)
+    first = open_multi(group, [a, b])
+    records = _drain(first, 6)
+    pa = _only_partition([r for r in records if r.topic == a])
+    pb = _only_partition([r for r in records if r.topic == b])
+    first.commit({a: {pa: 1}})
+    first.commit({a: {pa: 3}, b: {pb: 2}})
+    assert first.committed() == {a: {pa: 3}, b: {pb: 2}}
+    # The same offsets a single-topic consumer of the group reads, and writes.
+    assert open_consumer(group, a).committed() == {pa: 3}
+    open_consumer(group, b).commit({pb: 1})
+    first.close()
+    # After a crash: what was not committed, of each topic, comes again.
+    again = open_multi(group, [a, b])
+    assert again.committed() == {a: {pa: 3}, b: {pb: 1}}
+    assert _by_topic(_drain(again, 2)) == {a: [(3, b"v3")], b: [(1, b"v1")]}
+    assert open_multi(_name("group"), [b]).committed() == {b: {}}
+
+
+def test_a_paused_topic_is_held_back_and_nothing_of_it_is_lost(
+    event_log: EventLog, open_multi: MultiFactory, group: str
+) -> None:
+    a, b = _name("topic"), _name("topic")
+    _fill(event_log, a, 3)
+    consumer = open_multi(group, [a, b])
+    assert [r.offset for r in _drain(consumer, 3)] == [0, 1, 2]
+    consumer.pause(a)
+    _fill(event_log, a, 2)
+    event_log.append(b, KEY, b"b0")
+    assert _by_topic(_drain(consumer, 1)) == {b: [(0, b"b0")]}  # and nothing of a
+    consumer.resume(a)
+    assert _by_topic(_drain(consumer, 2)) == {a: [(3, b"v0"), (4, b"v1")]}
+
+
+def test_a_waiting_multi_topic_poll_returns_on_a_record_of_any_topic(
+    event_log: EventLog, open_multi: MultiFactory, group: str
+) -> None:
+    a, b = _name("topic"), _name("topic")
+    consumer = open_multi(group, [a, b])
+    assert consumer.poll(10, QUIET_S) == []
+    writer = threading.Timer(0.2, event_log.append, (b, None, b"wake"))
+    started = time.monotonic()
+    writer.start()
+    try:
+        records = consumer.poll(10, 4 * WAIT_S)
+    finally:
+        writer.join()
+    assert [(r.topic, r.value) for r in records] == [(b, b"wake")]
+    assert time.monotonic() - started < WAIT_S  # woken by the record, not by the timeout
+
+
+def test_a_multi_topic_consumer_refuses_what_it_does_not_read(
+    event_log: EventLog, open_multi: MultiFactory, group: str, partitions: list[int]
+) -> None:
+    a = _name("topic")
+    consumer = open_multi(group, [a])
+    with pytest.raises(EventLogError, match="reads"):
+        consumer.pause(_name("topic"))
+    with pytest.raises(EventLogError):
+        consumer.commit({_name("topic"): {0: 1}})
+    with pytest.raises(EventLogError, match="partition"):
+        consumer.commit({a: {len(partitions): 0}})
+    assert consumer.committed() == {a: {}}
+    with pytest.raises(ValueError, match="distinct"):
+        event_log.consumer_of(group, [a, a])
 
 
 # --- SQLite only ---------------------------------------------------------------

@@ -13,7 +13,10 @@ Semantics both implementations keep (and the contract tests check):
 - a consumer belongs to a group and reads one topic; a new consumer of a
   group starts at the group's committed offset (0 if none), so records after
   the last commit are delivered again after a crash;
-- ``commit`` stores, per partition, the offset of the next record to read.
+- ``commit`` stores, per partition, the offset of the next record to read;
+- a :class:`MultiTopicConsumer` reads several topics as one reader (one
+  Kafka consumer, one wait for a record of any of them), with each topic's
+  offsets its own, as if one :class:`LogConsumer` of the group read it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "Headers",
     "LogConsumer",
     "LogRecord",
+    "MultiTopicConsumer",
     "Waker",
 ]
 
@@ -69,6 +73,38 @@ class LogConsumer(Protocol):
     def close(self) -> None: ...
 
 
+class MultiTopicConsumer(Protocol):
+    """Reads several topics for one consumer group, as one reader.
+
+    For a reader of several topics that would otherwise poll each in turn: one
+    ``poll`` waits for a record of any of them (on Kafka, in one fetch the
+    broker holds). Each topic keeps its own committed offsets, the ones a
+    :class:`LogConsumer` of the same group and topic reads and writes.
+    """
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        """Records of any topic not paused, after the ones already returned (in
+        order within each partition), waiting up to ``timeout_s`` for some."""
+        ...
+
+    def pause(self, topic: str) -> None:
+        """Return no more records of ``topic`` until :meth:`resume`; none is skipped."""
+        ...
+
+    def resume(self, topic: str) -> None: ...
+
+    def commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        """Durably store, per topic and partition, the offset of the next record to read."""
+        ...
+
+    def committed(self) -> dict[str, dict[int, int]]:
+        """Per topic (every one, ``{}`` if never committed), the group's committed
+        offsets per partition."""
+        ...
+
+    def close(self) -> None: ...
+
+
 #: How long a reader woken by a :class:`Waker` keeps looking before it sleeps
 #: again: a wake can come before the write is visible (SQLite writes its WAL
 #: frames, the event, before it publishes the commit in shared memory, which
@@ -104,6 +140,10 @@ class EventLog(Protocol):
 
     def consumer(self, group: str, topic: str) -> LogConsumer:
         """A consumer of ``topic`` in ``group``, starting at the committed offsets."""
+        ...
+
+    def consumer_of(self, group: str, topics: Sequence[str]) -> MultiTopicConsumer:
+        """One consumer of all of ``topics`` in ``group``, each at its committed offsets."""
         ...
 
     def assume_topics(self, topics: Iterable[str]) -> None:

@@ -10,13 +10,14 @@
   forked coordinator finds its results topic known and needs no admin client.
   Clients do not auto-create: a typo cannot make a topic with broker defaults.
 - **Consumers assign, they do not subscribe.** A consumer takes every partition
-  of its topic with ``assign()``, at the group's committed offsets (else the
-  beginning), and commits to the group. The runtime runs one consumer per lane
-  per group, so group management would buy nothing and cost a join and
-  rebalance before the first record, a stall of up to the session timeout when
-  a crashed dispatcher's member lingers in the group, heartbeats to miss while
-  a broker pauses, and two consumers of one group splitting the partitions the
-  port promises each of them. Partitions added later need a new consumer.
+  of its topic (or topics, :meth:`KafkaEventLog.consumer_of`) with ``assign()``,
+  at the group's committed offsets (else the beginning), and commits to the
+  group. The runtime's dispatcher reads its lanes with one consumer, so group
+  management would buy nothing and cost a join and rebalance before the first
+  record, a stall of up to the session timeout when a crashed dispatcher's
+  member lingers in the group, heartbeats to miss while a broker pauses, and
+  two consumers of one group splitting the partitions the port promises each
+  of them. Partitions added later need a new consumer.
 - **Fork safety.** The runtime forks coordinators that append their results.
   Clients are per process: a child makes its own and never closes (nor lets
   the garbage collector close) an inherited one, which shares the parent's
@@ -40,7 +41,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from mayfly.errors import EventLogError
-from mayfly.eventlog import Headers, LogConsumer, LogRecord
+from mayfly.eventlog import Headers, LogConsumer, LogRecord, MultiTopicConsumer
 from mayfly.topics import installation_of
 
 __all__ = ["KafkaEventLog"]
@@ -92,7 +93,7 @@ class KafkaEventLog:
         self._pid, self._lock = os.getpid(), threading.Lock()
         self._producer: Any = None
         self._admin: Any = None
-        self._consumers: weakref.WeakSet[_KafkaConsumer] = weakref.WeakSet()
+        self._consumers: weakref.WeakSet[_KafkaReader] = weakref.WeakSet()
         self._closed = False
 
     def append(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
@@ -137,6 +138,17 @@ class KafkaEventLog:
         """A consumer of every partition of ``topic``, at ``group``'s committed offsets."""
         self._ensure_topic(topic)
         consumer = _KafkaConsumer(self, group, topic)
+        self._consumers.add(consumer)
+        return consumer
+
+    def consumer_of(self, group: str, topics: Sequence[str]) -> MultiTopicConsumer:
+        """One consumer of every partition of each of ``topics``, at ``group``'s committed
+        offsets: one client, one fetch in flight for them all."""
+        if not topics or len(set(topics)) != len(topics):
+            raise ValueError(f"topics must be distinct and at least one, not {list(topics)}")
+        for topic in topics:
+            self._ensure_topic(topic)
+        consumer = _KafkaMultiConsumer(self, group, topics)
         self._consumers.add(consumer)
         return consumer
 
@@ -311,11 +323,13 @@ def _to_record(r: Any) -> LogRecord:
     return LogRecord(r.topic, r.partition, r.offset, r.key, r.value or b"", headers, r.timestamp)
 
 
-class _KafkaConsumer:
-    """One group's reader of all partitions of one topic (manually assigned)."""
+class _KafkaReader:
+    """A kafka-python consumer of all partitions of some topics (manually assigned),
+    positioned at a group's committed offsets; what both consumer shapes share."""
 
-    def __init__(self, log: KafkaEventLog, group: str, topic: str) -> None:
-        self._log, self._topic, self._pid, self._closed = log, topic, os.getpid(), False
+    def __init__(self, log: KafkaEventLog, group: str, topics: Sequence[str]) -> None:
+        self._log, self._pid, self._closed = log, os.getpid(), False
+        self._names = ", ".join(topics)
         self._consumer = log._open(
             KafkaConsumer,
             client_id=log._id,
@@ -326,73 +340,61 @@ class _KafkaConsumer:
             metrics_enabled=False,
         )
         try:
-            with log._translated(f"cannot read {topic} for group {group}"):
-                partitions = sorted(self._consumer.partitions_for_topic(topic))
-                if not partitions:
-                    raise EventLogError(f"{log.describe()}: topic {topic} has no partitions")
-                self._partitions = {p: TopicPartition(topic, p) for p in partitions}
-                self._consumer.assign(list(self._partitions.values()))
+            with log._translated(f"cannot read {self._names} for group {group}"):
+                self._tps: dict[str, dict[int, TopicPartition]] = {}
+                for topic in topics:
+                    partitions = sorted(self._consumer.partitions_for_topic(topic) or ())
+                    if not partitions:
+                        raise EventLogError(f"{log.describe()}: topic {topic} has no partitions")
+                    self._tps[topic] = {p: TopicPartition(topic, p) for p in partitions}
+                every = [tp for of_topic in self._tps.values() for tp in of_topic.values()]
+                self._consumer.assign(every)
                 # Position every partition now: left to poll(), finding the committed
                 # offsets and resetting the others takes several polls of round trips.
-                committed = self.committed()
+                committed = self._committed(every)
                 starts = self._consumer.beginning_offsets(
-                    [tp for p, tp in self._partitions.items() if p not in committed],
-                    timeout_ms=_OPERATION_TIMEOUT_MS,
+                    [tp for tp in every if tp not in committed], timeout_ms=_OPERATION_TIMEOUT_MS
                 )
-                for p, tp in self._partitions.items():
-                    self._consumer.seek(tp, committed[p] if p in committed else starts[tp])
+                for tp in every:
+                    self._consumer.seek(tp, committed[tp] if tp in committed else starts[tp])
         except BaseException:
             self.close()
             raise
 
-    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
-        """Up to ``max_records`` records after those already returned; wait up to ``timeout_s``.
-
-        While no broker answers this returns ``[]``; the client reconnects in the
-        background and reading resumes where it stopped.
-        """
+    def _poll(self, max_records: int, timeout_s: float) -> list[LogRecord]:
         if max_records < 1:
             raise ValueError(f"max_records must be at least 1, not {max_records}")
         consumer = self._usable()
-        with self._log._translated(f"cannot read {self._topic}"):
+        with self._log._translated(f"cannot read {self._names}"):
             batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         return [_to_record(r) for records in batches.values() for r in records]
 
-    def commit(self, offsets: Mapping[int, int]) -> None:
-        """Durably store, per partition, the offset of the next record to read for the group."""
-        payload: dict[Any, Any] = {}
+    def _commit(self, topic: str, offsets: Mapping[int, int], payload: dict[Any, Any]) -> None:
+        """Add ``topic``'s ``offsets`` to ``payload``, refusing a partition it lacks."""
+        partitions = self._tps.get(topic, {})
         for partition, offset in offsets.items():
-            if partition not in self._partitions or offset < 0:
+            if partition not in partitions or offset < 0:
                 raise EventLogError(
                     f"{self._log.describe()}: cannot commit offset {offset} of partition "
-                    f"{partition}: topic {self._topic} has partitions {sorted(self._partitions)}"
+                    f"{partition}: topic {topic} has partitions {sorted(partitions)}"
                 )
-            payload[self._partitions[partition]] = OffsetAndMetadata(offset, "", -1)
+            payload[partitions[partition]] = OffsetAndMetadata(offset, "", -1)
+
+    def _send_commit(self, payload: dict[Any, Any]) -> None:
         # Retriable errors (coordinator moving, broker paused) are retried until the timeout.
-        with self._log._translated(f"cannot commit {self._topic}"):
+        with self._log._translated(f"cannot commit {self._names}"):
             if payload:
                 self._usable().commit(payload, timeout_ms=_OPERATION_TIMEOUT_MS)
 
-    def committed(self) -> dict[int, int]:
+    def _committed(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """The group's committed offsets, for the partitions it ever committed."""
         consumer, found = self._usable(), {}
-        with self._log._translated(f"cannot read committed offsets of {self._topic}"):
-            for partition, tp in self._partitions.items():
+        with self._log._translated(f"cannot read committed offsets of {self._names}"):
+            for tp in tps:
                 offset = consumer.committed(tp, timeout_ms=_OPERATION_TIMEOUT_MS)
                 if offset is not None:
-                    found[partition] = int(offset)
+                    found[tp] = int(offset)
         return found
-
-    def end_offsets(self) -> dict[int, int]:
-        """Per partition, the offset the next appended record will get.
-
-        Asked of the partition leaders, which answer after any fetch in flight
-        on the same connection (up to ``fetch_max_wait_ms``, 0.5 s, when idle).
-        """
-        tps = list(self._partitions.values())
-        with self._log._translated(f"cannot read end offsets of {self._topic}"):
-            ends = self._usable().end_offsets(tps, timeout_ms=_OPERATION_TIMEOUT_MS)
-        return {tp.partition: int(offset) for tp, offset in ends.items()}
 
     def close(self) -> None:
         if self._closed:
@@ -409,3 +411,83 @@ class _KafkaConsumer:
         if self._pid != os.getpid():  # its I/O thread stayed in the parent
             raise EventLogError(f"{self._log.describe()}: a consumer belongs to its process")
         return self._consumer
+
+
+class _KafkaConsumer(_KafkaReader):
+    """One group's reader of all partitions of one topic."""
+
+    def __init__(self, log: KafkaEventLog, group: str, topic: str) -> None:
+        self._topic = topic
+        super().__init__(log, group, [topic])
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        """Up to ``max_records`` records after those already returned; wait up to ``timeout_s``.
+
+        While no broker answers this returns ``[]``; the client reconnects in the
+        background and reading resumes where it stopped.
+        """
+        return self._poll(max_records, timeout_s)
+
+    def commit(self, offsets: Mapping[int, int]) -> None:
+        """Durably store, per partition, the offset of the next record to read for the group."""
+        payload: dict[Any, Any] = {}
+        self._commit(self._topic, offsets, payload)
+        self._send_commit(payload)
+
+    def committed(self) -> dict[int, int]:
+        """The group's committed offsets, for the partitions it ever committed."""
+        found = self._committed(self._tps[self._topic].values())
+        return {tp.partition: offset for tp, offset in found.items()}
+
+    def end_offsets(self) -> dict[int, int]:
+        """Per partition, the offset the next appended record will get.
+
+        Asked of the partition leaders, which answer after any fetch in flight
+        on the same connection (up to ``fetch_max_wait_ms``, 0.5 s, when idle).
+        """
+        tps = list(self._tps[self._topic].values())
+        with self._log._translated(f"cannot read end offsets of {self._topic}"):
+            ends = self._usable().end_offsets(tps, timeout_ms=_OPERATION_TIMEOUT_MS)
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+
+
+class _KafkaMultiConsumer(_KafkaReader):
+    """One group's reader of all partitions of several topics, in one kafka-python
+    consumer: a waiting poll is one fetch the broker holds until a record of any
+    of them arrives (``fetch_min_bytes`` 1), at most ``fetch_max_wait_ms``."""
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        """Up to ``max_records`` records of the topics not paused; wait up to ``timeout_s``.
+
+        While no broker answers this returns ``[]``, as :meth:`_KafkaConsumer.poll`.
+        """
+        return self._poll(max_records, timeout_s)
+
+    def pause(self, topic: str) -> None:
+        """Fetch and return nothing more of ``topic`` until :meth:`resume`: records
+        already fetched are kept back (kafka-python parks them), none skipped."""
+        self._usable().pause(*self._of(topic))
+
+    def resume(self, topic: str) -> None:
+        self._usable().resume(*self._of(topic))
+
+    def commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        """Durably store, per topic and partition, the offset of the next record to read,
+        all in one request."""
+        payload: dict[Any, Any] = {}
+        for topic, of_topic in offsets.items():
+            self._commit(topic, of_topic, payload)
+        self._send_commit(payload)
+
+    def committed(self) -> dict[str, dict[int, int]]:
+        """Per topic, the group's committed offsets of the partitions it ever committed."""
+        found = self._committed(tp for of_topic in self._tps.values() for tp in of_topic.values())
+        offsets: dict[str, dict[int, int]] = {topic: {} for topic in self._tps}
+        for tp, offset in found.items():
+            offsets[tp.topic][tp.partition] = offset
+        return offsets
+
+    def _of(self, topic: str) -> list[TopicPartition]:
+        if topic not in self._tps:
+            raise EventLogError(f"{self._log.describe()}: this consumer reads {self._names}")
+        return list(self._tps[topic].values())

@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mayfly.errors import EventLogError, EventLogFileError
-from mayfly.eventlog import WRITE_SETTLE_S, Headers, LogConsumer, LogRecord
+from mayfly.eventlog import WRITE_SETTLE_S, Headers, LogConsumer, LogRecord, MultiTopicConsumer
 from mayfly.eventlog.filewatch import FileWatch, watch
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteEventLog"]
@@ -202,7 +202,7 @@ class SqliteEventLog:
     def __init__(self, path: Path, *, poll_interval_s: float = 0.005) -> None:
         self._db = _Db(Path(path))
         self._poll_interval_s = poll_interval_s
-        self._consumers: weakref.WeakSet[_SqliteConsumer] = weakref.WeakSet()
+        self._consumers: weakref.WeakSet[_SqliteConsumer | _SqliteMultiConsumer] = weakref.WeakSet()
 
     def append(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
         """Add a record at the end of ``topic``; return once it is committed to disk.
@@ -237,6 +237,15 @@ class SqliteEventLog:
     def consumer(self, group: str, topic: str) -> LogConsumer:
         """A consumer of ``topic`` for ``group``, starting at the group's committed offset."""
         consumer = _SqliteConsumer(self._db.path, group, topic, self._poll_interval_s)
+        self._consumers.add(consumer)
+        return consumer
+
+    def consumer_of(self, group: str, topics: Sequence[str]) -> MultiTopicConsumer:
+        """One consumer of all of ``topics`` for ``group``, each at the group's committed
+        offset; a waiting poll wakes on a write to any of them."""
+        if not topics or len(set(topics)) != len(topics):
+            raise ValueError(f"topics must be distinct and at least one, not {list(topics)}")
+        consumer = _SqliteMultiConsumer(self._db.path, group, topics, self._poll_interval_s)
         self._consumers.add(consumer)
         return consumer
 
@@ -307,16 +316,9 @@ class _SqliteConsumer:
                     LogRecord(self._topic, 0, off, key, value, _decode_headers(headers), ts_ms)
                     for off, key, value, headers, ts_ms in rows
                 ]
-            watch = self._watcher()
-            written = -math.inf
-            while (remaining := deadline - time.monotonic()) > 0:
-                if watch is None or time.monotonic() - written < WRITE_SETTLE_S:
-                    time.sleep(min(self._poll_interval_s, remaining))
-                elif watch.wait(min(_WATCHED_RECHECK_S, remaining)):
-                    written = time.monotonic()
-                if self._db.run(_data_version) != version:
-                    break
-            else:
+            if time.monotonic() >= deadline or not _wait_for_commit(
+                self._db, self._watcher(), version, deadline, self._poll_interval_s
+            ):
                 return []
 
     def _watcher(self) -> FileWatch | None:
@@ -359,6 +361,102 @@ class _SqliteConsumer:
         if self._watch is not None:
             self._watch.close()
         self._db.close()
+
+
+class _SqliteMultiConsumer:
+    """One group's reader of several topics: a :class:`_SqliteConsumer` per topic
+    (each its own position and commits), and one wait for a write to any of them."""
+
+    def __init__(
+        self, path: Path, group: str, topics: Sequence[str], poll_interval_s: float
+    ) -> None:
+        self._consumers = {t: _SqliteConsumer(path, group, t, poll_interval_s) for t in topics}
+        self._db = _Db(path)  # its own connection, for data_version (see _SqliteConsumer)
+        self._poll_interval_s = poll_interval_s
+        self._paused: set[str] = set()
+        self._first = 0  # the topic read first, turn by turn: none starves the others
+        self._watch: FileWatch | None = None
+        self._watched = False
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        """Up to ``max_records`` records of the topics not paused; wait up to ``timeout_s``."""
+        if max_records < 1:
+            raise ValueError(f"max_records must be at least 1, not {max_records}")
+        deadline = time.monotonic() + timeout_s
+        consumers = list(self._consumers.items())
+        while True:
+            # Version first: a commit after the reads below then shows as a change.
+            version = self._db.run(_data_version)
+            records: list[LogRecord] = []
+            self._first = (self._first + 1) % len(consumers)
+            for topic, consumer in consumers[self._first :] + consumers[: self._first]:
+                if topic not in self._paused and len(records) < max_records:
+                    records += consumer.poll(max_records - len(records), 0.0)
+            if records:
+                return records
+            if time.monotonic() >= deadline:
+                return []
+            if not self._watched:  # made on the first waiting poll, as _SqliteConsumer's
+                self._watched = True
+                self._watch = watch(self._db.path)
+            if not _wait_for_commit(
+                self._db, self._watch, version, deadline, self._poll_interval_s
+            ):
+                return []
+
+    def pause(self, topic: str) -> None:
+        """Return nothing more of ``topic`` until :meth:`resume`."""
+        self._of(topic)
+        self._paused.add(topic)
+
+    def resume(self, topic: str) -> None:
+        self._of(topic)
+        self._paused.discard(topic)
+
+    def commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        """Durably store, per topic, ``{0: offset of the next record to read}``."""
+        for topic in offsets:
+            self._of(topic)  # all refused before any is stored
+        for topic, of_topic in offsets.items():
+            self._consumers[topic].commit(of_topic)
+
+    def committed(self) -> dict[str, dict[int, int]]:
+        return {topic: consumer.committed() for topic, consumer in self._consumers.items()}
+
+    def close(self) -> None:
+        for consumer in self._consumers.values():
+            consumer.close()
+        if self._watch is not None:
+            self._watch.close()
+        self._db.close()
+
+    def _of(self, topic: str) -> _SqliteConsumer:
+        if topic not in self._consumers:
+            raise EventLogError(
+                f"sqlite:{self._db.path}: this consumer reads {', '.join(self._consumers)}"
+            )
+        return self._consumers[topic]
+
+
+def _wait_for_commit(
+    db: _Db, watch: FileWatch | None, version: int, deadline: float, poll_interval_s: float
+) -> bool:
+    """Wait until another connection committed to the file since ``version`` of
+    ``PRAGMA data_version`` (True), or until ``deadline`` (False).
+
+    Sleeps on ``watch`` where there is one, checking the file anyway every
+    ``_WATCHED_RECHECK_S``; for ``WRITE_SETTLE_S`` after a wake (the write may not
+    be visible yet), and without a watch, it asks every ``poll_interval_s``.
+    """
+    written = -math.inf
+    while (remaining := deadline - time.monotonic()) > 0:
+        if watch is None or time.monotonic() - written < WRITE_SETTLE_S:
+            time.sleep(min(poll_interval_s, remaining))
+        elif watch.wait(min(_WATCHED_RECHECK_S, remaining)):
+            written = time.monotonic()
+        if db.run(_data_version) != version:
+            return True
+    return False
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
