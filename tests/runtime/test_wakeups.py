@@ -5,28 +5,45 @@ milliseconds: the dispatcher 300 polls a second over its three lanes, and a
 waiting ``poll`` 200 ``data_version`` queries a second. These tests count
 those reads while nothing happens, and check that an append still wakes the
 reader at once.
+
+Kafka has no waker: there the dispatcher polled its three lanes' consumers with
+no wait every 10 ms, about 300 polls and 17 % of a core a second. It now reads
+the lanes with one consumer and, while nothing runs, waits in its poll (a fetch
+the broker holds until a record comes); the Kafka tests count those polls and
+check that a request still starts at once, and a crashed one on time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import select
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import kafka
 import pytest
 
 import mayfly.eventlog.sqlite as sqlite_log
 from mayfly.app.local import Runtime
 from mayfly.devices.sim import SimulatorServer
+from mayfly.eventlog.kafka import KafkaEventLog
 from mayfly.eventlog.publisher import publish_request
 from mayfly.eventlog.sqlite import SqliteEventLog
 from mayfly.events import new_request
+from mayfly.runtime.dispatcher import Dispatcher, DispatcherOptions
+from mayfly.runtime.session import CoordinatorSession
+from mayfly.runtime.spawner import CoordinatorExit
+from mayfly.runtime.state import RuntimeState
 
 from .conftest import Home
 
@@ -135,3 +152,175 @@ def test_an_idle_dispatcher_sleeps_and_an_append_wakes_it(
         runtime.close()
     # Three lanes, a round at most every 0.25 s when idle; 10 ms rounds made 300.
     assert idle <= 3 * 8, f"{idle} lane polls in one idle second"
+
+
+# --- Kafka: no waker; the dispatcher waits in the broker's fetch ----------------------
+
+
+@pytest.fixture
+def kafka_home(home: Home, kafka_bootstrap: str) -> dict[str, str]:
+    """Settings of ``home`` on the real Kafka, under topics of its own."""
+    return {
+        "MAYFLY_EVENT_LOG": f"kafka://{kafka_bootstrap}",
+        "MAYFLY_TOPIC_PREFIX": f"mayfly-test-{uuid.uuid4().hex[:8]}",
+    }
+
+
+def _serve(runtime: Runtime, stop: threading.Event) -> threading.Thread:
+    stop_at = time.monotonic() + 60
+    serving = threading.Thread(
+        target=runtime.run,
+        kwargs={"should_stop": lambda: stop.is_set() or time.monotonic() > stop_at},
+    )
+    serving.start()
+    return serving
+
+
+@pytest.mark.kafka
+def test_an_idle_dispatcher_on_kafka_waits_in_the_broker(
+    home: Home, kafka_home: dict[str, str], fleet: FleetFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet(1)
+    polls: list[float] = []
+    real_poll = kafka.KafkaConsumer.poll
+    serving: threading.Thread | None = None
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is serving:
+            polls.append(time.monotonic())
+        return real_poll(self, *args, **kwargs)
+
+    monkeypatch.setattr(kafka.KafkaConsumer, "poll", counted)
+    finished, stop = threading.Event(), threading.Event()
+    settings = home.settings(**kafka_home)
+    runtime = Runtime(
+        settings, on_dispatch=lambda kind, _info: finished.set() if kind == "finished" else None
+    )
+    serving = _serve(runtime, stop)
+    try:
+        time.sleep(0.5)  # past the first rounds
+        before, cpu_before = len(polls), time.process_time()
+        time.sleep(1.0)
+        idle, cpu = len(polls) - before, time.process_time() - cpu_before
+        with KafkaEventLog(kafka_home["MAYFLY_EVENT_LOG"].removeprefix("kafka://")) as publisher:
+            request = new_request("reboot", devices=["sim-0001"])
+            publish_request(publisher, request, None, settings.topics)
+        assert finished.wait(30), "the published request never finished"
+    finally:
+        stop.set()
+        runtime.stop()
+        serving.join(timeout=30)
+        runtime.close()
+    # A wait of 0.25 s in the poll makes 4 a second; poll(0) every 10 ms made ~300.
+    assert idle <= 8, f"{idle} polls of the broker in one idle second (process CPU {cpu:.3f} s)"
+    assert cpu < 0.05, f"{cpu:.3f} s of CPU in one idle second ({idle} polls)"
+
+
+@pytest.mark.kafka
+def test_a_request_to_an_idle_dispatcher_on_kafka_starts_at_once(
+    home: Home, kafka_home: dict[str, str], fleet: FleetFactory
+) -> None:
+    fleet(1)
+    started_at: list[float] = []
+    finished, stop = threading.Event(), threading.Event()
+
+    def on_dispatch(kind: str, _info: dict[str, object]) -> None:
+        if kind == "started":
+            started_at.append(time.monotonic())
+        elif kind == "finished":
+            finished.set()
+
+    settings = home.settings(**kafka_home)
+    runtime = Runtime(settings, on_dispatch=on_dispatch)
+    runtime.start()
+    assert runtime.dispatcher is not None
+    # A wait in the poll far longer than the start may take: only the record ends it.
+    runtime.dispatcher.options = dataclasses.replace(runtime.dispatcher.options, idle_poll_s=1.0)
+    serving = _serve(runtime, stop)
+    latencies: list[float] = []
+    try:
+        with KafkaEventLog(kafka_home["MAYFLY_EVENT_LOG"].removeprefix("kafka://")) as publisher:
+            for _ in range(3):
+                time.sleep(1.5)  # idle: the dispatcher is waiting in the poll
+                finished.clear()
+                request = new_request("reboot", devices=["sim-0001"])
+                publish_request(publisher, request, None, settings.topics)
+                published = time.monotonic()  # acknowledged: the fetch can see it
+                assert finished.wait(30), "the published request never finished"
+                latencies.append(started_at[-1] - published)
+    finally:
+        stop.set()
+        runtime.stop()
+        serving.join(timeout=30)
+        runtime.close()
+    assert max(latencies) < 0.15, f"started {[round(x * 1000) for x in latencies]} ms after"
+
+
+class _NoWakerLog(SqliteEventLog):
+    """The SQLite log as a reader sees Kafka: no waker, so the dispatcher waits in its poll."""
+
+    def waker(self) -> None:
+        return None
+
+
+class _Spawner:
+    """Records starts; a test ends a coordinator with :meth:`end`."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        self.started: list[tuple[float, str]] = []
+        self._ended: list[CoordinatorExit] = []
+        self._theirs: list[socket.socket] = []
+
+    def fileno(self) -> int:
+        return self._read
+
+    def spawn(self, token: str, record: Any, dequeued_at: Any = None) -> CoordinatorSession:
+        self.started.append((time.monotonic(), token))
+        ours, theirs = socket.socketpair()
+        self._theirs.append(theirs)  # a coordinator that never says a word
+        return CoordinatorSession(token, Connection(ours.detach()))
+
+    def end(self, token: str, returncode: int) -> None:
+        self._ended.append(CoordinatorExit(token, returncode, 0))
+        os.write(self._write, b".")
+
+    def exits(self, timeout_s: float = 0.0) -> list[CoordinatorExit]:
+        os.read(self._read, 100)
+        ended, self._ended = self._ended, []
+        return ended
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+        for end in self._theirs:
+            end.close()
+
+
+def test_a_dispatcher_waiting_in_the_poll_restarts_a_crashed_request_on_time(
+    tmp_path: Path,
+) -> None:
+    log = _NoWakerLog(tmp_path / "events.db")
+    spawner, state = _Spawner(), RuntimeState(tmp_path / "state.db")
+    options = DispatcherOptions(crash_backoff_s=0.3, idle_poll_s=2.0)
+    dispatcher = Dispatcher(log, spawner, state, options)  # type: ignore[arg-type]
+
+    def step_until(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(spawner.started) < count and time.monotonic() < deadline:
+            dispatcher.step()
+
+    try:
+        publish_request(log, new_request("reboot", devices=["sim-0001"]))
+        step_until(1)
+        crashed = time.monotonic()
+        spawner.end(spawner.started[0][1], -9)
+        step_until(2)
+    finally:
+        dispatcher.close()
+        spawner.close()
+        state.close()
+        log.close()
+    assert len(spawner.started) == 2, "the crashed request never started again"
+    # Due after its 0.3 s backoff: the wait in the poll (up to 2 s) ends then.
+    assert 0.25 <= spawner.started[1][0] - crashed < 0.6

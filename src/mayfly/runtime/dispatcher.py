@@ -45,7 +45,7 @@ from enum import StrEnum
 
 from mayfly.coordinator.sinks import EventLogSink
 from mayfly.errors import CoordinatorCrashedError, SinkError
-from mayfly.eventlog import WRITE_SETTLE_S, EventLog, LogConsumer, LogRecord
+from mayfly.eventlog import WRITE_SETTLE_S, EventLog, LogRecord, MultiTopicConsumer
 from mayfly.events import Priority, peek_attributes, rejection_for
 from mayfly.exitcodes import ExitCode
 from mayfly.runtime.appender import Appender
@@ -83,6 +83,10 @@ class DispatcherOptions:
     """Records read ahead per lane."""
     idle_wait_s: float = 0.01
     """How long a round waits for exits when the log cannot wake it (Kafka)."""
+    idle_poll_s: float = 0.25
+    """The longest a round waits in the log's poll when the log cannot wake it
+    and nothing runs or is due (Kafka: a fetch the broker holds, ended by the
+    first record): how soon a stop is seen."""
     woken_wait_s: float = 0.25
     """The longest a round waits when the log wakes it on appends (SQLite): how
     soon a stop is seen, and a safety net for a write it was not told of."""
@@ -103,14 +107,29 @@ class _Pending:
 
 
 class _Lane:
-    def __init__(self, priority: Priority, consumer: LogConsumer) -> None:
+    def __init__(
+        self,
+        priority: Priority,
+        topic: str,
+        consumer: MultiTopicConsumer,
+        committed: dict[int, int],
+    ) -> None:
         self.priority = priority
-        self.consumer = consumer
+        self.topic = topic
+        self.consumer = consumer  # shared by the lanes: one reader of their topics
         self.buffer: collections.deque[_Pending] = collections.deque()
+        self.paused = False
         # Per partition: offsets read but not done, and the next offset to read.
         self.outstanding: dict[int, set[int]] = collections.defaultdict(set)
-        self.next_offset: dict[int, int] = dict(consumer.committed())
+        self.next_offset: dict[int, int] = dict(committed)
         self.committed: dict[int, int] = dict(self.next_offset)
+
+    def hold(self, full: bool) -> None:
+        """Pause the lane's topic while its buffer is full, resume it after: the
+        consumer reads every lane, and this one's read-ahead stays bounded."""
+        if full != self.paused:
+            (self.consumer.pause if full else self.consumer.resume)(self.topic)
+            self.paused = full
 
     def read(self, record: LogRecord) -> None:
         self.outstanding[record.partition].add(record.offset)
@@ -124,7 +143,7 @@ class _Lane:
         """Commit, per partition, up to the first record not yet done."""
         changes = commit_progress(self.next_offset, self.outstanding, self.committed)
         if changes:
-            self.consumer.commit(changes)
+            self.consumer.commit({self.topic: changes})
             self.committed.update(changes)
 
 
@@ -150,9 +169,15 @@ class Dispatcher:
         self.state = state
         self.log = log
         self.sink = EventLogSink(log, topics)
+        # One consumer for the three lanes: on Kafka one fetch to wait in for a
+        # request of any priority; which lane starts first stays _pick's choice.
+        lane_topics = {p: topics.lane(p) for p in Priority}
+        self._consumer = log.consumer_of(self.options.group, list(lane_topics.values()))
+        committed = self._consumer.committed()
         self.lanes = {
-            p: _Lane(p, log.consumer(self.options.group, topics.lane(p))) for p in Priority
+            p: _Lane(p, topic, self._consumer, committed[topic]) for p, topic in lane_topics.items()
         }
+        self._lane_of = {topic: p for p, topic in lane_topics.items()}
         self.running: dict[str, _Pending] = {}
         """Per coordinator (session token), the request it runs now."""
         self.sessions: dict[str, CoordinatorSession] = {}
@@ -173,26 +198,35 @@ class Dispatcher:
 
     # -- reading ---------------------------------------------------------------
 
-    def _fill(self) -> None:
+    def _fill(self, timeout_s: float = 0.0) -> bool:
+        """Read into the lanes' buffers, waiting up to ``timeout_s`` for a record;
+        whether it asked the log (not when every lane is full)."""
+        rooms = []
         for lane in self.lanes.values():
             room = self.options.buffer - len(lane.buffer)
-            if room <= 0:
-                continue
-            for record in lane.consumer.poll(room, 0.0):
-                attrs = peek_attributes(record.headers, record.value)
-                pending = _Pending(
-                    lane=lane.priority,
-                    record=record,
-                    request_id=str(
-                        attrs.get("id") or f"{record.topic}/{record.partition}@{record.offset}"
-                    ),
-                    task=str(attrs.get("tasktype") or "?"),
-                    key=str(
-                        attrs.get("partitionkey") or (record.key or b"").decode("utf-8", "replace")
-                    ),
-                )
-                lane.read(record)
-                lane.buffer.append(pending)
+            lane.hold(room <= 0)
+            if room > 0:
+                rooms.append(room)
+        if not rooms:
+            return False
+        # No more than the lane with least room takes: a poll may bring any lane's.
+        for record in self._consumer.poll(min(rooms), timeout_s):
+            lane = self.lanes[self._lane_of[record.topic]]
+            attrs = peek_attributes(record.headers, record.value)
+            pending = _Pending(
+                lane=lane.priority,
+                record=record,
+                request_id=str(
+                    attrs.get("id") or f"{record.topic}/{record.partition}@{record.offset}"
+                ),
+                task=str(attrs.get("tasktype") or "?"),
+                key=str(
+                    attrs.get("partitionkey") or (record.key or b"").decode("utf-8", "replace")
+                ),
+            )
+            lane.read(record)
+            lane.buffer.append(pending)
+        return True
 
     # -- choosing --------------------------------------------------------------
 
@@ -395,13 +429,19 @@ class Dispatcher:
 
     def step(self, wait_s: float | None = None) -> None:
         """One round: read, start what may start, wait for exits (and, where the
-        log can say so, for appends)."""
+        log can say so, for appends; where it cannot, in its poll while nothing runs)."""
         if self._waker is not None and self._waker.drain():  # before reading: see Waker
             self._written_at = time.monotonic()
-        self._fill()
+        # A log that cannot wake the loop is waited in instead, while nothing runs
+        # (no exit to reap) and nothing is due: its poll ends at the first record.
+        hold = 0.0
+        if wait_s is None and self._waker is None and not self.running:
+            hold = self._wait_s()
+        waited = self._fill(hold) and hold > 0
         self._start_ready()
-        timeout = self._wait_s() if wait_s is None else wait_s
-        self._wait(timeout)
+        if wait_s is None:  # having waited in the poll, only look for exits
+            wait_s = 0.0 if waited else self._wait_s()
+        self._wait(wait_s)
 
     def _wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for coordinators' messages, exits (and appends,
@@ -419,7 +459,13 @@ class Dispatcher:
 
     def _wait_s(self) -> float:
         if self._waker is None:
-            return self.options.idle_wait_s
+            if self.running:
+                return self.options.idle_wait_s
+            # Nothing to reap: until a buffered record is due (0 for one that is
+            # startable now), else as long as a stop may go unseen.
+            now = time.monotonic()
+            waits = [max(0.0, p.not_before - now) for ln in self.lanes.values() for p in ln.buffer]
+            return min([self.options.idle_poll_s, *waits])
         if time.monotonic() - self._written_at < WRITE_SETTLE_S:
             # A write can wake us before its records are visible: look again
             # soon, for a moment, then sleep on the waker.
@@ -432,11 +478,12 @@ class Dispatcher:
         return wait
 
     def close(self) -> None:
-        """Finish the appends under way; release the log's wake-up (the consumers
-        belong to the log)."""
+        """Finish the appends under way; release the lanes' consumer and the
+        log's wake-up."""
         self.appender.close()
         for session in self.sessions.values():
             session.close()
+        self._consumer.close()
         if self._waker is not None:
             self._waker.close()
             self._waker = None
