@@ -87,6 +87,9 @@ class DispatcherOptions:
     """The longest a round waits in the log's poll when the log cannot wake it
     and nothing runs or is due (Kafka: a fetch the broker holds, ended by the
     first record): how soon a stop is seen."""
+    settle_wait_s: float = 0.002
+    """How soon a round looks again after the log woke it (a commit is visible
+    a little after the write that woke it: about its fsync)."""
     woken_wait_s: float = 0.25
     """The longest a round waits when the log wakes it on appends (SQLite): how
     soon a stop is seen, and a safety net for a write it was not told of."""
@@ -467,9 +470,10 @@ class Dispatcher:
             waits = [max(0.0, p.not_before - now) for ln in self.lanes.values() for p in ln.buffer]
             return min([self.options.idle_poll_s, *waits])
         if time.monotonic() - self._written_at < WRITE_SETTLE_S:
-            # A write can wake us before its records are visible: look again
-            # soon, for a moment, then sleep on the waker.
-            return self.options.idle_wait_s
+            # A write can wake us before its records are visible (SQLite: the
+            # WAL's fsync comes between): look again soon, for a moment, then
+            # sleep on the waker.
+            return self.options.settle_wait_s
         wait = self.options.woken_wait_s
         # A crashed request waiting out its backoff is due at a time, not on a write.
         due = [p.not_before for lane in self.lanes.values() for p in lane.buffer if p.not_before]
