@@ -222,8 +222,8 @@ class MayflyTarget:
                 published_wall[request.id] = time.time()
                 publish_request(self.log, request, None, self.settings.topics)
 
-        warm = _children_of(self.up.pid)
-        cpu = CpuSplit(self.up.pid, warm[0] if warm else None, self.simulator)
+        warm = self._warm_parent()
+        cpu = CpuSplit(self.up.pid, warm, self.simulator)
         publisher = threading.Thread(target=publish, daemon=True)
         publisher.start()
         wanted = {r.id for r in requests}
@@ -247,16 +247,23 @@ class MayflyTarget:
     def idle(self, window_s: float, settle_s: float = SETTLE_S) -> dict[str, Any]:
         time.sleep(settle_s)
         tree = descendants(self.up.pid)
-        warm = [p for p in tree if p in _children_of(self.up.pid)]
-        coordinators = [p for p in tree if p not in warm]
+        warm = self._warm_parent()
+        exporters = [p for p in _children_of(self.up.pid) if _is_span_exporter(p)]
+        coordinators = [p for p in tree if p != warm and p not in exporters]
         footprint = {
             "coordinators_alive": len(coordinators),
             "dispatcher_rss_mb": round(rss_mb(self.up.pid), 1),
-            "warm_parent_rss_mb": round(sum(rss_mb(p) for p in warm), 1),
+            "warm_parent_rss_mb": round(rss_mb(warm), 1) if warm else 0.0,
+            "span_exporter_rss_mb": round(sum(rss_mb(p) for p in exporters), 1),
             "processes": 1 + len(tree),
         }
         cpu = idle_cpu({"up": self.up.pid}, window_s)
         return footprint | {"idle_cpu_pct": cpu["up"], "idle_cpu_window_s": window_s}
+
+    def _warm_parent(self) -> int | None:
+        """The child of ``mayfly up`` that is not its span exporter."""
+        found = [p for p in _children_of(self.up.pid) if not _is_span_exporter(p)]
+        return found[0] if found else None
 
     def close(self) -> None:
         self.results.close()
@@ -268,6 +275,14 @@ def _children_of(pid: int) -> list[int]:
     from _common import children
 
     return children(pid)
+
+
+def _is_span_exporter(pid: int) -> bool:
+    """The aggregator's export process (``python -m mayfly.spanexport``)."""
+    try:
+        return b"mayfly.spanexport" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 # -- Celery ---------------------------------------------------------------------
