@@ -83,7 +83,7 @@ class DispatcherOptions:
     """Records read ahead per lane."""
     idle_wait_s: float = 0.01
     """How long a round waits for exits when the log cannot wake it (Kafka)."""
-    idle_poll_s: float = 0.25
+    idle_poll_s: float = 1.0
     """The longest a round waits in the log's poll when the log cannot wake it
     and nothing runs or is due (Kafka: a fetch the broker holds, ended by the
     first record): how soon a stop is seen."""
