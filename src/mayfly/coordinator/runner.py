@@ -186,6 +186,7 @@ class _Run:
         self.finished = 0
         self.import_error: str | None = None
         self.calls = DeviceCalls(plan.driver_factory, plan.spec.request_id, plan.parallel)
+        self._warmed = False
         sandbox.prepare()  # once here, not in every task process (inherited)
         self.call_seq = itertools.count()
 
@@ -197,6 +198,9 @@ class _Run:
         theirs.close()
         ours.setblocking(False)
         self.workers.append(_Worker(process, Channel(ours.detach())))
+        if not self._warmed:
+            self._warmed = True
+            self.calls.warm()  # after the fork: the process starts meanwhile
 
     def _retire(self, worker: _Worker, *, kill: bool) -> None:
         pid = worker.process.pid
