@@ -58,6 +58,8 @@ from mayfly.topics import Topics
 __all__ = ["DEFAULT_WEIGHTS", "DispatchEvent", "Dispatcher", "DispatcherOptions"]
 
 _LOG = logging.getLogger("mayfly.runtime.dispatcher")
+#: For how long after a wake-up a round looks again every ``settle_wait_s``.
+_SETTLE_FAST_S = 0.008
 
 
 class DispatchEvent(StrEnum):
@@ -469,11 +471,13 @@ class Dispatcher:
             now = time.monotonic()
             waits = [max(0.0, p.not_before - now) for ln in self.lanes.values() for p in ln.buffer]
             return min([self.options.idle_poll_s, *waits])
-        if time.monotonic() - self._written_at < WRITE_SETTLE_S:
+        since_write = time.monotonic() - self._written_at
+        if since_write < WRITE_SETTLE_S:
             # A write can wake us before its records are visible (SQLite: the
             # WAL's fsync comes between): look again soon, for a moment, then
-            # sleep on the waker.
-            return self.options.settle_wait_s
+            # sleep on the waker. Most commits show within a few milliseconds.
+            fast = since_write < _SETTLE_FAST_S
+            return self.options.settle_wait_s if fast else self.options.idle_wait_s
         wait = self.options.woken_wait_s
         # A crashed request waiting out its backoff is due at a time, not on a write.
         due = [p.not_before for lane in self.lanes.values() for p in lane.buffer if p.not_before]
