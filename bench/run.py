@@ -182,15 +182,15 @@ def _fmt(value: float | None) -> str:
 
 def render(table: list[dict[str, Any]]) -> str:
     lines = [
-        f"| {'benchmark':<32} | {'Mayfly':>9} | {'baseline':>9} | {'baseline is':<17} "
+        f"| {'benchmark':<34} | {'Mayfly':>9} | {'baseline':>9} | {'baseline is':<17} "
         f"| {'ratio':>6} | {'target':<16} | met |",
-        f"|{'-' * 34}|{'-' * 11}|{'-' * 11}|{'-' * 19}|{'-' * 8}|{'-' * 18}|-----|",
+        f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|{'-' * 19}|{'-' * 8}|{'-' * 18}|-----|",
     ]
     for r in table:
         met = {True: "yes", False: "no", None: ""}[r["met"]]
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "n/a"
         lines.append(
-            f"| {r['what']:<32} | {_fmt(r['mayfly']):>9} | {_fmt(r['baseline']):>9} "
+            f"| {r['what']:<34} | {_fmt(r['mayfly']):>9} | {_fmt(r['baseline']):>9} "
             f"| {r['baseline_is']:<17} | {ratio:>6} | {r['target']:<16} | {met:<3} |"
         )
     return "\n".join(lines)
