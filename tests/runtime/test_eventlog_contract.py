@@ -123,6 +123,23 @@ def _fill(log: EventLog, topic: str, count: int, key: bytes = KEY) -> None:
         log.append(topic, key, f"v{i}".encode())
 
 
+def _woken(
+    consumer: LogConsumer | MultiTopicConsumer, write: Callable[[], None]
+) -> list[LogRecord]:
+    """What a long waiting poll returns when ``write`` appends 0.2 s into it;
+    it must be woken by the record, not by its timeout."""
+    assert consumer.poll(10, QUIET_S) == []
+    writer = threading.Timer(0.2, write)
+    started = time.monotonic()
+    writer.start()
+    try:
+        records = consumer.poll(10, 4 * WAIT_S)
+    finally:
+        writer.join()
+    assert time.monotonic() - started < WAIT_S
+    return records
+
+
 def _only_partition(records: list[LogRecord]) -> int:
     partitions = {r.partition for r in records}
     assert len(partitions) == 1, f"one key, several partitions: {partitions}"
@@ -252,17 +269,8 @@ def test_records_after_the_last_commit_are_delivered_again(
 def test_poll_returns_as_soon_as_a_record_arrives(
     event_log: EventLog, open_consumer: Callable[[str, str], LogConsumer], topic: str, group: str
 ) -> None:
-    consumer = open_consumer(group, topic)
-    assert consumer.poll(10, QUIET_S) == []
-    writer = threading.Timer(0.2, event_log.append, (topic, None, b"wake"))
-    started = time.monotonic()
-    writer.start()
-    try:
-        records = consumer.poll(10, 4 * WAIT_S)
-    finally:
-        writer.join()
+    records = _woken(open_consumer(group, topic), lambda: event_log.append(topic, None, b"wake"))
     assert [r.value for r in records] == [b"wake"]
-    assert time.monotonic() - started < WAIT_S  # woken by the record, not by the timeout
 
 
 def test_end_offsets(
@@ -402,17 +410,8 @@ def test_a_waiting_multi_topic_poll_returns_on_a_record_of_any_topic(
     event_log: EventLog, open_multi: MultiFactory, group: str
 ) -> None:
     a, b = _name("topic"), _name("topic")
-    consumer = open_multi(group, [a, b])
-    assert consumer.poll(10, QUIET_S) == []
-    writer = threading.Timer(0.2, event_log.append, (b, None, b"wake"))
-    started = time.monotonic()
-    writer.start()
-    try:
-        records = consumer.poll(10, 4 * WAIT_S)
-    finally:
-        writer.join()
+    records = _woken(open_multi(group, [a, b]), lambda: event_log.append(b, None, b"wake"))
     assert [(r.topic, r.value) for r in records] == [(b, b"wake")]
-    assert time.monotonic() - started < WAIT_S  # woken by the record, not by the timeout
 
 
 def test_a_multi_topic_consumer_refuses_what_it_does_not_read(

@@ -33,6 +33,7 @@ __all__ = [
     "LogRecord",
     "MultiTopicConsumer",
     "Waker",
+    "check_record",
 ]
 
 Headers = Sequence[tuple[str, bytes]]
@@ -103,6 +104,18 @@ class MultiTopicConsumer(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def check_record(key: object, value: object) -> None:
+    """Refuse a record's key or value of the wrong type before any is appended.
+
+    Raises:
+        TypeError: naming the type found.
+    """
+    if key is not None and not isinstance(key, bytes):
+        raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
+    if not isinstance(value, bytes):
+        raise TypeError(f"value must be bytes, not {type(value).__name__}")
 
 
 #: How long a reader woken by a :class:`Waker` keeps looking before it sleeps

@@ -41,7 +41,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from mayfly.errors import EventLogError
-from mayfly.eventlog import Headers, LogConsumer, LogRecord, MultiTopicConsumer
+from mayfly.eventlog import Headers, LogConsumer, LogRecord, MultiTopicConsumer, check_record
 from mayfly.topics import installation_of
 
 __all__ = ["KafkaEventLog"]
@@ -122,10 +122,7 @@ class KafkaEventLog:
         """
         checked = []
         for topic, key, value, headers in records:
-            if key is not None and not isinstance(key, bytes):
-                raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
-            if not isinstance(value, bytes):
-                raise TypeError(f"value must be bytes, not {type(value).__name__}")
+            check_record(key, value)
             pairs = list(headers)
             for name, data in pairs:
                 if not isinstance(name, str) or not isinstance(data, bytes):

@@ -39,7 +39,14 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mayfly.errors import EventLogError, EventLogFileError
-from mayfly.eventlog import WRITE_SETTLE_S, Headers, LogConsumer, LogRecord, MultiTopicConsumer
+from mayfly.eventlog import (
+    WRITE_SETTLE_S,
+    Headers,
+    LogConsumer,
+    LogRecord,
+    MultiTopicConsumer,
+    check_record,
+)
 from mayfly.eventlog.filewatch import FileWatch, watch
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteEventLog"]
@@ -210,10 +217,7 @@ class SqliteEventLog:
         Raises:
             EventLogError: the file cannot be written (or stayed locked for 30 s).
         """
-        if key is not None and not isinstance(key, bytes):
-            raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
-        if not isinstance(value, bytes):
-            raise TypeError(f"value must be bytes, not {type(value).__name__}")
+        check_record(key, value)
         params = (topic, key, value, _encode_headers(headers), time.time_ns() // 1_000_000)
         self._db.run(lambda conn: conn.execute(_APPEND, params), write=True)
 
@@ -226,10 +230,7 @@ class SqliteEventLog:
         now_ms = time.time_ns() // 1_000_000
         rows = []
         for topic, key, value, headers in records:
-            if key is not None and not isinstance(key, bytes):
-                raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
-            if not isinstance(value, bytes):
-                raise TypeError(f"value must be bytes, not {type(value).__name__}")
+            check_record(key, value)
             rows.append((topic, key, value, _encode_headers(headers), now_ms))
         if rows:
             self._db.run(lambda conn: conn.executemany(_APPEND, rows), write=True)
