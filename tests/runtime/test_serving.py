@@ -3,18 +3,23 @@ process, results appended by the runtime, and the strict mode beside them."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from mayfly.app.local import Runtime
+from mayfly.app.publishing import publish_folder
 from mayfly.devices.sim import SimulatorServer
 from mayfly.errors import EventLogError
 from mayfly.eventlog import EventLog, Headers
 from mayfly.eventlog.publisher import publish_request
-from mayfly.events import TaskCompleted, TaskRequest, new_request
+from mayfly.events import TaskCompleted, TaskRejected, TaskRequest, from_kafka, new_request
 from mayfly.topics import Topics
 
 from .conftest import Home
@@ -140,3 +145,62 @@ def test_a_result_the_runtime_could_not_append_is_run_again_not_lost(
     # Run twice, applied once: the device dedupes the repeated action by its key.
     assert sim.duplicates() == []
     assert len(sim.log()["sim-0001"]) == 1
+
+
+def test_a_coordinator_stuck_in_its_params_is_killed_and_its_request_dead_lettered(
+    home: Home, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    """A params value against a backtracking pattern (a package's own schema)
+    would hold its coordinator for ever; the runtime kills it past the
+    request's deadline, and serves the next request meanwhile."""
+    fleet(1)
+    folder = tmp_path / "greedy"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "name": "greedy",
+                "version": "1.0.0",
+                "entrypoint": "greedy:run",
+                "params_schema": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string", "pattern": "^(a+)+$"}},
+                },
+                "limits": {"timeout_s": 1, "device_timeout_s": 1},
+            }
+        )
+    )
+    (folder / "greedy.py").write_text("def run(ctx):\n    return 'never'\n")
+    publish_folder(home.settings(), folder)
+    stuck = new_request("greedy", devices=["sim-0001"], params={"name": "a" * 40 + "!"})
+    after = new_request("reboot", devices=["sim-0001"], partition_key="other")
+    _publish(home, [stuck, after])
+
+    done: dict[str, str] = {}
+
+    def on_dispatch(kind: str, info: dict[str, object]) -> None:
+        if kind in ("finished", "dead_lettered"):
+            done[str(info["request_id"])] = kind
+
+    runtime = Runtime(home.settings(), on_dispatch=on_dispatch)
+    runtime.start()
+    assert runtime.dispatcher is not None
+    runtime.dispatcher.options = dataclasses.replace(
+        runtime.dispatcher.options, deadline_grace_s=0.5, crash_backoff_s=0.05
+    )
+    deadline = time.monotonic() + 60
+    try:
+        runtime.run(should_stop=lambda: len(done) == 2 or time.monotonic() > deadline)
+    finally:
+        runtime.close()
+
+    assert done == {after.id: "finished", stuck.id: "dead_lettered"}, done
+    log = home.log()
+    try:
+        consumer = log.consumer("test", Topics().dead_letter)
+        [record] = consumer.poll(10, 5.0)
+    finally:
+        log.close()
+    rejection = from_kafka(record.headers, record.key, record.value)
+    assert isinstance(rejection, TaskRejected)
+    assert "ran past its request's deadline" in rejection.reason

@@ -82,6 +82,8 @@ class _Prepared:
     """The repository with the request's ref resolved just before the fork."""
     digest: str | None = None
     """The digest of the package version the ref resolved to."""
+    timeout_s: float | None = None
+    """The package's ``limits.timeout_s``: how long the request may run."""
 
 
 class WarmCoordinator:
@@ -154,7 +156,8 @@ class WarmCoordinator:
         # The request's own params are checked in its coordinator.
         with contextlib.suppress(ParamsError):
             validate_params(fetched.manifest, {})
-        return _Prepared(record, request, pinned, fetched.digest)
+        timeout_s = fetched.manifest.limits.timeout_s
+        return _Prepared(record, request, pinned, fetched.digest, timeout_s)
 
     def accepts(self, record: LogRecord) -> bool:
         """A serving coordinator runs requests of one package digest: the one it
@@ -176,6 +179,8 @@ class WarmCoordinator:
         if prepared is not None and prepared.repository is not None:
             # Only in this (forked) coordinator: the warm parent keeps its own.
             self.coordinator.repository = prepared.repository
+        if prepared is not None and prepared.timeout_s is not None:
+            link.deadline(prepared.timeout_s)  # else the runtime's set-up budget holds
         pipeline = RequestPipeline(
             self.coordinator.renewed,
             RuntimeSink(link, self.settings.topics),

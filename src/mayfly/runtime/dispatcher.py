@@ -32,11 +32,14 @@ functions in :mod:`mayfly.runtime.policy`; this module applies them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
 import math
+import os
 import select
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +98,12 @@ class DispatcherOptions:
     woken_wait_s: float = 0.25
     """The longest a round waits when the log wakes it on appends (SQLite): how
     soon a stop is seen, and a safety net for a write it was not told of."""
+    setup_budget_s: float = 60.0
+    """How long a coordinator may take to say its request's deadline (it
+    does once it knows the package); past it, it is killed as hung."""
+    deadline_grace_s: float = 30.0
+    """How long past its request's deadline a coordinator is left to deliver
+    the outcome before it is killed as hung (the request is then retried)."""
     serve: bool = True
     """A coordinator serves further queued requests of its task type (``serve``
     mode); False: one coordinator process per request (``strict`` mode)."""
@@ -193,6 +202,12 @@ class Dispatcher:
         self._task_of: dict[str, str] = {}
         """Per session, the task type it serves."""
         self._stopping = False
+        self._pidfds: dict[str, tuple[int, int]] = {}
+        """Per session, the coordinator's pid and a pidfd of it (it says its pid
+        first): a kill through the pidfd cannot reach a reused pid."""
+        self._due: dict[str, float] = {}
+        """Per session running a request, when it is killed as hung."""
+        self._killed: set[str] = set()
         self._credits: dict[Priority, int] = {}
         self._tokens = itertools.count()
         self._on_event = on_event or (lambda _kind, _info: None)
@@ -289,6 +304,7 @@ class Dispatcher:
         token = f"c{next(self._tokens)}"
         self.running[token] = pending
         session = self.spawner.spawn(token, pending.record, datetime.now(UTC))
+        self._due[token] = time.monotonic() + self.options.setup_budget_s
         self.sessions[token] = session
         self._waits.add(session)
         self._task_of[token] = pending.task
@@ -310,7 +326,12 @@ class Dispatcher:
     def _serve(self, session: CoordinatorSession) -> None:
         for message in session.receive():
             kind = message[0]
-            if kind == "append":
+            if kind == "pid":
+                self._watch(session.token, int(message[1]))
+            elif kind == "deadline":
+                grace = self.options.deadline_grace_s
+                self._due[session.token] = time.monotonic() + float(message[1]) + grace
+            elif kind == "append":
                 self.appender.submit(message[1], functools.partial(_answer_append, session))
             elif kind == "done":
                 self._on_done(session, int(message[1]))
@@ -348,6 +369,7 @@ class Dispatcher:
             self.lanes[pending.lane].buffer.appendleft(pending)
             return False
         self.running[session.token] = pending
+        self._due[session.token] = time.monotonic() + self.options.setup_budget_s
         self._started(pending, session.token)
         return True
 
@@ -359,12 +381,20 @@ class Dispatcher:
         self._waits.discard(session)
         session.close()
         self._task_of.pop(ended.token, None)
+        watched = self._pidfds.pop(ended.token, None)
+        if watched is not None:
+            os.close(watched[1])
+        self._due.pop(ended.token, None)
         pending = self.running.pop(ended.token, None)
         if pending is None:
+            self._killed.discard(ended.token)
             return  # it said "done" for everything it ran
         why = f"signal {-ended.returncode}" if ended.returncode < 0 else "no outcome"
         if ended.returncode > 0:
             why = f"exit code {ended.returncode}, no outcome"
+        if ended.token in self._killed:
+            self._killed.discard(ended.token)
+            why = "killed: it ran past its request's deadline"
         self._finished(pending, int(ExitCode.INTERNAL), why)
 
     def _finished(self, pending: _Pending, code: int, why: str) -> None:
@@ -444,9 +474,34 @@ class Dispatcher:
             hold = self._wait_s()
         waited = self._fill(hold) and hold > 0
         self._start_ready()
+        self._kill_overdue()
         if wait_s is None:  # having waited in the poll, only look for exits
             wait_s = 0.0 if waited else self._wait_s()
         self._wait(wait_s)
+
+    def _kill_overdue(self) -> None:
+        """End a coordinator stuck past its request's deadline (a hostile params
+        value against a backtracking pattern, a bug): its exit is then a crash,
+        retried and at last dead-lettered like any other."""
+        now = time.monotonic()
+        for token in list(self.running):
+            watched = self._pidfds.get(token)
+            if watched is None or token in self._killed or self._due.get(token, math.inf) > now:
+                continue
+            _LOG.warning(
+                "coordinator %d for %s ran past its deadline; killing it",
+                watched[0],
+                self.running[token].request_id,
+            )
+            self._killed.add(token)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(watched[1], signal.SIGKILL)
+
+    def _watch(self, token: str, pid: int) -> None:
+        if token in self._pidfds or token not in self.sessions:
+            return
+        with contextlib.suppress(ProcessLookupError):  # gone already: its exit is on its way
+            self._pidfds[token] = (pid, os.pidfd_open(pid))
 
     def _wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for coordinators' messages, exits (and appends,
@@ -491,6 +546,9 @@ class Dispatcher:
         self.appender.close()
         for session in self.sessions.values():
             session.close()
+        for _, pidfd in self._pidfds.values():
+            os.close(pidfd)
+        self._pidfds.clear()
         self._consumer.close()
         if self._waker is not None:
             self._waker.close()

@@ -20,6 +20,11 @@ which never inherit this descriptor), so messages are pickled tuples over a
 Unix stream socket (:class:`multiprocessing.connection.Connection`):
 
 coordinator -> runtime
+    ``("pid", pid)``: first, so the runtime can end a coordinator that hangs.
+    ``("deadline", seconds)``: the request handed over (or forked for) ends
+    within ``seconds`` (its package's ``timeout_s``); past it and a grace the
+    runtime kills the coordinator, whatever it is stuck in (a backtracking
+    params pattern, a bug).
     ``("append", [(topic, key, value, headers), ...])``: make these durable.
     ``("done", code)``: the request ended with this exit code.
     ``("declined",)``: the request handed over needs another package
@@ -32,6 +37,8 @@ runtime -> coordinator
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Sequence
 from datetime import datetime
@@ -100,6 +107,15 @@ class RuntimeLink:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
+    def hello(self) -> None:
+        """Tell the runtime this process's pid (its watchdog kills by pid)."""
+        self.conn.send(("pid", os.getpid()))
+
+    def deadline(self, seconds: float) -> None:
+        """The request now running ends within ``seconds``, or is killed."""
+        with contextlib.suppress(OSError):
+            self.conn.send(("deadline", float(seconds)))
+
     def append(self, records: Sequence[Append]) -> None:
         """Hand records to the runtime; return once it made them durable.
 
@@ -137,9 +153,12 @@ class RuntimeLink:
 
 
 class Appends(Protocol):
-    """What a :class:`RuntimeSink` hands its records to."""
+    """What a :class:`RuntimeSink` hands its records to, and a coordinator tells
+    its request's deadline."""
 
     def append(self, records: Sequence[Append]) -> None: ...
+
+    def deadline(self, seconds: float) -> None: ...
 
 
 class DirectLink:
@@ -148,6 +167,9 @@ class DirectLink:
 
     def __init__(self, log: EventLog) -> None:
         self.log = log
+
+    def deadline(self, seconds: float) -> None:
+        """Nobody watches: the caller runs the coordinator itself."""
 
     def append(self, records: Sequence[Append]) -> None:
         try:

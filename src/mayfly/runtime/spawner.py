@@ -144,6 +144,7 @@ def _coordinator_child(
         conn.close()  # the pipe belongs to the warm parent
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         link = RuntimeLink(Connection(session))
+        link.hello()
         while True:
             code = work.run(record, dequeued_at, link)
             served = link.done(code)
