@@ -686,10 +686,10 @@ class ProcessSpanExporter:
                 with self._state:
                     _message, count = self._in_flight.pop(seq, (b"", 0))
                     if error is not None:
+                        # Said before a waiting flush() learns of it and returns.
+                        _LOG.error("%d span(s) not exported to %s: %s", count, self.endpoint, error)
                         self._failed += count
                     self._state.notify_all()
-                if error is not None:
-                    _LOG.error("%d span(s) not exported to %s: %s", count, self.endpoint, error)
             elif self._closed:
                 return
             if time.monotonic() - last_ship >= self._delay:
