@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,6 +148,48 @@ def test_a_result_the_runtime_could_not_append_is_run_again_not_lost(
     assert len(sim.log()["sim-0001"]) == 1
 
 
+def _package(
+    home: Home, tmp_path: Path, name: str, properties: dict[str, object] | None = None
+) -> None:
+    """Publish a package whose request may run 1 s (``timeout_s``)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    manifest: dict[str, object] = {
+        "name": name,
+        "version": "1.0.0",
+        "entrypoint": f"{name}:run",
+        "limits": {"timeout_s": 1, "device_timeout_s": 1},
+    }
+    if properties:
+        manifest["params_schema"] = {"type": "object", "properties": properties}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / f"{name}.py").write_text("def run(ctx):\n    return 'ok'\n")
+    publish_folder(home.settings(), folder)
+
+
+def _run_with(runtime: Runtime, count: int, **options: Any) -> dict[str, list[str]]:
+    """Serve until ``count`` requests ended (finished or dead-lettered), the
+    dispatcher's options changed; per request, what was told of it."""
+    told: dict[str, list[str]] = {}
+    ended: list[str] = []
+
+    def on_dispatch(kind: str, info: dict[str, object]) -> None:
+        told.setdefault(str(info["request_id"]), []).append(kind)
+        if kind in ("finished", "dead_lettered"):
+            ended.append(kind)
+
+    runtime._on_dispatch = on_dispatch
+    runtime.start()
+    assert runtime.dispatcher is not None
+    runtime.dispatcher.options = dataclasses.replace(runtime.dispatcher.options, **options)
+    deadline = time.monotonic() + 60
+    try:
+        runtime.run(should_stop=lambda: len(ended) >= count or time.monotonic() > deadline)
+    finally:
+        runtime.close()
+    return told
+
+
 def test_a_coordinator_stuck_in_its_params_is_killed_and_its_request_dead_lettered(
     home: Home, fleet: FleetFactory, tmp_path: Path
 ) -> None:
@@ -154,47 +197,15 @@ def test_a_coordinator_stuck_in_its_params_is_killed_and_its_request_dead_letter
     would hold its coordinator for ever; the runtime kills it past the
     request's deadline, and serves the next request meanwhile."""
     fleet(1)
-    folder = tmp_path / "greedy"
-    folder.mkdir()
-    (folder / "manifest.json").write_text(
-        json.dumps(
-            {
-                "name": "greedy",
-                "version": "1.0.0",
-                "entrypoint": "greedy:run",
-                "params_schema": {
-                    "type": "object",
-                    "properties": {"name": {"type": "string", "pattern": "^(a+)+$"}},
-                },
-                "limits": {"timeout_s": 1, "device_timeout_s": 1},
-            }
-        )
-    )
-    (folder / "greedy.py").write_text("def run(ctx):\n    return 'never'\n")
-    publish_folder(home.settings(), folder)
+    _package(home, tmp_path, "greedy", {"name": {"type": "string", "pattern": "^(a+)+$"}})
     stuck = new_request("greedy", devices=["sim-0001"], params={"name": "a" * 40 + "!"})
     after = new_request("reboot", devices=["sim-0001"], partition_key="other")
     _publish(home, [stuck, after])
 
-    done: dict[str, str] = {}
+    told = _run_with(Runtime(home.settings()), 2, deadline_grace_s=0.5, crash_backoff_s=0.05)
 
-    def on_dispatch(kind: str, info: dict[str, object]) -> None:
-        if kind in ("finished", "dead_lettered"):
-            done[str(info["request_id"])] = kind
-
-    runtime = Runtime(home.settings(), on_dispatch=on_dispatch)
-    runtime.start()
-    assert runtime.dispatcher is not None
-    runtime.dispatcher.options = dataclasses.replace(
-        runtime.dispatcher.options, deadline_grace_s=0.5, crash_backoff_s=0.05
-    )
-    deadline = time.monotonic() + 60
-    try:
-        runtime.run(should_stop=lambda: len(done) == 2 or time.monotonic() > deadline)
-    finally:
-        runtime.close()
-
-    assert done == {after.id: "finished", stuck.id: "dead_lettered"}, done
+    assert told[after.id] == ["started", "finished"], told
+    assert told[stuck.id][-1] == "dead_lettered", told
     log = home.log()
     try:
         consumer = log.consumer("test", Topics().dead_letter)
@@ -204,3 +215,35 @@ def test_a_coordinator_stuck_in_its_params_is_killed_and_its_request_dead_letter
     rejection = from_kafka(record.headers, record.key, record.value)
     assert isinstance(rejection, TaskRejected)
     assert "ran past its request's deadline" in rejection.reason
+
+
+class _SlowResults(_RefusesFirstResults):
+    """The runtime's log, taking ``delay_s`` to append the first results."""
+
+    def __init__(self, log: EventLog, delay_s: float) -> None:
+        super().__init__(log, refusals=0)
+        self.delay_s = delay_s
+
+    def append_many(self, records: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
+        if any(topic == self._results for topic, *_ in records) and self.delay_s:
+            time.sleep(self.delay_s)
+            self.delay_s = 0.0
+        super().append_many(records)
+
+
+def test_a_coordinator_waiting_on_the_runtimes_slow_log_is_not_killed_as_hung(
+    home: Home, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    """The watchdog is for a coordinator stuck on its own: one waiting for the
+    runtime to append its result, past the request's deadline, is left alone,
+    and its request is not run twice."""
+    fleet(1)
+    _package(home, tmp_path, "quick")
+    request = new_request("quick", devices=["sim-0001"])
+    _publish(home, [request])
+    runtime = Runtime(home.settings())
+    runtime.log = _SlowResults(runtime.log, delay_s=2.5)  # type: ignore[assignment]
+    told = _run_with(runtime, 1, deadline_grace_s=0.5)
+
+    assert told[request.id] == ["started", "finished"], told
+    assert list(home.results()) == [request.id]

@@ -29,6 +29,7 @@ from mayfly.errors import EventError, MayflyError, ParamsError, StoreError, Unus
 from mayfly.eventlog import EventLog, LogRecord, MultiTopicConsumer
 from mayfly.events import (
     MayflyEvent,
+    TaskCompleted,
     TaskRequest,
     from_kafka,
     peek_attributes,
@@ -179,8 +180,9 @@ class WarmCoordinator:
         if prepared is not None and prepared.repository is not None:
             # Only in this (forked) coordinator: the warm parent keeps its own.
             self.coordinator.repository = prepared.repository
-        if prepared is not None and prepared.timeout_s is not None:
-            link.deadline(prepared.timeout_s)  # else the runtime's set-up budget holds
+        timeout_s = self._timeout_of(record, prepared)
+        if timeout_s is not None:
+            link.deadline(timeout_s)  # else the runtime's set-up budget holds
         pipeline = RequestPipeline(
             self.coordinator.renewed,
             RuntimeSink(link, self.settings.topics),
@@ -196,7 +198,25 @@ class WarmCoordinator:
             )
         finally:
             self.coordinator.repository = self._repository
+        if self._digest is None and isinstance(handled.outcome, TaskCompleted):
+            self._digest = handled.outcome.package.digest  # what it ran, prepared or not
         return int(handled.code)
+
+    def _timeout_of(self, record: LogRecord, prepared: _Prepared | None) -> float | None:
+        """The request's package ``timeout_s``; None when it cannot be known (the
+        request is then rejected, quickly)."""
+        if prepared is not None and prepared.timeout_s is not None:
+            return prepared.timeout_s
+        try:
+            request = _decoded(record, prepared)
+            if not isinstance(request, TaskRequest):
+                return None
+            fetched = self.coordinator.repository.fetch(
+                request.task, request.version or request.channel
+            )
+        except MayflyError:
+            return None
+        return float(fetched.manifest.limits.timeout_s)
 
 
 def _decoded(record: LogRecord, prepared: _Prepared | None) -> MayflyEvent:
@@ -359,8 +379,8 @@ class Runtime:
         self._stop.set()
         if self._aggregator is not None:
             self._aggregator.join(timeout=10)
-        self.spawner.stop()
         if self.dispatcher is not None:
-            self.dispatcher.close()
+            self.dispatcher.close()  # its appender answers the coordinators still there
+        self.spawner.stop()
         self.state.close()
         self.log.close()

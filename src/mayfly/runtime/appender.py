@@ -51,28 +51,44 @@ class Appender:
                 except queue.Empty:
                     break
             if batch:
-                self._append(batch)
+                try:
+                    self._append(batch)
+                except Exception:  # never the end of the thread every result waits on
+                    _LOG.exception("a batch of %d appends failed", len(batch))
             if item is None:
                 return
 
     def _append(self, batch: list[tuple[Sequence[Append], Answer]]) -> None:
-        """One append of everything waiting; on a refusal, each submission on its
-        own, so one coordinator's bad record fails only its own request."""
+        """One append of everything waiting. A record the log refuses for what it
+        holds fails only its own submission (each is tried on its own); a log
+        that does not answer fails the batch at once, rather than once per
+        submission."""
         try:
             self._log.append_many([r for records, _ in batch for r in records])
-        except Exception as exc:
-            if len(batch) == 1:
-                # The coordinator's sink raises this (its request is then retried).
-                _LOG.warning("result not appended: %s", exc)
-                batch[0][1](f"{self._log.describe()} did not take the result: {exc}")
+        except (TypeError, ValueError) as exc:
+            if len(batch) > 1:
+                for one in batch:
+                    self._append([one])
                 return
-            for one in batch:
-                self._append([one])
+            _answer(batch[0][1], f"{self._log.describe()} refused the result: {exc}")
+            return
+        except Exception as exc:
+            # The coordinators' sinks raise this (their requests are then retried).
+            _LOG.warning("%d result(s) not appended: %s", len(batch), exc)
+            for _, answer in batch:
+                _answer(answer, f"{self._log.describe()} did not take the result: {exc}")
             return
         for _, answer in batch:
-            answer(None)
+            _answer(answer, None)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish what was submitted, then stop."""
         self._queue.put(None)
         self._thread.join(timeout_s)
+
+
+def _answer(answer: Answer, why: str | None) -> None:
+    try:
+        answer(why)
+    except Exception:  # a coordinator gone mid-answer: its exit is handled elsewhere
+        _LOG.exception("an append could not be answered")

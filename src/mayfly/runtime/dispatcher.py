@@ -161,7 +161,8 @@ class _Lane:
             self.committed.update(changes)
 
 
-def _answer_append(session: CoordinatorSession, why: str | None) -> None:
+def _answer_append(session: CoordinatorSession, appending: set[str], why: str | None) -> None:
+    appending.discard(session.token)  # from the appender's thread: set ops are atomic
     session.send(("appended", why))
 
 
@@ -208,6 +209,8 @@ class Dispatcher:
         self._due: dict[str, float] = {}
         """Per session running a request, when it is killed as hung."""
         self._killed: set[str] = set()
+        self._appending: set[str] = set()
+        """Sessions whose records the appender holds (it discards them itself)."""
         self._credits: dict[Priority, int] = {}
         self._tokens = itertools.count()
         self._on_event = on_event or (lambda _kind, _info: None)
@@ -302,8 +305,8 @@ class Dispatcher:
 
     def _launch(self, pending: _Pending) -> None:
         token = f"c{next(self._tokens)}"
-        self.running[token] = pending
         session = self.spawner.spawn(token, pending.record, datetime.now(UTC))
+        self.running[token] = pending
         self._due[token] = time.monotonic() + self.options.setup_budget_s
         self.sessions[token] = session
         self._waits.add(session)
@@ -332,7 +335,10 @@ class Dispatcher:
                 grace = self.options.deadline_grace_s
                 self._due[session.token] = time.monotonic() + float(message[1]) + grace
             elif kind == "append":
-                self.appender.submit(message[1], functools.partial(_answer_append, session))
+                # Not killed as hung while the runtime's own append is under way.
+                self._appending.add(session.token)
+                answer = functools.partial(_answer_append, session, self._appending)
+                self.appender.submit(message[1], answer)
             elif kind == "done":
                 self._on_done(session, int(message[1]))
             elif kind == "declined":
@@ -356,7 +362,7 @@ class Dispatcher:
         type, when the weighted pick would start that one now anyway. Otherwise
         the pick (of another type) starts in a new coordinator, in the slot this
         one frees by exiting."""
-        if not self.options.serve or self._stopping:
+        if not self.options.serve or self._stopping or session.token in self._killed:
             return False
         task = self._task_of.get(session.token)
         pending = self._next_startable()
@@ -488,6 +494,8 @@ class Dispatcher:
             watched = self._pidfds.get(token)
             if watched is None or token in self._killed or self._due.get(token, math.inf) > now:
                 continue
+            if token in self._appending:
+                continue  # waiting on the runtime's log, not stuck on its own
             _LOG.warning(
                 "coordinator %d for %s ran past its deadline; killing it",
                 watched[0],

@@ -91,6 +91,8 @@ class CoordinatorSession:
     def send(self, message: tuple[Any, ...]) -> bool:
         """Send one message; False when the coordinator is gone."""
         with self._send_lock:
+            if self.conn.closed:
+                return False
             try:
                 self.conn.send(message)
             except (OSError, ValueError):
@@ -98,7 +100,9 @@ class CoordinatorSession:
         return True
 
     def close(self) -> None:
-        self.conn.close()
+        # Under the lock: the appender may be answering on it from its thread.
+        with self._send_lock:
+            self.conn.close()
 
 
 class RuntimeLink:

@@ -221,6 +221,9 @@ class Spawner:
         try:
             self._conn.send(("spawn", token, record, dequeued_at or datetime.now(UTC)))
             send_handle(self._conn, theirs.fileno(), self._process.pid or 0)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         ours.setblocking(True)
@@ -245,7 +248,7 @@ class Spawner:
         return self._process.pid if self._process is not None else None
 
     def stop(self) -> None:
-        """Stop the warm parent; running coordinators finish on their own."""
+        """Stop the warm parent; coordinators still running end with it."""
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.send(("stop",))
