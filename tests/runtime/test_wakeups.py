@@ -39,7 +39,7 @@ from mayfly.devices.sim import SimulatorServer
 from mayfly.eventlog.kafka import KafkaEventLog
 from mayfly.eventlog.publisher import publish_request
 from mayfly.eventlog.sqlite import SqliteEventLog
-from mayfly.events import new_request
+from mayfly.events import Priority, new_request
 from mayfly.runtime.dispatcher import Dispatcher, DispatcherOptions
 from mayfly.runtime.session import CoordinatorSession
 from mayfly.runtime.spawner import CoordinatorExit
@@ -270,7 +270,7 @@ class _Spawner:
         self._read, self._write = os.pipe()
         self.started: list[tuple[float, str]] = []
         self._ended: list[CoordinatorExit] = []
-        self._theirs: list[socket.socket] = []
+        self._theirs: list[Connection] = []
 
     def fileno(self) -> int:
         return self._read
@@ -278,12 +278,16 @@ class _Spawner:
     def spawn(self, token: str, record: Any, dequeued_at: Any = None) -> CoordinatorSession:
         self.started.append((time.monotonic(), token))
         ours, theirs = socket.socketpair()
-        self._theirs.append(theirs)  # a coordinator that never says a word
+        self._theirs.append(Connection(theirs.detach()))  # says a word only when told
         return CoordinatorSession(token, Connection(ours.detach()))
 
     def end(self, token: str, returncode: int) -> None:
         self._ended.append(CoordinatorExit(token, returncode, 0))
         os.write(self._write, b".")
+
+    def finish(self, token: str) -> None:
+        """The coordinator says its request is done (its result durable)."""
+        self._theirs[int(token.removeprefix("c"))].send(("done", 0))
 
     def exits(self, timeout_s: float = 0.0) -> list[CoordinatorExit]:
         os.read(self._read, 100)
@@ -324,3 +328,34 @@ def test_a_dispatcher_waiting_in_the_poll_restarts_a_crashed_request_on_time(
     assert len(spawner.started) == 2, "the crashed request never started again"
     # Due after its 0.3 s backoff: the wait in the poll (up to 2 s) ends then.
     assert 0.25 <= spawner.started[1][0] - crashed < 0.6
+
+
+def test_a_nearly_full_lane_does_not_slow_the_reading_of_the_others(tmp_path: Path) -> None:
+    """A low backlog of one device's requests (one runs, the rest wait their
+    turn) leaves its lane a place or two at a time; the high lane is still read
+    in whole batches, not one record per round."""
+    log = SqliteEventLog(tmp_path / "events.db")
+    spawner, state = _Spawner(), RuntimeState(tmp_path / "state.db")
+    options = DispatcherOptions(buffer=64)
+    dispatcher = Dispatcher(log, spawner, state, options)  # type: ignore[arg-type]
+    try:
+        for _ in range(70):
+            publish_request(
+                log, new_request("reboot", devices=["sim-0001"], priority="low", partition_key="k")
+            )
+        for _ in range(3):
+            dispatcher.step(wait_s=0.0)
+        [(_, token)] = spawner.started
+        assert len(dispatcher.lanes[Priority.LOW].buffer) >= 60  # nearly full, all of "k"
+        spawner.finish(token)  # the next of "k" runs in its place: a place free
+        dispatcher.step(wait_s=0.1)
+        for _ in range(50):
+            publish_request(log, new_request("reboot", devices=["sim-0002"], priority="high"))
+        dispatcher.step(wait_s=0.0)
+        read = len(dispatcher.lanes[Priority.HIGH].buffer) + len(spawner.started) - 1
+        assert read >= 40, read
+    finally:
+        dispatcher.close()
+        spawner.close()
+        state.close()
+        log.close()

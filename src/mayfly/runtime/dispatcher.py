@@ -225,10 +225,13 @@ class Dispatcher:
         """Read into the lanes' buffers, waiting up to ``timeout_s`` for a record;
         whether it asked the log (not when every lane is full)."""
         rooms = []
+        # A lane is held until a quarter of its buffer is free: one nearly full
+        # would otherwise cap every poll (of any lane) at its few free places.
+        low_water = max(1, self.options.buffer // 4)
         for lane in self.lanes.values():
             room = self.options.buffer - len(lane.buffer)
-            lane.hold(room <= 0)
-            if room > 0:
+            lane.hold(room < low_water)
+            if room >= low_water:
                 rooms.append(room)
         if not rooms:
             return False
