@@ -63,7 +63,13 @@ class RuntimeState:
             try:
                 self._claim(db)
                 db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
+                # NORMAL: a mark survives any process kill (a committed WAL frame
+                # is in the page cache), not a power cut, and costs no fsync on
+                # the dispatcher's loop (0.36 ms a mark with FULL here, more under
+                # load). A mark lost that way only lets a request with a durable
+                # result run again: at least once, applied once by the devices,
+                # the results topic being what is true.
+                db.execute("PRAGMA synchronous=NORMAL")
             except BaseException:
                 db.close()
                 raise
