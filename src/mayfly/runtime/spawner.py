@@ -92,6 +92,7 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
         conn.send(("error", isinstance(exc, ConfigError), str(exc)))
         return
     children: dict[int, tuple[str, int]] = {}  # pidfd -> (token, pid)
+    warm_pid = os.getpid()
     conn.send(("ready", os.getpid()))
     while True:
         readable, _, _ = select.select([conn.fileno(), *children], [], [], 1.0)
@@ -124,7 +125,7 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
             gc.freeze()
             pid = os.fork()
             if pid == 0:
-                _coordinator_child(conn, work, record, dequeued_at, session)
+                _coordinator_child(conn, work, record, dequeued_at, session, warm_pid)
             gc.unfreeze()
             os.close(session)  # the coordinator's now
             # A pidfd turns "this child exited" into a readable fd for select().
@@ -137,10 +138,11 @@ def _coordinator_child(
     record: LogRecord,
     dequeued_at: datetime,
     session: int,
+    warm_parent: int,
 ) -> None:
     code = 1
     try:
-        die_with_parent()
+        die_with_parent(warm_parent)  # and if it died before this line, now
         conn.close()  # the pipe belongs to the warm parent
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         link = RuntimeLink(Connection(session))
