@@ -22,7 +22,7 @@ from typing import Protocol
 import requests
 
 from mayfly.errors import MayflyError, SinkError
-from mayfly.eventlog import EventLog
+from mayfly.eventlog import EventLog, Headers
 from mayfly.events import (
     MayflyEvent,
     TaskCompleted,
@@ -39,6 +39,7 @@ __all__ = [
     "HttpSink",
     "ResultSink",
     "deliver",
+    "outcome_records",
 ]
 
 
@@ -137,6 +138,18 @@ class HttpSink:
         self._session.close()
 
 
+def outcome_records(
+    event: MayflyEvent, results_topic: str, dead_letter_topic: str
+) -> list[tuple[str, bytes | None, bytes, Headers]]:
+    """The records an outcome is appended as: binary mode, keyed by partition key,
+    on the results topic, and a rejection on the dead-letter topic too."""
+    key, value, headers = to_kafka_record(event)
+    records: list[tuple[str, bytes | None, bytes, Headers]] = [(results_topic, key, value, headers)]
+    if isinstance(event, TaskRejected):
+        records.append((dead_letter_topic, key, value, headers))
+    return records
+
+
 class EventLogSink:
     """Appends binary-mode records keyed by partition key; a rejection also goes to
     the dead-letter topic.
@@ -161,11 +174,9 @@ class EventLogSink:
         self.dead_letter_topic = topics.dead_letter
 
     def emit(self, event: MayflyEvent) -> None:
-        key, value, headers = to_kafka_record(event)
+        records = outcome_records(event, self.results_topic, self.dead_letter_topic)
         try:
-            self.log.append(self.results_topic, key, value, headers)
-            if isinstance(event, TaskRejected):
-                self.log.append(self.dead_letter_topic, key, value, headers)
+            self.log.append_many(records)
         except MayflyError as exc:
             raise SinkError(
                 f"{self.log.describe()} did not take {event.event_type}: {exc}"

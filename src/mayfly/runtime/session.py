@@ -45,9 +45,10 @@ from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from mayfly.coordinator.sinks import outcome_records
 from mayfly.errors import SinkError
 from mayfly.eventlog import EventLog, Headers, LogRecord
-from mayfly.events import MayflyEvent, TaskRejected, to_kafka_record
+from mayfly.events import MayflyEvent
 from mayfly.topics import Topics
 
 __all__ = [
@@ -177,8 +178,7 @@ class DirectLink:
 
     def append(self, records: Sequence[Append]) -> None:
         try:
-            for topic, key, value, headers in records:
-                self.log.append(topic, key, value, headers)
+            self.log.append_many(records)
         except Exception as exc:
             raise SinkError(f"{self.log.describe()} did not take the result: {exc}") from exc
 
@@ -196,11 +196,7 @@ class RuntimeSink:
         self.dead_letter_topic = topics.dead_letter
 
     def emit(self, event: MayflyEvent) -> None:
-        key, value, headers = to_kafka_record(event)
-        records: list[Append] = [(self.results_topic, key, value, headers)]
-        if isinstance(event, TaskRejected):
-            records.append((self.dead_letter_topic, key, value, headers))
-        self.link.append(records)
+        self.link.append(outcome_records(event, self.results_topic, self.dead_letter_topic))
 
     def close(self) -> None:
         pass
@@ -216,10 +212,9 @@ def answer_blocking(session: CoordinatorSession, log: EventLog, timeout_s: float
             if kind == "append":
                 why = None
                 try:
-                    for topic, key, value, headers in message[1]:
-                        log.append(topic, key, value, headers)
-                except Exception as exc:
-                    why = f"{log.describe()} did not take the result: {exc}"
+                    DirectLink(log).append(message[1])
+                except SinkError as exc:
+                    why = str(exc)
                 session.send(("appended", why))
             elif kind in ("done", "declined"):
                 session.send(("exit",))
