@@ -32,14 +32,11 @@ functions in :mod:`mayfly.runtime.policy`; this module applies them.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import itertools
 import logging
 import math
-import os
 import select
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,8 +158,8 @@ class _Lane:
             self.committed.update(changes)
 
 
-def _answer_append(session: CoordinatorSession, appending: set[str], why: str | None) -> None:
-    appending.discard(session.token)  # from the appender's thread: set ops are atomic
+def _answer_append(session: CoordinatorSession, why: str | None) -> None:
+    session.appending = False  # from the appender's thread: a plain assignment
     session.send(("appended", why))
 
 
@@ -198,19 +195,7 @@ class Dispatcher:
         self.sessions: dict[str, CoordinatorSession] = {}
         """Every coordinator process alive, serving or exiting."""
         self.appender = Appender(log)
-        self._waits: set[CoordinatorSession] = set()
-        """Sessions still open at the coordinator's end: selected on."""
-        self._task_of: dict[str, str] = {}
-        """Per session, the task type it serves."""
         self._stopping = False
-        self._pidfds: dict[str, tuple[int, int]] = {}
-        """Per session, the coordinator's pid and a pidfd of it (it says its pid
-        first): a kill through the pidfd cannot reach a reused pid."""
-        self._due: dict[str, float] = {}
-        """Per session running a request, when it is killed as hung."""
-        self._killed: set[str] = set()
-        self._appending: set[str] = set()
-        """Sessions whose records the appender holds (it discards them itself)."""
         self._credits: dict[Priority, int] = {}
         self._tokens = itertools.count()
         self._on_event = on_event or (lambda _kind, _info: None)
@@ -309,11 +294,10 @@ class Dispatcher:
     def _launch(self, pending: _Pending) -> None:
         token = f"c{next(self._tokens)}"
         session = self.spawner.spawn(token, pending.record, datetime.now(UTC))
+        session.task = pending.task
+        session.due = time.monotonic() + self.options.setup_budget_s
         self.running[token] = pending
-        self._due[token] = time.monotonic() + self.options.setup_budget_s
         self.sessions[token] = session
-        self._waits.add(session)
-        self._task_of[token] = pending.task
         self._started(pending, token)
 
     def _started(self, pending: _Pending, token: str) -> None:
@@ -333,15 +317,14 @@ class Dispatcher:
         for message in session.receive():
             kind = message[0]
             if kind == "pid":
-                self._watch(session.token, int(message[1]))
+                session.watch(int(message[1]))
             elif kind == "deadline":
                 grace = self.options.deadline_grace_s
-                self._due[session.token] = time.monotonic() + float(message[1]) + grace
+                session.due = time.monotonic() + float(message[1]) + grace
             elif kind == "append":
                 # Not killed as hung while the runtime's own append is under way.
-                self._appending.add(session.token)
-                answer = functools.partial(_answer_append, session, self._appending)
-                self.appender.submit(message[1], answer)
+                session.appending = True
+                self.appender.submit(message[1], functools.partial(_answer_append, session))
             elif kind == "done":
                 self._on_done(session, int(message[1]))
             elif kind == "declined":
@@ -351,7 +334,7 @@ class Dispatcher:
                 session.send(("exit",))
             elif kind == "eof":
                 # Its exit, with the status, comes from the warm parent.
-                self._waits.discard(session)
+                session.open = False
 
     def _on_done(self, session: CoordinatorSession, code: int) -> None:
         pending = self.running.pop(session.token, None)
@@ -365,20 +348,19 @@ class Dispatcher:
         type, when the weighted pick would start that one now anyway. Otherwise
         the pick (of another type) starts in a new coordinator, in the slot this
         one frees by exiting."""
-        if not self.options.serve or self._stopping or session.token in self._killed:
+        if not self.options.serve or self._stopping or session.killed:
             return False
-        task = self._task_of.get(session.token)
         pending = self._next_startable()
         if pending is None:
             return False
-        if pending.task != task:
+        if pending.task != session.task:
             self._launch(pending)
             return False
         if not session.send(("run", pending.record, datetime.now(UTC))):
             self.lanes[pending.lane].buffer.appendleft(pending)
             return False
         self.running[session.token] = pending
-        self._due[session.token] = time.monotonic() + self.options.setup_budget_s
+        session.due = time.monotonic() + self.options.setup_budget_s
         self._started(pending, session.token)
         return True
 
@@ -387,22 +369,14 @@ class Dispatcher:
         if session is None:
             return
         self._serve(session)  # what it said before it went
-        self._waits.discard(session)
         session.close()
-        self._task_of.pop(ended.token, None)
-        watched = self._pidfds.pop(ended.token, None)
-        if watched is not None:
-            os.close(watched[1])
-        self._due.pop(ended.token, None)
         pending = self.running.pop(ended.token, None)
         if pending is None:
-            self._killed.discard(ended.token)
             return  # it said "done" for everything it ran
         why = f"signal {-ended.returncode}" if ended.returncode < 0 else "no outcome"
         if ended.returncode > 0:
             why = f"exit code {ended.returncode}, no outcome"
-        if ended.token in self._killed:
-            self._killed.discard(ended.token)
+        if session.killed:
             why = "killed: it ran past its request's deadline"
         self._finished(pending, int(ExitCode.INTERNAL), why)
 
@@ -493,31 +467,24 @@ class Dispatcher:
         value against a backtracking pattern, a bug): its exit is then a crash,
         retried and at last dead-lettered like any other."""
         now = time.monotonic()
-        for token in list(self.running):
-            watched = self._pidfds.get(token)
-            if watched is None or token in self._killed or self._due.get(token, math.inf) > now:
+        for token, pending in self.running.items():
+            session = self.sessions[token]
+            if session.pidfd is None or session.killed or session.due > now:
                 continue
-            if token in self._appending:
+            if session.appending:
                 continue  # waiting on the runtime's log, not stuck on its own
             _LOG.warning(
                 "coordinator %d for %s ran past its deadline; killing it",
-                watched[0],
-                self.running[token].request_id,
+                session.pid,
+                pending.request_id,
             )
-            self._killed.add(token)
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(watched[1], signal.SIGKILL)
-
-    def _watch(self, token: str, pid: int) -> None:
-        if token in self._pidfds or token not in self.sessions:
-            return
-        with contextlib.suppress(ProcessLookupError):  # gone already: its exit is on its way
-            self._pidfds[token] = (pid, os.pidfd_open(pid))
+            session.kill()
 
     def _wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for coordinators' messages, exits (and appends,
         where the log can say), and act on what came."""
-        waits: list[int | CoordinatorSession] = [self.spawner.fileno(), *self._waits]
+        waits: list[int | CoordinatorSession] = [self.spawner.fileno()]
+        waits += [session for session in self.sessions.values() if session.open]
         if self._waker is not None:
             waits.append(self._waker.fileno())
         readable, _, _ = select.select(waits, [], [], timeout)
@@ -557,9 +524,6 @@ class Dispatcher:
         self.appender.close()
         for session in self.sessions.values():
             session.close()
-        for _, pidfd in self._pidfds.values():
-            os.close(pidfd)
-        self._pidfds.clear()
         self._consumer.close()
         if self._waker is not None:
             self._waker.close()

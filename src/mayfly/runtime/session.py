@@ -38,7 +38,9 @@ runtime -> coordinator
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import signal
 import threading
 from collections.abc import Sequence
 from datetime import datetime
@@ -66,11 +68,24 @@ Append = tuple[str, bytes | None, bytes, Headers]
 
 
 class CoordinatorSession:
-    """The runtime's end of one coordinator's channel."""
+    """The runtime's end of one coordinator's channel, and what the dispatcher
+    keeps of that coordinator."""
 
     def __init__(self, token: str, conn: Connection) -> None:
         self.token = token
         self.conn = conn
+        self.task: str | None = None
+        """The task type it serves (of the request it was forked for)."""
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        """Opened when it says its pid: a kill through it cannot reach a reused pid."""
+        self.due = math.inf
+        """``time.monotonic()`` past which its request has overrun: it is killed."""
+        self.killed = False
+        self.appending = False
+        """The appender holds its records: it waits on the runtime, not stuck."""
+        self.open = True
+        """Its end is open (not yet at EOF): the dispatcher selects on it."""
         # The appender answers appends from its thread while the dispatcher's
         # thread answers "done": never interleaved on the wire.
         self._send_lock = threading.Lock()
@@ -100,10 +115,27 @@ class CoordinatorSession:
                 return False
         return True
 
+    def watch(self, pid: int) -> None:
+        """Keep the coordinator's pid, and a pidfd of it while it lives."""
+        if self.pidfd is None:
+            self.pid = pid
+            with contextlib.suppress(ProcessLookupError):  # gone: its exit is on its way
+                self.pidfd = os.pidfd_open(pid)
+
+    def kill(self) -> None:
+        """SIGKILL the coordinator, through its pidfd."""
+        self.killed = True
+        if self.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
     def close(self) -> None:
         # Under the lock: the appender may be answering on it from its thread.
         with self._send_lock:
             self.conn.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 class RuntimeLink:
