@@ -126,3 +126,17 @@ def test_a_config_error_in_the_warm_parent_reaches_the_runtime_as_one() -> None:
     with pytest.raises(ConfigError, match=r"expected s3://BUCKET"):
         spawner.start(timeout_s=30)
     assert spawner.pid is None, "the warm parent should be gone"
+
+
+def test_an_unknown_coordinator_mode_is_one_bounded_line_and_exit_2(tmp_path: Path) -> None:
+    for args, env in (
+        (("--coordinator-mode", "fast"), {}),
+        ((), {"MAYFLY_COORDINATOR_MODE": "x" * 5000}),
+    ):
+        run = _mayfly(tmp_path, "up", *args, **env)
+        assert run.returncode == 2, run.stderr
+        [line] = run.stderr.splitlines()
+        assert line.startswith("error: MAYFLY_COORDINATOR_MODE=")
+        assert line.endswith(": expected one of serve, strict")
+        assert len(line) < 120
+    assert not (tmp_path / "home" / "runtime").exists(), "nothing should have started"

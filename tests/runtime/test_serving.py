@@ -35,27 +35,39 @@ def _publish(home: Home, requests: list[TaskRequest]) -> None:
     log.close()
 
 
-def _serve(runtime: Runtime, count: int) -> list[dict[str, object]]:
-    """Run until ``count`` requests finished; every "started" the dispatcher told."""
-    started: list[dict[str, object]] = []
-    finished = threading.Event()
+def _serve(runtime: Runtime, count: int, **options: Any) -> list[tuple[str, dict[str, object]]]:
+    """Run until ``count`` requests ended (finished or dead-lettered), the
+    dispatcher's ``options`` changed; everything the dispatcher told, in order."""
+    told: list[tuple[str, dict[str, object]]] = []
+    ended = threading.Event()
     done: Counter[str] = Counter()
 
     def on_dispatch(kind: str, info: dict[str, object]) -> None:
-        if kind == "started":
-            started.append(info)
+        told.append((kind, info))
         if kind in ("finished", "dead_lettered"):
             done["n"] += 1
             if done["n"] >= count:
-                finished.set()
+                ended.set()
 
     runtime._on_dispatch = on_dispatch
     runtime.start()
+    assert runtime.dispatcher is not None
+    runtime.dispatcher.options = dataclasses.replace(runtime.dispatcher.options, **options)
+    deadline = time.monotonic() + 60
     try:
-        runtime.run(should_stop=finished.is_set)
+        runtime.run(should_stop=lambda: ended.is_set() or time.monotonic() > deadline)
     finally:
         runtime.close()
-    return started
+    return told
+
+
+def _started(told: list[tuple[str, dict[str, object]]]) -> list[dict[str, object]]:
+    return [info for kind, info in told if kind == "started"]
+
+
+def _kinds(told: list[tuple[str, dict[str, object]]], request_id: str) -> list[str]:
+    """What was told of one request, in order."""
+    return [kind for kind, info in told if info["request_id"] == request_id]
 
 
 def _reboots(count: int) -> list[TaskRequest]:
@@ -73,7 +85,7 @@ def test_queued_requests_of_one_task_type_share_coordinators_unless_strict(
     requests = _reboots(12)
     _publish(home, requests)
     runtime = Runtime(home.settings(MAYFLY_MAX_COORDINATORS="2", MAYFLY_COORDINATOR_MODE=mode))
-    started = _serve(runtime, len(requests))
+    started = _started(_serve(runtime, len(requests)))
 
     coordinators = {info["coordinator"] for info in started}
     if fewer:
@@ -104,7 +116,7 @@ def test_a_serving_coordinator_gives_its_slot_to_a_higher_request_of_another_typ
     )
     _publish(home, [*lows, high])
     runtime = Runtime(home.settings(MAYFLY_MAX_COORDINATORS="1"))
-    started = _serve(runtime, 5)
+    started = _started(_serve(runtime, 5))
 
     order = [info["request_id"] for info in started]
     assert high.id in order[:2], order  # never behind the low backlog its coordinator serves
@@ -137,7 +149,7 @@ def test_a_result_the_runtime_could_not_append_is_run_again_not_lost(
     _publish(home, [request])
     runtime = Runtime(home.settings())
     runtime.log = _RefusesFirstResults(runtime.log, refusals=1)  # type: ignore[assignment]
-    started = _serve(runtime, 1)
+    started = _started(_serve(runtime, 1))
 
     assert [info["request_id"] for info in started] == [request.id, request.id]
     results = home.results()
@@ -167,29 +179,6 @@ def _package(
     publish_folder(home.settings(), folder)
 
 
-def _run_with(runtime: Runtime, count: int, **options: Any) -> dict[str, list[str]]:
-    """Serve until ``count`` requests ended (finished or dead-lettered), the
-    dispatcher's options changed; per request, what was told of it."""
-    told: dict[str, list[str]] = {}
-    ended: list[str] = []
-
-    def on_dispatch(kind: str, info: dict[str, object]) -> None:
-        told.setdefault(str(info["request_id"]), []).append(kind)
-        if kind in ("finished", "dead_lettered"):
-            ended.append(kind)
-
-    runtime._on_dispatch = on_dispatch
-    runtime.start()
-    assert runtime.dispatcher is not None
-    runtime.dispatcher.options = dataclasses.replace(runtime.dispatcher.options, **options)
-    deadline = time.monotonic() + 60
-    try:
-        runtime.run(should_stop=lambda: len(ended) >= count or time.monotonic() > deadline)
-    finally:
-        runtime.close()
-    return told
-
-
 def test_a_coordinator_stuck_in_its_params_is_killed_and_its_request_dead_lettered(
     home: Home, fleet: FleetFactory, tmp_path: Path
 ) -> None:
@@ -202,10 +191,10 @@ def test_a_coordinator_stuck_in_its_params_is_killed_and_its_request_dead_letter
     after = new_request("reboot", devices=["sim-0001"], partition_key="other")
     _publish(home, [stuck, after])
 
-    told = _run_with(Runtime(home.settings()), 2, deadline_grace_s=0.5, crash_backoff_s=0.05)
+    told = _serve(Runtime(home.settings()), 2, deadline_grace_s=0.5, crash_backoff_s=0.05)
 
-    assert told[after.id] == ["started", "finished"], told
-    assert told[stuck.id][-1] == "dead_lettered", told
+    assert _kinds(told, after.id) == ["started", "finished"], told
+    assert _kinds(told, stuck.id)[-1] == "dead_lettered", told
     log = home.log()
     try:
         consumer = log.consumer("test", Topics().dead_letter)
@@ -243,7 +232,7 @@ def test_a_coordinator_waiting_on_the_runtimes_slow_log_is_not_killed_as_hung(
     _publish(home, [request])
     runtime = Runtime(home.settings())
     runtime.log = _SlowResults(runtime.log, delay_s=2.5)  # type: ignore[assignment]
-    told = _run_with(runtime, 1, deadline_grace_s=0.5)
+    told = _serve(runtime, 1, deadline_grace_s=0.5)
 
-    assert told[request.id] == ["started", "finished"], told
+    assert _kinds(told, request.id) == ["started", "finished"], told
     assert list(home.results()) == [request.id]
