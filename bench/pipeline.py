@@ -90,15 +90,26 @@ def _stat(pid: int) -> list[int]:
 
 
 class CpuSplit:
-    """CPU per request by process over a load, and the coordinators' minor faults.
+    """CPU per request by process over a load, and minor faults.
 
-    The warm parent waits for every coordinator it forks (and each coordinator
-    for its task processes), so its cutime, cstime and cminflt hold theirs once
-    they exited: read after the last result and a short settle.
+    The warm parent waits for every coordinator it forks, the task zygote for
+    every task process, so their cutime, cstime and cminflt hold those
+    children's once they exited: read after the last result and a short settle.
     """
 
-    def __init__(self, dispatcher: int, warm_parent: int | None, simulator: int | None) -> None:
-        self.pids = {"dispatcher": dispatcher, "warm_parent": warm_parent, "simulator": simulator}
+    def __init__(
+        self,
+        dispatcher: int,
+        warm_parent: int | None,
+        simulator: int | None,
+        zygote: int | None = None,
+    ) -> None:
+        self.pids = {
+            "dispatcher": dispatcher,
+            "warm_parent": warm_parent,
+            "simulator": simulator,
+            "task_zygote": zygote,
+        }
         self._start = {name: _stat(pid) for name, pid in self.pids.items() if pid}
 
     def per_request(self, requests: int) -> dict[str, float]:
@@ -113,8 +124,14 @@ class CpuSplit:
         if "warm_parent" in d:
             w = d["warm_parent"]
             out["warm_parent_cpu_ms"] = round((w[2] + w[3]) * ms, 2)
-            out["coordinators_cpu_ms"] = round((w[4] + w[5]) * ms, 2)  # task processes too
+            # Task processes too when they were forked from their coordinator.
+            out["coordinators_cpu_ms"] = round((w[4] + w[5]) * ms, 2)
             out["coordinator_minor_faults"] = round(w[1] / max(requests, 1), 1)
+        if "task_zygote" in d:
+            z = d["task_zygote"]
+            out["task_zygote_cpu_ms"] = round((z[2] + z[3]) * ms, 2)
+            out["task_processes_cpu_ms"] = round((z[4] + z[5]) * ms, 2)
+            out["task_minor_faults"] = round(z[1] / max(requests, 1), 1)
         if "simulator" in d:
             out["simulator_cpu_ms"] = round((d["simulator"][2] + d["simulator"][3]) * ms, 2)
         return out
@@ -223,7 +240,7 @@ class MayflyTarget:
                 publish_request(self.log, request, None, self.settings.topics)
 
         warm = self._warm_parent()
-        cpu = CpuSplit(self.up.pid, warm, self.simulator)
+        cpu = CpuSplit(self.up.pid, warm, self.simulator, self._zygote(warm))
         publisher = threading.Thread(target=publish, daemon=True)
         publisher.start()
         wanted = {r.id for r in requests}
@@ -248,12 +265,14 @@ class MayflyTarget:
         time.sleep(settle_s)
         tree = descendants(self.up.pid)
         warm = self._warm_parent()
+        zygote = self._zygote(warm)
         exporters = [p for p in _children_of(self.up.pid) if _is_span_exporter(p)]
-        coordinators = [p for p in tree if p != warm and p not in exporters]
+        coordinators = [p for p in tree if p not in (warm, zygote) and p not in exporters]
         footprint = {
             "coordinators_alive": len(coordinators),
             "dispatcher_rss_mb": round(rss_mb(self.up.pid), 1),
             "warm_parent_rss_mb": round(rss_mb(warm), 1) if warm else 0.0,
+            "task_zygote_rss_mb": round(rss_mb(zygote), 1) if zygote else 0.0,
             "span_exporter_rss_mb": round(sum(rss_mb(p) for p in exporters), 1),
             "processes": 1 + len(tree),
         }
@@ -263,6 +282,13 @@ class MayflyTarget:
     def _warm_parent(self) -> int | None:
         """The child of ``mayfly up`` that is not its span exporter."""
         found = [p for p in _children_of(self.up.pid) if not _is_span_exporter(p)]
+        return found[0] if found else None
+
+    def _zygote(self, warm: int | None) -> int | None:
+        """The warm parent's task zygote (``python -m mayfly.coordinator.zygote``)."""
+        if warm is None:
+            return None
+        found = [p for p in _children_of(warm) if _has_in_cmdline(p, b"mayfly.coordinator.zygote")]
         return found[0] if found else None
 
     def close(self) -> None:
@@ -277,12 +303,16 @@ def _children_of(pid: int) -> list[int]:
     return children(pid)
 
 
-def _is_span_exporter(pid: int) -> bool:
-    """The aggregator's export process (``python -m mayfly.spanexport``)."""
+def _has_in_cmdline(pid: int, word: bytes) -> bool:
     try:
-        return b"mayfly.spanexport" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return word in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def _is_span_exporter(pid: int) -> bool:
+    """The aggregator's export process (``python -m mayfly.spanexport``)."""
+    return _has_in_cmdline(pid, b"mayfly.spanexport")
 
 
 # -- Celery ---------------------------------------------------------------------

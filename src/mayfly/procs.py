@@ -6,9 +6,11 @@ import ctypes
 import os
 import signal
 
-__all__ = ["die_with_parent"]
+__all__ = ["LOG_FORMAT", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
+#: How Mayfly's processes log to stderr (``mayfly up``, the task zygote).
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _libc: ctypes.CDLL | None = None
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from mayfly.app.wiring import open_repository
 from mayfly.coordinator import Coordinator, CoordinatorOptions
+from mayfly.coordinator.runner import TaskStarter
 from mayfly.devices.http import HttpDriver
 from mayfly.devices.sim import Simulator, SimulatorServer
 from mayfly.packages import PackageRepository
@@ -29,6 +30,8 @@ class Env:
     home: Path
     inventory: Path
     results: Path
+    starter: TaskStarter | None = None
+    """Where its coordinators' task processes come from (None: forked from them)."""
 
     def variables(self) -> dict[str, str]:
         # os.environ is already clean: tests/conftest.py's isolated_environment.
@@ -63,6 +66,7 @@ class Env:
                 retry_backoff_s=0.05,
                 **options,  # type: ignore[arg-type]
             ),
+            starter=self.starter,
         )
 
     def result_events(self) -> list[dict[str, object]]:
@@ -73,6 +77,11 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
+    return make_env(tmp_path)
+
+
+def make_env(tmp_path: Path) -> Env:
+    """A fresh :class:`Env` below ``tmp_path``, with the example packages published."""
     e = Env(
         home=tmp_path / "home",
         inventory=tmp_path / "inventory.json",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -131,10 +132,10 @@ def test_job_mode_passes_a_result_over_and_delivers_nothing(env: Env, tmp_path: 
 
 def test_the_local_runtime_passes_a_result_over_and_appends_nothing(env: Env) -> None:
     settings = env.settings()
-    warm = WarmCoordinator(settings)
     key, value, headers = to_kafka_record(_completed())
     record = LogRecord(Topics().lane("normal"), 0, 0, key, value, tuple(headers))
-    assert warm.run(record, datetime.now(UTC), _link(settings)) == ExitCode.OK
+    with contextlib.closing(WarmCoordinator(settings)) as warm:
+        assert warm.run(record, datetime.now(UTC), _link(settings)) == ExitCode.OK
     log = SqliteEventLog(Path(settings.event_log))
     try:
         consumer = log.consumer("test", Topics().results)
@@ -148,9 +149,9 @@ def test_the_local_runtime_rejects_a_record_that_is_no_cloudevent(
     env: Env, lane_record: bytes
 ) -> None:
     settings = env.settings()
-    warm = WarmCoordinator(settings)
     record = LogRecord(Topics().lane("normal"), 0, 7, b"junk", lane_record)
-    assert warm.run(record, datetime.now(UTC), _link(settings)) == ExitCode.REJECTED
+    with contextlib.closing(WarmCoordinator(settings)) as warm:
+        assert warm.run(record, datetime.now(UTC), _link(settings)) == ExitCode.REJECTED
     log = SqliteEventLog(Path(settings.event_log))
     try:
         for topic in (Topics().results, Topics().dead_letter):

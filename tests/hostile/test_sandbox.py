@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from mayfly.coordinator.zygote import TaskZygote
 from mayfly.events import DeviceStatus, TaskCompleted, new_request
 from mayfly.sandbox import landlock, seccomp
 
-from ..coordinator.conftest import Env, FleetFactory, write_package
+from ..coordinator.conftest import Env, FleetFactory, make_env, write_package
 
 #: How the secrets of these tests begin (the rest is random, made per test).
 MARKER = "s3-secret-"
@@ -34,6 +35,23 @@ pytestmark = pytest.mark.skipif(
     (landlock.abi_version() < 6 or not seccomp.supported()) and os.environ.get("CI") != "true",
     reason="the kernel lacks Landlock ABI 6 or the seccomp filter's architecture",
 )
+
+
+@pytest.fixture(params=["forked", "zygote"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    """Every package here runs in task processes forked from their coordinator
+    (job mode) and again in ones the task zygote starts (the local runtime)."""
+    e = make_env(tmp_path)
+    if request.param == "forked":
+        yield e
+        return
+    zygote = TaskZygote()
+    zygote.start()
+    e.starter = zygote
+    try:
+        yield e
+    finally:
+        zygote.stop()
 
 
 def _manifest(name: str, **limits: object) -> dict[str, object]:

@@ -172,9 +172,12 @@ def test_idle_runtime_keeps_no_coordinator_alive(home: Home, fleet: FleetFactory
     try:
         runtime.run(should_stop=lambda: finished["finished"] == 2)
         time.sleep(0.2)
-        # Only the warm parent remains: every coordinator exited with its request.
+        # Only the warm parent remains, with its task zygote: every coordinator
+        # and every task process exited with its request.
         alive = [p for p in _children(os.getpid()) if _alive(p)]
         assert alive == [runtime.spawner.pid]
-        assert [p for p in _children(alive[0]) if _alive(p)] == []
+        [zygote] = [p for p in _children(alive[0]) if _alive(p)]
+        assert b"mayfly.coordinator.zygote" in Path(f"/proc/{zygote}/cmdline").read_bytes()
+        assert [p for p in _children(zygote) if _alive(p)] == []
     finally:
         runtime.close()

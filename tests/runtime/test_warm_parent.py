@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -156,8 +157,8 @@ def test_the_warm_parent_never_checks_a_request_s_params_itself(
         real(manifest, params)  # type: ignore[arg-type]
 
     monkeypatch.setattr(local, "validate_params", spy)
-    warm = WarmCoordinator(home.settings())
     request = new_request("reboot", devices=["sim-0001"], params={"max_wait_s": 0})
     key, value, headers = to_kafka_record(request)
-    warm.before_fork(LogRecord("test", 0, 1, key, value, tuple(headers)))
+    with contextlib.closing(WarmCoordinator(home.settings())) as warm:
+        warm.before_fork(LogRecord("test", 0, 1, key, value, tuple(headers)))
     assert checked == [{}]

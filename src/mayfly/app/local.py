@@ -25,6 +25,7 @@ from mayfly.app.wiring import (
 from mayfly.coordinator import RequestPipeline
 from mayfly.coordinator.params import validate_params
 from mayfly.coordinator.runner import DeviceProgress
+from mayfly.coordinator.zygote import TaskZygote
 from mayfly.errors import EventError, MayflyError, ParamsError, StoreError, UnusableFileError
 from mayfly.eventlog import EventLog, LogRecord, MultiTopicConsumer
 from mayfly.events import (
@@ -102,19 +103,28 @@ class WarmCoordinator:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.coordinator = build_coordinator(settings, "local")
-        self.coordinator.repository.check()  # fail early, and warm the store's client
+        # Started first: its imports run while this process does its own.
+        self.zygote = TaskZygote()
+        self.zygote.start()
+        try:
+            self.coordinator = build_coordinator(settings, "local", starter=self.zygote)
+            self.coordinator.repository.check()  # fail early, and warm the store's client
+        except BaseException:
+            self.zygote.stop()
+            raise
         self._repository = self.coordinator.repository
         try:
             self.coordinator.warm()
         except MayflyError as exc:
             # Not fatal here: a request that needs the inventory is rejected with the reason.
             _LOG.warning("inventory not loaded yet: %s", exc)
+        self.zygote.wait_ready()
         self._prepared: _Prepared | None = None
         self._digest: str | None = None
         """The package digest this (serving) coordinator runs; set on its first request."""
 
     def before_fork(self, record: LogRecord) -> None:
+        self.zygote.restart_if_dead()
         # A file inventory is re-read only when it changed; an S3 one would cost a
         # GET per fork here, serialising every start behind it: coordinators fetch
         # that themselves.
@@ -159,6 +169,9 @@ class WarmCoordinator:
             validate_params(fetched.manifest, {})
         timeout_s = fetched.manifest.limits.timeout_s
         return _Prepared(record, request, pinned, fetched.digest, timeout_s)
+
+    def close(self) -> None:
+        self.zygote.stop()
 
     def accepts(self, record: LogRecord) -> bool:
         """A serving coordinator runs requests of one package digest: the one it

@@ -19,6 +19,7 @@ from mayfly.aggregator import Aggregator
 from mayfly.aggregator.archive import BucketResultArchive, LocalResultArchive, ResultArchive
 from mayfly.aggregator.ingest import Ingest
 from mayfly.coordinator import Coordinator, CoordinatorOptions
+from mayfly.coordinator.runner import TaskStarter
 from mayfly.coordinator.sinks import EventLogSink, FileSink, HttpSink, ResultSink
 from mayfly.devices import Inventory, parse_inventory
 from mayfly.devices.http import HttpDriver
@@ -275,10 +276,15 @@ def event_log_sink(log: EventLog, topics: Topics) -> ResultSink:
 
 
 def build_coordinator(
-    settings: Settings, mode: str, *, require_packages: bool = False
+    settings: Settings,
+    mode: str,
+    *,
+    require_packages: bool = False,
+    starter: TaskStarter | None = None,
 ) -> Coordinator:
     """A coordinator wired to the configured store, inventory and HTTP devices
-    (``require_packages``: see :func:`open_store`)."""
+    (``require_packages``: see :func:`open_store`; ``starter``: where its task
+    processes come from, by default forked from it)."""
     return Coordinator(
         open_repository(settings, require_packages=require_packages),
         inventory=inventory_loader(settings),
@@ -286,6 +292,7 @@ def build_coordinator(
         options=CoordinatorOptions(
             cache_dir=settings.package_cache, mode=mode, max_processes=settings.max_processes
         ),
+        starter=starter,
     )
 
 

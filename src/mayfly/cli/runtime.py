@@ -25,6 +25,7 @@ from mayfly.events import (
     TaskRejected,
     new_request,
 )
+from mayfly.procs import LOG_FORMAT
 from mayfly.settings import Settings
 
 __all__ = ["publish", "up"]
@@ -256,7 +257,7 @@ def up(settings: Settings, verbose: bool) -> None:
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format=LOG_FORMAT,
     )
     # A configuration error is said here, in one line, before anything is forked.
     check_wiring(settings)

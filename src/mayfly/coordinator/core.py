@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import mmap
 import os
 import socket
 import time
@@ -22,8 +21,8 @@ from pathlib import Path
 
 from mayfly import sandbox
 from mayfly.coordinator.params import validate_params
-from mayfly.coordinator.runner import DeviceProgress, RunPlan, run_devices
-from mayfly.coordinator.worker import WorkerSpec
+from mayfly.coordinator.runner import DeviceProgress, RunPlan, TaskStarter, run_devices
+from mayfly.coordinator.worker import CancelFlag, WorkerSpec
 from mayfly.devices import Device, DeviceDriver, Inventory
 from mayfly.errors import InventoryError, MayflyError
 from mayfly.events import (
@@ -42,24 +41,6 @@ from mayfly.packages import FetchedPackage, PackageRepository
 from mayfly.settings import DEFAULT_MAX_PROCESSES
 
 __all__ = ["Coordinator", "CoordinatorOptions", "overall_status"]
-
-
-class _CancelFlag:
-    """A flag the coordinator sets and its task processes read, across fork.
-
-    One byte of anonymous shared memory: setting it takes no lock (so a signal
-    handler may), and a new one costs a syscall, where a multiprocessing Event
-    (semaphores, a condition) cost about a millisecond per request.
-    """
-
-    def __init__(self) -> None:
-        self._byte = mmap.mmap(-1, 1)
-
-    def set(self) -> None:
-        self._byte[0] = 1
-
-    def is_set(self) -> bool:
-        return self._byte[0] == 1
 
 
 @dataclass(frozen=True)
@@ -97,12 +78,16 @@ class Coordinator:
         inventory: Callable[[], Inventory],
         driver_factory: Callable[[], DeviceDriver],
         options: CoordinatorOptions,
+        *,
+        starter: TaskStarter | None = None,
     ) -> None:
         self.repository = repository
         self._inventory = inventory
         self._driver_factory = driver_factory
         self.options = options
-        self._cancel = _CancelFlag()
+        self.starter = starter
+        """Where task processes come from (a zygote); by default forked from here."""
+        self._cancel = CancelFlag()
 
     def renewed(self) -> Coordinator:
         """The same wiring under a new instance id, for a freshly forked process."""
@@ -111,6 +96,7 @@ class Coordinator:
             self._inventory,
             self._driver_factory,
             dataclasses.replace(self.options, instance_id=_instance_id()),
+            starter=self.starter,
         )
 
     def warm(self) -> None:
@@ -199,10 +185,11 @@ class Coordinator:
         spec = WorkerSpec(
             request_id=request.id,
             package_dir=package_dir,
-            manifest=fetched.manifest,
+            entrypoint=fetched.manifest.entrypoint,
+            memory_mb=limits.memory_mb,
             params=dict(request.params),
             cpu_seconds=max(1, math.ceil(limits.timeout_s)),
-            is_canceled=self._cancel.is_set,
+            cancel=self._cancel,
         )
         return RunPlan(
             spec=spec,
@@ -215,6 +202,7 @@ class Coordinator:
             deadline=deadline,
             max_failure_ratio=rollout.max_failure_ratio if rollout else None,
             retry_backoff_s=self.options.retry_backoff_s,
+            starter=self.starter,
         )
 
 

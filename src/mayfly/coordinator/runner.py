@@ -26,6 +26,7 @@ import dataclasses
 import heapq
 import itertools
 import json
+import logging
 import math
 import multiprocessing.connection
 import os
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mayfly import sandbox
 from mayfly.coordinator.devicecalls import DeviceCalls
@@ -49,7 +50,9 @@ from mayfly.coordinator.worker import WorkerSpec, worker_main
 from mayfly.devices import Device, DeviceDriver
 from mayfly.events import DeviceResult, DeviceStatus
 
-__all__ = ["DeviceProgress", "RunPlan", "run_devices"]
+_LOG = logging.getLogger("mayfly.coordinator.runner")
+
+__all__ = ["DeviceProgress", "ForkStarter", "RunPlan", "TaskHandle", "TaskStarter", "run_devices"]
 
 ProgressFn = Callable[["DeviceProgress"], None]
 
@@ -63,6 +66,34 @@ class DeviceProgress:
     percent: float = 0.0
     message: str = ""
     attempt: int = 0
+
+
+class TaskHandle(Protocol):
+    """A started task process, as the loop watches and ends it."""
+
+    sentinel: int
+    """Readable when there is news of the process (:meth:`poll` says if it ended)."""
+    exitcode: int | None
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def poll(self, block: bool = False) -> int | None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def join(self, timeout: float) -> None: ...
+
+    def kill(self) -> None:
+        """SIGKILL it, and whatever it started (that part even after it ended)."""
+        ...
+
+
+class TaskStarter(Protocol):
+    """Starts a task process serving ``spec`` on the channel ``channel_fd``
+    (the caller closes its copy of that descriptor afterwards)."""
+
+    def start_task(self, channel_fd: int, spec: WorkerSpec) -> TaskHandle: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +113,8 @@ class RunPlan:
     """``time.monotonic()`` after which nothing new starts and running attempts end."""
     max_failure_ratio: float | None = None
     retry_backoff_s: float = 0.2
+    starter: TaskStarter | None = None
+    """Where task processes come from: by default forked from this process."""
 
 
 @dataclass
@@ -106,8 +139,8 @@ class _Device:
         )
 
 
-class _TaskProcess:
-    """A forked task process, watched through a pidfd.
+class _ForkedTask:
+    """A task process forked from this one, watched through a pidfd.
 
     Not a multiprocessing.Process: its sentinel is a pipe the child must keep
     open, and the sandbox closes every descriptor but the channel.
@@ -133,6 +166,14 @@ class _TaskProcess:
         if self.exitcode is None and select.select([self.sentinel], [], [], timeout)[0]:
             self.poll(block=True)
 
+    def kill(self) -> None:
+        # Its own session: whatever it started goes with it, even after it ended.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        if self.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.sentinel, signal.SIGKILL)
+
 
 def _start(fd: int, spec: WorkerSpec) -> int:
     coordinator = os.getpid()
@@ -150,9 +191,18 @@ def _start(fd: int, spec: WorkerSpec) -> int:
         os._exit(code)  # never return into the coordinator's code
 
 
+class ForkStarter:
+    """Task processes forked from the coordinator itself (job mode, and when no
+    zygote answers): the sandbox then wipes what it knows of the coordinator's
+    secrets from the copy."""
+
+    def start_task(self, channel_fd: int, spec: WorkerSpec) -> TaskHandle:
+        return _ForkedTask(_start(channel_fd, spec))
+
+
 @dataclass
 class _Worker:
-    process: _TaskProcess
+    process: TaskHandle
     channel: Channel
     ready: bool = False
     job: _Device | None = None
@@ -187,6 +237,8 @@ class _Run:
         self.import_error: str | None = None
         self.calls = DeviceCalls(plan.driver_factory, plan.spec.request_id, plan.parallel)
         self._warmed = False
+        self._forks = ForkStarter()
+        self.starter: TaskStarter = plan.starter or self._forks
         sandbox.prepare()  # once here, not in every task process (inherited)
         self.call_seq = itertools.count()
 
@@ -194,35 +246,42 @@ class _Run:
 
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        process = _TaskProcess(_start(theirs.fileno(), self.spec))
-        theirs.close()
+        try:
+            process = self._start_task(theirs.fileno())
+        finally:
+            theirs.close()
         ours.setblocking(False)
         self.workers.append(_Worker(process, Channel(ours.detach())))
         if not self._warmed:
             self._warmed = True
             self.calls.warm()  # after the fork: the process starts meanwhile
 
+    def _start_task(self, channel_fd: int) -> TaskHandle:
+        if self.starter is not self._forks:
+            try:
+                return self.starter.start_task(channel_fd, self.spec)
+            except OSError as exc:
+                # Still sandboxed, only forked from here: slower, never unsafe.
+                _LOG.warning("task zygote unusable (%s); forking task processes here", exc)
+                self.starter = self._forks
+        return self._forks.start_task(channel_fd, self.spec)
+
     def _retire(self, worker: _Worker, *, kill: bool) -> None:
         pid = worker.process.pid
         if kill and worker.process.is_alive():
-            # Its own session: whatever it started goes with it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            worker.process.kill()
         else:
             with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
                 worker.channel.send({"t": "stop"})
         worker.process.join(timeout=5)
         if worker.process.exitcode is None:  # it would not stop when asked
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            worker.process.kill()
             worker.process.poll(block=True)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # anything left in its session
+        worker.process.kill()  # anything left in its session
         worker.channel.close()
         self.workers.remove(worker)
-        shutil.rmtree(self.scratch / f"task-{pid}", ignore_errors=True)
+        if pid is not None:
+            shutil.rmtree(self.scratch / f"task-{pid}", ignore_errors=True)
 
     # -- device outcomes -----------------------------------------------------
 
@@ -462,6 +521,8 @@ class _Run:
             elif is_conn:
                 self._read(owner)
             elif not owner.channel.pending():
+                if owner.process.poll() is None:
+                    continue  # news of a start, not of an end (a zygote's pid)
                 self._read(owner)
                 if owner in self.workers:
                     self._on_death(owner)

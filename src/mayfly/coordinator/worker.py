@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import mmap
 import os
 import resource
 import signal
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,29 +33,92 @@ from mayfly.coordinator.frames import MAX_DEPTH, Channel, ProtocolError, check_t
 from mayfly.devices import Device
 from mayfly.errors import DeviceActionError, DeviceUnavailableError, EventError
 from mayfly.events._wire import check_depth
-from mayfly.packages import Manifest
 from mayfly.procs import die_with_parent
 from mayfly.sandbox import SandboxSpec, enter
 
-__all__ = ["MAX_OUTPUT_BYTES", "WorkerSpec", "worker_main"]
+__all__ = ["MAX_OUTPUT_BYTES", "CancelFlag", "WorkerSpec", "worker_main"]
 
 #: Largest JSON output kept per device; results must fit Kafka messages.
 MAX_OUTPUT_BYTES = 64 * 1024
 _LOG = logging.getLogger("mayfly.task")
 
 
+class CancelFlag:
+    """A flag the coordinator sets and its task processes read.
+
+    One byte of shared memory in a memfd: setting it takes no lock (so a signal
+    handler may), a new one costs two syscalls where a multiprocessing Event
+    (semaphores, a condition) cost about a millisecond per request, and its
+    descriptor can be handed to a task process that was not forked from the
+    coordinator (:mod:`mayfly.coordinator.zygote`).
+    """
+
+    def __init__(self, fd: int | None = None) -> None:
+        owner = fd is None
+        if fd is None:
+            fd = os.memfd_create("mayfly-cancel", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 1)
+        self._byte = mmap.mmap(fd, 1, prot=mmap.PROT_READ | (mmap.PROT_WRITE if owner else 0))
+        self._fd: int | None = fd if owner else None
+        if owner:
+            weakref.finalize(self, os.close, fd)
+        else:
+            os.close(fd)  # the mapping is all a reader keeps
+
+    def fileno(self) -> int:
+        """The memfd, for a task process to map (read-only there)."""
+        if self._fd is None:
+            raise ValueError("a reader's flag has no descriptor to give")
+        return self._fd
+
+    def set(self) -> None:
+        self._byte[0] = 1
+
+    def is_set(self) -> bool:
+        return self._byte[0] == 1
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a task process needs, fixed before it forks."""
+    """Everything a task process needs, fixed before it starts."""
 
     request_id: str
     package_dir: Path
-    manifest: Manifest
+    entrypoint: str
+    """``module:function`` of the package."""
+    memory_mb: int
     params: dict[str, Any]
     cpu_seconds: int
-    is_canceled: Callable[[], bool]
+    cancel: CancelFlag
     scratch_root: Path | None = None
     """Each task process gets a private folder below this one (the runner's)."""
+
+    def is_canceled(self) -> bool:
+        return self.cancel.is_set()
+
+    def to_json(self) -> bytes:
+        """The spec for a task process started elsewhere; the flag goes as a descriptor."""
+        return json.dumps(
+            {
+                "request_id": self.request_id,
+                "package_dir": str(self.package_dir),
+                "entrypoint": self.entrypoint,
+                "memory_mb": self.memory_mb,
+                "params": self.params,
+                "cpu_seconds": self.cpu_seconds,
+                "scratch_root": str(self.scratch_root) if self.scratch_root else None,
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, cancel: CancelFlag) -> WorkerSpec:
+        fields = json.loads(data)
+        scratch = fields.pop("scratch_root")
+        return cls(
+            **{**fields, "package_dir": Path(fields["package_dir"])},
+            cancel=cancel,
+            scratch_root=Path(scratch) if scratch else None,
+        )
 
 
 def _vm_size() -> int:
@@ -80,10 +145,11 @@ def _load_entrypoint(spec: WorkerSpec) -> Callable[[TaskContext], Any]:
     # no bytecode is written into it (a stray .pyc would be code nobody signed).
     sys.dont_write_bytecode = True
     sys.path.insert(0, str(spec.package_dir))
-    module = importlib.import_module(spec.manifest.module)
-    fn = getattr(module, spec.manifest.function, None)
+    module_name, _, function = spec.entrypoint.partition(":")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, function, None)
     if not callable(fn):
-        raise AttributeError(f"{spec.manifest.entrypoint} is not a function")
+        raise AttributeError(f"{spec.entrypoint} is not a function")
     return fn  # type: ignore[no-any-return]
 
 
@@ -101,7 +167,6 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     channel = Channel(fd)
-    limits = spec.manifest.limits
     try:
         enter(
             SandboxSpec(
@@ -111,10 +176,10 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
             ),
             keep_fds={fd},
         )
-        _apply_limits(limits.memory_mb, spec.cpu_seconds)
+        _apply_limits(spec.memory_mb, spec.cpu_seconds)
         entry = _load_entrypoint(spec)
     except BaseException as exc:
-        channel.send({"t": "import_failed", "error": _describe(exc, limits.memory_mb)})
+        channel.send({"t": "import_failed", "error": _describe(exc, spec.memory_mb)})
         return
     channel.send({"t": "ready"})
     try:
@@ -161,7 +226,7 @@ def _run_one(
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
-        error = _describe(exc, spec.manifest.limits.memory_mb)
+        error = _describe(exc, spec.memory_mb)
         channel.send({"t": "done", "ok": False, "output": None, "error": error})
         return
     if len(text) > MAX_OUTPUT_BYTES:

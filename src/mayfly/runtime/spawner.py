@@ -66,6 +66,10 @@ class ForkedWork(Protocol):
         through ``link``; returns its exit code."""
         ...
 
+    def close(self) -> None:
+        """In the warm parent, as it stops: end what it started (the task zygote)."""
+        ...
+
 
 #: Builds the :class:`ForkedWork` in the warm parent, once. A
 #: :class:`~mayfly.errors.MayflyError` it raises stops the start with its message.
@@ -91,6 +95,13 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
         # forked process would be all a user saw of a misconfigured store.
         conn.send(("error", isinstance(exc, ConfigError), str(exc)))
         return
+    try:
+        _serve_forks(conn, work, runtime_pid)
+    finally:
+        work.close()
+
+
+def _serve_forks(conn: Connection, work: ForkedWork, runtime_pid: int) -> None:
     children: dict[int, tuple[str, int]] = {}  # pidfd -> (token, pid)
     warm_pid = os.getpid()
     conn.send(("ready", os.getpid()))

@@ -1,0 +1,405 @@
+"""The task zygote: task processes forked from an interpreter that never held a
+request or a secret.
+
+A task process forked from its coordinator starts as a copy of that
+coordinator: the warm parent's heap, the parsed inventory, the store's
+client, what earlier requests left behind. The sandbox wipes the secrets it
+knows of; the rest stays readable to package code. And a fork of that
+~55 MB interpreter, with the exit after it, costs about 3 ms of CPU where
+one of this zygote costs under 2 (``bench/README.md``).
+
+The warm parent starts one zygote (``python -m mayfly.coordinator.zygote``):
+a fresh interpreter with an environment of a few harmless variables, which
+imports only what a task process runs (:mod:`mayfly.coordinator.worker`) and
+prepares the sandbox's fixed part once. Coordinators forked from the warm
+parent inherit a ``SOCK_SEQPACKET`` socket to it. To start a task process a
+coordinator sends one message, ``spawn``, carrying four descriptors: the
+task's channel, a status socket, the request's cancel flag (a memfd) and a
+memfd holding the :class:`~mayfly.coordinator.worker.WorkerSpec` as JSON. The
+zygote forks; the child reads its spec and runs
+:func:`~mayfly.coordinator.worker.worker_main`, sandbox first, as a child of
+the coordinator would. On the status socket the zygote answers with the
+child's pid and a pidfd (the coordinator kills through it), then, when the
+child ends, its exit status. When the coordinator closes its end (it ended,
+however), the zygote kills that task process: none outlives its coordinator.
+
+A message is one datagram, so coordinators sharing the socket never
+interleave; nothing the zygote reads is more than a word and descriptors,
+and the spec it never parses (the child does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mayfly import sandbox
+from mayfly.coordinator.worker import CancelFlag, WorkerSpec, worker_main
+from mayfly.procs import LOG_FORMAT, die_with_parent
+
+__all__ = ["TaskZygote", "ZygoteTask", "main"]
+
+_LOG = logging.getLogger("mayfly.coordinator.zygote")
+_SPAWN = b"spawn"
+_READY = b"ready"
+_WORD = struct.Struct("=4si")  # a tag and a number: the pid, the exit status, an errno
+#: The zygote's environment: nothing a task process could use against anyone.
+_KEPT_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONHASHSEED", "PYTHONIOENCODING")
+_SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+_MAX_SPEC_BYTES = 4 * 1024 * 1024
+#: How long a coordinator waits for the zygote's answer to a start (it forks
+#: at once; only a wedged zygote takes longer).
+_WORD_WAIT_S = 30.0
+
+
+# --- the coordinator's side ------------------------------------------------
+
+
+class ZygoteTask:
+    """A task process the zygote started, seen from its coordinator.
+
+    Its sentinel is the status socket: readable when the zygote reports the
+    pid (:meth:`poll` takes that and answers ``None``) and when it reports the
+    exit. A zygote that died says nothing more: its task processes died with
+    it (``PR_SET_PDEATHSIG``), which reads as a kill.
+    """
+
+    def __init__(self, status: socket.socket) -> None:
+        self._status = status
+        self.sentinel = status.fileno()
+        self._pid: int | None = None
+        self._pidfd: int | None = None
+        self.exitcode: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """Its pid, once the zygote said it (this waits for that word, a bounded time)."""
+        if self._pid is None and self.exitcode is None and not self._take(_WORD_WAIT_S):
+            _LOG.error("the task zygote did not answer in %.0f s; task process lost", _WORD_WAIT_S)
+            self._ended(-signal.SIGKILL)
+        return self._pid
+
+    def _take(self, timeout: float | None) -> bool:
+        """Read the zygote's next word (None: wait for it); False if none came."""
+        self._status.settimeout(timeout)
+        try:
+            data, fds, _, _ = socket.recv_fds(self._status, _WORD.size, 1)
+        except (BlockingIOError, TimeoutError):
+            return False
+        except OSError:
+            data, fds = b"", []
+        tag, number = _WORD.unpack(data) if len(data) == _WORD.size else (b"", 0)
+        if tag == b"pid " and len(fds) == 1 and self._pid is None:
+            self._pid, self._pidfd = number, fds[0]
+            return True
+        for fd in fds:
+            os.close(fd)
+        if tag == b"exit":
+            self._ended(number)
+        elif tag == b"err ":
+            self._ended(1)  # it could not fork: the attempt fails like a crash
+        else:
+            self._ended(-signal.SIGKILL)  # the zygote is gone, and its children with it
+        return True
+
+    def _ended(self, code: int) -> None:
+        self.exitcode = code
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._status.close()
+
+    def poll(self, block: bool = False) -> int | None:
+        """Its exit code once it ended (negative: the signal), else None."""
+        while self.exitcode is None and self._take(None if block else 0.0):
+            pass
+        return self.exitcode
+
+    def is_alive(self) -> bool:
+        return self.poll() is None
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.exitcode is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._take(left):
+                return
+
+    def kill(self) -> None:
+        """SIGKILL through the pidfd: never another process that got its pid."""
+        if self.pid is not None and self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+
+class TaskZygote:
+    """The zygote process and the socket to it.
+
+    Made and started in the warm parent; every coordinator forked after that
+    inherits the socket and calls :meth:`start_task`. Only the process that
+    started the zygote may :meth:`restart` or :meth:`stop` it.
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._owner = 0
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV or k.startswith("LC_")}
+        env["PYTHONPATH"] = os.pathsep.join(
+            [_SOURCE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        level = logging.getLogger().getEffectiveLevel()
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    __name__,
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                    str(level),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._owner = os.getpid()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> bool:
+        """Wait until it did its imports (a coordinator asking sooner waits for them
+        instead); False, with a warning, if it will not be ready."""
+        if self._sock is None:
+            return False
+        self._sock.settimeout(timeout_s)
+        try:
+            word = self._sock.recv(16)
+        except (TimeoutError, OSError) as exc:
+            word = str(exc).encode()
+        finally:
+            self._sock.settimeout(None)
+        if word != _READY:
+            _LOG.warning(
+                "the task zygote did not start (%s); coordinators fork task processes themselves",
+                word.decode(errors="replace") or "it exited",
+            )
+            return False
+        return True
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def restart_if_dead(self) -> bool:
+        """In the process that started it: start it again if it ended. True if it did."""
+        if self._process is None or os.getpid() != self._owner:
+            return False
+        code = self._process.poll()
+        if code is None:
+            return False
+        _LOG.warning("the task zygote exited (%s); starting it again", code)
+        self.stop()
+        self.start()
+        self.wait_ready()
+        return True
+
+    def start_task(self, channel_fd: int, spec: WorkerSpec) -> ZygoteTask:
+        """Have the zygote start a task process on ``channel_fd`` for ``spec``.
+
+        Raises:
+            OSError: the zygote is not there to ask.
+        """
+        if self._sock is None:
+            raise OSError("the task zygote was never started")
+        data = spec.to_json()
+        if len(data) > _MAX_SPEC_BYTES:
+            raise OSError(f"a task spec of {len(data)} bytes is too large for the zygote")
+        spec_fd = os.memfd_create("mayfly-spec", os.MFD_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            os.write(spec_fd, data)
+            os.lseek(spec_fd, 0, os.SEEK_SET)
+            fds = [channel_fd, theirs.fileno(), spec.cancel.fileno(), spec_fd]
+            socket.send_fds(self._sock, [_SPAWN], fds)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            os.close(spec_fd)
+        return ZygoteTask(ours)
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        process, self._process = self._process, None
+        if process is not None and os.getpid() == self._owner:
+            # Its socket closed here is not enough while coordinators hold theirs.
+            process.kill()
+            process.wait(timeout=5)
+
+
+# --- the zygote's side -------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    pid: int
+    pidfd: int
+    status: socket.socket | None
+
+
+def _read_spec(fd: int) -> bytes:
+    chunks = []
+    total = 0
+    while chunk := os.read(fd, 1 << 16):
+        total += len(chunk)
+        if total > _MAX_SPEC_BYTES:
+            raise ValueError("task spec too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _child(sock: socket.socket, channel: int, status: int, cancel: int, spec_fd: int) -> None:
+    code = 1
+    try:
+        zygote = os.getppid()
+        die_with_parent(zygote)
+        sock.close()
+        os.close(status)
+        spec = WorkerSpec.from_json(_read_spec(spec_fd), CancelFlag(cancel))
+        os.close(spec_fd)
+        worker_main(channel, spec, zygote)  # the sandbox closes every other descriptor
+        code = 0
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _spawn(sock: socket.socket, fds: list[int], children: dict[int, _Child],
+           selector: selectors.BaseSelector) -> None:  # fmt: skip
+    channel, status_fd, cancel, spec_fd = fds
+    status = socket.socket(fileno=status_fd)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            status.send(_WORD.pack(b"err ", exc.errno or 0))
+        status.close()
+        for fd in (channel, cancel, spec_fd):
+            os.close(fd)
+        return
+    if pid == 0:
+        selector.close()
+        for child in children.values():
+            os.close(child.pidfd)
+            if child.status is not None:
+                child.status.close()
+        _child(sock, channel, status.detach(), cancel, spec_fd)
+    for fd in (channel, cancel, spec_fd):
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    child = _Child(pid, pidfd, status)
+    children[pidfd] = child
+    selector.register(pidfd, selectors.EVENT_READ, ("exit", child))
+    try:
+        socket.send_fds(status, [_WORD.pack(b"pid ", pid)], [pidfd])
+    except OSError:
+        _orphaned(child, selector)  # its coordinator is gone already
+    else:
+        selector.register(status, selectors.EVENT_READ, ("peer", child))
+
+
+def _orphaned(child: _Child, selector: selectors.BaseSelector) -> None:
+    """Its coordinator closed the status socket: the task process goes too."""
+    if child.status is not None:
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(child.status)
+        child.status.close()
+        child.status = None
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+
+
+def _reap(child: _Child, children: dict[int, _Child], selector: selectors.BaseSelector) -> None:
+    selector.unregister(child.pidfd)
+    del children[child.pidfd]
+    _, status = os.waitpid(child.pid, 0)
+    os.close(child.pidfd)
+    if child.status is not None:
+        with contextlib.suppress(OSError):
+            child.status.send(_WORD.pack(b"exit", os.waitstatus_to_exitcode(status)))
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(child.status)
+        child.status.close()
+
+
+def serve(sock: socket.socket) -> None:
+    """Start task processes until no process holds the other end of ``sock``."""
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, None)
+    children: dict[int, _Child] = {}
+    while True:
+        for key, _ in selector.select():
+            if key.data is None:
+                try:
+                    data, fds, flags, _ = socket.recv_fds(sock, len(_SPAWN), 4)
+                except InterruptedError:
+                    continue
+                if not data and not fds:
+                    return  # the warm parent and every coordinator are gone
+                if data != _SPAWN or len(fds) != 4 or flags & socket.MSG_CTRUNC:
+                    for fd in fds:
+                        os.close(fd)
+                    _LOG.warning("a malformed request to the task zygote, ignored")
+                    continue
+                # Nothing this process allocated since its imports is shared
+                # with the child as garbage to walk: see the warm parent's note.
+                gc.freeze()
+                _spawn(sock, fds, children, selector)
+            else:
+                kind, child = key.data
+                if kind == "exit":
+                    _reap(child, children, selector)
+                else:
+                    _orphaned(child, selector)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m mayfly.coordinator.zygote FD PARENT_PID LOG_LEVEL``."""
+    fd, parent, level = (int(a) for a in argv)
+    die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the runtime decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    sandbox.prepare()
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.send(_READY)  # read by the warm parent only, before it forks anyone
+        serve(sock)
+    finally:
+        sock.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,202 @@
+"""Task processes of the local runtime come from the task zygote: they hold
+nothing of their coordinator, and none outlives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mayfly.app.local import Runtime
+from mayfly.app.publishing import publish_folder
+from mayfly.coordinator.worker import CancelFlag, WorkerSpec
+from mayfly.coordinator.zygote import TaskZygote
+from mayfly.devices.sim import SimulatorServer
+from mayfly.eventlog.publisher import publish_request
+from mayfly.events import TaskCompleted, new_request
+
+from .conftest import Home
+
+FleetFactory = Callable[..., SimulatorServer]
+
+#: Modules of the coordinator's own work: a task process has no use for them.
+_COORDINATOR_MODULES = ("mayfly.app", "mayfly.runtime", "mayfly.eventlog", "minio", "kafka")
+
+_SNOOP = f"""
+import gc, os, sys
+
+def run(ctx):
+    strings = []
+    for obj in gc.get_objects():
+        values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+        strings += [v for v in values if isinstance(v, str) and "remnant-" in v]
+    return {{
+        "ppid": os.getppid(),
+        "modules": sorted(m for m in sys.modules if m.startswith({_COORDINATOR_MODULES!r})),
+        "remnants": sorted(set(strings)),
+    }}
+"""
+
+
+def _snoop_package(home: Home, tmp_path: Path) -> None:
+    folder = tmp_path / "snoop"
+    folder.mkdir()
+    manifest = {
+        "name": "snoop",
+        "version": "1.0.0",
+        "entrypoint": "snoop:run",
+        "params_schema": {"type": "object", "properties": {"note": {"type": "string"}}},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "snoop.py").write_text(_SNOOP)
+    publish_folder(home.settings(), folder)
+
+
+def test_package_code_sees_nothing_of_its_coordinator_or_the_requests_before(
+    home: Home, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet(1)
+    _snoop_package(home, tmp_path)
+    requests = [
+        new_request("snoop", devices=["sim-0001"], params={"note": f"remnant-{i}"})
+        for i in range(4)
+    ]
+    log = home.log()
+    for request in requests:
+        publish_request(log, request)
+    log.close()
+    runtime = Runtime(home.settings(MAYFLY_MAX_COORDINATORS="1"))  # one coordinator serves all
+    runtime.start()
+    deadline = time.monotonic() + 60
+    try:
+        runtime.run(
+            should_stop=lambda: len(home.results()) == len(requests) or time.monotonic() > deadline
+        )
+    finally:
+        runtime.close()
+
+    results = home.results()
+    assert set(results) == {r.id for r in requests}
+    for i, request in enumerate(requests):
+        result = results[request.id]
+        assert isinstance(result, TaskCompleted), result
+        assert result.status == "succeeded", result
+        [device] = result.devices
+        # Its parent is the zygote, not the coordinator that made this result.
+        assert device.output["ppid"] != result.coordinator.pid
+        assert device.output["modules"] == []
+        # Its own params only: nothing of what the same coordinator ran before.
+        assert device.output["remnants"] in ([], [f"remnant-{i}"])
+
+
+@pytest.fixture
+def zygote() -> Iterator[TaskZygote]:
+    z = TaskZygote()
+    z.start()
+    yield z
+    z.stop()
+
+
+def _spec(package: Path, scratch: Path) -> WorkerSpec:
+    return WorkerSpec(
+        request_id="r1",
+        package_dir=package,
+        entrypoint="task:run",
+        memory_mb=256,
+        params={},
+        cpu_seconds=30,
+        cancel=CancelFlag(),
+        scratch_root=scratch,
+    )
+
+
+def _package(tmp_path: Path) -> Path:
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    (folder / "task.py").write_text("def run(ctx):\n    return 'ok'\n")
+    return folder
+
+
+def _gone(pid: int, timeout_s: float) -> bool:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout_s)[0])
+    finally:
+        os.close(pidfd)
+
+
+def test_a_task_process_whose_coordinator_is_gone_is_killed(
+    zygote: TaskZygote, tmp_path: Path
+) -> None:
+    ours, theirs = socket.socketpair()
+    task = zygote.start_task(theirs.fileno(), _spec(_package(tmp_path), tmp_path))
+    theirs.close()
+    pid = task.pid
+    assert pid is not None
+    ours.settimeout(10)
+    assert b"ready" in ours.recv(100)  # waiting for its first device now
+    # The coordinator ends without a word; its channel stays open somewhere.
+    task._status.close()  # what its exit does to the status socket
+    assert _gone(pid, 10), "the task process outlived its coordinator"
+    ours.close()
+
+
+def test_the_zygote_ignores_a_malformed_request_and_serves_the_next(
+    zygote: TaskZygote, tmp_path: Path
+) -> None:
+    assert zygote._sock is not None
+    zygote._sock.send(b"spawn")  # no descriptors
+    zygote._sock.send(b"fork bomb please")
+    ours, theirs = socket.socketpair()
+    task = zygote.start_task(theirs.fileno(), _spec(_package(tmp_path), tmp_path))
+    theirs.close()
+    ours.settimeout(10)
+    assert b"ready" in ours.recv(100)
+    ours.close()  # it reads EOF and exits
+    task.join(10)
+    assert task.exitcode == 0
+
+
+def test_the_zygote_holds_no_secret_of_the_process_that_started_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAYFLY_S3_SECRET_KEY", "zygote-secret-value")
+    zygote = TaskZygote()
+    zygote.start()
+    try:
+        assert zygote.pid is not None
+        environ = Path(f"/proc/{zygote.pid}/environ").read_bytes()
+        assert b"zygote-secret-value" not in environ
+        assert b"MAYFLY_S3_SECRET_KEY" not in environ
+    finally:
+        zygote.stop()
+
+
+def test_a_coordinator_whose_zygote_died_still_runs_its_devices(
+    home: Home, fleet: FleetFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mayfly.app.wiring import build_coordinator
+
+    fleet(2)
+    zygote = TaskZygote()
+    zygote.start()
+    assert zygote._process is not None
+    zygote._process.kill()
+    zygote._process.wait()
+    coordinator = build_coordinator(home.settings(), "test", starter=zygote)
+    try:
+        outcome = coordinator.handle(new_request("reboot", devices=["sim-0001", "sim-0002"]))
+    finally:
+        zygote.stop()
+    assert isinstance(outcome, TaskCompleted), outcome
+    assert outcome.status == "succeeded", outcome
+    assert "forking task processes here" in caplog.text
