@@ -26,7 +26,10 @@ from .conftest import Home
 FleetFactory = Callable[..., SimulatorServer]
 
 #: Modules of the coordinator's own work: a task process has no use for them.
-_COORDINATOR_MODULES = ("mayfly.app", "mayfly.runtime", "mayfly.eventlog", "minio", "kafka")
+_COORDINATOR_MODULES = (
+    "mayfly.app", "mayfly.runtime", "mayfly.eventlog", "mayfly.events", "mayfly.packages",
+    "minio", "kafka", "pydantic", "jsonschema", "cryptography",
+)  # fmt: skip
 
 _SNOOP = f"""
 import gc, os, sys

@@ -25,13 +25,29 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from mayfly.devices import Device
 from mayfly.errors import DeviceError, DeviceUnavailableError
 
-__all__ = ["DeviceHandle", "DeviceLink", "TaskContext"]
+__all__ = ["DeviceHandle", "DeviceInfo", "DeviceLink", "TaskContext"]
 
 _MIN_POLL_S = 0.02
 _MAX_POLL_S = 1.0
+
+
+class DeviceInfo(Protocol):
+    """What package code may know of its device (an inventory ``Device`` is one).
+
+    Not the inventory model itself: a task process does without pydantic
+    (a smaller process to fork, :mod:`mayfly.coordinator.zygote`).
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def labels(self) -> dict[str, str]: ...
+
+    @property
+    def capabilities(self) -> tuple[str, ...]: ...
 
 
 class DeviceLink(Protocol):
@@ -45,7 +61,7 @@ class DeviceLink(Protocol):
 class DeviceHandle:
     """One device as package code sees it, bounded by the attempt's deadline."""
 
-    def __init__(self, device: Device, link: DeviceLink, deadline: float) -> None:
+    def __init__(self, device: DeviceInfo, link: DeviceLink, deadline: float) -> None:
         self._device = device
         self._link = link
         self._deadline = deadline

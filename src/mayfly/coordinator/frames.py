@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mayfly.errors import EventError
-from mayfly.events._wire import check_depth
+from mayfly.jsondepth import check_depth
 
 __all__ = [
     "MAX_ACTION_NAME",

@@ -359,7 +359,7 @@ class _Run:
             worker.channel.send(
                 {
                     "t": "run",
-                    "device": state.device.model_dump(mode="json"),
+                    "device": _described(state.device),
                     "attempt": state.attempts,
                     "remaining_s": max(0.0, worker.job_deadline - now),
                 }
@@ -557,6 +557,12 @@ class _Run:
             self._on_protocol_error(worker, exc)
         except (EOFError, OSError):
             self._on_death(worker)
+
+
+def _described(device: Device) -> dict[str, Any]:
+    """What a task process is told of its device: no address (it reaches the
+    device only through this coordinator)."""
+    return {"id": device.id, "labels": device.labels, "capabilities": list(device.capabilities)}
 
 
 def _output(text: str | None) -> Any:

@@ -30,9 +30,8 @@ from typing import Any
 
 from mayfly.coordinator.context import DeviceHandle, TaskContext
 from mayfly.coordinator.frames import MAX_DEPTH, Channel, ProtocolError, check_task_frame, encode
-from mayfly.devices import Device
 from mayfly.errors import DeviceActionError, DeviceUnavailableError, EventError
-from mayfly.events._wire import check_depth
+from mayfly.jsondepth import check_depth
 from mayfly.procs import die_with_parent
 from mayfly.sandbox import SandboxSpec, enter
 
@@ -191,7 +190,7 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
                 channel,
                 spec,
                 entry,
-                Device.model_validate(message["device"]),
+                _device(message["device"]),
                 int(message["attempt"]),
                 time.monotonic() + float(message["remaining_s"]),
             )
@@ -199,11 +198,30 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
         pass  # the coordinator went away: nothing left to report to
 
 
+@dataclass(frozen=True)
+class _Device:
+    """The device of an attempt, as the coordinator described it (id, labels,
+    capabilities; how to reach it is the coordinator's business)."""
+
+    id: str
+    labels: dict[str, str]
+    capabilities: tuple[str, ...]
+
+
+def _device(fields: dict[str, Any]) -> _Device:
+    labels = fields.get("labels") or {}
+    return _Device(
+        id=str(fields["id"]),
+        labels={str(k): str(v) for k, v in labels.items()},
+        capabilities=tuple(str(c) for c in fields.get("capabilities") or ()),
+    )
+
+
 def _run_one(
     channel: Channel,
     spec: WorkerSpec,
     entry: Callable[[TaskContext], Any],
-    device: Device,
+    device: _Device,
     attempt: int,
     deadline: float,
 ) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeAlias
 
 from mayfly.errors import EventError
 from mayfly.events._base import JSON_CONTENT_TYPE, MAX_ATTRIBUTE_NAME_CHARS, MAX_EVENT_BYTES
+from mayfly.jsondepth import check_depth
 
 __all__ = [
     "ENVELOPE_ALLOWANCE",
@@ -89,10 +90,6 @@ _PEEKED_CHARS = 1024
 # transport, so no attribute value may hold one.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BYTES = bytes([*range(0x20), 0x7F])
-# A JSON string, escapes included: the brackets inside one do not nest.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_SQUARE = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 class KafkaRecord(Protocol):
@@ -195,39 +192,6 @@ def check_content_type(value: object) -> None:
             "utf8",
         ):
             raise refused
-
-
-def check_depth(raw: bytes | str, limit: int = MAX_JSON_DEPTH, field: str = "data") -> None:
-    """Refuse JSON text nested deeper than ``limit`` levels, before it is parsed.
-
-    Cheap: text with at most ``limit`` brackets cannot be deeper (a normal
-    request: two ``count`` calls). Otherwise the brackets outside strings are
-    kept and innermost pairs removed, one level per pass, in C (``re``,
-    ``bytes.translate``, ``bytes.replace``); a typical result needs as many
-    passes as it is deep. Malformed text may be refused here rather than by
-    the parser; it is refused either way.
-
-    Raises:
-        EventError: on ``field``, when the text is (or may be) nested too deeply.
-    """
-    if isinstance(raw, str):
-        if raw.count("[") + raw.count("{") <= limit:
-            return
-        raw = raw.encode("utf-8", "surrogatepass")
-    elif raw.count(b"[") + raw.count(b"{") <= limit:
-        return
-    skeleton = _JSON_STRING.sub(b"", raw).translate(_SQUARE, _NOT_BRACKETS)
-    height = 0  # of the tallest balanced bracket tree removed so far
-    while skeleton and height <= limit:
-        reduced = skeleton.replace(b"[]", b"")
-        if len(reduced) == len(skeleton):
-            break  # unmatched brackets only: "]]][[["
-        skeleton, height = reduced, height + 1
-    # Unmatched opening brackets nest around whatever follows them.
-    if height + skeleton.count(b"[") > limit:
-        raise EventError(
-            field, f"JSON nested more than {limit} levels deep; Mayfly accepts at most {limit}"
-        )
 
 
 class LoneSurrogateError(ValueError):
