@@ -27,7 +27,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mayfly.app.local import WarmCoordinator
+from mayfly.app.warm import WarmCoordinator
 from mayfly.devices.sim import Simulator, SimulatorServer
 from mayfly.eventlog import LogRecord
 from mayfly.eventlog.sqlite import SqliteEventLog

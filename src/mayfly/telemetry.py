@@ -40,13 +40,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 from opentelemetry import metrics, trace
-from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -64,6 +60,9 @@ from mayfly import __version__
 from mayfly.errors import ConfigError
 from mayfly.settings import ENV_OTLP_ENDPOINT, ENV_OTLP_METRICS_ENDPOINT
 from mayfly.spanexport import ProcessSpanExporter, RecordTracer
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 __all__ = [
     "DEFAULT_DEVICE_SERIES_LIMIT",
@@ -95,6 +94,10 @@ _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
 def _otlp_dict(message: Message) -> dict[str, Any]:
+    # protobuf and the OTLP encoders are imported by what writes files only: a
+    # runtime exporting over OTLP/HTTP encodes its spans in a child process.
+    from google.protobuf.json_format import MessageToDict
+
     encoded: dict[str, Any] = MessageToDict(message, use_integers_for_enums=True)
     return encoded
 
@@ -112,6 +115,8 @@ def spans_to_otlp_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
     Encoded by the OTLP exporters' own protobuf encoder, then mapped to JSON
     as OTLP/HTTP specifies (hex ids, integer enums, lowerCamelCase names).
     """
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
     request = _otlp_dict(encode_spans(spans))
     for resource_spans in request.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):
@@ -124,6 +129,8 @@ def spans_to_otlp_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
 
 def metrics_to_otlp_json(data: MetricsData) -> dict[str, Any]:
     """One OTLP/JSON ``ExportMetricsServiceRequest`` holding ``data``."""
+    from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
     request = _otlp_dict(encode_metrics(data))
     # Exemplars carry trace and span ids too.
     for resource_metrics in request.get("resourceMetrics", ()):
@@ -214,6 +221,40 @@ class OtlpJsonFileMetricExporter(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         self._out.close()
+
+
+class _OnFirstExport(SpanExporter):
+    """The SDK's OTLP/HTTP span exporter, made when the first batch is exported.
+
+    The bulk tracer's spans leave through a child process; this one carries
+    only spans of ordinary tracers, which many processes never make, and the
+    exporter's client (requests, protobuf) is over 15 MB of memory.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self._endpoint = endpoint
+        self._exporter: SpanExporter | None = None
+        self._lock = threading.Lock()
+
+    def _made(self) -> SpanExporter:
+        with self._lock:
+            if self._exporter is None:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+
+                self._exporter = OTLPSpanExporter(endpoint=self._endpoint)
+            return self._exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._made().export(spans)
+
+    def shutdown(self) -> None:
+        if self._exporter is not None:
+            self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._exporter.force_flush(timeout_millis) if self._exporter is not None else True
 
 
 # --- Configuration -------------------------------------------------------------
@@ -336,11 +377,7 @@ def configure_telemetry(
     destination = "an in-process exporter" if span_exporter is not None else "nowhere"
     if exporter is None and otlp_endpoint:
         url = _signal_url(_check_url(otlp_endpoint, ENV_OTLP_ENDPOINT), "traces")
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter,
-        )
-
-        exporter, destination, bulk_endpoint = OTLPSpanExporter(endpoint=url), url, url
+        exporter, destination, bulk_endpoint = _OnFirstExport(url), url, url
     elif exporter is None and trace_file is not None:
         exporter, destination = OtlpJsonFileSpanExporter(trace_file), str(trace_file)
     if exporter is not None:

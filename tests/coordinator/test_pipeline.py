@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mayfly.app.local import WarmCoordinator
+from mayfly.app.warm import WarmCoordinator
 from mayfly.coordinator import ExitCode, Handled, RequestPipeline
 from mayfly.coordinator.http import answer_http
 from mayfly.coordinator.sinks import EventLogSink, FileSink

@@ -342,7 +342,7 @@ def test_a_coordinator_that_cannot_dead_letter_does_not_stop_the_dispatcher(
 
     # The coordinator process crashes on the poison (as on any bug it may trigger),
     # and the first dead-letter emit refuses the rejection.
-    from mayfly.app import local
+    from mayfly.app import warm as local
     from mayfly.coordinator.sinks import EventLogSink
     from mayfly.errors import EventError
 

@@ -181,3 +181,32 @@ def test_idle_runtime_keeps_no_coordinator_alive(home: Home, fleet: FleetFactory
         assert [p for p in _children(zygote) if _alive(p)] == []
     finally:
         runtime.close()
+
+
+def _loaded(pid: int) -> str:
+    """Every file mapped into a process: its shared libraries among them."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_mayfly_up_holds_none_of_the_coordinators_code(home: Home, fleet: FleetFactory) -> None:
+    # The package store's signing (cryptography) and params schemas (jsonschema,
+    # whose referencing needs rpds) are the warm parent's: `mayfly up` stays small.
+    fleet(1)
+    up = home.up()
+    log = home.log()
+    request = new_request("reboot", devices=["sim-0001"])
+    publish_request(log, request)
+    log.close()
+    try:
+        home.wait_for_results({request.id}, 60)
+        [warm] = [p for p in _children(up.pid) if "mayfly.spanexport" not in _cmdline(p)]
+        assert "cryptography" in _loaded(warm)  # it verified the package it ran
+        assert "cryptography" not in _loaded(up.pid)
+        assert "rpds" not in _loaded(up.pid)
+    finally:
+        up.terminate()
+        up.wait(timeout=30)
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

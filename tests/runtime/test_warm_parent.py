@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mayfly.app.local import WarmCoordinator
+from mayfly.app.warm import WarmCoordinator
 from mayfly.devices.sim import SimulatorServer
 from mayfly.eventlog import LogRecord
 from mayfly.events import TaskCompleted, TaskRejected, from_kafka, new_request, to_kafka_record
@@ -147,7 +147,7 @@ def test_the_warm_parent_never_checks_a_request_s_params_itself(
     # for. The warm-up builds the validator on empty params; the coordinator
     # checks the request's.
     fleet(1)
-    import mayfly.app.local as local
+    import mayfly.app.warm as local
 
     checked: list[dict[str, object]] = []
     real = local.validate_params

@@ -31,11 +31,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 from mayfly.errors import EventError, StoreError
 from mayfly.events import TASK_COMPLETED, TASK_REJECTED, TaskCompleted, TaskRejected
-from mayfly.packages import PackageStore
+
+if TYPE_CHECKING:  # the package store's code (signing, manifests) is not the aggregator's
+    from mayfly.packages import PackageStore
 
 __all__ = [
     "ArchivedEvent",

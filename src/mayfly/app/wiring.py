@@ -15,19 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mayfly.aggregator import Aggregator
-from mayfly.aggregator.archive import BucketResultArchive, LocalResultArchive, ResultArchive
-from mayfly.aggregator.ingest import Ingest
-from mayfly.coordinator import Coordinator, CoordinatorOptions
-from mayfly.coordinator.runner import TaskStarter
 from mayfly.coordinator.sinks import EventLogSink, FileSink, HttpSink, ResultSink
-from mayfly.devices import Inventory, parse_inventory
-from mayfly.devices.http import HttpDriver
+from mayfly.devices.inventory import Inventory, parse_inventory
 from mayfly.errors import ConfigError, InventoryError
 from mayfly.eventlog import EventLog
 from mayfly.events import MayflyEvent
-from mayfly.packages import LocalPackageStore, PackageRepository, PackageStore, TrustedKeys
-from mayfly.packages.repository import SIGNATURE
 from mayfly.settings import (
     ENV_ARCHIVE,
     ENV_EVENT_LOG,
@@ -39,6 +31,16 @@ from mayfly.settings import (
 from mayfly.topics import Topics
 
 if TYPE_CHECKING:
+    # Imported where they are used: `mayfly up` imports this module before it
+    # forks its warm parent, and neither process should carry what only the
+    # other uses (the package store's signing and manifests, the coordinator,
+    # the HTTP driver; the aggregator and the OpenTelemetry SDK).
+    from mayfly.aggregator import Aggregator
+    from mayfly.aggregator.archive import ResultArchive
+    from mayfly.aggregator.ingest import Ingest
+    from mayfly.coordinator import Coordinator
+    from mayfly.coordinator.runner import TaskStarter
+    from mayfly.packages import PackageRepository, PackageStore, TrustedKeys
     from mayfly.telemetry import Telemetry
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "build_aggregator",
     "build_coordinator",
     "check_event_log",
+    "check_store_folder",
     "event_log_sink",
     "inventory_loader",
     "load_inventory",
@@ -61,6 +64,22 @@ __all__ = [
 
 def open_s3_store(settings: Settings, bucket: str, *, create_bucket: bool) -> PackageStore:
     """A store on ``bucket`` with the configured S3 endpoint and credentials."""
+    endpoint, access, secret = _s3_settings(settings, bucket)
+    # Imported here: the minio client is only paid for when S3 is configured.
+    from mayfly.packages.s3store import S3PackageStore
+
+    return S3PackageStore(
+        endpoint,
+        bucket,
+        access_key=access,
+        secret_key=secret,
+        region=settings.s3_region,
+        create_bucket=create_bucket,
+    )
+
+
+def _s3_settings(settings: Settings, bucket: str) -> tuple[str, str, str]:
+    """The S3 endpoint and credentials; ConfigError naming each one missing."""
     endpoint, access, secret = settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key
     if not (endpoint and access and secret):
         missing = [
@@ -74,17 +93,7 @@ def open_s3_store(settings: Settings, bucket: str, *, create_bucket: bool) -> Pa
         ]
         listed = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
         raise ConfigError(f"s3://{bucket} needs {listed} to be set")
-    # Imported here: the minio client is only paid for when S3 is configured.
-    from mayfly.packages.s3store import S3PackageStore
-
-    return S3PackageStore(
-        endpoint,
-        bucket,
-        access_key=access,
-        secret_key=secret,
-        region=settings.s3_region,
-        create_bucket=create_bucket,
-    )
+    return endpoint, access, secret
 
 
 def _named(field: str) -> str:
@@ -160,6 +169,8 @@ def open_store(settings: Settings, *, require_packages: bool = False) -> Package
         ConfigError: ``require_packages`` and no package in the folder, saying
             whether the path looks wrong or the home is new.
     """
+    from mayfly.packages.store import LocalPackageStore
+
     if settings.store_is_s3:
         return open_s3_store(settings, settings.s3_bucket, create_bucket=True)
     root = Path(settings.store).expanduser()
@@ -168,7 +179,24 @@ def open_store(settings: Settings, *, require_packages: bool = False) -> Package
     return LocalPackageStore(root)
 
 
+def check_store_folder(settings: Settings) -> None:
+    """Refuse now, without the signing, manifest or S3 client code, a store
+    folder that holds no package (a typo, a new home) or an S3 store without
+    its settings; an S3 store's bucket is checked where it is opened.
+
+    Raises:
+        ConfigError: saying whether the path looks wrong or the home is new,
+            or which S3 setting is missing.
+    """
+    if settings.store_is_s3:
+        _s3_settings(settings, settings.s3_bucket)
+    else:
+        _require_packages(settings, Path(settings.store).expanduser())
+
+
 def _require_packages(settings: Settings, root: Path) -> None:
+    from mayfly.packages.store import SIGNATURE
+
     try:
         # A version is published once its signature is written (last).
         if root.is_dir() and next(root.glob(f"*/*/{SIGNATURE}"), None) is not None:
@@ -199,6 +227,8 @@ def _require_packages(settings: Settings, root: Path) -> None:
 
 def load_trusted_keys(settings: Settings) -> TrustedKeys:
     """Trusted public keys; a missing default folder simply means none yet."""
+    from mayfly.packages.signing import TrustedKeys
+
     if settings.trusted_keys:
         return TrustedKeys.from_paths(list(settings.trusted_keys))
     return TrustedKeys.from_paths([p for p in settings.trusted_key_paths if p.exists()])
@@ -207,6 +237,8 @@ def load_trusted_keys(settings: Settings) -> TrustedKeys:
 def open_repository(settings: Settings, *, require_packages: bool = False) -> PackageRepository:
     """The package repository over the configured store and trusted keys
     (``require_packages``: see :func:`open_store`)."""
+    from mayfly.packages.repository import PackageRepository
+
     store = open_store(settings, require_packages=require_packages)
     return PackageRepository(store, load_trusted_keys(settings))
 
@@ -285,6 +317,9 @@ def build_coordinator(
     """A coordinator wired to the configured store, inventory and HTTP devices
     (``require_packages``: see :func:`open_store`; ``starter``: where its task
     processes come from, by default forked from it)."""
+    from mayfly.coordinator.core import Coordinator, CoordinatorOptions
+    from mayfly.devices.http import HttpDriver
+
     return Coordinator(
         open_repository(settings, require_packages=require_packages),
         inventory=inventory_loader(settings),
@@ -304,6 +339,8 @@ def open_archive(settings: Settings, location: str | None = None) -> ResultArchi
     Raises:
         ConfigError: for an s3:// location without a bucket or S3 settings.
     """
+    from mayfly.aggregator.archive import BucketResultArchive, LocalResultArchive
+
     location = location or settings.archive
     if not location.startswith("s3://"):
         return LocalResultArchive(Path(location).expanduser())
@@ -360,6 +397,8 @@ def build_aggregator(
     Raises:
         ConfigError: for invalid settings.
     """
+    from mayfly.aggregator import Aggregator
+    from mayfly.aggregator.ingest import Ingest
     from mayfly.telemetry import configure_telemetry  # the SDK: only where traces are made
 
     archive = open_archive(settings)

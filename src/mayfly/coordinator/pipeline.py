@@ -23,9 +23,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from mayfly.coordinator.core import Coordinator
-from mayfly.coordinator.runner import DeviceProgress
 from mayfly.coordinator.sinks import ResultSink, deliver
 from mayfly.errors import EventError, SinkError
 from mayfly.events import (
@@ -37,6 +36,10 @@ from mayfly.events import (
     rejection_for,
 )
 from mayfly.exitcodes import ExitCode
+
+if TYPE_CHECKING:  # for its types only: `summarize` is used where no coordinator runs
+    from mayfly.coordinator.core import Coordinator
+    from mayfly.coordinator.runner import DeviceProgress
 
 __all__ = ["Handled", "Outcome", "RequestPipeline", "exit_code_for", "summarize"]
 

@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import requests
-
 from mayfly.errors import MayflyError, SinkError
 from mayfly.eventlog import EventLog, Headers
 from mayfly.events import (
@@ -112,6 +110,11 @@ class HttpSink:
         self._attempts = attempts
         self._timeout = timeout_s
         self._sleep = sleep
+        # Here, not at the top: `mayfly up` imports this module for the runtime's
+        # own sink, and requests is 17 MB of a process that never posts a result.
+        import requests
+
+        self._errors = requests.RequestException
         self._session = requests.Session()
 
     def emit(self, event: MayflyEvent) -> None:
@@ -122,7 +125,7 @@ class HttpSink:
                 response = self._session.post(
                     self.url, data=body, headers=headers, timeout=self._timeout
                 )
-            except requests.RequestException as exc:
+            except self._errors as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:
                 if response.status_code < 300:

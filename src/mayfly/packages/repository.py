@@ -42,7 +42,7 @@ from mayfly.packages.archive import (
 from mayfly.packages.manifest import NAME_PATTERN, Manifest, parse_manifest
 from mayfly.packages.signing import Signature, TrustedKeys, verify
 from mayfly.packages.snapshot import Snapshot, check_started, settled, snapshot_tree
-from mayfly.packages.store import PackageStore
+from mayfly.packages.store import ARCHIVE, MANIFEST, SIGNATURE, PackageStore
 from mayfly.packages.verified import VerifiedVersions
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
 DEFAULT_CHANNEL = "stable"
 _CHANNEL = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _NAME = re.compile(NAME_PATTERN)
-ARCHIVE, MANIFEST, SIGNATURE = "package.tar.gz", "manifest.json", "package.sig"
 #: Extract-and-check rounds before giving up on a cache folder that keeps changing.
 _CACHE_ATTEMPTS = 3
 #: Cache folders whose snapshot one package keeps (one per cache root in use).

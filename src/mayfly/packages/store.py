@@ -17,6 +17,10 @@ from typing import Protocol, runtime_checkable
 
 from mayfly.errors import StoreError
 
+#: The files of one published version, ``<name>/<version>/<file>``; the
+#: signature is written last, so a version is published once it is there.
+ARCHIVE, MANIFEST, SIGNATURE = "package.tar.gz", "manifest.json", "package.sig"
+
 __all__ = ["LocalPackageStore", "PackageStore", "check_key"]
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
