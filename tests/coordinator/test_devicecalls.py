@@ -20,10 +20,13 @@ DEVICE = Device(id="dev-1", address="http://127.0.0.1:9/devices/dev-1")
 
 
 class Recorder:
-    def __init__(self, answer: object = None, error: Exception | None = None) -> None:
+    def __init__(
+        self, answer: object = None, error: Exception | None = None, delay_s: float = 0.0
+    ) -> None:
         self.calls: list[tuple[str, str, str | None]] = []
         self.answer = answer if answer is not None else {"ok": True}
         self.error = error
+        self.delay_s = delay_s
         self.closed = False
 
     def state(self, device: Device, *, deadline: float | None = None) -> dict[str, Any]:
@@ -43,6 +46,7 @@ class Recorder:
         return self._reply()
 
     def _reply(self) -> Any:
+        time.sleep(self.delay_s)
         if self.error is not None:
             raise self.error
         return self.answer
@@ -66,7 +70,7 @@ def _action(name: str) -> dict[str, Any]:
 
 def test_keys_count_each_action_name_within_an_attempt() -> None:
     driver = Recorder()
-    calls = DeviceCalls(lambda: driver, "req-1", threads=1)
+    calls = DeviceCalls(lambda: driver, "req-1")
     ordinals: dict[str, int] = {}
     try:
         for token, frame in enumerate([_action("reboot"), _action("push"), _action("reboot")]):
@@ -79,7 +83,34 @@ def test_keys_count_each_action_name_within_an_attempt() -> None:
         ("dev-1", "push", idempotency_key("req-1", "dev-1", "push", 0)),
         ("dev-1", "reboot", idempotency_key("req-1", "dev-1", "reboot", 1)),
     ]
-    assert driver.closed
+
+
+def test_the_next_request_of_a_process_reuses_the_driver_but_none_of_the_last_ones_answers() -> (
+    None
+):
+    made: list[Recorder] = []
+
+    def factory() -> Recorder:
+        made.append(Recorder(delay_s=0.3))
+        return made[-1]
+
+    first = DeviceCalls(factory, "req-1")
+    first.submit("late", DEVICE, _action("reboot"), {}, time.monotonic() + 5)
+    first.close()  # its request ended while the device was still answering
+    second = DeviceCalls(factory, "req-2")  # its pipe may get the first's numbers
+    try:
+        second.submit("mine", DEVICE, _action("reboot"), {}, time.monotonic() + 5)
+        answers = _answers(second, 1)
+        time.sleep(0.4)  # the first's late answer has come back meanwhile
+        answers += [(token, json.loads(data[4:])) for token, data in second.completed()]
+    finally:
+        second.close()
+    assert [token for token, _ in answers] == ["mine"]
+    assert len(made) == 1  # one driver, one connection pool, for both requests
+    assert made[0].calls == [
+        ("dev-1", "reboot", idempotency_key("req-1", "dev-1", "reboot", 0)),
+        ("dev-1", "reboot", idempotency_key("req-2", "dev-1", "reboot", 0)),
+    ]
 
 
 def test_a_refusal_a_driver_bug_and_an_oversized_answer_are_answers_not_crashes() -> None:
@@ -89,7 +120,7 @@ def test_a_refusal_a_driver_bug_and_an_oversized_answer_are_answers_not_crashes(
         (Recorder(answer={"blob": "x" * 300_000}), "refused", "exceeds"),
     ]
     for driver, kind, words in cases:
-        calls = DeviceCalls(lambda d=driver: d, "req-1", threads=1)
+        calls = DeviceCalls(lambda d=driver: d, "req-1")
         try:
             calls.submit("t", DEVICE, {"t": "call", "op": "state"}, {}, time.monotonic() + 5)
             [(token, answer)] = _answers(calls, 1)
@@ -103,6 +134,6 @@ def test_a_refusal_a_driver_bug_and_an_oversized_answer_are_answers_not_crashes(
 
 def test_no_driver_is_made_for_a_request_that_calls_no_device() -> None:
     made: list[Recorder] = []
-    calls = DeviceCalls(lambda: made.append(Recorder()) or made[-1], "req-1", threads=4)
+    calls = DeviceCalls(lambda: made.append(Recorder()) or made[-1], "req-1")
     calls.close()
     assert made == []

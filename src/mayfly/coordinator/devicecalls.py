@@ -8,9 +8,14 @@ the device it was given, whatever addresses or ports the fleet shares, and
 the sandbox can refuse it every socket.
 
 The coordinator's loop stays single-threaded and never waits on a device: a
-call runs on a small thread pool (one thread per task process at most: a
-process waits for its answer), and its finished answer, encoded, is queued and
+call runs on a thread pool, and its finished answer, encoded, is queued and
 announced on a pipe the loop watches with the channels.
+
+The pool and the driver (its connection pools) are kept for the process's
+later requests (:func:`_shared`): a coordinator serving queued requests would
+otherwise start a thread, build a driver and open a connection for each one.
+Nothing of a request stays in them: its calls' answers go to its own queue,
+and a call still running when its request ended is answered to nobody.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import contextlib
 import json
 import os
 import queue
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from mayfly.coordinator.frames import MAX_FRAME_BYTES, encode
@@ -29,27 +36,58 @@ from mayfly.errors import DeviceActionError, DeviceUnavailableError
 
 __all__ = ["DeviceCalls"]
 
+#: Threads of the shared pool at most: calls wait on the network, and a task
+#: process has one call in flight at a time (16 task processes by default).
+_POOL_THREADS = 64
+#: Drivers kept per process (one per driver factory; a runtime has one).
+_KEPT_DRIVERS = 2
+_shared_lock = threading.Lock()
+_shared_by_factory: OrderedDict[
+    Callable[[], DeviceDriver], tuple[int, ThreadPoolExecutor, DeviceDriver]
+] = OrderedDict()
+
+
+def _shared(factory: Callable[[], DeviceDriver]) -> tuple[ThreadPoolExecutor, DeviceDriver]:
+    """This process's pool and driver for ``factory``: made on first use, and
+    again in a forked child (threads and sockets are not inherited usefully)."""
+    with _shared_lock:
+        found = _shared_by_factory.get(factory)
+        if found is not None and found[0] == os.getpid():
+            _shared_by_factory.move_to_end(factory)
+            return found[1], found[2]
+        pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="mayfly-device")
+        driver = factory()
+        _shared_by_factory[factory] = (os.getpid(), pool, driver)
+        while len(_shared_by_factory) > _KEPT_DRIVERS:
+            _, (pid, old_pool, old_driver) = _shared_by_factory.popitem(last=False)
+            if pid == os.getpid():
+                old_pool.shutdown(wait=False, cancel_futures=True)
+                with contextlib.suppress(Exception):
+                    old_driver.close()
+        return pool, driver
+
 
 class DeviceCalls:
     """Runs ``call`` frames against devices; results come back through :meth:`completed`.
 
     Args:
-        driver_factory: makes the request's driver, on the first call or
-            :meth:`warm`.
+        driver_factory: makes the driver, once per process and factory, on the
+            first call or :meth:`warm` (:func:`_shared`).
         request_id: part of every action's idempotency key.
-        threads: calls in flight at once (the request's task processes).
     """
 
-    def __init__(
-        self, driver_factory: Callable[[], DeviceDriver], request_id: str, threads: int
-    ) -> None:
+    def __init__(self, driver_factory: Callable[[], DeviceDriver], request_id: str) -> None:
         self._driver_factory = driver_factory
         self._driver: DeviceDriver | None = None
         self._request_id = request_id
-        self._threads = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
+        self._futures: set[Future[None]] = set()
         self._done: queue.SimpleQueue[tuple[object, bytes]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Held while answering and while closing: an answer after close() must
+        # not reach a pipe whose descriptor number another file may have now.
+        self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def fd(self) -> int:
@@ -76,19 +114,21 @@ class DeviceCalls:
             ordinal = ordinals.get(name, 0)
             ordinals[name] = ordinal + 1
             key = idempotency_key(self._request_id, device.id, name, ordinal)
-        self._pool_ready().submit(self._run, token, device, frame, key, deadline)
+        future = self._pool_ready().submit(self._run, token, device, frame, key, deadline)
+        self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
 
     def warm(self) -> None:
-        """Make the driver and start a first thread now: while the first task
-        process starts (milliseconds the coordinator would spend waiting for its
+        """Have the driver and a first thread now: while the first task process
+        starts (milliseconds the coordinator would spend waiting for its
         ``ready``), rather than on the request's first call. Starting a thread
-        is about 1.5 ms here, waiting for it to run."""
+        is about 1.5 ms here, waiting for it to run; a later request of the same
+        process finds both there."""
         self._pool_ready().submit(lambda: None)
 
     def _pool_ready(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._driver = self._driver_factory()
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="mayfly-device")
+            self._pool, self._driver = _shared(self._driver_factory)
         return self._pool
 
     def _call(
@@ -121,9 +161,12 @@ class DeviceCalls:
                 else f"the device's answer cannot be passed on: {str(exc)[:200]}"
             )
             data = encode(_refusal("refused", why))
-        self._done.put((token, data))
-        with contextlib.suppress(BlockingIOError):  # a full pipe: the loop is woken already
-            os.write(self._wake_w, b"\0")
+        with self._lock:
+            if self._closed:
+                return  # its request ended meanwhile: nobody waits for this answer
+            self._done.put((token, data))
+            with contextlib.suppress(BlockingIOError):  # a full pipe: the loop is woken
+                os.write(self._wake_w, b"\0")
 
     def completed(self) -> list[tuple[object, bytes]]:
         """Calls finished since the last look: (token, encoded answer frame)."""
@@ -138,15 +181,16 @@ class DeviceCalls:
                 return found
 
     def close(self) -> None:
-        """Stop taking calls; calls in flight end at their deadline, unheard."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._driver is not None:
-            with contextlib.suppress(Exception):
-                self._driver.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Stop taking calls; calls not started are dropped, calls in flight end
+        at their deadline, unheard. The pool and the driver stay for the
+        process's next request."""
+        for future in list(self._futures):
+            future.cancel()
+        with self._lock:
+            self._closed = True
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _refusal(kind: str, reason: str) -> dict[str, Any]:

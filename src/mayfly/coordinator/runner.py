@@ -235,7 +235,7 @@ class _Run:
         self.failed = 0
         self.finished = 0
         self.import_error: str | None = None
-        self.calls = DeviceCalls(plan.driver_factory, plan.spec.request_id, plan.parallel)
+        self.calls = DeviceCalls(plan.driver_factory, plan.spec.request_id)
         self._warmed = False
         self._forks = ForkStarter()
         self.starter: TaskStarter = plan.starter or self._forks
