@@ -60,6 +60,53 @@ def _get(data: dict[str, Any], *path: str) -> float:
     return float(value) if isinstance(value, int | float) else math.nan
 
 
+#: The processes a request's CPU is split over (``pipeline.py``'s per_request).
+CPU_PARTS = (
+    ("dispatcher_cpu_ms", "mayfly up"),
+    ("warm_parent_cpu_ms", "warm parent"),
+    ("coordinators_cpu_ms", "coordinators"),
+    ("task_zygote_cpu_ms", "task zygote"),
+    ("task_processes_cpu_ms", "task processes"),
+    ("simulator_cpu_ms", "simulator"),
+)
+
+
+def _per_request(pipe: dict[str, Any], log: str) -> dict[str, Any]:
+    found = pipe.get(f"mayfly_{log.lower()}", {}).get("throughput", {}).get("per_request")
+    return found if isinstance(found, dict) else {}
+
+
+def request_cpu_ms(split: dict[str, Any]) -> float:
+    """A request's CPU in every process it touched, the device's (simulator's) included."""
+    parts = [split.get(key) for key, _ in CPU_PARTS]
+    known = [float(p) for p in parts if isinstance(p, int | float)]
+    return sum(known) if known else math.nan
+
+
+def render_split(results: dict[str, Any]) -> str:
+    """CPU per request by process and minor faults, burst in the default mode."""
+    pipe = results.get("pipeline", {})
+    head = "| per request (burst)  | " + " | ".join(f"{name:>14}" for _, name in CPU_PARTS)
+    lines = [
+        head + " | minor faults |",
+        "|" + "-" * 22 + "|" + "|".join("-" * 16 for _ in CPU_PARTS) + "|--------------|",
+    ]
+    for log in ("Kafka", "SQLite"):
+        split = _per_request(pipe, log)
+        if not split:
+            continue
+        cells = [split.get(key) for key, _ in CPU_PARTS]
+        faults = sum(
+            float(split.get(k, 0)) for k in ("coordinator_minor_faults", "task_minor_faults")
+        )
+        lines.append(
+            f"| {log + ', CPU ms':<20} | "
+            + " | ".join(f"{_fmt(c) if c is not None else 'n/a':>14}" for c in cells)
+            + f" | {faults:>12,.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The table: what, Mayfly, baseline, ratio (Mayfly / baseline), target, met."""
     cold, pipe = results["cold_start"], results["pipeline"]
@@ -154,6 +201,18 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     (lambda m: m <= 3 * celery_p50) if checked else None,
                 )
             )
+    floor = results.get("floor", {})
+    for log in ("Kafka", "SQLite"):
+        table.append(
+            (
+                f"CPU per request, {log} (ms)",
+                request_cpu_ms(_per_request(pipe, log)),
+                _get(floor, f"per_request_{log.lower()}_cpu_ms"),
+                "floor",
+                "report",
+                None,
+            )
+        )
     out = []
     for what, mayfly, baseline, against, target, check in table:
         ratio = mayfly / baseline if baseline and not math.isnan(baseline) else math.nan
@@ -229,6 +288,7 @@ def main() -> None:
             ),
             "fanout": _bench("fanout", ["--devices", "2000" if q else "10000"], 300, t),
             "aggregator": _bench("aggregator", ["--events", "2000" if q else "20000"], 180, t),
+            "floor": _bench("floor", ["--runs", "100" if q else "300"], 180, t),
         }
     table = rows(results)
     report = {
@@ -241,6 +301,8 @@ def main() -> None:
     }
     print()
     print(render(table))
+    print()
+    print(render_split(results))
     print(
         f"\n{report['machine']['cores']} cores, {report['machine']['cpu_model']}, "
         f"{report['machine']['ram_gb']} GB RAM, Python {report['machine']['python']}; "
