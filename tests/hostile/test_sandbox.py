@@ -471,3 +471,31 @@ def test_the_scratch_folder_is_private_and_removed(
     assert not scratch.exists(), "the scratch folder should go with its task process"
     assert json.dumps(device.output)  # plain data, as every output
     assert os.getcwd() != str(scratch)
+
+
+def test_the_folder_job_mode_was_started_in_is_out_of_reach(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    # `python -m mayfly.coordinator` puts its current folder first on sys.path;
+    # that folder is not part of what package code may read.
+    fleet(1)
+    started_in = tmp_path / "operator"
+    started_in.mkdir()
+    (started_in / "secret.txt").write_text(f"{MARKER}{uuid.uuid4().hex}")
+    code = f"""
+        def run(ctx):
+            try:
+                return open({str(started_in / "secret.txt")!r}).read()
+            except OSError as exc:
+                return type(exc).__name__
+        """
+    env.publish(write_package(tmp_path / "reader", _manifest("reader"), textwrap.dedent(code)))
+    job = subprocess.run(
+        [sys.executable, "-m", "mayfly.coordinator"],
+        env=env.variables() | {"TASK_TYPE": "reader", "DEVICE_IDS": "sim-0001"},
+        cwd=started_in, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    [event] = env.result_events()
+    [device] = event["data"]["devices"]
+    assert device["output"] == "PermissionError", device

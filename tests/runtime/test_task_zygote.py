@@ -203,3 +203,42 @@ def test_a_coordinator_whose_zygote_died_still_runs_its_devices(
     assert isinstance(outcome, TaskCompleted), outcome
     assert outcome.status == "succeeded", outcome
     assert "forking task processes here" in caplog.text
+
+
+def test_the_folder_mayfly_up_was_started_in_is_out_of_reach(
+    home: Home, fleet: FleetFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An operator starts `mayfly up` in a folder of their own (a home, a project
+    # with keys in it): no package may read it, nor import from it.
+    started_in = tmp_path / "operator"
+    started_in.mkdir()
+    (started_in / "secret.txt").write_text("operator-secret")
+    monkeypatch.chdir(started_in)
+    fleet(1)
+    folder = tmp_path / "reader"
+    folder.mkdir()
+    manifest = {"name": "reader", "version": "1.0.0", "entrypoint": "reader:run"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "reader.py").write_text(
+        "def run(ctx):\n"
+        "    try:\n"
+        f"        return open({str(started_in / 'secret.txt')!r}).read()\n"
+        "    except OSError as exc:\n"
+        "        return type(exc).__name__\n"
+    )
+    publish_folder(home.settings(), folder)
+    request = new_request("reader", devices=["sim-0001"])
+    log = home.log()
+    publish_request(log, request)
+    log.close()
+    runtime = Runtime(home.settings())
+    runtime.start()
+    deadline = time.monotonic() + 60
+    try:
+        runtime.run(should_stop=lambda: bool(home.results()) or time.monotonic() > deadline)
+    finally:
+        runtime.close()
+    result = home.results()[request.id]
+    assert isinstance(result, TaskCompleted), result
+    [device] = result.devices
+    assert device.output == "PermissionError", device

@@ -165,19 +165,17 @@ class TaskZygote:
         level = logging.getLogger().getEffectiveLevel()
         try:
             self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    __name__,
-                    str(theirs.fileno()),
-                    str(os.getpid()),
-                    str(level),
-                ],
+                # -P: the current folder (wherever the operator started `mayfly
+                # up`) is not put on sys.path, so it is neither imported from
+                # nor, through the sandbox's read set, readable by package code.
+                [sys.executable, "-P", "-m", __name__, str(theirs.fileno()), str(os.getpid()),
+                 str(level)],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=env,
+                cwd="/",
                 close_fds=True,
-            )
+            )  # fmt: skip
         finally:
             theirs.close()
         self._sock = ours

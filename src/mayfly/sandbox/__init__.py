@@ -117,7 +117,15 @@ def _interpreter_roots() -> tuple[Path, ...]:
     every process forked from it inherits the answer.
     """
     roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)}
-    roots |= {Path(p) for p in sys.path if p and os.path.isdir(p)}
+    # Not the folder the process was started in, which `python -m` (without -P)
+    # puts first on sys.path: an operator's home or project folder, keys and
+    # event log included. Mayfly's own modules are imported before the sandbox.
+    started_in = "" if sys.flags.safe_path else os.getcwd()
+    roots |= {
+        Path(p)
+        for i, p in enumerate(sys.path)
+        if p and os.path.isdir(p) and not (i == 0 and os.path.abspath(p) == started_in)
+    }
     # Shared libraries an extension module may load, and time zone data. No
     # resolver or TLS files: the process has no network (the coordinator has).
     roots |= {Path(p) for p in ("/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/share/zoneinfo")}
