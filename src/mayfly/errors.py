@@ -240,6 +240,12 @@ class RuntimeStartError(MayflyError):
     """Raised when the local runtime's warm parent cannot build what coordinators
     need (an unreachable store, an unreadable key folder); the message says why."""
 
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        """The class name of the error the warm parent met (``StoreError``...),
+        so the command line gives the same hint as for that error."""
+
 
 class EventLogError(MayflyError):
     """Raised when the event log (SQLite or Kafka) cannot append, read or commit."""

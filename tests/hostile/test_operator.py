@@ -547,3 +547,18 @@ def test_an_undelivered_result_is_spooled_and_delivered_by_the_next_run(tmp_path
         assert applied >= 1
     finally:
         server.stop()
+
+
+def test_up_with_an_unreadable_trusted_key_gives_its_hint(tmp_path: Path) -> None:
+    # Met in the warm parent, said by `mayfly up` as if met there: with its hint.
+    home = _published_home(tmp_path)
+    missing = tmp_path / "nowhere.pub"
+    code, output, left = _Up(home, MAYFLY_TRUSTED_KEYS=str(missing)).result()
+    assert code == 1, f"still running or wrong status ({code}):\n{output}"
+    lines = _lines(output)
+    assert str(missing) in lines[0], lines
+    assert lines[1:] == [f"hint: {_HINT_KEYS}"], lines
+    assert left == []
+
+
+_HINT_KEYS = "create a key with `mayfly pkg keygen` or point MAYFLY_SIGNING_KEY/--key at one."

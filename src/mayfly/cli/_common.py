@@ -73,11 +73,14 @@ class MayflyGroup(click.Group):
 def fail(exc: MayflyError) -> None:
     """Print what went wrong and what to do, then exit: 2 for a configuration
     error (one line: it names the setting), else 1."""
-    label = "refused" if type(exc).__name__ == "IntegrityError" else "error"
+    # An error met in the warm parent comes back as a RuntimeStartError that
+    # names its kind: the same hint as if it had been met here.
+    kind = getattr(exc, "kind", None) or type(exc).__name__
+    label = "refused" if kind == "IntegrityError" else "error"
     click.secho(f"{label}: {exc}", err=True, fg="red")
     if isinstance(exc, ConfigError):
         raise SystemExit(2)
-    hint = _HINTS.get(type(exc).__name__)
+    hint = _HINTS.get(kind)
     if hint:
         click.echo(f"hint: {hint}", err=True)
     raise SystemExit(1)

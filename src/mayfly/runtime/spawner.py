@@ -93,7 +93,7 @@ def _warm_parent(conn: Connection, prepare: Prepare, runtime_pid: int) -> None:
     except MayflyError as exc:
         # Told to the runtime, which says it in one line: a traceback from a
         # forked process would be all a user saw of a misconfigured store.
-        conn.send(("error", isinstance(exc, ConfigError), str(exc)))
+        conn.send(("error", isinstance(exc, ConfigError), str(exc), type(exc).__name__))
         return
     try:
         _serve_forks(conn, work, runtime_pid)
@@ -214,11 +214,13 @@ class Spawner:
         try:
             message = parent.recv()
         except EOFError:
-            message = ("error", False, "the warm parent exited before it was ready")
+            message = ("error", False, "the warm parent exited before it was ready", None)
         if message[0] == "error":
-            _, is_config, text = message
+            _, is_config, text, kind = message
             self.stop()
-            raise (ConfigError if is_config else RuntimeStartError)(text)
+            if is_config:
+                raise ConfigError(text)
+            raise RuntimeStartError(text, kind=kind)
 
     def fileno(self) -> int:
         assert self._conn is not None
