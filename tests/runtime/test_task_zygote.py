@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 from mayfly.app.local import Runtime
 from mayfly.app.publishing import publish_folder
+from mayfly.coordinator import zygote as zygote_module
 from mayfly.coordinator.worker import CancelFlag, WorkerSpec
 from mayfly.coordinator.zygote import TaskZygote
 from mayfly.devices.sim import SimulatorServer
@@ -242,3 +245,43 @@ def test_the_folder_mayfly_up_was_started_in_is_out_of_reach(
     assert isinstance(result, TaskCompleted), result
     [device] = result.devices
     assert device.output == "PermissionError", device
+
+
+def test_a_wedged_zygote_is_given_up_on_in_a_bounded_time(
+    zygote: TaskZygote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(zygote_module, "_WORD_WAIT_S", 0.5)
+    ours, theirs = socket.socketpair()
+    task = zygote.start_task(theirs.fileno(), _spec(_package(tmp_path), tmp_path))
+    theirs.close()
+    assert task.pid is not None
+    assert zygote.pid is not None
+    os.kill(zygote.pid, signal.SIGSTOP)  # it will say nothing more
+    try:
+        task.kill()
+        ended = threading.Thread(target=task.poll, kwargs={"block": True}, daemon=True)
+        ended.start()
+        ended.join(10)
+        assert not ended.is_alive(), "the coordinator waited on the zygote for ever"
+    finally:
+        os.kill(zygote.pid, signal.SIGCONT)
+    assert task.exitcode == -signal.SIGKILL
+    assert task.failure is not None
+    assert "did not answer" in task.failure
+    ours.close()
+
+
+def test_a_zygote_that_keeps_dying_is_not_restarted_for_every_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    zygote = TaskZygote()
+    zygote.start()
+    try:
+        for expected in (True, False):  # the second death falls within the backoff
+            assert zygote._process is not None
+            zygote._process.kill()
+            zygote._process.wait()
+            assert zygote.restart_if_dead() is expected
+        assert caplog.text.count("starting it again") == 1
+    finally:
+        zygote.stop()

@@ -430,6 +430,9 @@ class _Run:
             }.get(name, name)
         else:
             why = f"exit code {code}"
+        failure = getattr(worker.process, "failure", None)
+        if failure:
+            why = failure  # it never ran: its starter says why
         state = worker.job
         worker.job = None
         self._retire(worker, kill=True)

@@ -34,6 +34,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -53,6 +54,7 @@ __all__ = ["TaskZygote", "ZygoteTask", "main"]
 _LOG = logging.getLogger("mayfly.coordinator.zygote")
 _SPAWN = b"spawn"
 _READY = b"ready"
+_KILL = b"kill"  # on a status socket: end the task process's whole session
 _WORD = struct.Struct("=4si")  # a tag and a number: the pid, the exit status, an errno
 #: The zygote's environment: nothing a task process could use against anyone.
 _KEPT_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONHASHSEED", "PYTHONIOENCODING")
@@ -81,14 +83,20 @@ class ZygoteTask:
         self._pid: int | None = None
         self._pidfd: int | None = None
         self.exitcode: int | None = None
+        self.failure: str | None = None
+        """Why it never ran, when the zygote could not start it (its words)."""
 
     @property
     def pid(self) -> int | None:
         """Its pid, once the zygote said it (this waits for that word, a bounded time)."""
         if self._pid is None and self.exitcode is None and not self._take(_WORD_WAIT_S):
-            _LOG.error("the task zygote did not answer in %.0f s; task process lost", _WORD_WAIT_S)
-            self._ended(-signal.SIGKILL)
+            self._lost()
         return self._pid
+
+    def _lost(self) -> None:
+        _LOG.error("the task zygote did not answer in %.0f s; task process lost", _WORD_WAIT_S)
+        self.failure = f"the task zygote did not answer in {_WORD_WAIT_S:.0f} s"
+        self._ended(-signal.SIGKILL)
 
     def _take(self, timeout: float | None) -> bool:
         """Read the zygote's next word (None: wait for it); False if none came."""
@@ -108,8 +116,11 @@ class ZygoteTask:
         if tag == b"exit":
             self._ended(number)
         elif tag == b"err ":
-            self._ended(1)  # it could not fork: the attempt fails like a crash
+            self.failure = f"the task zygote could not fork it: {os.strerror(number)}"
+            self._ended(1)
         else:
+            if self._pid is None:
+                self.failure = "the task zygote ended or refused before starting it"
             self._ended(-signal.SIGKILL)  # the zygote is gone, and its children with it
         return True
 
@@ -121,9 +132,13 @@ class ZygoteTask:
         self._status.close()
 
     def poll(self, block: bool = False) -> int | None:
-        """Its exit code once it ended (negative: the signal), else None."""
-        while self.exitcode is None and self._take(None if block else 0.0):
-            pass
+        """Its exit code once it ended (negative: the signal), else None; a
+        blocking poll waits a bounded time (a wedged zygote is given up on)."""
+        while self.exitcode is None:
+            if not self._take(_WORD_WAIT_S if block else 0.0):
+                if block:
+                    self._lost()
+                break
         return self.exitcode
 
     def is_alive(self) -> bool:
@@ -137,10 +152,13 @@ class ZygoteTask:
                 return
 
     def kill(self) -> None:
-        """SIGKILL through the pidfd: never another process that got its pid."""
+        """SIGKILL through the pidfd (never another process that got its pid), and
+        its whole session through the zygote, which alone knows it is not reaped."""
         if self.pid is not None and self._pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                self._status.send(_KILL)
 
 
 class TaskZygote:
@@ -155,6 +173,8 @@ class TaskZygote:
         self._sock: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._owner = 0
+        self._restarts = 0
+        self._next_restart = 0.0
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -192,7 +212,9 @@ class TaskZygote:
         except (TimeoutError, OSError) as exc:
             word = str(exc).encode()
         finally:
-            self._sock.settimeout(None)
+            # Every process holding this socket (it is inherited) sends with a
+            # bound: a wedged zygote's full queue fails a start, which then forks.
+            self._sock.settimeout(_WORD_WAIT_S)
         if word != _READY:
             _LOG.warning(
                 "the task zygote did not start (%s); coordinators fork task processes themselves",
@@ -210,8 +232,10 @@ class TaskZygote:
         if self._process is None or os.getpid() != self._owner:
             return False
         code = self._process.poll()
-        if code is None:
-            return False
+        if code is None or time.monotonic() < self._next_restart:
+            return False  # meanwhile coordinators fork task processes themselves
+        self._restarts += 1
+        self._next_restart = time.monotonic() + min(60.0, 2.0**self._restarts)
         _LOG.warning("the task zygote exited (%s); starting it again", code)
         self.stop()
         self.start()
@@ -276,11 +300,12 @@ def _read_spec(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _child(sock: socket.socket, channel: int, status: int, cancel: int, spec_fd: int) -> None:
+def _child(
+    sock: socket.socket, zygote: int, channel: int, status: int, cancel: int, spec_fd: int
+) -> None:
     code = 1
     try:
-        zygote = os.getppid()
-        die_with_parent(zygote)
+        die_with_parent(zygote)  # and if the zygote died since the fork, exit now
         sock.close()
         os.close(status)
         spec = WorkerSpec.from_json(_read_spec(spec_fd), CancelFlag(cancel))
@@ -298,6 +323,7 @@ def _spawn(sock: socket.socket, fds: list[int], children: dict[int, _Child],
            selector: selectors.BaseSelector) -> None:  # fmt: skip
     channel, status_fd, cancel, spec_fd = fds
     status = socket.socket(fileno=status_fd)
+    zygote = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
@@ -313,7 +339,7 @@ def _spawn(sock: socket.socket, fds: list[int], children: dict[int, _Child],
             os.close(child.pidfd)
             if child.status is not None:
                 child.status.close()
-        _child(sock, channel, status.detach(), cancel, spec_fd)
+        _child(sock, zygote, channel, status.detach(), cancel, spec_fd)
     for fd in (channel, cancel, spec_fd):
         os.close(fd)
     pidfd = os.pidfd_open(pid)
@@ -323,25 +349,48 @@ def _spawn(sock: socket.socket, fds: list[int], children: dict[int, _Child],
     try:
         socket.send_fds(status, [_WORD.pack(b"pid ", pid)], [pidfd])
     except OSError:
-        _orphaned(child, selector)  # its coordinator is gone already
+        status.close()  # its coordinator is gone already
+        child.status = None
+        _kill_session(child)
     else:
         selector.register(status, selectors.EVENT_READ, ("peer", child))
 
 
-def _orphaned(child: _Child, selector: selectors.BaseSelector) -> None:
-    """Its coordinator closed the status socket: the task process goes too."""
-    if child.status is not None:
-        with contextlib.suppress(KeyError, ValueError):
-            selector.unregister(child.status)
-        child.status.close()
-        child.status = None
+def _kill_session(child: _Child) -> None:
+    """SIGKILL the task process and its session (where seccomp could not stop it
+    starting processes). Only before it is reaped: until then its pid, and so
+    its session's id, cannot belong to anyone else."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)  # no such group before its setsid()
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+
+
+def _from_coordinator(child: _Child, selector: selectors.BaseSelector) -> None:
+    """Its coordinator asks for a kill, or closed the status socket (it ended,
+    however): either way the task process and its session go."""
+    assert child.status is not None
+    try:
+        word = child.status.recv(16)
+    except OSError:
+        word = b""
+    if word == _KILL:
+        _kill_session(child)
+        return  # its exit is still reported
+    with contextlib.suppress(KeyError, ValueError):
+        selector.unregister(child.status)
+    child.status.close()
+    child.status = None
+    _kill_session(child)
 
 
 def _reap(child: _Child, children: dict[int, _Child], selector: selectors.BaseSelector) -> None:
     selector.unregister(child.pidfd)
     del children[child.pidfd]
+    # It exited: whatever is left in its session goes with it, while the zombie
+    # still holds the session's id.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
     _, status = os.waitpid(child.pid, 0)
     os.close(child.pidfd)
     if child.status is not None:
@@ -380,7 +429,7 @@ def serve(sock: socket.socket) -> None:
                 if kind == "exit":
                     _reap(child, children, selector)
                 else:
-                    _orphaned(child, selector)
+                    _from_coordinator(child, selector)
 
 
 def main(argv: list[str]) -> None:
@@ -390,6 +439,11 @@ def main(argv: list[str]) -> None:
     # Ctrl-C reaches the whole process group: the runtime decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=level, format=LOG_FORMAT)
+    # Two descriptors per running task process (its pidfd, its status socket):
+    # as many as the hard limit allows, so a busy runtime never runs out here.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sandbox.prepare()
     sock = socket.socket(fileno=fd)
     try:
