@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from mayfly.coordinator.worker import CancelFlag, WorkerSpec
 from mayfly.coordinator.zygote import TaskZygote
 from mayfly.devices.sim import SimulatorServer
 from mayfly.eventlog.publisher import publish_request
-from mayfly.events import TaskCompleted, new_request
+from mayfly.events import TaskCompleted, TaskRejected, new_request
 
 from .conftest import Home
 
@@ -46,6 +47,7 @@ def run(ctx):
         "ppid": os.getppid(),
         "modules": sorted(m for m in sys.modules if m.startswith({_COORDINATOR_MODULES!r})),
         "remnants": sorted(set(strings)),
+        "params": ctx.params,
     }}
 """
 
@@ -285,3 +287,47 @@ def test_a_zygote_that_keeps_dying_is_not_restarted_for_every_request(
         assert caplog.text.count("starting it again") == 1
     finally:
         zygote.stop()
+
+
+def _children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def test_a_task_process_started_for_a_rejected_request_is_ended_with_its_folder(
+    home: Home, fleet: FleetFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The warm parent asks for a request's first task process before the params
+    # are checked; bad params end it unused, and leave no scratch folder.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    fleet(1)
+    _snoop_package(home, tmp_path)
+    bad = new_request("snoop", devices=["sim-0001"], params={"note": 5})
+    good = new_request("snoop", devices=["sim-0001"], params={"note": "remnant-ok"})
+    log = home.log()
+    publish_request(log, bad)
+    publish_request(log, good)
+    log.close()
+    runtime = Runtime(home.settings(MAYFLY_COORDINATOR_MODE="strict"))
+    runtime.start()
+    deadline = time.monotonic() + 60
+    try:
+        runtime.run(should_stop=lambda: len(home.results()) == 2 or time.monotonic() > deadline)
+        warm = runtime.spawner.pid
+        assert warm is not None
+        time.sleep(0.5)  # the coordinators' exits
+        [zygote] = _children_of(warm)
+        assert _children_of(zygote) == [], "a task process outlived its request"
+        assert list(scratch.glob("mayfly-scratch-*")) == []
+    finally:
+        runtime.close()
+    results = home.results()
+    assert isinstance(results[bad.id], TaskRejected), results[bad.id]
+    done = results[good.id]
+    assert isinstance(done, TaskCompleted), done
+    [device] = done.devices
+    assert device.output["params"] == {"note": "remnant-ok"}  # read at its first run

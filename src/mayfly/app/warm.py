@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from mayfly.app.wiring import build_coordinator
 from mayfly.coordinator import RequestPipeline
 from mayfly.coordinator.params import validate_params
-from mayfly.coordinator.runner import DeviceProgress
-from mayfly.coordinator.zygote import TaskZygote
+from mayfly.coordinator.runner import DeviceProgress, make_scratch_root
+from mayfly.coordinator.worker import CancelFlag, WorkerSpec
+from mayfly.coordinator.zygote import EarlyTask, TaskZygote
 from mayfly.errors import MayflyError, ParamsError
 from mayfly.eventlog import LogRecord
 from mayfly.events import MayflyEvent, TaskCompleted, TaskRequest, from_kafka, peek_attributes
-from mayfly.packages import PackageRepository
+from mayfly.packages import FetchedPackage, PackageRepository
 from mayfly.runtime.session import Appends, RuntimeSink
 from mayfly.settings import Settings
 
@@ -76,6 +80,8 @@ class WarmCoordinator:
             _LOG.warning("inventory not loaded yet: %s", exc)
         self.zygote.wait_ready()
         self._prepared: _Prepared | None = None
+        self._early: EarlyTask | None = None
+        """The task process asked for the record about to run (:meth:`_start_early`)."""
         self._digest: str | None = None
         """The package digest this (serving) coordinator runs; set on its first request."""
 
@@ -88,6 +94,7 @@ class WarmCoordinator:
             with contextlib.suppress(MayflyError):
                 self.coordinator.warm()
         self._prepared = None
+        self._drop_early()
         try:
             self._prepared = self._prepare(record)
         except Exception:
@@ -115,8 +122,12 @@ class WarmCoordinator:
         # The child runs the request a moment from now, as fresh a view of the
         # channel as it would get by reading it itself (forks wait for this).
         pinned = self._repository.pinned(request.task, ref, fetched.manifest.version)
-        with contextlib.suppress(MayflyError):
-            fetched.materialise(self.coordinator.options.cache_dir)
+        try:
+            package_dir = fetched.materialise(self.coordinator.options.cache_dir)
+        except MayflyError:
+            pass  # the coordinator meets it again, and says so
+        else:
+            self._start_early(request, fetched, package_dir)
         # Run once, not only built: a validator's first use does work of its own.
         # On empty params, never the request's: a hostile value against a
         # backtracking pattern would stall this process, and every fork with it.
@@ -126,7 +137,42 @@ class WarmCoordinator:
         timeout_s = fetched.manifest.limits.timeout_s
         return _Prepared(record, request, pinned, fetched.digest, timeout_s)
 
+    def _start_early(
+        self, request: TaskRequest, fetched: FetchedPackage, package_dir: Path
+    ) -> None:
+        """Ask the zygote for the request's first task process now: it enters the
+        sandbox and imports the package while the coordinator is forked and
+        checks the params (which the process reads only at its first device)."""
+        limits = fetched.manifest.limits
+        spec = WorkerSpec(
+            request_id=request.id,
+            package_dir=package_dir,
+            entrypoint=fetched.manifest.entrypoint,
+            memory_mb=limits.memory_mb,
+            params={},
+            cpu_seconds=max(1, math.ceil(limits.timeout_s)),
+            cancel=CancelFlag(),
+            scratch_root=make_scratch_root(),
+        )
+        try:
+            self._early = EarlyTask.start(self.zygote, spec)
+        except OSError as exc:
+            assert spec.scratch_root is not None
+            shutil.rmtree(spec.scratch_root, ignore_errors=True)
+            _LOG.debug("no early task process for %s: %s", request.id, exc)
+
+    def _drop_early(self) -> None:
+        if self._early is not None:
+            self._early.discard()
+            self._early = None
+
+    def after_fork(self) -> None:
+        if self._early is not None:
+            self._early.forget()  # the coordinator's now
+            self._early = None
+
     def close(self) -> None:
+        self._drop_early()
         self.zygote.stop()
 
     def accepts(self, record: LogRecord) -> bool:
@@ -138,7 +184,10 @@ class WarmCoordinator:
             return True
         if self._digest is None:
             self._digest = prepared.digest
-        return prepared.digest == self._digest
+        if prepared.digest != self._digest:
+            self._drop_early()  # it starts afresh, in a coordinator of its own
+            return False
+        return True
 
     def run(self, record: LogRecord, dequeued_at: datetime, link: Appends) -> int:
         prepared = self._prepared
@@ -149,6 +198,9 @@ class WarmCoordinator:
         if prepared is not None and prepared.repository is not None:
             # Only in this (forked) coordinator: the warm parent keeps its own.
             self.coordinator.repository = prepared.repository
+        if prepared is not None:
+            self.coordinator.prestarted, self._early = self._early, None
+        self._drop_early()
         timeout_s = self._timeout_of(record, prepared)
         if timeout_s is not None:
             link.deadline(timeout_s)  # else the runtime's set-up budget holds
@@ -167,6 +219,9 @@ class WarmCoordinator:
             )
         finally:
             self.coordinator.repository = self._repository
+            if self.coordinator.prestarted is not None:  # no coordinator took it
+                self.coordinator.prestarted.discard()
+                self.coordinator.prestarted = None
         if self._digest is None and isinstance(handled.outcome, TaskCompleted):
             self._digest = handled.outcome.package.digest  # what it ran, prepared or not
         return int(handled.code)

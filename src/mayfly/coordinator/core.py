@@ -21,7 +21,13 @@ from pathlib import Path
 
 from mayfly import sandbox
 from mayfly.coordinator.params import validate_params
-from mayfly.coordinator.runner import DeviceProgress, RunPlan, TaskStarter, run_devices
+from mayfly.coordinator.runner import (
+    DeviceProgress,
+    Prestarted,
+    RunPlan,
+    TaskStarter,
+    run_devices,
+)
 from mayfly.coordinator.worker import CancelFlag, WorkerSpec
 from mayfly.devices import Device, DeviceDriver, Inventory
 from mayfly.errors import InventoryError, MayflyError
@@ -87,17 +93,23 @@ class Coordinator:
         self.options = options
         self.starter = starter
         """Where task processes come from (a zygote); by default forked from here."""
+        self.prestarted: Prestarted | None = None
+        """A task process started for the next request before its plan (the warm
+        parent's); used if it fits the plan, else killed when the request ends."""
         self._cancel = CancelFlag()
 
     def renewed(self) -> Coordinator:
-        """The same wiring under a new instance id, for a freshly forked process."""
-        return Coordinator(
+        """The same wiring under a new instance id, for a freshly forked process
+        (a task process started for its request goes with it)."""
+        renewed = Coordinator(
             self.repository,
             self._inventory,
             self._driver_factory,
             dataclasses.replace(self.options, instance_id=_instance_id()),
             starter=self.starter,
         )
+        renewed.prestarted, self.prestarted = self.prestarted, None
+        return renewed
 
     def warm(self) -> None:
         """Load what every request needs (the inventory, the sandbox's fixed part),
@@ -118,7 +130,19 @@ class Coordinator:
         on_progress: Callable[[DeviceProgress], None] | None = None,
     ) -> TaskCompleted | TaskRejected:
         """Run one request to completion and describe what happened."""
-        received_at = received_at or datetime.now(UTC)
+        try:
+            return self._handle(request, received_at or datetime.now(UTC), on_progress)
+        finally:
+            if self.prestarted is not None:  # rejected, or its plan did not fit it
+                self.prestarted.discard()
+                self.prestarted = None
+
+    def _handle(
+        self,
+        request: TaskRequest,
+        received_at: datetime,
+        on_progress: Callable[[DeviceProgress], None] | None,
+    ) -> TaskCompleted | TaskRejected:
         try:
             fetched = self.repository.fetch(request.task, request.version or request.channel)
             validate_params(fetched.manifest, dict(request.params))
@@ -191,6 +215,15 @@ class Coordinator:
             cpu_seconds=max(1, math.ceil(limits.timeout_s)),
             cancel=self._cancel,
         )
+        prestarted, self.prestarted = self.prestarted, None
+        if prestarted is not None and not _fits(prestarted.spec, spec):
+            prestarted.discard()  # another version than the warm parent saw, say
+            prestarted = None
+        if prestarted is not None:  # its cancel flag and scratch root are the run's
+            self._cancel = prestarted.spec.cancel
+            spec = dataclasses.replace(
+                spec, cancel=self._cancel, scratch_root=prestarted.spec.scratch_root
+            )
         return RunPlan(
             spec=spec,
             devices=devices,
@@ -203,7 +236,14 @@ class Coordinator:
             max_failure_ratio=rollout.max_failure_ratio if rollout else None,
             retry_backoff_s=self.options.retry_backoff_s,
             starter=self.starter,
+            prestarted=prestarted,
         )
+
+
+def _fits(started: WorkerSpec, planned: WorkerSpec) -> bool:
+    """Whether a task process started for ``started`` can run ``planned``."""
+    fields = ("request_id", "package_dir", "entrypoint", "memory_mb", "cpu_seconds")
+    return all(getattr(started, f) == getattr(planned, f) for f in fields)
 
 
 def _split_by_capability(

@@ -52,7 +52,16 @@ from mayfly.events import DeviceResult, DeviceStatus
 
 _LOG = logging.getLogger("mayfly.coordinator.runner")
 
-__all__ = ["DeviceProgress", "ForkStarter", "RunPlan", "TaskHandle", "TaskStarter", "run_devices"]
+__all__ = [
+    "DeviceProgress",
+    "ForkStarter",
+    "Prestarted",
+    "RunPlan",
+    "TaskHandle",
+    "TaskStarter",
+    "make_scratch_root",
+    "run_devices",
+]
 
 ProgressFn = Callable[["DeviceProgress"], None]
 
@@ -96,6 +105,23 @@ class TaskStarter(Protocol):
     def start_task(self, channel_fd: int, spec: WorkerSpec) -> TaskHandle: ...
 
 
+class Prestarted(Protocol):
+    """A task process started before the plan (:class:`~mayfly.coordinator.zygote.EarlyTask`)."""
+
+    @property
+    def process(self) -> TaskHandle: ...
+
+    @property
+    def channel_fd(self) -> int: ...
+
+    @property
+    def spec(self) -> WorkerSpec: ...
+
+    def give_params(self, params: dict[str, Any]) -> None: ...
+
+    def discard(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """How to run one request's package over its devices."""
@@ -115,6 +141,9 @@ class RunPlan:
     retry_backoff_s: float = 0.2
     starter: TaskStarter | None = None
     """Where task processes come from: by default forked from this process."""
+    prestarted: Prestarted | None = None
+    """The request's first task process, started already (its scratch root is
+    the run's); it gets the params of ``spec`` before its first device."""
 
 
 @dataclass
@@ -228,9 +257,12 @@ class _Run:
         for state in self.states.values():
             heapq.heappush(self.queue, (0.0, next(self.seq), state))
         self.workers: list[_Worker] = []
-        # Task processes' private folders; 0711 so each can reach only its own.
-        self.scratch = Path(tempfile.mkdtemp(prefix="mayfly-scratch-"))
-        self.scratch.chmod(0o711)
+        self.prestarted = plan.prestarted
+        if self.prestarted is not None and self.prestarted.spec.scratch_root is not None:
+            self.scratch = self.prestarted.spec.scratch_root
+        else:
+            # Task processes' private folders; 0711 so each can reach only its own.
+            self.scratch = make_scratch_root()
         self.spec = dataclasses.replace(plan.spec, scratch_root=self.scratch)
         self.failed = 0
         self.finished = 0
@@ -245,6 +277,13 @@ class _Run:
     # -- process management --------------------------------------------------
 
     def _spawn(self) -> None:
+        if self.prestarted is not None:
+            early, self.prestarted = self.prestarted, None
+            early.give_params(self.spec.params)
+            os.set_blocking(early.channel_fd, False)
+            self.workers.append(_Worker(early.process, Channel(early.channel_fd)))
+            self._warm_calls()
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = self._start_task(theirs.fileno())
@@ -252,9 +291,12 @@ class _Run:
             theirs.close()
         ours.setblocking(False)
         self.workers.append(_Worker(process, Channel(ours.detach())))
+        self._warm_calls()
+
+    def _warm_calls(self) -> None:
         if not self._warmed:
             self._warmed = True
-            self.calls.warm()  # after the fork: the process starts meanwhile
+            self.calls.warm()  # after the start: the process starts meanwhile
 
     def _start_task(self, channel_fd: int) -> TaskHandle:
         if self.starter is not self._forks:
@@ -459,6 +501,9 @@ class _Run:
         try:
             self._loop()
         finally:
+            if self.prestarted is not None:  # no device needed it
+                self.prestarted.discard()
+                self.prestarted = None
             for worker in list(self.workers):
                 self._retire(worker, kill=worker.job is not None)
             self.calls.close()
@@ -560,6 +605,14 @@ class _Run:
             self._on_protocol_error(worker, exc)
         except (EOFError, OSError):
             self._on_death(worker)
+
+
+def make_scratch_root() -> Path:
+    """A run's folder for its task processes' private ones: 0711, so each can
+    reach only its own."""
+    root = Path(tempfile.mkdtemp(prefix="mayfly-scratch-"))
+    root.chmod(0o711)
+    return root
 
 
 def _described(device: Device) -> dict[str, Any]:

@@ -11,6 +11,7 @@ timeout and reads its death, or a malformed frame, as that device's failure.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -35,7 +36,14 @@ from mayfly.jsondepth import check_depth
 from mayfly.procs import die_with_parent
 from mayfly.sandbox import SandboxSpec, enter
 
-__all__ = ["MAX_OUTPUT_BYTES", "CancelFlag", "WorkerSpec", "worker_main"]
+__all__ = [
+    "MAX_OUTPUT_BYTES",
+    "MAX_SPEC_BYTES",
+    "CancelFlag",
+    "WorkerSpec",
+    "read_memfd",
+    "worker_main",
+]
 
 #: Largest JSON output kept per device; results must fit Kafka messages.
 MAX_OUTPUT_BYTES = 64 * 1024
@@ -91,33 +99,56 @@ class WorkerSpec:
     cancel: CancelFlag
     scratch_root: Path | None = None
     """Each task process gets a private folder below this one (the runner's)."""
+    params_fd: int | None = None
+    """In a task process the zygote started: a memfd its coordinator fills with
+    the validated params before the first ``run``, read then (so a process can
+    be started, sandboxed and ready while its coordinator still checks them)."""
 
     def is_canceled(self) -> bool:
         return self.cancel.is_set()
 
     def to_json(self) -> bytes:
-        """The spec for a task process started elsewhere; the flag goes as a descriptor."""
+        """The spec for a task process started elsewhere; the flag and the params
+        go as descriptors."""
         return json.dumps(
             {
                 "request_id": self.request_id,
                 "package_dir": str(self.package_dir),
                 "entrypoint": self.entrypoint,
                 "memory_mb": self.memory_mb,
-                "params": self.params,
                 "cpu_seconds": self.cpu_seconds,
                 "scratch_root": str(self.scratch_root) if self.scratch_root else None,
             }
         ).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, cancel: CancelFlag) -> WorkerSpec:
+    def from_json(cls, data: bytes, cancel: CancelFlag, params_fd: int) -> WorkerSpec:
         fields = json.loads(data)
         scratch = fields.pop("scratch_root")
         return cls(
             **{**fields, "package_dir": Path(fields["package_dir"])},
+            params={},
             cancel=cancel,
             scratch_root=Path(scratch) if scratch else None,
+            params_fd=params_fd,
         )
+
+
+def read_memfd(fd: int, limit: int) -> bytes:
+    """The whole content of a memfd (from its start), at most ``limit`` bytes."""
+    chunks, total, offset = [], 0, 0
+    while chunk := os.pread(fd, 1 << 16, offset):
+        total += len(chunk)
+        if total > limit:
+            raise ValueError(f"more than {limit} bytes")
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+#: Largest spec or params a task process reads from its memfds (a request's
+#: params are bounded by the event size, 1 MB).
+MAX_SPEC_BYTES = 4 * 1024 * 1024
 
 
 def _vm_size() -> int:
@@ -173,7 +204,7 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
                 scratch_dir=(spec.scratch_root or Path(tempfile.gettempdir()))
                 / f"task-{os.getpid()}",
             ),
-            keep_fds={fd},
+            keep_fds={fd} if spec.params_fd is None else {fd, spec.params_fd},
         )
         _apply_limits(spec.memory_mb, spec.cpu_seconds)
         entry = _load_entrypoint(spec)
@@ -186,6 +217,10 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
             message = channel.read_blocking()
             if not isinstance(message, dict) or message.get("t") != "run":
                 break
+            if spec.params_fd is not None:  # filled before this first run
+                params = json.loads(read_memfd(spec.params_fd, MAX_SPEC_BYTES))
+                os.close(spec.params_fd)
+                spec = dataclasses.replace(spec, params=params, params_fd=None)
             _run_one(
                 channel,
                 spec,

@@ -13,9 +13,11 @@ a fresh interpreter with an environment of a few harmless variables, which
 imports only what a task process runs (:mod:`mayfly.coordinator.worker`) and
 prepares the sandbox's fixed part once. Coordinators forked from the warm
 parent inherit a ``SOCK_SEQPACKET`` socket to it. To start a task process a
-coordinator sends one message, ``spawn``, carrying four descriptors: the
-task's channel, a status socket, the request's cancel flag (a memfd) and a
-memfd holding the :class:`~mayfly.coordinator.worker.WorkerSpec` as JSON. The
+coordinator sends one message, ``spawn``, carrying five descriptors: the
+task's channel, a status socket, the request's cancel flag (a memfd), a
+memfd holding the :class:`~mayfly.coordinator.worker.WorkerSpec` as JSON and
+one for the params (read at the first ``run``, so a process can be started
+before its params are checked). The
 zygote forks; the child reads its spec and runs
 :func:`~mayfly.coordinator.worker.worker_main`, sandbox first, as a child of
 the coordinator would. On the status socket the zygote answers with the
@@ -32,10 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -46,10 +50,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mayfly import sandbox
-from mayfly.coordinator.worker import CancelFlag, WorkerSpec, worker_main
+from mayfly.coordinator.worker import (
+    MAX_SPEC_BYTES,
+    CancelFlag,
+    WorkerSpec,
+    read_memfd,
+    worker_main,
+)
 from mayfly.procs import LOG_FORMAT, die_with_parent
 
-__all__ = ["TaskZygote", "ZygoteTask", "main"]
+__all__ = ["EarlyTask", "TaskZygote", "ZygoteTask", "main"]
 
 _LOG = logging.getLogger("mayfly.coordinator.zygote")
 _SPAWN = b"spawn"
@@ -59,7 +69,8 @@ _WORD = struct.Struct("=4si")  # a tag and a number: the pid, the exit status, a
 #: The zygote's environment: nothing a task process could use against anyone.
 _KEPT_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONHASHSEED", "PYTHONIOENCODING")
 _SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
-_MAX_SPEC_BYTES = 4 * 1024 * 1024
+#: A spawn's descriptors: channel, status socket, cancel flag, spec, params.
+_SPAWN_FDS = 5
 #: How long a coordinator waits for the zygote's answer to a start (it forks
 #: at once; only a wedged zygote takes longer).
 _WORD_WAIT_S = 30.0
@@ -150,6 +161,11 @@ class ZygoteTask:
             left = deadline - time.monotonic()
             if left <= 0 or not self._take(left):
                 return
+
+    def forget(self) -> None:
+        """Drop this process's copy of the status socket, unread: the process that
+        forked after asking (the warm parent) leaves the task to its child."""
+        self._status.close()
 
     def kill(self) -> None:
         """SIGKILL through the pidfd (never another process that got its pid), and
@@ -242,8 +258,14 @@ class TaskZygote:
         self.wait_ready()
         return True
 
-    def start_task(self, channel_fd: int, spec: WorkerSpec) -> ZygoteTask:
+    def start_task(
+        self, channel_fd: int, spec: WorkerSpec, params_fd: int | None = None
+    ) -> ZygoteTask:
         """Have the zygote start a task process on ``channel_fd`` for ``spec``.
+
+        The params go in a memfd the process reads at its first ``run``:
+        ``spec.params`` written now, or ``params_fd``, which the caller fills
+        (before that first ``run``) once it has checked them.
 
         Raises:
             OSError: the zygote is not there to ask.
@@ -251,14 +273,17 @@ class TaskZygote:
         if self._sock is None:
             raise OSError("the task zygote was never started")
         data = spec.to_json()
-        if len(data) > _MAX_SPEC_BYTES:
+        if len(data) > MAX_SPEC_BYTES:
             raise OSError(f"a task spec of {len(data)} bytes is too large for the zygote")
         spec_fd = os.memfd_create("mayfly-spec", os.MFD_CLOEXEC)
+        given = params_fd is not None
+        if params_fd is None:
+            params_fd = params_memfd()
+            os.write(params_fd, json.dumps(spec.params).encode())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             os.write(spec_fd, data)
-            os.lseek(spec_fd, 0, os.SEEK_SET)
-            fds = [channel_fd, theirs.fileno(), spec.cancel.fileno(), spec_fd]
+            fds = [channel_fd, theirs.fileno(), spec.cancel.fileno(), spec_fd, params_fd]
             socket.send_fds(self._sock, [_SPAWN], fds)
         except BaseException:
             ours.close()
@@ -266,6 +291,8 @@ class TaskZygote:
         finally:
             theirs.close()
             os.close(spec_fd)
+            if not given:
+                os.close(params_fd)
         return ZygoteTask(ours)
 
     def stop(self) -> None:
@@ -279,6 +306,61 @@ class TaskZygote:
             process.wait(timeout=5)
 
 
+@dataclass
+class EarlyTask:
+    """A task process asked for before its coordinator's plan: the warm parent
+    asks as it forks the coordinator, which meanwhile checks the request's
+    params, resolves its devices and builds its plan on the other core. The
+    process enters the sandbox and imports the package; it reads its params
+    (:meth:`give_params`) at its first ``run``. Unused, it is killed
+    (:meth:`discard`): it never ran package code on anything.
+    """
+
+    process: ZygoteTask
+    channel_fd: int
+    params_fd: int
+    spec: WorkerSpec
+    """Its request, package, limits, cancel flag and scratch root (its params: none)."""
+
+    @classmethod
+    def start(cls, zygote: TaskZygote, spec: WorkerSpec) -> EarlyTask:
+        """Ask ``zygote`` for it. Raises OSError when the zygote cannot be asked."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        params_fd = params_memfd()
+        try:
+            process = zygote.start_task(theirs.fileno(), spec, params_fd)
+        except BaseException:
+            ours.close()
+            os.close(params_fd)
+            raise
+        finally:
+            theirs.close()
+        return cls(process, ours.detach(), params_fd, spec)
+
+    def give_params(self, params: dict[str, object]) -> None:
+        """Its request's params, checked: read by the process at its first ``run``."""
+        os.write(self.params_fd, json.dumps(params).encode())
+        os.close(self.params_fd)
+        self.params_fd = -1
+
+    def forget(self) -> None:
+        """In the process that asked for it and forked since: close this copy."""
+        self.process.forget()
+        for fd in (self.channel_fd, self.params_fd):
+            if fd >= 0:
+                os.close(fd)
+
+    def discard(self) -> None:
+        """Not used: kill it and remove its scratch root."""
+        self.process.kill()
+        self.process.poll(block=True)
+        for fd in (self.channel_fd, self.params_fd):
+            if fd >= 0:
+                os.close(fd)
+        if self.spec.scratch_root is not None:
+            shutil.rmtree(self.spec.scratch_root, ignore_errors=True)
+
+
 # --- the zygote's side -------------------------------------------------------
 
 
@@ -289,26 +371,20 @@ class _Child:
     status: socket.socket | None
 
 
-def _read_spec(fd: int) -> bytes:
-    chunks = []
-    total = 0
-    while chunk := os.read(fd, 1 << 16):
-        total += len(chunk)
-        if total > _MAX_SPEC_BYTES:
-            raise ValueError("task spec too large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def params_memfd() -> int:
+    """An empty memfd for a task process's params."""
+    return os.memfd_create("mayfly-params", os.MFD_CLOEXEC)
 
 
-def _child(
-    sock: socket.socket, zygote: int, channel: int, status: int, cancel: int, spec_fd: int
-) -> None:
+def _child(sock: socket.socket, zygote: int, fds: list[int], status: int) -> None:
+    channel, _, cancel, spec_fd, params_fd = fds
     code = 1
     try:
         die_with_parent(zygote)  # and if the zygote died since the fork, exit now
         sock.close()
         os.close(status)
-        spec = WorkerSpec.from_json(_read_spec(spec_fd), CancelFlag(cancel))
+        data = read_memfd(spec_fd, MAX_SPEC_BYTES)
+        spec = WorkerSpec.from_json(data, CancelFlag(cancel), params_fd)
         os.close(spec_fd)
         worker_main(channel, spec, zygote)  # the sandbox closes every other descriptor
         code = 0
@@ -321,8 +397,7 @@ def _child(
 
 def _spawn(sock: socket.socket, fds: list[int], children: dict[int, _Child],
            selector: selectors.BaseSelector) -> None:  # fmt: skip
-    channel, status_fd, cancel, spec_fd = fds
-    status = socket.socket(fileno=status_fd)
+    status = socket.socket(fileno=fds[1])
     zygote = os.getpid()
     try:
         pid = os.fork()
@@ -330,7 +405,7 @@ def _spawn(sock: socket.socket, fds: list[int], children: dict[int, _Child],
         with contextlib.suppress(OSError):
             status.send(_WORD.pack(b"err ", exc.errno or 0))
         status.close()
-        for fd in (channel, cancel, spec_fd):
+        for fd in (fds[0], *fds[2:]):
             os.close(fd)
         return
     if pid == 0:
@@ -339,8 +414,8 @@ def _spawn(sock: socket.socket, fds: list[int], children: dict[int, _Child],
             os.close(child.pidfd)
             if child.status is not None:
                 child.status.close()
-        _child(sock, zygote, channel, status.detach(), cancel, spec_fd)
-    for fd in (channel, cancel, spec_fd):
+        _child(sock, zygote, fds, status.detach())
+    for fd in (fds[0], *fds[2:]):
         os.close(fd)
     pidfd = os.pidfd_open(pid)
     child = _Child(pid, pidfd, status)
@@ -410,12 +485,12 @@ def serve(sock: socket.socket) -> None:
         for key, _ in selector.select():
             if key.data is None:
                 try:
-                    data, fds, flags, _ = socket.recv_fds(sock, len(_SPAWN), 4)
+                    data, fds, flags, _ = socket.recv_fds(sock, len(_SPAWN), _SPAWN_FDS)
                 except InterruptedError:
                     continue
                 if not data and not fds:
                     return  # the warm parent and every coordinator are gone
-                if data != _SPAWN or len(fds) != 4 or flags & socket.MSG_CTRUNC:
+                if data != _SPAWN or len(fds) != _SPAWN_FDS or flags & socket.MSG_CTRUNC:
                     for fd in fds:
                         os.close(fd)
                     _LOG.warning("a malformed request to the task zygote, ignored")

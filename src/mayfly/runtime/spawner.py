@@ -66,6 +66,11 @@ class ForkedWork(Protocol):
         through ``link``; returns its exit code."""
         ...
 
+    def after_fork(self) -> None:
+        """In the warm parent, right after it forked a coordinator (or failed to):
+        drop its copies of what it prepared for that coordinator alone."""
+        ...
+
     def close(self) -> None:
         """In the warm parent, as it stops: end what it started (the task zygote)."""
         ...
@@ -134,10 +139,13 @@ def _serve_forks(conn: Connection, work: ForkedWork, runtime_pid: int) -> None:
             # parent takes its objects back at once: frozen, its own cyclic
             # garbage (a failed warm-up's traceback) would never be collected.
             gc.freeze()
-            pid = os.fork()
-            if pid == 0:
-                _coordinator_child(conn, work, record, dequeued_at, session, warm_pid)
-            gc.unfreeze()
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    _coordinator_child(conn, work, record, dequeued_at, session, warm_pid)
+            finally:
+                gc.unfreeze()
+                work.after_fork()
             os.close(session)  # the coordinator's now
             # A pidfd turns "this child exited" into a readable fd for select().
             children[os.pidfd_open(pid)] = (token, pid)
