@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -259,7 +260,7 @@ class TaskZygote:
         return True
 
     def start_task(
-        self, channel_fd: int, spec: WorkerSpec, params_fd: int | None = None
+        self, channel_fd: int, spec: WorkerSpec, params_fd: int | None = None, *, wait: bool = True
     ) -> ZygoteTask:
         """Have the zygote start a task process on ``channel_fd`` for ``spec``.
 
@@ -268,7 +269,8 @@ class TaskZygote:
         (before that first ``run``) once it has checked them.
 
         Raises:
-            OSError: the zygote is not there to ask.
+            OSError: the zygote is not there to ask (or, without ``wait``, its
+                queue is full: it is wedged or far behind).
         """
         if self._sock is None:
             raise OSError("the task zygote was never started")
@@ -284,6 +286,9 @@ class TaskZygote:
         try:
             os.write(spec_fd, data)
             fds = [channel_fd, theirs.fileno(), spec.cancel.fileno(), spec_fd, params_fd]
+            # Not MSG_DONTWAIT: a socket with a timeout waits it out on EAGAIN.
+            if not wait and not select.select([], [self._sock], [], 0)[1]:
+                raise BlockingIOError("the task zygote's queue is full")
             socket.send_fds(self._sock, [_SPAWN], fds)
         except BaseException:
             ours.close()
@@ -324,11 +329,12 @@ class EarlyTask:
 
     @classmethod
     def start(cls, zygote: TaskZygote, spec: WorkerSpec) -> EarlyTask:
-        """Ask ``zygote`` for it. Raises OSError when the zygote cannot be asked."""
+        """Ask ``zygote`` for it. Raises OSError when the zygote cannot be asked at
+        once: the warm parent, which asks, never waits on a wedged zygote."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         params_fd = params_memfd()
         try:
-            process = zygote.start_task(theirs.fileno(), spec, params_fd)
+            process = zygote.start_task(theirs.fileno(), spec, params_fd, wait=False)
         except BaseException:
             ours.close()
             os.close(params_fd)
