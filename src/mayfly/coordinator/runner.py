@@ -83,6 +83,8 @@ class TaskHandle(Protocol):
     sentinel: int
     """Readable when there is news of the process (:meth:`poll` says if it ended)."""
     exitcode: int | None
+    failure: str | None
+    """Why it never ran, when its starter could not start it."""
 
     @property
     def pid(self) -> int | None: ...
@@ -179,6 +181,7 @@ class _ForkedTask:
         self.pid = pid
         self.sentinel = os.pidfd_open(pid)
         self.exitcode: int | None = None
+        self.failure: str | None = None  # a fork that failed raised instead
 
     def poll(self, block: bool = False) -> int | None:
         if self.exitcode is None:
@@ -472,9 +475,8 @@ class _Run:
             }.get(name, name)
         else:
             why = f"exit code {code}"
-        failure = getattr(worker.process, "failure", None)
-        if failure:
-            why = failure  # it never ran: its starter says why
+        if worker.process.failure:
+            why = worker.process.failure  # it never ran: its starter says why
         state = worker.job
         worker.job = None
         self._retire(worker, kill=True)
