@@ -5,10 +5,13 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from pathlib import Path
 
-__all__ = ["LOG_FORMAT", "die_with_parent"]
+__all__ = ["LOG_FORMAT", "child_pythonpath", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
+#: The folder holding the ``mayfly`` package (``src`` in a checkout).
+_SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
 #: How Mayfly's processes log to stderr (``mayfly up``, the task zygote).
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _libc: ctypes.CDLL | None = None
@@ -31,3 +34,9 @@ def die_with_parent(expected_parent: int | None = None) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
+
+
+def child_pythonpath(inherited: str | None) -> str:
+    """``PYTHONPATH`` for a fresh interpreter (``python -m mayfly.<module>``) that
+    must import this very Mayfly, installed or not, ahead of ``inherited``."""
+    return os.pathsep.join([_SOURCE_ROOT, *filter(None, [inherited])])

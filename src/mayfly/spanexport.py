@@ -37,13 +37,14 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes, AttributeValue
+
+from mayfly.procs import child_pythonpath
 
 __all__ = [
     "DEFAULT_BATCH_SPANS",
@@ -506,7 +507,6 @@ DEFAULT_MAX_IN_FLIGHT = 64
 DEFAULT_SCHEDULE_DELAY_S = 1.0
 _RESTART_BACKOFF_S = 1.0
 #: Where ``mayfly`` is imported from, for the child's ``-m mayfly.spanexport``.
-_SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def _child_main(batches: Connection, acks: Connection) -> None:
@@ -607,7 +607,7 @@ class ProcessSpanExporter:
         child_batches, batches = os.pipe()
         acks, child_acks = os.pipe()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_SOURCE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = child_pythonpath(env.get("PYTHONPATH"))
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "mayfly.spanexport", str(child_batches), str(child_acks)],

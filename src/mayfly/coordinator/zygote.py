@@ -48,7 +48,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from mayfly import sandbox
 from mayfly.coordinator.worker import (
@@ -58,7 +57,7 @@ from mayfly.coordinator.worker import (
     read_memfd,
     worker_main,
 )
-from mayfly.procs import LOG_FORMAT, die_with_parent
+from mayfly.procs import LOG_FORMAT, child_pythonpath, die_with_parent
 
 __all__ = ["EarlyTask", "TaskZygote", "ZygoteTask", "main"]
 
@@ -67,9 +66,6 @@ _SPAWN = b"spawn"
 _READY = b"ready"
 _KILL = b"kill"  # on a status socket: end the task process's whole session
 _WORD = struct.Struct("=4si")  # a tag and a number: the pid, the exit status, an errno
-#: The zygote's environment: nothing a task process could use against anyone.
-_KEPT_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONHASHSEED", "PYTHONIOENCODING")
-_SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 #: A spawn's descriptors: channel, status socket, cancel flag, spec, params.
 _SPAWN_FDS = 5
 #: How long a coordinator waits for the zygote's answer to a start (it forks
@@ -110,8 +106,8 @@ class ZygoteTask:
         self.failure = f"the task zygote did not answer in {_WORD_WAIT_S:.0f} s"
         self._ended(-signal.SIGKILL)
 
-    def _take(self, timeout: float | None) -> bool:
-        """Read the zygote's next word (None: wait for it); False if none came."""
+    def _take(self, timeout: float) -> bool:
+        """Read the zygote's next word, waiting up to ``timeout``; False if none came."""
         self._status.settimeout(timeout)
         try:
             data, fds, _, _ = socket.recv_fds(self._status, _WORD.size, 1)
@@ -195,10 +191,9 @@ class TaskZygote:
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV or k.startswith("LC_")}
-        env["PYTHONPATH"] = os.pathsep.join(
-            [_SOURCE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
+        # The zygote's environment: what a task process keeps anyway.
+        env = sandbox.harmless_environment()
+        env["PYTHONPATH"] = child_pythonpath(os.environ.get("PYTHONPATH"))
         level = logging.getLogger().getEffectiveLevel()
         try:
             self._process = subprocess.Popen(

@@ -43,7 +43,7 @@ from pathlib import Path
 from mayfly.sandbox import landlock, seccomp
 from mayfly.sandbox.secrets import wipe, wipe_bytes
 
-__all__ = ["Applied", "SandboxSpec", "enter", "prepare"]
+__all__ = ["Applied", "SandboxSpec", "enter", "harmless_environment", "prepare"]
 
 #: Variables a task process keeps; everything else (credentials included) goes.
 _KEPT_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONHASHSEED", "PYTHONIOENCODING")
@@ -84,8 +84,14 @@ def _zero_environ_block() -> None:
         ctypes.memset(start, 0, end - start)
 
 
+def harmless_environment() -> dict[str, str]:
+    """This process's environment cut to the short allowlist a task process keeps
+    (no credential, whatever the process was started with)."""
+    return {k: v for k, v in os.environ.items() if k in _KEPT_ENV or k.startswith("LC_")}
+
+
 def _scrub_environment(scratch: Path) -> None:
-    kept = {k: v for k, v in os.environ.items() if k in _KEPT_ENV or k.startswith("LC_")}
+    kept = harmless_environment()
     dropped = [v for k, v in os.environb.items() if k.decode(errors="replace") not in kept]
     os.environ.clear()
     os.environ.update(kept, HOME=str(scratch), TMPDIR=str(scratch))
