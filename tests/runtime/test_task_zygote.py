@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import selectors
 import signal
 import socket
 import tempfile
@@ -331,3 +332,22 @@ def test_a_task_process_started_for_a_rejected_request_is_ended_with_its_folder(
     assert isinstance(done, TaskCompleted), done
     [device] = done.devices
     assert device.output["params"] == {"note": "remnant-ok"}  # read at its first run
+
+
+def test_an_exit_and_its_hang_up_in_one_select_touch_nothing_of_the_reaped_child() -> None:
+    # A task process ends and its coordinator hangs up at once: one select()
+    # reports both. After the reap its pid and pidfd are no longer its own.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    pidfd = os.pidfd_open(pid)
+    coordinator, status = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = zygote_module._Child(pid, pidfd, status)
+    selector = selectors.DefaultSelector()
+    selector.register(pidfd, selectors.EVENT_READ, ("exit", child))
+    selector.register(status, selectors.EVENT_READ, ("peer", child))
+    coordinator.close()
+    select.select([pidfd], [], [], 10)
+    zygote_module._reap(child, {pidfd: child}, selector)
+    zygote_module._from_coordinator(child, selector)  # was: EBADF, and the zygote died
+    selector.close()

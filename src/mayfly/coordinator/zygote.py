@@ -370,6 +370,9 @@ class _Child:
     pid: int
     pidfd: int
     status: socket.socket | None
+    reaped: bool = False
+    """Waited for: its pid and pidfd are no longer its own (one ``select`` can
+    report its exit and its coordinator's hang-up together)."""
 
 
 def params_memfd() -> int:
@@ -445,7 +448,9 @@ def _kill_session(child: _Child) -> None:
 def _from_coordinator(child: _Child, selector: selectors.BaseSelector) -> None:
     """Its coordinator asks for a kill, or closed the status socket (it ended,
     however): either way the task process and its session go."""
-    assert child.status is not None
+    if child.reaped or child.status is None:
+        return  # gone already, reported in the same select as its exit
+
     try:
         word = child.status.recv(16)
     except OSError:
@@ -469,12 +474,14 @@ def _reap(child: _Child, children: dict[int, _Child], selector: selectors.BaseSe
         os.killpg(child.pid, signal.SIGKILL)
     _, status = os.waitpid(child.pid, 0)
     os.close(child.pidfd)
+    child.reaped = True
     if child.status is not None:
         with contextlib.suppress(OSError):
             child.status.send(_WORD.pack(b"exit", os.waitstatus_to_exitcode(status)))
         with contextlib.suppress(KeyError, ValueError):
             selector.unregister(child.status)
         child.status.close()
+        child.status = None
 
 
 def serve(sock: socket.socket) -> None:
