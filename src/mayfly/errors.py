@@ -21,7 +21,8 @@ readable message or a ``task.rejected`` event::
     ├── ParamsError                 request params fail the package schema
     ├── SinkError                   a result could not be made durable
     ├── EventLogError               the event log cannot append, read or commit
-    │   └── EventLogFileError       its SQLite file is unusable (an UnusableFileError too)
+    │   ├── EventLogFileError       its SQLite file is unusable (an UnusableFileError too)
+    │   └── GroupBusyError          another runtime serves that embedded log
     ├── CoordinatorCrashedError     a request kept crashing its coordinator
     ├── RuntimeStartError           the local runtime's warm parent could not start
     ├── DeployError                 Kubernetes refused or could not take a resource
@@ -47,6 +48,7 @@ __all__ = [
     "EventError",
     "EventLogError",
     "EventLogFileError",
+    "GroupBusyError",
     "ImmutableVersionError",
     "IntegrityError",
     "InventoryError",
@@ -249,6 +251,16 @@ class RuntimeStartError(MayflyError):
 
 class EventLogError(MayflyError):
     """Raised when the event log (SQLite or Kafka) cannot append, read or commit."""
+
+
+class GroupBusyError(EventLogError):
+    """Raised when a consumer group of the embedded event log already has its one
+    member in another process (another runtime serves that log)."""
+
+    def __init__(self, message: str, *, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        """The process holding the group, if it said."""
 
 
 class EventLogFileError(UnusableFileError, EventLogError):

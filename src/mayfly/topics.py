@@ -42,6 +42,17 @@ class Topics:
     def all(self) -> list[str]:
         return [*self.lanes(), self.results, self.dead_letter]
 
+    @property
+    def dispatcher_group(self) -> str:
+        """The consumer group of the installation's dispatchers (one per runtime):
+        per installation, so a runtime joining one rebalances no other."""
+        return f"{self.prefix}-dispatcher"
+
+    @property
+    def aggregator_group(self) -> str:
+        """The consumer group of the installation's aggregators."""
+        return f"{self.prefix}-aggregator"
+
 
 def installation_of(topic: str) -> Topics | None:
     """The installation whose topic ``topic`` is, or ``None`` for a foreign topic."""

@@ -27,7 +27,7 @@ from flask.testing import FlaskClient
 from functions_framework import create_app
 from kafka import KafkaProducer
 
-from mayfly.app.local import AGGREGATOR_GROUP, Runtime
+from mayfly.app.local import Runtime
 from mayfly.app.wiring import build_aggregator, open_event_log
 from mayfly.devices.sim import Simulator, SimulatorServer
 from mayfly.eventlog import EventLog
@@ -435,7 +435,7 @@ def test_a_poison_result_does_not_stop_the_aggregator_thread(
     assert results.completed(normal), "the result after the poison never reached the aggregator"
     log = home.log()
     try:
-        committed = log.consumer(AGGREGATOR_GROUP, results_topic).committed()
+        committed = log.consumer(home.settings().topics.aggregator_group, results_topic).committed()
     finally:
         log.close()
     assert committed.get(0, 0) >= 2  # past the poison (offset 0) and the good result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,12 +43,21 @@ class Home:
         return SqliteEventLog(self.root / "events.db")
 
     def up(self, *args: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mayfly.cli", "up", *args],
-            env=self.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        return self.up_with(*args)
+
+    def up_with(
+        self, *args: str, output: Path | None = None, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """``mayfly up ARGS`` with ``env`` added to the home's settings; its output
+        goes to ``output`` if given (a pipe fills up on a long ``-v`` run)."""
+        with contextlib.ExitStack() as files:
+            sink = files.enter_context(output.open("wb")) if output else subprocess.PIPE
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mayfly.cli", "up", *args],
+                env=self.env(**env),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
         self.processes.append(process)
         return process
 

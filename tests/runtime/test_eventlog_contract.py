@@ -23,14 +23,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
 
-from mayfly.errors import EventLogError
-from mayfly.eventlog import EventLog, LogConsumer, LogRecord, MultiTopicConsumer
+from mayfly.errors import EventLogError, GroupBusyError
+from mayfly.eventlog import EventLog, LogConsumer, LogRecord, MultiTopicConsumer, Position
 from mayfly.eventlog.kafka import KafkaEventLog
 from mayfly.eventlog.sqlite import SCHEMA_VERSION, SqliteEventLog
 
@@ -406,6 +406,69 @@ def test_a_paused_topic_is_held_back_and_nothing_of_it_is_lost(
     assert _by_topic(_drain(consumer, 2)) == {a: [(3, b"v0"), (4, b"v1")]}
 
 
+@pytest.mark.parametrize("shape", ["consumer_of", "member_of"])
+def test_pausing_mid_batch_loses_nothing(event_log: EventLog, group: str, shape: str) -> None:
+    # A dispatcher's pattern: small polls, the topic paused while records it
+    # fetched are not all returned, resumed later, again and again.
+    a, b = _name("topic"), _name("topic")
+    event_log.append_many([(a, str(n).encode(), b"v", ()) for n in range(300)])
+    open_reader = event_log.consumer_of if shape == "consumer_of" else event_log.member_of
+    consumer = open_reader(group, [a, b])
+    got: set[tuple[int, int]] = set()
+    paused, held = False, 0
+    deadline = time.monotonic() + 30
+    try:
+        while len(got) < 300 and time.monotonic() < deadline:
+            if (held >= 48) != paused:
+                paused = not paused
+                (consumer.pause if paused else consumer.resume)(a)
+            for record in consumer.poll(16 if paused else 64 - held, 0.01):
+                got.add((record.partition, record.offset))
+                held += 1
+            held = max(0, held - 3)
+    finally:
+        consumer.close()
+    assert len(got) == 300, f"{300 - len(got)} records never returned"
+
+
+def test_a_member_alone_in_its_group_reads_every_partition_and_hears_of_them(
+    event_log: EventLog, group: str, partitions: list[int]
+) -> None:
+    a = _name("topic")
+    told: dict[str, dict[int, Position]] = {}
+
+    class Told:
+        def assigned(self, topic: str, positions: Mapping[int, Position]) -> None:
+            told.setdefault(topic, {}).update(positions)
+
+        def revoking(self, topic: str, parts: Collection[int]) -> None: ...
+
+        def drain(self, wait_s: float) -> bool:
+            return True
+
+        def positions(self) -> Mapping[str, Mapping[int, Position]]:
+            return {}
+
+        def lost(self, topic: str, parts: Collection[int]) -> None: ...
+
+    _fill(event_log, a, 6)
+    member = event_log.member_of(group, [a], Told())
+    try:
+        records = _drain(member, 6)
+        assert sorted(told[a]) == partitions
+        assert all(position.offset == 0 for position in told[a].values())
+        last = max(records, key=lambda r: r.offset)
+        member.commit_positions({a: {last.partition: Position(last.offset + 1)}})
+    finally:
+        member.close()
+    again = event_log.member_of(group, [a], Told())
+    try:
+        again.poll(1, 0.5)
+        assert told[a][last.partition].offset == last.offset + 1
+    finally:
+        again.close()
+
+
 def test_a_waiting_multi_topic_poll_returns_on_a_record_of_any_topic(
     event_log: EventLog, open_multi: MultiFactory, group: str
 ) -> None:
@@ -542,6 +605,22 @@ def test_a_forked_child_uses_the_log_it_inherited(db_path: Path) -> None:
         assert [r.value for r in consumer.poll(10)] == [b"child", b"parent again"]
         assert consumer.committed() == {0: 2}
     assert [r.value for r in _all_records(db_path, topic)] == [b"parent", b"child", b"parent again"]
+
+
+def test_a_second_member_of_a_group_on_the_embedded_log_is_refused_naming_the_first(
+    db_path: Path,
+) -> None:
+    log = SqliteEventLog(db_path)
+    first = log.member_of("runtime", ["t"])
+    try:
+        with pytest.raises(GroupBusyError, match=f"process {os.getpid()}") as refused:
+            SqliteEventLog(db_path).member_of("runtime", ["t"])
+        assert refused.value.pid == os.getpid()
+        log.member_of("another-group", ["t"]).close()  # groups are independent
+    finally:
+        first.close()
+    log.member_of("runtime", ["t"]).close()  # free once the first closed
+    log.close()
 
 
 def test_the_file_and_its_folder_are_created_with_the_schema(tmp_path: Path) -> None:

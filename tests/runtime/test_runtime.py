@@ -210,3 +210,29 @@ def test_mayfly_up_holds_none_of_the_coordinators_code(home: Home, fleet: FleetF
 
 def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_a_second_mayfly_up_on_one_embedded_log_is_refused_and_the_first_serves_on(
+    home: Home, fleet: FleetFactory
+) -> None:
+    fleet(1)
+    said = home.root.parent / "first.log"
+    first = home.up_with(output=said)
+    log = home.log()
+    try:
+        deadline = time.monotonic() + 30
+        while b"mayfly up:" not in said.read_bytes():
+            assert first.poll() is None, said.read_text()
+            assert time.monotonic() < deadline, "the first never started"
+            time.sleep(0.1)
+        second = home.up()
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode != 0, out
+        assert f"already served by process {first.pid}".encode() in out, out
+        assert b"Traceback" not in out, out
+        # The first one was not disturbed: it still runs what is published.
+        request = new_request("reboot", devices=["sim-0001"])
+        publish_request(log, request)
+        assert request.id in home.wait_for_results({request.id}, timeout_s=30)
+    finally:
+        log.close()

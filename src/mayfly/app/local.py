@@ -22,9 +22,8 @@ from mayfly.runtime.spawner import ForkedWork, Spawner
 from mayfly.runtime.state import RuntimeState
 from mayfly.settings import Settings
 
-__all__ = ["AGGREGATOR_GROUP", "Runtime", "check_wiring"]
+__all__ = ["Runtime", "check_wiring"]
 
-AGGREGATOR_GROUP = "mayfly-aggregator"
 #: The source of the rejections the aggregator dead-letters.
 AGGREGATOR_SOURCE = "/mayfly/aggregator"
 _LOG = logging.getLogger("mayfly.runtime")
@@ -118,9 +117,13 @@ class Runtime:
         record is logged and the record skipped (:class:`Ingest`), and an
         unreachable archive or log is waited for, the batch kept, never skipped.
         """
-        # The multi-topic reader, of one topic: on Kafka the broker holds its idle
-        # fetch for 2 s rather than 0.5 s, which is most of an idle runtime's CPU.
-        consumer = self.log.consumer_of(AGGREGATOR_GROUP, [self.settings.topics.results])
+        # A member of the aggregators' group: runtimes on one Kafka split the
+        # results, so each is archived and traced by one of them. On Kafka the
+        # broker holds its idle fetch for 2 s rather than 0.5 s, which is most of
+        # an idle runtime's CPU.
+        consumer = self.log.member_of(
+            self.settings.topics.aggregator_group, [self.settings.topics.results]
+        )
         try:
             while not self._stop.is_set():
                 try:

@@ -46,6 +46,8 @@ _UP_SETTINGS = (
     "trace_file",
 )
 
+_DISPATCH_LOG = logging.getLogger("mayfly.runtime.dispatch")
+
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
     found: dict[str, str] = {}
@@ -232,6 +234,21 @@ def publish(
             telemetry.shutdown()
 
 
+def _log_dispatch(kind: str, info: dict[str, object]) -> None:
+    """``up -v``: one line per dispatch decision."""
+    rid = info.get("request_id")
+    if kind == "started":
+        task, priority = info.get("task"), info.get("priority")
+        what = f"{task} ({priority}) in coordinator {info.get('coordinator')}"
+        _DISPATCH_LOG.info("started %s: %s", rid, what)
+    elif kind == "finished":
+        _DISPATCH_LOG.info("finished %s: exit code %s", rid, info.get("code"))
+    elif kind == "skipped":
+        _DISPATCH_LOG.info("skipped %s: it already has a result (a redelivery)", rid)
+    else:
+        _DISPATCH_LOG.info("%s %s", kind.replace("_", "-"), rid)
+
+
 def _print_results(events: list[MayflyEvent]) -> None:
     for event in events:
         _print_result(event)
@@ -259,9 +276,10 @@ def up(settings: Settings, verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format=LOG_FORMAT,
     )
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is every join and fetch
     # A configuration error is said here, in one line, before anything is forked.
     check_wiring(settings)
-    runtime = Runtime(settings)
+    runtime = Runtime(settings, on_dispatch=_log_dispatch if verbose else None)
     runtime.state.check()
     runtime.state.close()  # no connection is carried across the warm parent's fork
     # Fork the warm parent before telemetry starts its export threads, so no

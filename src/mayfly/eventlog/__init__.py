@@ -16,22 +16,30 @@ Semantics both implementations keep (and the contract tests check):
 - ``commit`` stores, per partition, the offset of the next record to read;
 - a :class:`MultiTopicConsumer` reads several topics as one reader (one
   Kafka consumer, one wait for a record of any of them), with each topic's
-  offsets its own, as if one :class:`LogConsumer` of the group read it.
+  offsets its own, as if one :class:`LogConsumer` of the group read it;
+- a :class:`GroupMember` reads several topics *sharing* them with the other
+  members of its group (other runtimes on one Kafka): each partition belongs
+  to one member at a time, and a :class:`Rebalance` is told when partitions
+  come and go, so a member gives a partition up only once what it started
+  there is done, and commits its :class:`Position` as it goes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
     "WRITE_SETTLE_S",
     "EventLog",
+    "GroupMember",
     "Headers",
     "LogConsumer",
     "LogRecord",
     "MultiTopicConsumer",
+    "Position",
+    "Rebalance",
     "Waker",
     "check_record",
 ]
@@ -106,6 +114,59 @@ class MultiTopicConsumer(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Position:
+    """How far a group got in one partition: where a member taking it over starts.
+
+    ``offset`` is the next record to read (what Kafka calls the committed
+    offset). Records finish out of order, so some after it may be done
+    already: every record in ``[offset, done_until)`` not in ``pending`` is,
+    and a member taking the partition over passes over those instead of
+    running them again.
+    """
+
+    offset: int
+    done_until: int = 0
+    pending: frozenset[int] = field(default_factory=frozenset)
+
+    def is_done(self, offset: int) -> bool:
+        """Whether the record at ``offset`` was finished by a member before."""
+        return self.offset <= offset < self.done_until and offset not in self.pending
+
+
+class Rebalance(Protocol):
+    """What a :class:`GroupMember`'s owner is told as partitions move.
+
+    Called from inside the member's ``poll`` (so never while the owner is
+    doing anything else), in this order for partitions that leave: ``revoking``
+    once, ``drain`` until it returns True (or the member's bound runs out),
+    then ``positions``, which the member commits before another member may
+    read those partitions.
+    """
+
+    def assigned(self, topic: str, positions: Mapping[int, Position]) -> None:
+        """These partitions of ``topic`` are this member's now, starting at ``positions``."""
+        ...
+
+    def revoking(self, topic: str, partitions: Collection[int]) -> None:
+        """These partitions go to another member: start nothing more of them."""
+        ...
+
+    def drain(self, wait_s: float) -> bool:
+        """Finish, for up to ``wait_s``, what was started of revoking partitions;
+        True once nothing is."""
+        ...
+
+    def positions(self) -> Mapping[str, Mapping[int, Position]]:
+        """Where each revoking partition stands, to commit; they are forgotten."""
+        ...
+
+    def lost(self, topic: str, partitions: Collection[int]) -> None:
+        """These partitions were taken without a revoke (this member was
+        thought dead): nothing of them can be committed any more."""
+        ...
+
+
 def check_record(key: object, value: object) -> None:
     """Refuse a record's key or value of the wrong type before any is appended.
 
@@ -123,6 +184,22 @@ def check_record(key: object, value: object) -> None:
 #: frames, the event, before it publishes the commit in shared memory, which
 #: makes none).
 WRITE_SETTLE_S = 0.05
+
+
+class GroupMember(MultiTopicConsumer, Protocol):
+    """A :class:`MultiTopicConsumer` sharing its topics with the other members
+    of its group (``shared``), or alone with them (the embedded log, which one
+    runtime serves at a time)."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other members may take partitions from this one."""
+        ...
+
+    def commit_positions(self, positions: Mapping[str, Mapping[int, Position]]) -> None:
+        """Durably store, per topic and partition, where the group stands
+        (a log whose groups have one member may keep only the offsets)."""
+        ...
 
 
 class Waker(Protocol):
@@ -157,6 +234,19 @@ class EventLog(Protocol):
 
     def consumer_of(self, group: str, topics: Sequence[str]) -> MultiTopicConsumer:
         """One consumer of all of ``topics`` in ``group``, each at its committed offsets."""
+        ...
+
+    def member_of(
+        self, group: str, topics: Sequence[str], rebalance: Rebalance | None = None
+    ) -> GroupMember:
+        """A member of ``group`` reading ``topics``, each partition of which it
+        shares with the group's other members; ``rebalance`` is told of the
+        partitions it gets and gives up.
+
+        Raises:
+            EventLogError: on a log that allows one member per group, when
+                another process has one.
+        """
         ...
 
     def assume_topics(self, topics: Iterable[str]) -> None:

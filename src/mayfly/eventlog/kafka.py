@@ -9,15 +9,17 @@
   Mayfly installation (lanes, results, dead letters under one prefix), so a
   forked coordinator finds its results topic known and needs no admin client.
   Clients do not auto-create: a typo cannot make a topic with broker defaults.
-- **Consumers assign, they do not subscribe.** A consumer takes every partition
+- **Consumers assign; members subscribe.** A consumer takes every partition
   of its topic (or topics, :meth:`KafkaEventLog.consumer_of`) with ``assign()``,
   at the group's committed offsets (else the beginning), and commits to the
-  group. The runtime's dispatcher reads its lanes with one consumer, so group
-  management would buy nothing and cost a join and rebalance before the first
-  record, a stall of up to the session timeout when a crashed dispatcher's
-  member lingers in the group, heartbeats to miss while a broker pauses, and
-  two consumers of one group splitting the partitions the port promises each
-  of them. Partitions added later need a new consumer.
+  group: no join, no rebalance, every partition its own. A *member*
+  (:meth:`KafkaEventLog.member_of`: the dispatcher and the aggregator of each
+  runtime) joins the group instead, with cooperative rebalancing (KIP-429), so
+  several runtimes split the partitions and a partition that moves stops only
+  itself. A partition leaves a member only after its :class:`Rebalance` has
+  drained what it started there and the member committed its
+  :class:`~mayfly.eventlog.Position` (offset, and in the commit's metadata the
+  records after it already done), which the next member reads back.
 - **Fork safety.** The runtime forks coordinators that append their results.
   Clients are per process: a child makes its own and never closes (nor lets
   the garbage collector close) an inherited one, which shares the parent's
@@ -27,6 +29,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -37,14 +40,33 @@ from types import TracebackType
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+    for_code,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from mayfly.errors import EventLogError
-from mayfly.eventlog import Headers, LogConsumer, LogRecord, MultiTopicConsumer, check_record
+from mayfly.eventlog import (
+    GroupMember,
+    Headers,
+    LogConsumer,
+    LogRecord,
+    MultiTopicConsumer,
+    Position,
+    Rebalance,
+    check_record,
+)
 from mayfly.topics import installation_of
 
 __all__ = ["KafkaEventLog"]
+
+_LOG = logging.getLogger("mayfly.eventlog.kafka")
 
 # A request to a paused broker is answered when it resumes: waiting 10 s for it
 # rides out a pause of a few seconds without a reconnect.
@@ -65,6 +87,24 @@ _CLOSE_TIMEOUT_S = 5.0
 _MULTI_FETCH_MAX_WAIT_MS = 2_000
 # Least time between two metadata requests of a new producer (kafka-python: 100 ms).
 _METADATA_BACKOFF_MS = 5
+# A member is thought dead this long after its last heartbeat, and its partitions
+# go to the others (kafka-python: 45 s; the broker's least is 6 s).
+_SESSION_TIMEOUT_MS = 10_000
+# How long a member leaving a partition waits for what it started there to end
+# before it lets the partition go anyway (the rest may then run twice).
+_DRAIN_S = 30.0
+# A revoking member's owner is given this long per turn, between heartbeats.
+_DRAIN_TURN_S = 0.05
+# Pending offsets kept in one commit's metadata (the broker takes 4 KiB).
+_MAX_PENDING_NOTED = 200
+_POSITION_MARK = "mayfly/1"
+# kafka-python 3.0.12: a member polled again and again with a timeout of 0 while
+# records flow sends no heartbeat (seen: none for 13 s, so the group gave its
+# partitions to another member and this one was never told). 1 ms is enough.
+_MEMBER_LEAST_POLL_S = 0.001
+# The longest one poll waits for a join to end (every member must rejoin, and
+# one may be draining what it gives up); past it, the next poll waits again.
+_JOIN_WAIT_MS = 60_000
 # Clients inherited through fork(): referenced forever, never closed (see module doc).
 _INHERITED: list[object] = []
 
@@ -155,6 +195,19 @@ class KafkaEventLog:
         consumer = _KafkaMultiConsumer(self, group, topics)
         self._consumers.add(consumer)
         return consumer
+
+    def member_of(
+        self, group: str, topics: Sequence[str], rebalance: Rebalance | None = None
+    ) -> GroupMember:
+        """A member of ``group`` reading ``topics``: it joins the group, gets a share
+        of the partitions (cooperative-sticky), and tells ``rebalance`` as they move."""
+        if not topics or len(set(topics)) != len(topics):
+            raise ValueError(f"topics must be distinct and at least one, not {list(topics)}")
+        for topic in topics:
+            self._ensure_topic(topic)
+        member = _KafkaMember(self, group, topics, rebalance)
+        self._consumers.add(member)
+        return member
 
     def assume_topics(self, topics: Iterable[str]) -> None:
         """Take ``topics`` as existing, without asking: appends to them skip the check.
@@ -354,19 +407,21 @@ class _KafkaReader:
                     if not partitions:
                         raise EventLogError(f"{log.describe()}: topic {topic} has no partitions")
                     self._tps[topic] = {p: TopicPartition(topic, p) for p in partitions}
-                every = [tp for of_topic in self._tps.values() for tp in of_topic.values()]
-                self._consumer.assign(every)
-                # Position every partition now: left to poll(), finding the committed
-                # offsets and resetting the others takes several polls of round trips.
-                committed = self._committed(every)
-                starts = self._consumer.beginning_offsets(
-                    [tp for tp in every if tp not in committed], timeout_ms=_OPERATION_TIMEOUT_MS
-                )
-                for tp in every:
-                    self._consumer.seek(tp, committed[tp] if tp in committed else starts[tp])
+                self._start([tp for of_topic in self._tps.values() for tp in of_topic.values()])
         except BaseException:
             self.close()
             raise
+
+    def _start(self, every: list[TopicPartition]) -> None:
+        self._consumer.assign(every)
+        # Position every partition now: left to poll(), finding the committed
+        # offsets and resetting the others takes several polls of round trips.
+        committed = self._committed(every)
+        starts = self._consumer.beginning_offsets(
+            [tp for tp in every if tp not in committed], timeout_ms=_OPERATION_TIMEOUT_MS
+        )
+        for tp in every:
+            self._consumer.seek(tp, committed[tp] if tp in committed else starts[tp])
 
     def _poll(self, max_records: int, timeout_s: float) -> list[LogRecord]:
         if max_records < 1:
@@ -375,6 +430,26 @@ class _KafkaReader:
         with self._log._translated(f"cannot read {self._names}"):
             batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         return [_to_record(r) for records in batches.values() for r in records]
+
+    def _resume(self, tps: Sequence[TopicPartition]) -> None:
+        """Resume ``tps``, and drop what kafka-python parked of them meanwhile.
+
+        kafka-python 3.0.12 parks the records it had fetched for a partition that
+        gets paused, and gives them back after the resume only while it holds no
+        other partition's records, which a drained batch still counts as: a
+        parked partition is then never returned nor fetched again (seen: a lane
+        whose partition stopped for good at one offset after a pause). Dropped,
+        they are fetched again from the partition's position, which only moves
+        with records returned.
+        """
+        consumer = self._usable()
+        consumer.resume(*tps)
+        fetcher = consumer._fetcher
+        for tp in tps:
+            parked = fetcher._paused_partition_records.pop(tp, None)
+            if parked is not None:
+                parked.drain()
+            fetcher._paused_completed_fetches.pop(tp, None)
 
     def _commit(self, topic: str, offsets: Mapping[int, int], payload: dict[Any, Any]) -> None:
         """Add ``topic``'s ``offsets`` to ``payload``, refusing a partition it lacks."""
@@ -479,7 +554,7 @@ class _KafkaMultiConsumer(_KafkaReader):
         self._usable().pause(*self._of(topic))
 
     def resume(self, topic: str) -> None:
-        self._usable().resume(*self._of(topic))
+        self._resume(self._of(topic))
 
     def commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
         """Durably store, per topic and partition, the offset of the next record to read,
@@ -501,3 +576,223 @@ class _KafkaMultiConsumer(_KafkaReader):
         if topic not in self._tps:
             raise EventLogError(f"{self._log.describe()}: this consumer reads {self._names}")
         return list(self._tps[topic].values())
+
+
+class _KafkaMember(_KafkaMultiConsumer):
+    """A member of a group, sharing its topics' partitions with the other members.
+
+    The rebalance listener runs on kafka-python's I/O thread while the thread
+    that polls waits in ``poll`` for it, so the owner's :class:`Rebalance` is
+    never called while the owner does anything else. Meanwhile the owner's
+    commits (it finishes records while it drains) cannot block on that thread:
+    they are kept and sent with the revoked partitions' positions.
+    """
+
+    shared = True
+
+    def __init__(
+        self, log: KafkaEventLog, group: str, topics: Sequence[str], rebalance: Rebalance | None
+    ) -> None:
+        self._rebalance = rebalance
+        self._paused: set[str] = set()
+        self._in_listener = False
+        self._deferred: dict[TopicPartition, OffsetAndMetadata] = {}
+        _KafkaReader.__init__(
+            self,
+            log,
+            group,
+            topics,
+            fetch_max_wait_ms=_MULTI_FETCH_MAX_WAIT_MS,
+            partition_assignment_strategy=(CooperativeStickyAssignor,),
+            session_timeout_ms=_SESSION_TIMEOUT_MS,
+        )
+
+    def _start(self, every: list[TopicPartition]) -> None:
+        self._consumer.subscribe(list(self._tps), listener=_Listener(self))
+
+    def pause(self, topic: str) -> None:
+        """As :meth:`_KafkaMultiConsumer.pause`, for the partitions of ``topic`` this
+        member has now and those it gets later."""
+        self._of(topic)
+        self._paused.add(topic)
+        self._usable().pause(*self._assigned(topic))
+
+    def resume(self, topic: str) -> None:
+        self._of(topic)
+        self._paused.discard(topic)
+        self._resume(self._assigned(topic))
+
+    def commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        self.commit_positions(
+            {t: {p: Position(o) for p, o in of.items()} for t, of in offsets.items()}
+        )
+
+    def commit_positions(self, positions: Mapping[str, Mapping[int, Position]]) -> None:
+        """Commit each position, the records done after its offset in the metadata.
+
+        While the group rebalances, commits are refused: they are kept, and sent
+        after the next poll (or by the listener, for partitions that leave).
+        """
+        payload: dict[Any, Any] = {}
+        for topic, of_topic in positions.items():
+            self._commit(topic, {p: pos.offset for p, pos in of_topic.items()}, payload)
+            for partition, pos in of_topic.items():
+                tp = self._tps[topic][partition]
+                payload[tp] = OffsetAndMetadata(pos.offset, _encode_position(pos), -1)
+        self._deferred.update(payload)
+        if not self._in_listener:  # on the I/O thread: sent by the listener, see class doc
+            self._flush()
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        self._join_if_needed()
+        records = self._poll(max_records, max(timeout_s, _MEMBER_LEAST_POLL_S))
+        if self._deferred:
+            self._flush()
+        return records
+
+    def _join_if_needed(self) -> None:
+        """Join (or rejoin) the group to the end, here, when the group asks to.
+
+        kafka-python 3.0.12 drops a join that completes while no poll is waiting
+        for it: a poll whose timeout ends first leaves the join running, and when
+        the next poll finds nothing left to join, the member never becomes
+        stable again (no heartbeat, commits refused) and the group soon gives
+        its partitions to others without it being told (seen with the
+        dispatcher's millisecond polls). So a join is waited for to its end
+        before the short poll, and one found finished unawaited is made again.
+        """
+        coordinator = self._usable()._coordinator
+        join = getattr(coordinator, "_join_task", None)
+        if coordinator.rejoining and join is not None and join.is_done:
+            coordinator.request_rejoin()
+        if coordinator.rejoining or coordinator.need_rejoin():
+            with self._log._translated(f"cannot join the group reading {self._names}"):
+                coordinator.poll(timeout_ms=_JOIN_WAIT_MS)
+
+    def _flush(self) -> None:
+        owned = self._usable().assignment()
+        payload = {tp: om for tp, om in self._deferred.items() if tp in owned}
+        self._deferred = {}
+        try:
+            self._send_commit(payload)
+        except EventLogError as exc:
+            if isinstance(exc.__cause__, RebalanceInProgressError):
+                self._deferred = {**payload, **self._deferred}
+            elif isinstance(exc.__cause__, CommitFailedError):
+                # Out of the group: the partitions are someone else's, who runs
+                # from the last commit (the lost listener says which).
+                _LOG.warning("%s: positions not committed: %s", self._names, exc)
+            else:
+                raise
+
+    def _assigned(self, topic: str) -> list[TopicPartition]:
+        return [tp for tp in self._consumer.assignment() if tp.topic == topic]
+
+    # -- called by the listener, on kafka-python's I/O thread ---------------------
+
+    async def assigned(self, added: set[TopicPartition]) -> None:
+        coordinator = self._consumer._coordinator
+        found = await coordinator.fetch_committed_offsets_async(
+            added, timeout_ms=_OPERATION_TIMEOUT_MS
+        )
+        paused = [tp for tp in added if tp.topic in self._paused]
+        if paused:
+            self._consumer.pause(*paused)
+        if self._rebalance is None:
+            return
+        for topic, partitions in _by_topic(added).items():
+            positions = {}
+            for partition in partitions:
+                got = found.get(TopicPartition(topic, partition))
+                positions[partition] = (
+                    _decode_position(got.offset, got.metadata) if got else (Position(0))
+                )
+            self._in_listener = True
+            try:
+                self._rebalance.assigned(topic, positions)
+            finally:
+                self._in_listener = False
+
+    async def revoked(self, revoked: set[TopicPartition]) -> None:
+        coordinator = self._consumer._coordinator
+        rebalance = self._rebalance
+        self._in_listener = True
+        try:
+            if rebalance is not None:
+                for topic, partitions in _by_topic(revoked).items():
+                    rebalance.revoking(topic, partitions)
+                deadline = time.monotonic() + _DRAIN_S
+                while not rebalance.drain(_DRAIN_TURN_S):
+                    if time.monotonic() >= deadline:
+                        _LOG.warning(
+                            "%s: giving up %s with requests still running on them",
+                            self._names,
+                            sorted(f"{tp.topic}/{tp.partition}" for tp in revoked),
+                        )
+                        break
+                    await coordinator._net.sleep(0)  # heartbeats, between turns
+                self.commit_positions(rebalance.positions())
+        finally:
+            self._in_listener = False
+        payload, self._deferred = self._deferred, {}
+        if payload:
+            try:
+                await coordinator._commit_offsets_sync_async(
+                    payload, timeout_ms=_OPERATION_TIMEOUT_MS
+                )
+            except KafkaError as exc:
+                # The next member starts from the last commit: those records may run again.
+                _LOG.warning("%s: positions not committed on revoke: %s", self._names, exc)
+
+    async def lost(self, lost: set[TopicPartition]) -> None:
+        self._deferred = {tp: om for tp, om in self._deferred.items() if tp not in lost}
+        if self._rebalance is not None:
+            for topic, partitions in _by_topic(lost).items():
+                self._rebalance.lost(topic, partitions)
+
+
+class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+    # kafka-python awaits these on its I/O thread (coroutines, so the awaits
+    # inside let heartbeats go on); see _KafkaMember.
+    def __init__(self, member: _KafkaMember) -> None:
+        self._member = member
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._member.assigned(assigned)
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._member.revoked(revoked)
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        await self._member.lost(lost)
+
+
+def _by_topic(tps: Iterable[TopicPartition]) -> dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {}
+    for tp in sorted(tps):
+        grouped.setdefault(tp.topic, []).append(tp.partition)
+    return grouped
+
+
+def _encode_position(pos: Position) -> str:
+    """``mayfly/1 until=N pending=a,b,...``: the records after the offset already done."""
+    pending = sorted(o for o in pos.pending if pos.offset <= o < pos.done_until)
+    until = pos.done_until
+    if len(pending) > _MAX_PENDING_NOTED:  # claim less rather than overflow the broker's limit
+        until, pending = pending[_MAX_PENDING_NOTED], pending[:_MAX_PENDING_NOTED]
+    if until <= pos.offset:
+        return ""
+    return f"{_POSITION_MARK} until={until} pending={','.join(map(str, pending))}"
+
+
+def _decode_position(offset: int, metadata: str | None) -> Position:
+    """The position a commit says; a metadata Mayfly did not write claims nothing."""
+    parts = dict(p.partition("=")[::2] for p in (metadata or "").split()[1:])
+    if not (metadata or "").startswith(_POSITION_MARK + " "):
+        return Position(offset)
+    try:
+        until = int(parts.get("until", ""))
+        pending = frozenset(int(o) for o in parts.get("pending", "").split(",") if o)
+    except ValueError:
+        return Position(offset)
+    return Position(offset, until, pending)

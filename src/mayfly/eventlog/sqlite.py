@@ -26,6 +26,7 @@ file (``PRAGMA quick_check``) for ``mayfly up`` to run once at start.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import sqlite3
@@ -38,13 +39,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from mayfly.errors import EventLogError, EventLogFileError
+from mayfly.errors import EventLogError, EventLogFileError, GroupBusyError
 from mayfly.eventlog import (
     WRITE_SETTLE_S,
+    GroupMember,
     Headers,
     LogConsumer,
     LogRecord,
     MultiTopicConsumer,
+    Position,
+    Rebalance,
     check_record,
 )
 from mayfly.eventlog.filewatch import FileWatch, watch
@@ -250,6 +254,33 @@ class SqliteEventLog:
         self._consumers.add(consumer)
         return consumer
 
+    def member_of(
+        self, group: str, topics: Sequence[str], rebalance: Rebalance | None = None
+    ) -> GroupMember:
+        """The one member of ``group``: every topic's partition 0 is its own until
+        it closes, and ``rebalance`` is told so at its first poll.
+
+        One member per group: a SQLite file is one machine's log, and sharing a
+        group's records between processes would need what Kafka's group
+        coordinator does. A lock file beside the log (``LOG.GROUP.lock``, an
+        ``flock`` that dies with its process) says who holds it.
+
+        Raises:
+            GroupBusyError: another process is the group's member.
+        """
+        if not topics or len(set(topics)) != len(topics):
+            raise ValueError(f"topics must be distinct and at least one, not {list(topics)}")
+        lock = _GroupLock(self._db.path, group)
+        try:
+            member = _SqliteMember(
+                self._db.path, group, topics, self._poll_interval_s, lock, rebalance
+            )
+        except BaseException:
+            lock.release()
+            raise
+        self._consumers.add(member)
+        return member
+
     def assume_topics(self, topics: Iterable[str]) -> None:
         """Nothing to do: every SQLite topic exists once written to."""
 
@@ -437,6 +468,82 @@ class _SqliteMultiConsumer:
                 f"sqlite:{self._db.path}: this consumer reads {', '.join(self._consumers)}"
             )
         return self._consumers[topic]
+
+
+class _SqliteMember(_SqliteMultiConsumer):
+    """The one member of a group (see :meth:`SqliteEventLog.member_of`)."""
+
+    shared = False
+
+    def __init__(
+        self,
+        path: Path,
+        group: str,
+        topics: Sequence[str],
+        poll_interval_s: float,
+        lock: _GroupLock,
+        rebalance: Rebalance | None,
+    ) -> None:
+        super().__init__(path, group, topics, poll_interval_s)
+        self._lock, self._rebalance = lock, rebalance
+
+    def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
+        if self._rebalance is not None:
+            rebalance, self._rebalance = self._rebalance, None
+            for topic, of_topic in self.committed().items():
+                rebalance.assigned(topic, {0: Position(of_topic.get(0, 0))})
+        return super().poll(max_records, timeout_s)
+
+    def commit_positions(self, positions: Mapping[str, Mapping[int, Position]]) -> None:
+        """Store the offsets: with one member per group, nobody takes a partition
+        over mid-way, and the runtime keeps its own note of what is done."""
+        self.commit({t: {p: pos.offset for p, pos in of.items()} for t, of in positions.items()})
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._lock.release()
+
+
+class _GroupLock:
+    """An exclusive ``flock`` on ``LOG.GROUP.lock``, holding the holder's pid."""
+
+    def __init__(self, log: Path, group: str) -> None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in group)[:100]
+        self.path = log.with_name(f"{log.name}.{safe}.lock")
+        _prepare_file(log)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise EventLogError(f"sqlite:{log}: cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = self._holder()
+            self.release()
+            who = f"process {pid}" if pid else "another process"
+            raise GroupBusyError(
+                f"sqlite:{log}: group {group!r} is already served by {who} (another "
+                "`mayfly up` on this log?); an embedded log has one runtime at a "
+                "time: stop that one, or give this one its own MAYFLY_EVENT_LOG, or "
+                "run several on Kafka",
+                pid=pid,
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _holder(self) -> int | None:
+        assert self._fd is not None
+        raw = os.pread(self._fd, 32, 0).strip()
+        return int(raw) if raw.isdigit() else None
+
+    def release(self) -> None:
+        # Closing the descriptor drops the flock. A child forked meanwhile would share
+        # it: the runtime forks its warm parent before it joins a group, for that.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _wait_for_commit(

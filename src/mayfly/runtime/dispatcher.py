@@ -38,18 +38,24 @@ import logging
 import math
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
 from mayfly.coordinator.sinks import EventLogSink
 from mayfly.errors import CoordinatorCrashedError, SinkError
-from mayfly.eventlog import WRITE_SETTLE_S, EventLog, LogRecord, MultiTopicConsumer
+from mayfly.eventlog import WRITE_SETTLE_S, EventLog, GroupMember, LogRecord, Position
 from mayfly.events import Priority, peek_attributes, rejection_for
 from mayfly.exitcodes import ExitCode
 from mayfly.runtime.appender import Appender
-from mayfly.runtime.policy import DEFAULT_WEIGHTS, after_crash, commit_progress, pick_lane
+from mayfly.runtime.policy import (
+    DEFAULT_WEIGHTS,
+    after_crash,
+    commit_progress,
+    pick_lane,
+    position_of,
+)
 from mayfly.runtime.session import CoordinatorSession
 from mayfly.runtime.spawner import CoordinatorExit, Spawner
 from mayfly.runtime.state import RuntimeState
@@ -74,7 +80,8 @@ class DispatchEvent(StrEnum):
 
 @dataclass(frozen=True)
 class DispatcherOptions:
-    group: str = "mayfly-dispatcher"
+    group: str | None = None
+    """The lanes' consumer group; None: the installation's (``PREFIX-dispatcher``)."""
     max_coordinators: int = 8
     per_task_cap: int = 4
     weights: dict[Priority, int] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -118,22 +125,42 @@ class _Pending:
 
 
 class _Lane:
-    def __init__(
-        self,
-        priority: Priority,
-        topic: str,
-        consumer: MultiTopicConsumer,
-        committed: dict[int, int],
-    ) -> None:
+    def __init__(self, priority: Priority, topic: str, consumer: GroupMember) -> None:
         self.priority = priority
         self.topic = topic
         self.consumer = consumer  # shared by the lanes: one reader of their topics
         self.buffer: collections.deque[_Pending] = collections.deque()
         self.paused = False
-        # Per partition: offsets read but not done, and the next offset to read.
+        # Per partition this runtime has (the group gives and takes them): offsets
+        # read but not done, the next offset to read, what was committed, and
+        # what the member before this one left (records it had finished).
         self.outstanding: dict[int, set[int]] = collections.defaultdict(set)
-        self.next_offset: dict[int, int] = dict(committed)
-        self.committed: dict[int, int] = dict(self.next_offset)
+        self.next_offset: dict[int, int] = {}
+        self.committed: dict[int, int] = {}
+        self.before: dict[int, Position] = {}
+        self.last_position: dict[int, Position] = {}
+        self.revoking: set[int] = set()
+
+    def assign(self, partition: int, position: Position) -> None:
+        self.next_offset[partition] = self.committed[partition] = position.offset
+        self.before[partition] = self.last_position[partition] = position
+        self.outstanding[partition] = set()
+        self.revoking.discard(partition)
+
+    def forget(self, partition: int) -> None:
+        """No longer this runtime's: nothing of it is started, done or committed here."""
+        for of_partition in (self.next_offset, self.committed, self.before, self.last_position):
+            of_partition.pop(partition, None)
+        self.outstanding.pop(partition, None)
+        self.revoking.discard(partition)
+        self.drop(partition)
+
+    def drop(self, partition: int) -> None:
+        """Take the partition's records out of the buffer (another member runs them)."""
+        self.buffer = collections.deque(p for p in self.buffer if p.record.partition != partition)
+
+    def owns(self, record: LogRecord) -> bool:
+        return record.partition in self.next_offset and record.partition not in self.revoking
 
     def hold(self, full: bool) -> None:
         """Pause the lane's topic while its buffer is full, resume it after: the
@@ -146,12 +173,36 @@ class _Lane:
         self.outstanding[record.partition].add(record.offset)
         self.next_offset[record.partition] = record.offset + 1
 
-    def done(self, record: LogRecord) -> None:
+    def done_before(self, record: LogRecord) -> bool:
+        """Whether the member before this one finished the record."""
+        before = self.before.get(record.partition)
+        return before is not None and before.is_done(record.offset)
+
+    def done(self, record: LogRecord, *, commit: bool = True) -> None:
+        if record.partition not in self.next_offset:
+            return  # taken from this runtime meanwhile: its new member decides
         self.outstanding[record.partition].discard(record.offset)
-        self.commit_progress()
+        if commit:
+            self.commit_progress()
+
+    def position(self, partition: int) -> Position:
+        return position_of(
+            self.next_offset[partition], self.outstanding[partition], self.before.get(partition)
+        )
 
     def commit_progress(self) -> None:
-        """Commit, per partition, up to the first record not yet done."""
+        """Commit, per partition, up to the first record not yet done; where other
+        runtimes may take partitions over, with the records done after it."""
+        if self.consumer.shared:
+            changed = {}
+            for partition in self.next_offset:
+                position = self.position(partition)
+                if position != self.last_position.get(partition):
+                    changed[partition] = position
+            if changed:
+                self.consumer.commit_positions({self.topic: changed})
+                self.last_position.update(changed)
+            return
         changes = commit_progress(self.next_offset, self.outstanding, self.committed)
         if changes:
             self.consumer.commit({self.topic: changes})
@@ -181,14 +232,16 @@ class Dispatcher:
         self.state = state
         self.log = log
         self.sink = EventLogSink(log, topics)
-        # One consumer for the three lanes: on Kafka one fetch to wait in for a
-        # request of any priority; which lane starts first stays _pick's choice.
+        # One member of the group for the three lanes: on Kafka one fetch to wait
+        # in for a request of any priority; which lane starts first stays _pick's
+        # choice. Partitions come (and, with other runtimes, go) as the group says.
         lane_topics = {p: topics.lane(p) for p in Priority}
-        self._consumer = log.consumer_of(self.options.group, list(lane_topics.values()))
-        committed = self._consumer.committed()
-        self.lanes = {
-            p: _Lane(p, topic, self._consumer, committed[topic]) for p, topic in lane_topics.items()
-        }
+        self._consumer = log.member_of(
+            self.options.group or topics.dispatcher_group,
+            list(lane_topics.values()),
+            _Membership(self),
+        )
+        self.lanes = {p: _Lane(p, topic, self._consumer) for p, topic in lane_topics.items()}
         self._lane_of = {topic: p for p, topic in lane_topics.items()}
         self.running: dict[str, _Pending] = {}
         """Per coordinator (session token), the request it runs now."""
@@ -221,15 +274,25 @@ class Dispatcher:
         if not rooms:
             return False
         # No more than the lane with least room takes: a poll may bring any lane's.
+        passed: set[_Lane] = set()
         for record in self._consumer.poll(min(rooms), timeout_s):
             lane = self.lanes[self._lane_of[record.topic]]
+            if not lane.owns(record):
+                continue  # given up while it was fetched: its new member reads it
             attrs = peek_attributes(record.headers, record.value)
+            where = f"{record.topic}/{record.partition}@{record.offset}"
+            request_id = str(attrs.get("id") or where)
+            if lane.done_before(record):
+                # Finished by the runtime that had the partition before.
+                lane.read(record)
+                lane.done(record, commit=False)
+                passed.add(lane)
+                self._on_event(DispatchEvent.SKIPPED, {"request_id": request_id})
+                continue
             pending = _Pending(
                 lane=lane.priority,
                 record=record,
-                request_id=str(
-                    attrs.get("id") or f"{record.topic}/{record.partition}@{record.offset}"
-                ),
+                request_id=request_id,
                 task=str(attrs.get("tasktype") or "?"),
                 key=str(
                     attrs.get("partitionkey") or (record.key or b"").decode("utf-8", "replace")
@@ -237,6 +300,8 @@ class Dispatcher:
             )
             lane.read(record)
             lane.buffer.append(pending)
+        for lane in passed:
+            lane.commit_progress()
         return True
 
     # -- choosing --------------------------------------------------------------
@@ -330,7 +395,7 @@ class Dispatcher:
             elif kind == "declined":
                 pending = self.running.pop(session.token, None)
                 if pending is not None:  # started afresh, in a coordinator of its digest
-                    self.lanes[pending.lane].buffer.appendleft(pending)
+                    self._requeue(pending)
                 session.send(("exit",))
             elif kind == "eof":
                 # Its exit, with the status, comes from the warm parent.
@@ -357,7 +422,7 @@ class Dispatcher:
             self._launch(pending)
             return False
         if not session.send(("run", pending.record, datetime.now(UTC))):
-            self.lanes[pending.lane].buffer.appendleft(pending)
+            self._requeue(pending)
             return False
         self.running[session.token] = pending
         session.due = time.monotonic() + self.options.setup_budget_s
@@ -404,7 +469,14 @@ class Dispatcher:
             return
         retry_in_s = decision.retry_in_s if not decision.give_up else self._give_up_retry_s()
         pending.not_before = time.monotonic() + retry_in_s
-        self.lanes[pending.lane].buffer.appendleft(pending)
+        self._requeue(pending)
+
+    def _requeue(self, pending: _Pending) -> None:
+        """Put a request back at the front of its lane, unless its partition is
+        leaving this runtime (then its next member runs it)."""
+        lane = self.lanes[pending.lane]
+        if lane.owns(pending.record):
+            lane.buffer.appendleft(pending)
 
     def _give_up_retry_s(self) -> float:
         # The log refused the dead letter: try again (the request runs once
@@ -537,3 +609,66 @@ class Dispatcher:
         deadline = time.monotonic() + 30
         while self.sessions and time.monotonic() < deadline:
             self._wait(0.1)
+
+
+class _Membership:
+    """The dispatcher's side of its lanes' group (:class:`~mayfly.eventlog.Rebalance`).
+
+    Called from inside the lanes' ``poll``: a partition that leaves is drained
+    first (nothing more of it starts; what runs of it finishes and is
+    answered), so it is never run here and by its next runtime at once, and
+    one key's requests stay in order across runtimes.
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    def _lane(self, topic: str) -> _Lane:
+        return self._dispatcher.lanes[self._dispatcher._lane_of[topic]]
+
+    def assigned(self, topic: str, positions: Mapping[int, Position]) -> None:
+        lane = self._lane(topic)
+        for partition, position in positions.items():
+            lane.assign(partition, position)
+        _LOG.info("serving %s partitions %s", topic, sorted(positions))
+
+    def revoking(self, topic: str, partitions: Collection[int]) -> None:
+        lane = self._lane(topic)
+        for partition in partitions:
+            if partition in lane.next_offset:
+                lane.revoking.add(partition)
+                lane.drop(partition)
+        _LOG.info("handing %s partitions %s to another runtime", topic, sorted(partitions))
+
+    def drain(self, wait_s: float) -> bool:
+        dispatcher = self._dispatcher
+        if not self._draining():
+            return True
+        dispatcher._wait(wait_s)  # answers and reaps; starts nothing of what leaves
+        return not self._draining()
+
+    def _draining(self) -> bool:
+        dispatcher = self._dispatcher
+        return any(
+            p.record.partition in dispatcher.lanes[p.lane].revoking
+            for p in dispatcher.running.values()
+        )
+
+    def positions(self) -> Mapping[str, Mapping[int, Position]]:
+        positions: dict[str, dict[int, Position]] = {}
+        for lane in self._dispatcher.lanes.values():
+            for partition in sorted(lane.revoking):
+                positions.setdefault(lane.topic, {})[partition] = lane.position(partition)
+                lane.forget(partition)
+        return positions
+
+    def lost(self, topic: str, partitions: Collection[int]) -> None:
+        lane = self._lane(topic)
+        for partition in partitions:
+            lane.forget(partition)
+        _LOG.warning(
+            "%s partitions %s were taken from this runtime (no heartbeat in time); "
+            "what runs of them may run again elsewhere",
+            topic,
+            sorted(partitions),
+        )

@@ -7,6 +7,8 @@ so each can be tested on plain values:
   round-robin: high first, low never starved);
 - :func:`commit_progress`: how far each partition may be committed when
   records finish out of order;
+- :func:`position_of`: where a partition stands, for the next member of the
+  group to take it over from (what is done after the committed offset too);
 - :func:`after_crash`: retry a crashed request after a backoff, or give up
   on it once it has used its failure budget.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping, Sequence, Set
 from dataclasses import dataclass
 
+from mayfly.eventlog import Position
 from mayfly.events import Priority
 
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "after_crash",
     "commit_progress",
     "pick_lane",
+    "position_of",
 ]
 
 DEFAULT_WEIGHTS: Mapping[Priority, int] = {Priority.HIGH: 8, Priority.NORMAL: 3, Priority.LOW: 1}
@@ -72,6 +76,22 @@ def commit_progress(
         if target > committed.get(partition, 0):
             changes[partition] = target
     return changes
+
+
+def position_of(next_offset: int, outstanding: Set[int], before: Position | None) -> Position:
+    """Where one partition stands: its first record not done (else the next to
+    read), and, after it, every record read is done but the ``outstanding``
+    ones. What ``before`` (the previous member's position) still claims beyond
+    what was read is kept, so a record it finished is not run by the next
+    member either.
+    """
+    offset = min(outstanding) if outstanding else next_offset
+    pending = set(outstanding)
+    until = next_offset
+    if before is not None and before.done_until > next_offset:
+        until = before.done_until
+        pending |= {o for o in before.pending if o >= next_offset}
+    return Position(offset, until, frozenset(pending))
 
 
 @dataclass(frozen=True)
