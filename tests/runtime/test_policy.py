@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from mayfly.eventlog import Position
 from mayfly.events import Priority
 from mayfly.runtime.policy import (
     DEFAULT_WEIGHTS,
@@ -13,6 +14,7 @@ from mayfly.runtime.policy import (
     after_crash,
     commit_progress,
     pick_lane,
+    position_of,
 )
 
 HIGH, NORMAL, LOW = Priority.HIGH, Priority.NORMAL, Priority.LOW
@@ -163,3 +165,17 @@ def test_gives_up_at_max_crashes() -> None:
     assert after_crash(3, 3).give_up
     assert after_crash(4, 3).give_up
     assert after_crash(1, 1).give_up  # a budget of one crash: the first one ends it
+
+
+def test_a_position_claims_what_is_done_after_its_offset_and_keeps_what_it_was_told() -> None:
+    # Read up to 10; 4 and 7 still running: the next member starts at 4 and
+    # passes over 5, 6, 8, 9 (done here) but runs 4 and 7.
+    position = position_of(10, {4, 7}, None)
+    assert (position.offset, position.done_until, position.pending) == (4, 10, {4, 7})
+    assert [o for o in range(12) if position.is_done(o)] == [5, 6, 8, 9]
+    # Taken over at 4 with 5, 6, 8, 9 done before, given up again having read
+    # only up to 6: the claim on 6, 8 and 9 is kept, 7 still runs next time.
+    before = Position(4, 10, frozenset({4, 7}))
+    later = position_of(6, {4}, before)
+    assert [o for o in range(12) if later.is_done(o)] == [5, 6, 8, 9]
+    assert position_of(6, set(), None) == Position(6, 6, frozenset())
