@@ -160,6 +160,27 @@ def test_a_result_the_runtime_could_not_append_is_run_again_not_lost(
     assert len(sim.log()["sim-0001"]) == 1
 
 
+def test_a_log_refusing_results_for_a_while_is_waited_for_not_counted_as_crashes(
+    home: Home, fleet: FleetFactory
+) -> None:
+    # As many refusals as the crash budget (3): counted as crashes, the request
+    # was dead-lettered as "crashed 3 times" although its device had acted.
+    sim = fleet(1).simulator
+    request = new_request("reboot", devices=["sim-0001"])
+    _publish(home, [request])
+    runtime = Runtime(home.settings())
+    runtime.log = _RefusesFirstResults(runtime.log, refusals=3)  # type: ignore[assignment]
+    told = _serve(runtime, 1, crash_backoff_s=0.05)
+
+    assert "dead_lettered" not in _kinds(told, request.id)
+    assert _kinds(told, request.id).count("started") == 4
+    results = home.results()
+    assert isinstance(results[request.id], TaskCompleted), results[request.id]
+    assert len(sim.log()["sim-0001"]) == 1  # four runs, applied once
+    state = runtime.state
+    assert state.add_crash(request.id) == 1  # none counted before this one
+
+
 def _package(
     home: Home, tmp_path: Path, name: str, properties: dict[str, object] | None = None
 ) -> None:

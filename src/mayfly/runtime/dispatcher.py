@@ -64,6 +64,8 @@ from mayfly.topics import Topics
 __all__ = ["DEFAULT_WEIGHTS", "DispatchEvent", "Dispatcher", "DispatcherOptions"]
 
 _LOG = logging.getLogger("mayfly.runtime.dispatcher")
+#: The longest the dispatcher holds off while the log refuses results.
+_LOG_BACKOFF_MAX_S = 10.0
 #: For how long after a wake-up a round looks again every ``settle_wait_s``.
 _SETTLE_FAST_S = 0.008
 
@@ -256,6 +258,8 @@ class Dispatcher:
         # instead of asking every lane every 10 ms (most of an idle runtime's CPU).
         self._waker = log.waker()
         self._written_at = -math.inf
+        self._log_backoff_s = 0.0
+        self._log_down_until = -math.inf
 
     # -- reading ---------------------------------------------------------------
 
@@ -348,7 +352,10 @@ class Dispatcher:
             self._launch(pending)
 
     def _next_startable(self) -> _Pending | None:
-        """The pick to start next, passing over (and finishing) redeliveries."""
+        """The pick to start next, passing over (and finishing) redeliveries;
+        none while the log is backed off (see :meth:`_log_refused`)."""
+        if time.monotonic() < self._log_down_until:
+            return None
         while (pending := self._pick()) is not None:
             if not self.state.has_result(pending.request_id):
                 return pending
@@ -447,9 +454,13 @@ class Dispatcher:
 
     def _finished(self, pending: _Pending, code: int, why: str) -> None:
         if code in ExitCode.durable_codes():
+            self._log_backoff_s = 0.0
             self.state.mark_result(pending.request_id)
             self._done(pending)
             self._on_event(DispatchEvent.FINISHED, {"request_id": pending.request_id, "code": code})
+            return
+        if code == ExitCode.UNDELIVERED:
+            self._log_refused(pending, why)
             return
         crashes = self.state.add_crash(pending.request_id)
         _LOG.warning(
@@ -469,6 +480,25 @@ class Dispatcher:
             return
         retry_in_s = decision.retry_in_s if not decision.give_up else self._give_up_retry_s()
         pending.not_before = time.monotonic() + retry_in_s
+        self._requeue(pending)
+
+    def _log_refused(self, pending: _Pending, why: str) -> None:
+        """The request ran, but the log would not take its result (a broker down,
+        a full disk): the log's fault, not the request's, so no crash is counted
+        (counting it dead-lettered requests whose devices had acted). It runs
+        again, and nothing starts, after a backoff that doubles while the log
+        keeps refusing."""
+        self._log_backoff_s = min(
+            max(self._log_backoff_s * 2, self.options.crash_backoff_s), _LOG_BACKOFF_MAX_S
+        )
+        self._log_down_until = time.monotonic() + self._log_backoff_s
+        _LOG.warning(
+            "the result of %s was not made durable (%s); starting nothing for %.1f s",
+            pending.request_id,
+            why,
+            self._log_backoff_s,
+        )
+        pending.not_before = self._log_down_until
         self._requeue(pending)
 
     def _requeue(self, pending: _Pending) -> None:
