@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -257,3 +259,54 @@ def test_a_coordinator_waiting_on_the_runtimes_slow_log_is_not_killed_as_hung(
 
     assert _kinds(told, request.id) == ["started", "finished"], told
     assert list(home.results()) == [request.id]
+
+
+def test_a_killed_warm_parent_is_started_again_and_its_requests_run(
+    home: Home, fleet: FleetFactory
+) -> None:
+    sim = fleet(4).simulator
+    requests = _reboots(12)
+    _publish(home, requests)
+    runtime = Runtime(home.settings())
+    killed: list[int] = []
+
+    def kill_once(kind: str, _info: dict[str, object]) -> None:
+        if kind == "started" and not killed and runtime.spawner.pid is not None:
+            killed.append(runtime.spawner.pid)
+            os.kill(killed[0], signal.SIGKILL)  # mid-request, coordinators with it
+
+    told = _serve_with(runtime, len(requests), kill_once)
+
+    assert killed, "never started"
+    assert runtime.spawner.pid is None  # closed after the run
+    results = home.results()
+    assert set(results) == {r.id for r in requests}
+    assert all(isinstance(r, TaskCompleted) for r in results.values())
+    assert [kind for kind, _ in told if kind == "dead_lettered"] == []
+    assert sim.duplicates() == []
+
+
+def _serve_with(
+    runtime: Runtime, count: int, also: Callable[[str, dict[str, object]], None]
+) -> list[tuple[str, dict[str, object]]]:
+    """:func:`_serve`, telling ``also`` of every dispatch decision too."""
+    told: list[tuple[str, dict[str, object]]] = []
+    done: Counter[str] = Counter()
+
+    def on_dispatch(kind: str, info: dict[str, object]) -> None:
+        told.append((kind, info))
+        done[kind] += 1
+        also(kind, info)
+
+    runtime._on_dispatch = on_dispatch
+    runtime.start()
+    deadline = time.monotonic() + 60
+    try:
+        runtime.run(
+            should_stop=lambda: (
+                done["finished"] + done["dead_lettered"] >= count or time.monotonic() > deadline
+            )
+        )
+    finally:
+        runtime.close()
+    return told

@@ -594,8 +594,30 @@ class Dispatcher:
             if isinstance(ready, CoordinatorSession):
                 self._serve(ready)
         if self.spawner.fileno() in readable:
-            for ended in self.spawner.exits():
+            try:
+                ended_ones = self.spawner.exits()
+            except RuntimeError:
+                self._warm_parent_died()
+                return
+            for ended in ended_ones:
                 self._on_exit(ended)
+
+    def _warm_parent_died(self) -> None:
+        """Start a new warm parent; what its coordinators ran starts again.
+
+        They died with it (PR_SET_PDEATHSIG), their task processes with them,
+        none of it the requests' doing: no crash is counted.
+        """
+        _LOG.error(
+            "the warm parent died with %d coordinators; starting a new one", len(self.sessions)
+        )
+        for token, session in list(self.sessions.items()):
+            session.close()
+            pending = self.running.pop(token, None)
+            if pending is not None:
+                self._requeue(pending)
+        self.sessions.clear()
+        self.spawner.restart()
 
     def _wait_s(self) -> float:
         if self._waker is None:

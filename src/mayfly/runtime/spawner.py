@@ -27,6 +27,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -186,6 +187,10 @@ def _coordinator_child(
         os._exit(code)  # never return into the warm parent's loop
 
 
+#: A warm parent that dies more often than this is not started again.
+_MAX_RESTARTS, _RESTART_WINDOW_S = 5, 60.0
+
+
 class Spawner:
     """Client side of the warm parent, used by the dispatcher (one thread)."""
 
@@ -193,6 +198,29 @@ class Spawner:
         self._prepare = prepare
         self._conn: Connection | None = None
         self._process: BaseProcess | None = None
+        self._restarts: list[float] = []
+
+    def restart(self) -> None:
+        """Start a new warm parent after the last one died.
+
+        Forked from a runtime that now has threads (the aggregator's, the log
+        clients'): the child only takes its pipe and does its own imports
+        (fork holds the import lock), touching none of their state.
+
+        Raises:
+            RuntimeStartError: it died ``_MAX_RESTARTS`` times within
+                ``_RESTART_WINDOW_S`` (something kills it: not worth a loop),
+                or the new one could not start.
+        """
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S] + [now]
+        if len(self._restarts) > _MAX_RESTARTS:
+            raise RuntimeStartError(
+                f"the warm parent died {len(self._restarts)} times in "
+                f"{_RESTART_WINDOW_S:.0f} s; stopping (see the errors above)"
+            )
+        self.stop()
+        self.start()
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Fork the warm parent and wait until it has done its imports (once).
