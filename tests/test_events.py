@@ -496,12 +496,6 @@ BAD_INPUT: list[tuple[str, Callable[[], object], str]] = [
     ("wrong specversion", lambda: binary(ce_specversion="0.3"), "specversion"),
     ("unknown type", lambda: binary(ce_type="dev.mayfly.task.exploded"), "type"),
     ("tasktype mismatch", lambda: binary(ce_tasktype="factory-reset"), "tasktype"),
-    ("invalid traceparent", lambda: binary(ce_traceparent="00-abc-def-01"), "traceparent"),
-    (
-        "all-zero trace id",
-        lambda: binary(ce_traceparent=f"00-{'0' * 32}-{'1' * 16}-01"),
-        "traceparent",
-    ),
     ("text/plain data", lambda: binary(content_type="text/plain"), "datacontenttype"),
     (
         "latin-1 charset",
@@ -953,3 +947,48 @@ def test_cloudevent_with_raw_json_bytes_decodes() -> None:
     event = CloudEvent(model.cloudevent_attributes(), model.data_json())
 
     assert from_cloudevent(event) == model
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [
+        "00-abc-def-01",
+        f"00-{'0' * 32}-{'1' * 16}-01",  # all-zero trace id
+        TRACEPARENT.upper(),  # W3C: lowercase hex only
+        "garbage\x7f",
+    ],
+)
+def test_a_bad_trace_context_starts_a_new_trace_and_never_rejects_the_request(
+    parent: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = binary(ce_traceparent=parent, ce_tracestate=TRACESTATE)
+    assert isinstance(request, TaskRequest)
+    assert (request.traceparent, request.tracestate) == (None, None)
+    assert "starts a new trace" in caplog.text
+    over_http = from_http(
+        {**dict(to_http(request)[0]), "ce-traceparent": parent}, to_http(request)[1]
+    )
+    assert over_http.traceparent is None
+
+
+def test_the_w3c_traceparent_header_is_the_trace_context_when_the_event_carries_none() -> None:
+    headers, key, value = kafka_golden()
+    for name in ("ce_traceparent", "ce_tracestate"):
+        headers.pop(name, None)
+    headers |= {"traceparent": TRACEPARENT.encode(), "tracestate": TRACESTATE.encode()}
+    request = from_kafka(headers, key, value)
+    assert (request.traceparent, request.tracestate) == (TRACEPARENT, TRACESTATE)
+    # The CloudEvent's own attribute wins over a header an instrumentation set.
+    other = f"00-{'a' * 32}-{'b' * 16}-01"
+    headers |= {"ce_traceparent": other.encode()}
+    assert from_kafka(headers, key, value).traceparent == other
+    http_headers, body = to_http(request)
+    http_headers = {
+        k: v for k, v in http_headers.items() if k not in ("ce-traceparent", "ce-tracestate")
+    }
+    assert from_http({**http_headers, "traceparent": TRACEPARENT}, body).traceparent == TRACEPARENT
+
+
+def test_a_bad_tracestate_is_dropped_and_the_trace_kept() -> None:
+    request = binary(ce_traceparent=TRACEPARENT, ce_tracestate=" leading space")
+    assert (request.traceparent, request.tracestate) == (TRACEPARENT, None)

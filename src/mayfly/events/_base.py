@@ -52,6 +52,7 @@ __all__ = [
     "contract_error",
     "format_time",
     "is_valid_traceparent",
+    "is_valid_tracestate",
     "validate_model",
 ]
 
@@ -113,6 +114,12 @@ def is_valid_traceparent(value: object) -> bool:
         return False
     match = _TRACEPARENT.fullmatch(value)
     return match is not None and match[1] != "0" * 32 and match[2] != "0" * 16
+
+
+def is_valid_tracestate(value: object) -> bool:
+    """Tell whether ``value`` is a ``tracestate`` Mayfly carries (printable
+    ASCII, at most 512 characters, no edge spaces)."""
+    return isinstance(value, str) and re.fullmatch(_TRACESTATE_PATTERN, value) is not None
 
 
 def _check_traceparent(value: str) -> str:

@@ -134,17 +134,22 @@ def header_items(headers: Any) -> Iterable[tuple[str, HeaderValue]]:
     return headers  # type: ignore[no-any-return]
 
 
-def split_headers(headers: Any, prefix: str) -> tuple[dict[str, Any], str | None]:
-    """CloudEvent attributes from prefixed headers, and the content type."""
+def split_headers(headers: Any, prefix: str) -> tuple[dict[str, Any], str | None, dict[str, str]]:
+    """CloudEvent attributes from prefixed headers, the content type, and the
+    W3C trace headers (``traceparent``, ``tracestate``) as tracing
+    instrumentations write them, unprefixed."""
     # On the aggregator's hot path: plain loop, no per-header function calls.
     attributes: dict[str, Any] = {}
     content_type: str | None = None
+    trace: dict[str, str] = {}
     for name, value in header_items(headers):
         lowered = name.lower()
         if lowered.startswith(prefix):
             attribute = lowered[3:]
         elif lowered == "content-type":
             attribute = "datacontenttype"
+        elif lowered in _W3C_TRACE_HEADERS:
+            attribute = lowered
         else:
             continue
         if isinstance(value, str):
@@ -155,12 +160,22 @@ def split_headers(headers: Any, prefix: str) -> tuple[dict[str, Any], str | None
             try:
                 text = bytes(value).decode()
             except UnicodeDecodeError as exc:
+                if attribute in _W3C_TRACE_HEADERS and not lowered.startswith(prefix):
+                    continue  # not ours to refuse: a bad one only means a new trace
                 raise EventError(attribute, "header value is not UTF-8") from exc
         if attribute == "datacontenttype" and lowered == "content-type":
             content_type = text
+        elif not lowered.startswith(prefix):
+            trace[attribute] = text[:MAX_TRACE_HEADER_CHARS]
         else:
             attributes[attribute] = text
-    return attributes, content_type
+    return attributes, content_type, trace
+
+
+#: Unprefixed headers read as the event's trace context when it carries none.
+_W3C_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+#: How much of a W3C trace header is looked at (a valid one is far shorter).
+MAX_TRACE_HEADER_CHARS = 1024
 
 
 def starts_object(body: bytes | str) -> bool:

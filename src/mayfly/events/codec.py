@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal, TypeAlias, overload
 
@@ -44,7 +45,12 @@ from cloudevents.abstract import CloudEvent as AnyCloudEvent
 from cloudevents.http import CloudEvent
 
 from mayfly.errors import EventError
-from mayfly.events._base import MAX_EVENT_BYTES, SPECVERSION
+from mayfly.events._base import (
+    MAX_EVENT_BYTES,
+    SPECVERSION,
+    is_valid_traceparent,
+    is_valid_tracestate,
+)
 from mayfly.events._wire import (
     MAX_JSON_DEPTH,
     MAX_MESSAGE_BYTES,
@@ -90,6 +96,7 @@ _MODELS: dict[str, type[TaskRequest] | type[TaskCompleted] | type[TaskRejected]]
 
 
 _STRUCTURED_BYTES = STRUCTURED_CONTENT_TYPE.encode()
+_LOG = logging.getLogger("mayfly.events")
 
 
 def _identity(value: bytes) -> bytes:
@@ -201,7 +208,7 @@ def from_kafka(
     if key is None and value is None and is_record(headers):
         record: Any = headers
         headers, key, value = record.headers, record.key, record.value
-    attributes, content_type = split_headers(headers, "ce_")
+    attributes, content_type, trace = split_headers(headers, "ce_")
     key_text: str | None = None
     if isinstance(key, bytes | bytearray):
         try:
@@ -211,7 +218,7 @@ def from_kafka(
     elif isinstance(key, str):
         key_text = key
     try:
-        return _decode_message(attributes, content_type, value, key_text or None, "ce_")
+        return _decode_message(attributes, content_type, value, key_text or None, "ce_", trace)
     except RecursionError as exc:  # the bounds make this unreachable; hostile input is bad input
         raise EventError("data", "nested too deeply to decode") from exc
 
@@ -250,9 +257,9 @@ def from_http(headers: Headers | None, body: bytes | str | None) -> MayflyEvent:
         EventError: naming the attribute or data field at fault; ``specversion``
             when the message is not a CloudEvent at all.
     """
-    attributes, content_type = split_headers(headers, "ce-")
+    attributes, content_type, trace = split_headers(headers, "ce-")
     try:
-        return _decode_message(attributes, content_type, body, None, "ce-")
+        return _decode_message(attributes, content_type, body, None, "ce-", trace)
     except RecursionError as exc:  # the bounds make this unreachable; hostile input is bad input
         raise EventError("data", "nested too deeply to decode") from exc
 
@@ -292,11 +299,12 @@ def _decode_message(
     body: bytes | str | None,
     key: str | None,
     prefix: str,
+    trace: Mapping[str, str],
 ) -> MayflyEvent:
     if content_type is not None:
         lowered = content_type.lower()
         if lowered.startswith("application/cloudevents+json"):
-            return _decode_structured(body, key, lenient=False)
+            return _decode_structured(body, key, lenient=False, trace=trace)
         if lowered.startswith("application/cloudevents-batch"):
             raise EventError(
                 "datacontenttype", "batched CloudEvents are not supported; send one per message"
@@ -306,9 +314,9 @@ def _decode_message(
             attributes["datacontenttype"] = content_type
         if key is not None:
             attributes.setdefault("partitionkey", key)
-        return _decode(attributes, body, where=f"no {prefix}specversion header")
+        return _decode(attributes, body, where=f"no {prefix}specversion header", trace=trace)
     if body and starts_object(body):
-        return _decode_structured(body, key, lenient=True)
+        return _decode_structured(body, key, lenient=True, trace=trace)
     raise EventError(
         "specversion",
         f"not a CloudEvent: no {prefix}specversion header and no structured"
@@ -316,7 +324,13 @@ def _decode_message(
     )
 
 
-def _decode_structured(body: bytes | str | None, key: str | None, *, lenient: bool) -> MayflyEvent:
+def _decode_structured(
+    body: bytes | str | None,
+    key: str | None,
+    *,
+    lenient: bool,
+    trace: Mapping[str, str] | None = None,
+) -> MayflyEvent:
     body = body or b""
     if len(body) > MAX_MESSAGE_BYTES:
         raise EventError("data", f"the structured event is {len(body)} bytes, over the limit")
@@ -346,10 +360,16 @@ def _decode_structured(body: bytes | str | None, key: str | None, *, lenient: bo
             raise EventError("data", "data_base64 is not valid base64") from exc
     if key is not None:
         envelope.setdefault("partitionkey", key)
-    return _decode(envelope, data, where="no specversion in the structured event")
+    return _decode(envelope, data, where="no specversion in the structured event", trace=trace)
 
 
-def _decode(attributes: dict[str, Any], data: Any, *, where: str) -> MayflyEvent:
+def _decode(
+    attributes: dict[str, Any],
+    data: Any,
+    *,
+    where: str,
+    trace: Mapping[str, str] | None = None,
+) -> MayflyEvent:
     specversion = attributes.get("specversion")
     if specversion is None:
         raise EventError("specversion", f"missing ({where}); this is not a CloudEvent")
@@ -357,6 +377,7 @@ def _decode(attributes: dict[str, Any], data: Any, *, where: str) -> MayflyEvent
         raise EventError(
             "specversion", f"{specversion!r:.80} is not supported; Mayfly speaks CloudEvents 1.0"
         )
+    _settle_trace_context(attributes, trace or {})  # before the bounds: never a rejection
     check_attributes(attributes)
     for name in ("id", "source", "type"):
         value = attributes.get(name)
@@ -377,3 +398,32 @@ def _decode(attributes: dict[str, Any], data: Any, *, where: str) -> MayflyEvent
     if not isinstance(data, dict):
         raise EventError("data", f"must be a JSON object, got {type(data).__name__}")
     return model.from_parts(attributes, data)
+
+
+def _settle_trace_context(attributes: dict[str, Any], trace: Mapping[str, str]) -> None:
+    """The event's trace context, from its ``traceparent`` attribute or else the
+    W3C ``traceparent`` header; one that is not a valid W3C context starts a new
+    trace (as the W3C spec asks: it is dropped, and said), never a rejection."""
+    if "traceparent" not in attributes and "traceparent" in trace:
+        attributes["traceparent"] = trace["traceparent"]
+        if "tracestate" in trace:
+            attributes.setdefault("tracestate", trace["tracestate"])
+    parent = attributes.get("traceparent")
+    if parent is not None and not is_valid_traceparent(parent):
+        _LOG.warning(
+            "%s %.200s: traceparent %.80r is no W3C trace context; it starts a new trace",
+            attributes.get("type"),
+            attributes.get("id"),
+            parent,
+        )
+        attributes.pop("traceparent")
+        attributes.pop("tracestate", None)
+    state = attributes.get("tracestate")
+    if state is not None and not is_valid_tracestate(state):
+        _LOG.warning(
+            "%s %.200s: tracestate %.80r is not valid; dropped",
+            attributes.get("type"),
+            attributes.get("id"),
+            state,
+        )
+        attributes.pop("tracestate")
