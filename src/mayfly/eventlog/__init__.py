@@ -27,8 +27,10 @@ Semantics both implementations keep (and the contract tests check):
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
+
+from mayfly.positions import Position
 
 __all__ = [
     "WRITE_SETTLE_S",
@@ -112,26 +114,6 @@ class MultiTopicConsumer(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Position:
-    """How far a group got in one partition: where a member taking it over starts.
-
-    ``offset`` is the next record to read (what Kafka calls the committed
-    offset). Records finish out of order, so some after it may be done
-    already: every record in ``[offset, done_until)`` not in ``pending`` is,
-    and a member taking the partition over passes over those instead of
-    running them again.
-    """
-
-    offset: int
-    done_until: int = 0
-    pending: frozenset[int] = field(default_factory=frozenset)
-
-    def is_done(self, offset: int) -> bool:
-        """Whether the record at ``offset`` was finished by a member before."""
-        return self.offset <= offset < self.done_until and offset not in self.pending
 
 
 class Rebalance(Protocol):

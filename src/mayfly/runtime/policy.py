@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping, Sequence, Set
 from dataclasses import dataclass
 
-from mayfly.eventlog import Position
 from mayfly.events import Priority
+from mayfly.positions import Position
 
 __all__ = [
     "DEFAULT_WEIGHTS",
