@@ -115,6 +115,7 @@ def completed(devices: tuple[DeviceResult, ...]) -> TaskCompleted:
         traceparent=TRACEPARENT,
         tracestate=TRACESTATE,
         request_id=REQUEST_ID,
+        request_source="/mayfly/publisher",
         task="firmware-update",
         package=PackageRef(name="firmware-update", version="2.4.1", digest=DIGEST),
         status=OverallStatus.PARTIAL,

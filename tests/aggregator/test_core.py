@@ -163,6 +163,17 @@ def test_a_batch_archives_once_and_skips_its_own_duplicates(telemetered: Telemet
     assert len(list(telemetered.archive.read())) == 3
 
 
+def test_one_id_from_two_sources_is_two_requests_each_archived_and_traced(
+    telemetered: Telemetered,
+) -> None:
+    ours = result("req-1").model_copy(update={"request_source": "/site-a"})
+    theirs = result("req-1").model_copy(update={"request_source": "/site-b"})
+    outcomes = telemetered.aggregator.handle_many([ours, theirs, theirs])
+    assert outcomes == [Outcome.PROCESSED, Outcome.PROCESSED, Outcome.DUPLICATE]
+    archived = list(telemetered.archive.read())
+    assert sorted(e.request_source for e in archived) == ["/site-a", "/site-b"]  # type: ignore[union-attr]
+
+
 def test_parts_of_two_runs_of_one_request_are_not_mixed(telemetered: Telemetered) -> None:
     devices = [device(f"sim-{i:04d}") for i in range(20)]
     run_a = split_completed(result(devices=devices, coordinator="coord-a"), 1_500)

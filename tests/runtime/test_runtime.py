@@ -110,7 +110,7 @@ def test_sigkill_mid_run_loses_nothing_and_applies_nothing_twice(
     log_by_device = sim.log()
     for request in requests:
         device = request.devices[0]
-        key = idempotency_key(request.id, device, "reboot", 0)
+        key = idempotency_key(request.id, device, "reboot", 0, source=request.source)
         applied = [e for e in log_by_device[device] if e["key"] == key]
         assert len(applied) == 1, (request.id, device, applied)
 

@@ -23,6 +23,7 @@ from mayfly.errors import EventLogError
 from mayfly.eventlog import EventLog, Headers
 from mayfly.eventlog.publisher import publish_request
 from mayfly.events import TaskCompleted, TaskRejected, TaskRequest, from_kafka, new_request
+from mayfly.runtime.state import request_identity
 from mayfly.topics import Topics
 
 from .conftest import Home
@@ -180,7 +181,7 @@ def test_a_log_refusing_results_for_a_while_is_waited_for_not_counted_as_crashes
     assert isinstance(results[request.id], TaskCompleted), results[request.id]
     assert len(sim.log()["sim-0001"]) == 1  # four runs, applied once
     state = runtime.state
-    assert state.add_crash(request.id) == 1  # none counted before this one
+    assert state.add_crash(request_identity(request.source, request.id)) == 1  # none before
 
 
 def _package(
@@ -310,3 +311,32 @@ def _serve_with(
     finally:
         runtime.close()
     return told
+
+
+def test_one_id_from_two_publishers_is_two_requests_each_run_on_the_device(
+    home: Home, fleet: FleetFactory
+) -> None:
+    # Knative's JobSink knows a request by (source, id): an id reused by another
+    # publisher was silently skipped here as "already has a result".
+    sim = fleet(1).simulator
+    ours = new_request("reboot", devices=["sim-0001"], source="/site-a", request_id="job-1")
+    theirs = new_request("reboot", devices=["sim-0001"], source="/site-b", request_id="job-1")
+    _publish(home, [ours])
+    told = _serve(Runtime(home.settings()), 1)
+    _publish(home, [theirs])
+    told += _serve(Runtime(home.settings()), 1)
+
+    assert [kind for kind, _ in told if kind == "skipped"] == []
+    log = home.log()
+    try:
+        consumer = log.consumer("check", Topics().results)
+        sources = [
+            from_kafka(r.headers, r.key, r.value).request_source  # type: ignore[union-attr]
+            for r in consumer.poll(100, 0.0)
+        ]
+        consumer.close()
+    finally:
+        log.close()
+    assert sorted(s or "" for s in sources) == ["/site-a", "/site-b"]
+    # Each one's reboot applied: the second is not a replay of the first's key.
+    assert len(sim.log()["sim-0001"]) == 2

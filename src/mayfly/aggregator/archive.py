@@ -80,10 +80,11 @@ def event_time(event: ArchivedEvent) -> datetime:
 
 
 def dedupe_key(event: ArchivedEvent) -> str:
-    """Identity of an archived event: a redelivery has the same key."""
+    """Identity of an archived event: a redelivery has the same key, a request
+    of another source with the same id another one."""
     if isinstance(event, TaskCompleted):
-        return f"completed:{event.request_id}"
-    return f"rejected:{event.id}"
+        return f"completed:{event.request_source or ''}\x1f{event.request_id}"
+    return f"rejected:{event.original.get('source', '')}\x1f{event.id}"
 
 
 def encode_archived(event: ArchivedEvent) -> bytes:

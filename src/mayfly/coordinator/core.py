@@ -161,6 +161,7 @@ class Coordinator:
         m = fetched.manifest
         return TaskCompleted(
             request_id=request.id,
+            request_source=request.source,
             task=request.task,
             priority=request.priority,
             traceparent=request.traceparent,
@@ -237,6 +238,7 @@ class Coordinator:
             retry_backoff_s=self.options.retry_backoff_s,
             starter=self.starter,
             prestarted=prestarted,
+            request_source=request.source,
         )
 
 

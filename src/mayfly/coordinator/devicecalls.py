@@ -74,12 +74,15 @@ class DeviceCalls:
         driver_factory: makes the driver, once per process and factory, on the
             first call or :meth:`warm` (:func:`_shared`).
         request_id: part of every action's idempotency key.
+        source: the request's source, part of the key too.
     """
 
-    def __init__(self, driver_factory: Callable[[], DeviceDriver], request_id: str) -> None:
+    def __init__(
+        self, driver_factory: Callable[[], DeviceDriver], request_id: str, *, source: str = ""
+    ) -> None:
         self._driver_factory = driver_factory
         self._driver: DeviceDriver | None = None
-        self._request_id = request_id
+        self._request_id, self._source = request_id, source
         self._pool: ThreadPoolExecutor | None = None
         self._futures: set[Future[None]] = set()
         self._done: queue.SimpleQueue[tuple[object, bytes]] = queue.SimpleQueue()
@@ -113,7 +116,7 @@ class DeviceCalls:
             name = frame["name"]
             ordinal = ordinals.get(name, 0)
             ordinals[name] = ordinal + 1
-            key = idempotency_key(self._request_id, device.id, name, ordinal)
+            key = idempotency_key(self._request_id, device.id, name, ordinal, source=self._source)
         future = self._pool_ready().submit(self._run, token, device, frame, key, deadline)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)

@@ -146,6 +146,9 @@ class RunPlan:
     prestarted: Prestarted | None = None
     """The request's first task process, started already (its scratch root is
     the run's); it gets the params of ``spec`` before its first device."""
+    request_source: str = ""
+    """The request's CloudEvent source: with its id, what a device's
+    idempotency keys derive from (two publishers may reuse one id)."""
 
 
 @dataclass
@@ -270,7 +273,9 @@ class _Run:
         self.failed = 0
         self.finished = 0
         self.import_error: str | None = None
-        self.calls = DeviceCalls(plan.driver_factory, plan.spec.request_id)
+        self.calls = DeviceCalls(
+            plan.driver_factory, plan.spec.request_id, source=plan.request_source
+        )
         self._warmed = False
         self._forks = ForkStarter()
         self.starter: TaskStarter = plan.starter or self._forks

@@ -10,15 +10,21 @@ from mayfly.devices.inventory import Device
 __all__ = ["DeviceDriver", "idempotency_key"]
 
 
-def idempotency_key(request_id: str, device_id: str, action: str, ordinal: int) -> str:
+def idempotency_key(
+    request_id: str, device_id: str, action: str, ordinal: int, *, source: str = ""
+) -> str:
     """The ``Idempotency-Key`` of the ``ordinal``-th ``action`` call for one device.
 
     Derived, not random: a retried attempt or a redelivered request makes the
     same calls in the same order and so sends the same keys, and the device
-    applies each action once. Hashed so it is a safe header value whatever the
-    ids contain.
+    applies each action once. The request is known by its ``source`` and id
+    (two publishers may use one id), so another publisher's request never
+    replays this one's answers. Hashed so it is a safe header value whatever
+    the ids contain.
     """
     raw = f"{request_id}\x1f{device_id}\x1f{action}\x1f{ordinal}".encode()
+    if source:
+        raw += f"\x1f{source}".encode()
     return hashlib.sha256(raw).hexdigest()[:40]
 
 

@@ -36,6 +36,7 @@ from mayfly.events._base import (
     UtcDatetime,
     contract_error,
 )
+from mayfly.events._wire import MAX_ATTRIBUTE_CHARS
 
 __all__ = [
     "DEFAULT_PART_BYTES",
@@ -138,6 +139,9 @@ class TaskCompleted(EventModel):
 
     source: NonEmpty = COORDINATOR_SOURCE
     request_id: EventId
+    request_source: str | None = Field(default=None, max_length=MAX_ATTRIBUTE_CHARS)
+    """The request's CloudEvent source: with ``request_id``, which request this
+    is the result of (absent from older results: then the id alone)."""
     task: Name
     package: PackageRef
     status: OverallStatus

@@ -58,7 +58,7 @@ from mayfly.runtime.policy import (
 )
 from mayfly.runtime.session import CoordinatorSession
 from mayfly.runtime.spawner import CoordinatorExit, Spawner
-from mayfly.runtime.state import RuntimeState
+from mayfly.runtime.state import RuntimeState, request_identity
 from mayfly.topics import Topics
 
 __all__ = ["DEFAULT_WEIGHTS", "DispatchEvent", "Dispatcher", "DispatcherOptions"]
@@ -122,6 +122,9 @@ class _Pending:
     request_id: str
     task: str
     key: str
+    identity: str = ""
+    """What the runtime's state knows the request by: its source and id (two
+    publishers may use one id, as Knative's JobSink has it)."""
     not_before: float = 0.0
     """``time.monotonic()`` before which it may not start (a crash's backoff)."""
 
@@ -297,6 +300,7 @@ class Dispatcher:
                 lane=lane.priority,
                 record=record,
                 request_id=request_id,
+                identity=request_identity(str(attrs.get("source") or ""), request_id),
                 task=str(attrs.get("tasktype") or "?"),
                 key=str(
                     attrs.get("partitionkey") or (record.key or b"").decode("utf-8", "replace")
@@ -357,7 +361,7 @@ class Dispatcher:
         if time.monotonic() < self._log_down_until:
             return None
         while (pending := self._pick()) is not None:
-            if not self.state.has_result(pending.request_id):
+            if not self.state.has_result(pending.identity):
                 return pending
             self._on_event(DispatchEvent.SKIPPED, {"request_id": pending.request_id})
             self._done(pending)
@@ -455,14 +459,14 @@ class Dispatcher:
     def _finished(self, pending: _Pending, code: int, why: str) -> None:
         if code in ExitCode.durable_codes():
             self._log_backoff_s = 0.0
-            self.state.mark_result(pending.request_id)
+            self.state.mark_result(pending.identity)
             self._done(pending)
             self._on_event(DispatchEvent.FINISHED, {"request_id": pending.request_id, "code": code})
             return
         if code == ExitCode.UNDELIVERED:
             self._log_refused(pending, why)
             return
-        crashes = self.state.add_crash(pending.request_id)
+        crashes = self.state.add_crash(pending.identity)
         _LOG.warning(
             "coordinator for %s crashed (%s), crash %d of %d",
             pending.request_id,
@@ -474,7 +478,7 @@ class Dispatcher:
             crashes, self.options.max_crashes, base_s=self.options.crash_backoff_s
         )
         if decision.give_up and self._dead_letter(pending, crashes, why):
-            self.state.mark_result(pending.request_id)
+            self.state.mark_result(pending.identity)
             self._done(pending)
             self._on_event(DispatchEvent.DEAD_LETTERED, {"request_id": pending.request_id})
             return

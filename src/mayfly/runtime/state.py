@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from mayfly.errors import UnusableFileError
 
-__all__ = ["APPLICATION_ID", "RuntimeState"]
+__all__ = ["APPLICATION_ID", "RuntimeState", "request_identity"]
 
 #: ``PRAGMA application_id`` of the runtime's state file ("MFRS" in ASCII).
 APPLICATION_ID = 0x4D465253
@@ -42,6 +42,12 @@ _UNUSABLE = frozenset(
 _REMEDY = "move it aside and Mayfly starts a new one"
 
 _T = TypeVar("_T")
+
+
+def request_identity(source: str, request_id: str) -> str:
+    """A request's key in the state: its source and its id (a newline cannot be
+    in either: ids are visible ASCII, attributes carry no control character)."""
+    return f"{source}\n{request_id}"
 
 
 class RuntimeState:
