@@ -340,3 +340,36 @@ def test_one_id_from_two_publishers_is_two_requests_each_run_on_the_device(
     assert sorted(s or "" for s in sources) == ["/site-a", "/site-b"]
     # Each one's reboot applied: the second is not a replay of the first's key.
     assert len(sim.log()["sim-0001"]) == 2
+
+
+class _RefusesOneResult(_RefusesFirstResults):
+    """The runtime's log, refusing every result of one request only (as for a
+    result too large for the topic), while it takes the others."""
+
+    def __init__(self, log: EventLog, request_id: str) -> None:
+        super().__init__(log, refusals=0)
+        self._refused = request_id.encode()
+
+    def append_many(self, records: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
+        for topic, key, _, headers in records:
+            completed = ("ce_type", b"dev.mayfly.task.completed") in list(headers)
+            if topic == self._results and key == self._refused and completed:
+                raise EventLogError("record too large")  # its rejection is small
+        self._log.append_many(records)
+
+
+def test_a_result_the_log_refuses_while_it_takes_others_ends_dead_lettered(
+    home: Home, fleet: FleetFactory
+) -> None:
+    # Waiting does not help a result that is refused on its own: it is counted
+    # as a crash, so it ends, instead of running its devices again for ever.
+    fleet(2)
+    refused = new_request("reboot", devices=["sim-0001"])
+    others = [new_request("reboot", devices=["sim-0002"], partition_key=f"o{i}") for i in range(4)]
+    _publish(home, [refused, *others])
+    runtime = Runtime(home.settings())
+    runtime.log = _RefusesOneResult(runtime.log, refused.id)  # type: ignore[assignment]
+    told = _serve(runtime, 5, crash_backoff_s=0.05, max_log_refusals=3)
+
+    assert "dead_lettered" in _kinds(told, refused.id)
+    assert all(_kinds(told, o.id)[-1] == "finished" for o in others)

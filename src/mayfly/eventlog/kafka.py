@@ -645,10 +645,9 @@ class _KafkaMember(_KafkaMultiConsumer):
 
     def poll(self, max_records: int = 100, timeout_s: float = 0.0) -> list[LogRecord]:
         self._join_if_needed()
-        records = self._poll(max_records, max(timeout_s, _MEMBER_LEAST_POLL_S))
-        if self._deferred:
+        if self._deferred:  # before the poll: a failure here must not drop fetched records
             self._flush()
-        return records
+        return self._poll(max_records, max(timeout_s, _MEMBER_LEAST_POLL_S))
 
     def _join_if_needed(self) -> None:
         """Join (or rejoin) the group to the end, here, when the group asks to.
@@ -691,6 +690,8 @@ class _KafkaMember(_KafkaMultiConsumer):
     # -- called by the listener, on kafka-python's I/O thread ---------------------
 
     async def assigned(self, added: set[TopicPartition]) -> None:
+        for tp in added:  # partitions added to a topic after this member started
+            self._tps.setdefault(tp.topic, {})[tp.partition] = tp
         coordinator = self._consumer._coordinator
         found = await coordinator.fetch_committed_offsets_async(
             added, timeout_ms=_OPERATION_TIMEOUT_MS

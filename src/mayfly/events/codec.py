@@ -411,7 +411,7 @@ def _settle_trace_context(attributes: dict[str, Any], trace: Mapping[str, str]) 
     parent = attributes.get("traceparent")
     if parent is not None and not is_valid_traceparent(parent):
         _LOG.warning(
-            "%s %.200s: traceparent %.80r is no W3C trace context; it starts a new trace",
+            "%.80r %.200r: traceparent %.80r is no W3C trace context; it starts a new trace",
             attributes.get("type"),
             attributes.get("id"),
             parent,
@@ -421,7 +421,7 @@ def _settle_trace_context(attributes: dict[str, Any], trace: Mapping[str, str]) 
     state = attributes.get("tracestate")
     if state is not None and not is_valid_tracestate(state):
         _LOG.warning(
-            "%s %.200s: tracestate %.80r is not valid; dropped",
+            "%.80r %.200r: tracestate %.80r is not valid; dropped",
             attributes.get("type"),
             attributes.get("id"),
             state,

@@ -110,6 +110,10 @@ class DispatcherOptions:
     deadline_grace_s: float = 30.0
     """How long past its request's deadline a coordinator is left to deliver
     the outcome before it is killed as hung (the request is then retried)."""
+    max_log_refusals: int = 12
+    """Results of one request the log may refuse while it looks down (taking no
+    other result) before each further refusal counts as a crash: about a
+    minute of backoff with the defaults."""
     serve: bool = True
     """A coordinator serves further queued requests of its task type (``serve``
     mode); False: one coordinator process per request (``strict`` mode)."""
@@ -122,6 +126,9 @@ class _Pending:
     request_id: str
     task: str
     key: str
+    refused_at: float | None = None
+    """When the log last refused its result (see ``Dispatcher._refused_alone``)."""
+    refusals: int = 0
     identity: str = ""
     """What the runtime's state knows the request by: its source and id (two
     publishers may use one id, as Knative's JobSink has it)."""
@@ -263,6 +270,9 @@ class Dispatcher:
         self._written_at = -math.inf
         self._log_backoff_s = 0.0
         self._log_down_until = -math.inf
+        self._last_durable_at = -math.inf
+        self._closing = False
+        self._warm_parent_lost = False
 
     # -- reading ---------------------------------------------------------------
 
@@ -349,7 +359,7 @@ class Dispatcher:
         self.lanes[pending.lane].done(pending.record)
 
     def _start_ready(self) -> None:
-        while len(self.running) < self.options.max_coordinators:
+        while len(self.running) < self.options.max_coordinators and not self._warm_parent_lost:
             pending = self._next_startable()
             if pending is None:
                 return
@@ -424,7 +434,7 @@ class Dispatcher:
         type, when the weighted pick would start that one now anyway. Otherwise
         the pick (of another type) starts in a new coordinator, in the slot this
         one frees by exiting."""
-        if not self.options.serve or self._stopping or session.killed:
+        if not self.options.serve or self._stopping or session.killed or self._warm_parent_lost:
             return False
         pending = self._next_startable()
         if pending is None:
@@ -459,11 +469,12 @@ class Dispatcher:
     def _finished(self, pending: _Pending, code: int, why: str) -> None:
         if code in ExitCode.durable_codes():
             self._log_backoff_s = 0.0
+            self._last_durable_at = time.monotonic()
             self.state.mark_result(pending.identity)
             self._done(pending)
             self._on_event(DispatchEvent.FINISHED, {"request_id": pending.request_id, "code": code})
             return
-        if code == ExitCode.UNDELIVERED:
+        if code == ExitCode.UNDELIVERED and not self._refused_alone(pending):
             self._log_refused(pending, why)
             return
         crashes = self.state.add_crash(pending.identity)
@@ -485,6 +496,17 @@ class Dispatcher:
         retry_in_s = decision.retry_in_s if not decision.give_up else self._give_up_retry_s()
         pending.not_before = time.monotonic() + retry_in_s
         self._requeue(pending)
+
+    def _refused_alone(self, pending: _Pending) -> bool:
+        """Whether this result is what the log refuses (one too large for the
+        topic, say), which waiting will not change: it was refused again after
+        the log took others since, or more than ``max_log_refusals`` times.
+        Then it counts as a crash, so it ends."""
+        refused_before, pending.refused_at = pending.refused_at, time.monotonic()
+        pending.refusals += 1
+        if pending.refusals > self.options.max_log_refusals:
+            return True
+        return refused_before is not None and self._last_durable_at > refused_before
 
     def _log_refused(self, pending: _Pending, why: str) -> None:
         """The request ran, but the log would not take its result (a broker down,
@@ -554,6 +576,9 @@ class Dispatcher:
     def step(self, wait_s: float | None = None) -> None:
         """One round: read, start what may start, wait for exits (and, where the
         log can say so, for appends; where it cannot, in its poll while nothing runs)."""
+        if self._warm_parent_lost:
+            self.spawner.restart()
+            self._warm_parent_lost = False
         if self._waker is not None and self._waker.drain():  # before reading: see Waker
             self._written_at = time.monotonic()
         # A log that cannot wake the loop is waited in instead, while nothing runs
@@ -589,7 +614,9 @@ class Dispatcher:
     def _wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for coordinators' messages, exits (and appends,
         where the log can say), and act on what came."""
-        waits: list[int | CoordinatorSession] = [self.spawner.fileno()]
+        waits: list[int | CoordinatorSession] = []
+        if not self._warm_parent_lost:  # its pipe stays readable until the restart
+            waits.append(self.spawner.fileno())
         waits += [session for session in self.sessions.values() if session.open]
         if self._waker is not None:
             waits.append(self._waker.fileno())
@@ -597,7 +624,7 @@ class Dispatcher:
         for ready in readable:
             if isinstance(ready, CoordinatorSession):
                 self._serve(ready)
-        if self.spawner.fileno() in readable:
+        if not self._warm_parent_lost and self.spawner.fileno() in readable:
             try:
                 ended_ones = self.spawner.exits()
             except RuntimeError:
@@ -615,13 +642,17 @@ class Dispatcher:
         _LOG.error(
             "the warm parent died with %d coordinators; starting a new one", len(self.sessions)
         )
+        # Nothing is started or handed over until the new one runs, and that is
+        # started from the loop (step), never from inside a rebalance's drain,
+        # which runs on the log client's I/O thread.
+        self._warm_parent_lost = True
         for token, session in list(self.sessions.items()):
+            self._serve(session)  # a "done" already said is kept, not run again
             session.close()
             pending = self.running.pop(token, None)
             if pending is not None:
                 self._requeue(pending)
         self.sessions.clear()
-        self.spawner.restart()
 
     def _wait_s(self) -> float:
         if self._waker is None:
@@ -649,6 +680,7 @@ class Dispatcher:
     def close(self) -> None:
         """Finish the appends under way; release the lanes' consumer and the
         log's wake-up."""
+        self._closing = True  # a revoke on close drains nothing: sessions are closed
         self.appender.close()
         for session in self.sessions.values():
             session.close()
@@ -698,8 +730,8 @@ class _Membership:
 
     def drain(self, wait_s: float) -> bool:
         dispatcher = self._dispatcher
-        if not self._draining():
-            return True
+        if dispatcher._closing or not self._draining():
+            return True  # closing: what still runs stays pending for the next member
         dispatcher._wait(wait_s)  # answers and reaps; starts nothing of what leaves
         return not self._draining()
 

@@ -143,8 +143,13 @@ class RuntimeState:
             raise self._error(f"corrupt: {problems[0][0]}; {_REMEDY}")
 
     def has_result(self, request_id: str) -> bool:
-        query = "SELECT 1 FROM results WHERE request_id = ?"
-        return self._run(lambda db: db.execute(query, (request_id,)).fetchone()) is not None
+        """Whether the request (its :func:`request_identity`) has a durable result;
+        a mark from before identities (the bare id) counts too, so requests
+        redelivered across an upgrade are not run again."""
+        query = "SELECT 1 FROM results WHERE request_id IN (?, ?)"
+        bare = request_id.rpartition("\n")[2]
+        found = self._run(lambda db: db.execute(query, (request_id, bare)).fetchone())
+        return found is not None
 
     def mark_result(self, request_id: str) -> None:
         query = "INSERT OR IGNORE INTO results (request_id) VALUES (?)"
