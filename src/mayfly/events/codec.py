@@ -410,20 +410,16 @@ def _settle_trace_context(attributes: dict[str, Any], trace: Mapping[str, str]) 
             attributes.setdefault("tracestate", trace["tracestate"])
     parent = attributes.get("traceparent")
     if parent is not None and not is_valid_traceparent(parent):
-        _LOG.warning(
-            "%.80r %.200r: traceparent %.80r is no W3C trace context; it starts a new trace",
-            attributes.get("type"),
-            attributes.get("id"),
-            parent,
-        )
-        attributes.pop("traceparent")
+        _drop_trace(attributes, "traceparent", "is no W3C trace context; it starts a new trace")
         attributes.pop("tracestate", None)
     state = attributes.get("tracestate")
     if state is not None and not is_valid_tracestate(state):
-        _LOG.warning(
-            "%.80r %.200r: tracestate %.80r is not valid; dropped",
-            attributes.get("type"),
-            attributes.get("id"),
-            state,
-        )
-        attributes.pop("tracestate")
+        _drop_trace(attributes, "tracestate", "is not valid; dropped")
+
+
+def _drop_trace(attributes: dict[str, Any], name: str, why: str) -> None:
+    # repr: nothing of a hostile id or value can forge a log line.
+    value = attributes.pop(name)
+    _LOG.warning(
+        "%.80r %.200r: %s %.80r %s", attributes.get("type"), attributes.get("id"), name, value, why
+    )
