@@ -96,6 +96,22 @@ def test_a_torn_last_line_is_skipped_and_later_appends_survive(tmp_path: Path) -
     assert [e.request_id for e in archive.read()] == ["r1", "r2", "r4"]
 
 
+def test_a_record_being_written_is_read_once_whole_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    archive = LocalResultArchive(tmp_path)
+    archive.append([result("r1")])
+    day_file = tmp_path / "2025-03-14.jsonl"
+    line = encode_archived(result("r2")) + b"\n"
+    with day_file.open("ab") as writing:  # `mayfly report` reads while the aggregator writes
+        writing.write(line[:100])
+        writing.flush()
+        assert [e.request_id for e in archive.read()] == ["r1"]
+        writing.write(line[100:])
+    assert [e.request_id for e in archive.read()] == ["r1", "r2"]
+    assert "unreadable" not in caplog.text
+
+
 def test_a_missing_archive_reads_as_empty(tmp_path: Path) -> None:
     assert list(LocalResultArchive(tmp_path / "nothing").read()) == []
 

@@ -82,8 +82,8 @@ def event_time(event: ArchivedEvent) -> datetime:
 def dedupe_key(event: ArchivedEvent) -> str:
     """Identity of an archived event: a redelivery has the same key, a request
     of another source with the same id another one."""
-    if isinstance(event, TaskCompleted):
-        return f"completed:{event.request_source or ''}\x1f{event.request_id}"
+    if isinstance(event, TaskCompleted):  # a shard's: its request's, which it is part of
+        return f"completed:{event.request_source or ''}\x1f{event.root_id}"
     return f"rejected:{event.original.get('source', '')}\x1f{event.id}"
 
 
@@ -270,7 +270,10 @@ class LocalResultArchive:
             content = path.read_bytes()
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
-        for number, line in enumerate(content.split(b"\n"), start=1):
+        lines = content.split(b"\n")
+        # The last line, unless empty, has no newline yet: a record being written
+        # now (or a write cut short); it is read once it is whole.
+        for number, line in enumerate(lines[:-1], start=1):
             if not line.strip():
                 continue
             try:
