@@ -30,6 +30,7 @@ from mayfly.events import (
     Priority,
     RejectionCode,
     Rollout,
+    Shard,
     TaskCompleted,
     TaskRejected,
     TaskRequest,
@@ -42,12 +43,14 @@ from mayfly.events import (
     partition_key_for,
     peek_attributes,
     rejection_for,
+    shard_request,
     split_completed,
     to_cloudevent,
     to_http,
     to_kafka,
     to_kafka_record,
 )
+from mayfly.events._base import validate_model
 from mayfly.events.codec import Mode
 
 DATA = Path(__file__).parent / "data"
@@ -993,3 +996,81 @@ def test_the_w3c_traceparent_header_is_the_trace_context_when_the_event_carries_
 def test_a_bad_tracestate_is_dropped_and_the_trace_kept() -> None:
     request = binary(ce_traceparent=TRACEPARENT, ce_tracestate=" leading space")
     assert (request.traceparent, request.tracestate) == (TRACEPARENT, None)
+
+
+def test_a_request_is_cut_into_even_shards_that_split_its_rollout() -> None:
+    request = new_request(
+        "reboot",
+        selector={"site": "lab"},
+        rollout={"max_parallel": 7, "max_failure_ratio": 0.2},
+        channel="canary",
+        traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+    devices = [f"sim-{i:04d}" for i in range(23)]
+    shards = shard_request(request, devices, 5, version="1.4.0")
+
+    assert [len(s.devices) for s in shards] == [5, 5, 5, 4, 4]
+    assert [d for s in shards for d in s.devices] == devices
+    assert [s.rollout.max_parallel for s in shards if s.rollout] == [2, 2, 1, 1, 1]
+    assert {s.rollout.max_failure_ratio for s in shards if s.rollout} == {0.2}
+    for index, shard in enumerate(shards):
+        assert shard.id == shard.partition_key == f"{request.id}#shard-{index}"
+        assert shard.shard == Shard(of=request.id, index=index, count=5)
+        assert shard.root_id == request.id
+        assert (shard.version, shard.channel, shard.selector) == ("1.4.0", None, {})
+        assert (shard.source, shard.time, shard.traceparent) == (
+            request.source,
+            request.time,
+            request.traceparent,
+        )
+        # On the wire and back, a shard is a request like any other.
+        assert from_kafka(*_swap(to_kafka_record(shard))) == shard
+
+
+def _swap(record: tuple[bytes | None, bytes, list[tuple[str, bytes]]]) -> tuple[Any, ...]:
+    key, value, headers = record
+    return headers, key, value
+
+
+def test_shards_are_no_more_than_the_rollout_runs_at_once() -> None:
+    request = new_request("reboot", selector={"site": "lab"}, rollout={"max_parallel": 2})
+    shards = shard_request(request, [f"d{i}" for i in range(100)], 10, version="1.0.0")
+    assert [len(s.devices) for s in shards] == [50, 50]
+    assert [s.rollout.max_parallel for s in shards if s.rollout] == [1, 1]
+    # Small enough, or a shard already: not cut.
+    assert shard_request(request, ["d1"], 10, version="1.0.0") == (request,)
+    assert shard_request(shards[0], [f"d{i}" for i in range(50)], 10, version="1.0.0") == (
+        shards[0],
+    )
+
+
+def test_a_long_request_id_still_makes_valid_shard_ids() -> None:
+    request = new_request("reboot", selector={"site": "lab"}, request_id="x" * 256)
+    shards = shard_request(request, ["a", "b"], 1, version="1.0.0")
+    assert [len(s.id) <= 256 for s in shards] == [True, True]
+    assert len({s.id for s in shards}) == 2
+    assert {s.root_id for s in shards} == {"x" * 256}
+
+
+@pytest.mark.parametrize(
+    ("selector", "shard", "field"),
+    [
+        ({"site": "lab"}, {"of": "r", "index": 0, "count": 2}, "data.shard"),
+        ({}, {"of": "r", "index": 2, "count": 2}, "data.shard.index"),
+        ({}, {"of": "r", "index": 0, "count": 1}, "data.shard.count"),
+    ],
+)
+def test_a_shard_names_its_devices_and_its_place(
+    selector: dict[str, str], shard: dict[str, Any], field: str
+) -> None:
+    values = {"id": "r#shard-0", "task": "reboot", "devices": ["d1"], "selector": selector}
+    with pytest.raises(EventError) as caught:
+        validate_model(TaskRequest, {**values, "shard": shard})
+    assert caught.value.field == field
+
+
+def test_a_request_without_shards_encodes_as_before() -> None:
+    request = new_request("reboot", devices=["d1"], rollout={"max_parallel": 2})
+    data = json.loads(request.data_json())
+    assert "shard" not in data
+    assert data["rollout"] == {"max_parallel": 2, "max_failure_ratio": None}

@@ -25,6 +25,7 @@ from mayfly.topics import DEFAULT_PREFIX, Topics
 
 __all__ = [
     "DEFAULT_MAX_PROCESSES",
+    "DEFAULT_SHARD_SIZE",
     "ENV_ARCHIVE",
     "ENV_COORDINATOR_MODE",
     "ENV_EVENT_LOG",
@@ -42,6 +43,8 @@ __all__ = [
     "ENV_S3_ENDPOINT",
     "ENV_S3_REGION",
     "ENV_S3_SECRET_KEY",
+    "ENV_SHARD_SINK",
+    "ENV_SHARD_SIZE",
     "ENV_SIGNING_KEY",
     "ENV_STORE",
     "ENV_TOPIC_PREFIX",
@@ -65,6 +68,8 @@ ENV_INVENTORY = "MAYFLY_INVENTORY"
 ENV_RESULT_SINK = "MAYFLY_RESULT_SINK"
 ENV_K_SINK = "K_SINK"
 ENV_MAX_PROCESSES = "MAYFLY_MAX_PROCESSES"
+ENV_SHARD_SIZE = "MAYFLY_SHARD_SIZE"
+ENV_SHARD_SINK = "MAYFLY_SHARD_SINK"
 ENV_EVENT_LOG = "MAYFLY_EVENT_LOG"
 ENV_MAX_COORDINATORS = "MAYFLY_MAX_COORDINATORS"
 ENV_PER_TASK_CAP = "MAYFLY_PER_TASK_CAP"
@@ -82,6 +87,8 @@ ENV_TRACE_FILE = "MAYFLY_TRACE_FILE"
 #: take CPU from each other (and from the devices' side on one machine), and
 #: each costs a fork, so a larger cap made starts slower, not fan-outs faster.
 DEFAULT_MAX_PROCESSES = 16
+#: Devices one coordinator runs at most unless MAYFLY_SHARD_SIZE says otherwise.
+DEFAULT_SHARD_SIZE = 10_000
 
 Kind = Literal["text", "path", "count", "paths"]
 
@@ -126,6 +133,14 @@ OPTIONS: tuple[Option, ...] = (
            "delivers results)", "$K_SINK, else -"),
     Option("max_processes", ENV_MAX_PROCESSES, "--max-processes",
            "task processes per coordinator at most", str(DEFAULT_MAX_PROCESSES), "count"),
+    Option("shard_size", ENV_SHARD_SIZE, "--shard-size",
+           "devices one coordinator runs at most: a request over more runs in shards, "
+           "each in a coordinator of its own (a request's rollout.shard_size wins)",
+           str(DEFAULT_SHARD_SIZE), "count"),
+    Option("shard_sink", ENV_SHARD_SINK, None,
+           "where the coordinator function publishes shards: kafka://HOST:PORT (the "
+           "lanes), or an http(s) URL in which {priority} names the lane (the variable "
+           "only; the local runtime uses its own log)", "none: no sharding"),
     Option("event_log", ENV_EVENT_LOG, "--event-log",
            "event log: a SQLite file, or kafka://HOST:PORT[,HOST:PORT]",
            "$MAYFLY_HOME/events.db"),
@@ -176,6 +191,8 @@ class Settings:
     inventory: str = "inventory.json"
     result_sink: str = "-"
     max_processes: int = DEFAULT_MAX_PROCESSES
+    shard_size: int = DEFAULT_SHARD_SIZE
+    shard_sink: str | None = None
     event_log: str = ""
     max_coordinators: int = 8
     per_task_cap: int = 4
@@ -230,6 +247,8 @@ class Settings:
             inventory=env.get(ENV_INVENTORY) or "inventory.json",
             result_sink=env.get(ENV_RESULT_SINK) or env.get(ENV_K_SINK) or "-",
             max_processes=_positive_int(env, ENV_MAX_PROCESSES, DEFAULT_MAX_PROCESSES),
+            shard_size=_positive_int(env, ENV_SHARD_SIZE, DEFAULT_SHARD_SIZE),
+            shard_sink=env.get(ENV_SHARD_SINK) or None,
             event_log=env.get(ENV_EVENT_LOG) or str(home / "events.db"),
             max_coordinators=_positive_int(env, ENV_MAX_COORDINATORS, 8),
             per_task_cap=_positive_int(env, ENV_PER_TASK_CAP, 4),

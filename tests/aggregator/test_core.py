@@ -10,7 +10,14 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from mayfly.aggregator import Aggregator, Outcome
 from mayfly.errors import StoreError
-from mayfly.events import STRUCTURED_CONTENT_TYPE, TaskCompleted, from_http, split_completed
+from mayfly.events import (
+    STRUCTURED_CONTENT_TYPE,
+    OverallStatus,
+    Shard,
+    TaskCompleted,
+    from_http,
+    split_completed,
+)
 
 from .conftest import (
     DATA,
@@ -336,3 +343,91 @@ def test_processed_ids_are_remembered_within_a_bound(telemetered: Telemetered) -
         aggregator.handle(result(name))
     assert aggregator.handle(result("r3")) is Outcome.DUPLICATE
     assert aggregator.handle(result("r1")) is Outcome.PROCESSED  # forgotten: oldest first
+
+
+def _shards(count: int, per_shard: int, **kwargs: object) -> list[TaskCompleted]:
+    """The results of ``count`` shards of request req-big, ``per_shard`` devices each."""
+    shards = []
+    for index in range(count):
+        devices = [device(f"sim-{index * per_shard + i:04d}") for i in range(per_shard)]
+        one = result(
+            f"req-big#shard-{index}",
+            devices=devices,
+            coordinator=f"coord-{index}",
+            queued=0.5 + index / 10,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        shards.append(
+            one.model_copy(update={"shard": Shard(of="req-big", index=index, count=count)})
+        )
+    return shards
+
+
+def test_shards_make_one_result_and_one_trace_once_all_are_in(telemetered: Telemetered) -> None:
+    shards = _shards(3, 4)
+    aggregator = telemetered.aggregator
+    # Out of order; the middle one is split into parts and one shard comes twice.
+    parts = split_completed(shards[1], max_event_bytes=1_200)
+    assert len(parts) > 1
+    outcomes = [aggregator.handle(shards[2]), aggregator.handle(shards[2])]
+    outcomes += [aggregator.handle(part) for part in parts]
+    assert outcomes[:2] == [Outcome.PENDING, Outcome.DUPLICATE]
+    assert telemetered.spans() == ()
+    assert aggregator.pending == 1
+    assert aggregator.handle(shards[0]) is Outcome.PROCESSED
+    assert aggregator.pending == 0
+
+    [merged] = list(telemetered.archive.read())
+    assert isinstance(merged, TaskCompleted)
+    assert merged.request_id == "req-big"
+    assert merged.shard is None
+    assert [d.device_id for d in merged.devices] == [f"sim-{i:04d}" for i in range(12)]
+    assert [(r.index, r.devices, r.coordinator.id) for r in merged.shards] == [
+        (0, 4, "coord-0"),
+        (1, 4, "coord-1"),
+        (2, 4, "coord-2"),
+    ]
+    assert merged.timings.received_at == shards[0].timings.received_at
+
+    spans = telemetered.spans()
+    assert {s.context.trace_id for s in spans} == {int(TRACE_ID, 16)}
+    root = _root(spans)
+    shard_spans = [s for s in spans if s.name.startswith("shard ")]
+    assert sorted(s.name for s in shard_spans) == ["shard 1/3", "shard 2/3", "shard 3/3"]
+    assert all(s.parent and s.parent.span_id == root.context.span_id for s in shard_spans)
+    by_span = {s.context.span_id: s for s in shard_spans}
+    devices = [s for s in spans if s.name.startswith("device ")]
+    assert len(devices) == 12
+    for span in devices:
+        assert span.parent is not None
+        shard = by_span[span.parent.span_id]
+        assert shard.attributes is not None
+        assert span.attributes is not None
+        index = int(str(span.attributes["mayfly.device.id"])[4:]) // 4
+        assert shard.attributes["mayfly.coordinator.id"] == f"coord-{index}"
+    # A shard redelivered after the merge changes nothing.
+    assert aggregator.handle(shards[1]) is Outcome.DUPLICATE
+    assert len(telemetered.spans()) == len(spans)
+
+
+def test_a_failed_shard_makes_the_request_partial(telemetered: Telemetered) -> None:
+    shards = _shards(2, 2)
+    failed = [device("sim-0002", "failed", error="boom"), device("sim-0003", "failed")]
+    shards[1] = shards[1].model_copy(update={"devices": tuple(failed), "status": "failed"})
+    telemetered.aggregator.handle_many(shards)
+    [merged] = list(telemetered.archive.read())
+    assert isinstance(merged, TaskCompleted)
+    assert merged.status is OverallStatus.PARTIAL
+    root = _root(telemetered.spans())
+    assert root.status.status_code is StatusCode.ERROR
+    assert "2 of 4 device(s) failed; sim-0002: boom" in (root.status.description or "")
+
+
+def test_shards_that_disagree_on_the_package_are_invalid(telemetered: Telemetered) -> None:
+    shards = _shards(2, 2)
+    shards[1] = shards[1].model_copy(
+        update={"package": shards[1].package.model_copy(update={"version": "9.9.9"})}
+    )
+    assert telemetered.aggregator.handle_many(shards) == [Outcome.PENDING, Outcome.INVALID]
+    assert telemetered.aggregator.pending == 0
+    assert list(telemetered.archive.read()) == []

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from flask.testing import FlaskClient
 from functions_framework import create_app
 
-from mayfly.events import new_request, to_http
+from mayfly.events import from_http, new_request, to_http
 
 from .conftest import Env, FleetFactory
 
@@ -64,3 +67,45 @@ def test_garbage_is_answered_with_a_rejection_event_not_text(
     assert response.status_code == 200
     assert response.headers["ce-type"] == "dev.mayfly.task.rejected"
     assert json.loads(response.data)["code"] == "not_a_cloudevent"
+
+
+class _Lanes(http.server.BaseHTTPRequestHandler):
+    """What a KafkaSink's ingress does with a POST: takes it, 202. (The ingress
+    itself needs a cluster; this real HTTP peer stands in for it.)"""
+
+    received: ClassVar[list[tuple[str, dict[str, str], bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.received.append((self.path, dict(self.headers), body))
+        self.send_response(202)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_function_publishes_the_shards_of_a_large_request_to_their_lane(
+    client_for: Callable[..., FlaskClient], env: Env, fleet: FleetFactory
+) -> None:
+    fleet(5)
+    lanes = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Lanes)
+    threading.Thread(target=lanes.serve_forever, daemon=True).start()
+    try:
+        port = lanes.server_address[1]
+        client = client_for(
+            MAYFLY_SHARD_SIZE="2",
+            MAYFLY_SHARD_SINK=f"http://127.0.0.1:{port}/mayfly/mayfly-requests-{{priority}}",
+        )
+        request = new_request("reboot", selector={"ring": "main"}, priority="low")
+        headers, body = to_http(request, "binary")
+        response = client.post("/", headers=headers, data=body)
+    finally:
+        lanes.shutdown()
+        lanes.server_close()
+    assert (response.status_code, response.data) == (202, b"")
+    assert [path for path, _, _ in _Lanes.received] == ["/mayfly/mayfly-requests-low"] * 2
+    shards = [from_http(h, b) for _, h, b in _Lanes.received]
+    assert [s.id for s in shards] == [f"{request.id}#shard-{i}" for i in range(2)]
+    assert env.result_events() == []  # each shard's coordinator delivers its own

@@ -179,3 +179,90 @@ def test_the_event_log_sink_honours_the_topic_prefix(tmp_path: Path) -> None:
         assert log.consumer("t", "mayfly.deadletter").poll(10, 0.0) == []
     finally:
         log.close()
+
+
+class _Collecting:
+    def __init__(self) -> None:
+        self.events: list[MayflyEvent] = []
+
+    def emit(self, event: MayflyEvent) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_request_over_the_shard_size_is_published_as_shards_not_run(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    server = fleet(5)
+    coordinator = env.coordinator(shard_size=2)
+    log = SqliteEventLog(tmp_path / "events.db")
+    topics = Topics()
+    pipeline = RequestPipeline(
+        lambda: coordinator, FileSink(env.results), shards=EventLogSink(log, topics)
+    )
+    request = new_request("reboot", selector={"ring": "main"}, priority="high")
+    handled = _handle(pipeline, to_http(request, "binary"))
+
+    assert (handled.code, handled.outcome, handled.passed_over) == (ExitCode.OK, None, False)
+    assert [len(s.devices) for s in handled.shards] == [2, 2]  # the 4 devices of ring main
+    consumer = log.consumer("check", topics.lane("high"))
+    on_lane = [from_kafka(r.headers, r.key, r.value) for r in consumer.poll(10, 0.0)]
+    assert on_lane == list(handled.shards)
+    assert env.result_events() == []  # the shards' results will say what happened
+    assert server.simulator.duplicates() == []
+    assert all(not server.simulator.records(d)["log"] for d in server.simulator.device_ids())
+
+
+def test_without_a_sink_for_shards_a_large_request_runs_whole(
+    env: Env, fleet: FleetFactory
+) -> None:
+    fleet(5)
+    coordinator = env.coordinator(shard_size=2)
+    pipeline = RequestPipeline(lambda: coordinator, FileSink(env.results))
+    handled = _handle(
+        pipeline,
+        to_http(
+            new_request("reboot", selector={}, devices=["sim-0001", "sim-0002", "sim-0003"]),
+            "binary",
+        ),
+    )
+    assert isinstance(handled.outcome, TaskCompleted)
+    assert len(handled.outcome.devices) == 3
+    assert handled.shards == ()
+
+
+def test_a_request_sets_its_own_shard_size_and_a_bad_one_is_rejected_whole(
+    env: Env, fleet: FleetFactory
+) -> None:
+    fleet(4)
+    shards = _Collecting()
+    pipeline = RequestPipeline(lambda: env.coordinator(), FileSink(env.results), shards=shards)
+    devices = ["sim-0001", "sim-0002", "sim-0003", "sim-0004"]
+    wanted = new_request("reboot", devices=devices, rollout={"shard_size": 1})
+    assert len(_handle(pipeline, to_http(wanted, "binary")).shards) == 4
+    # Checked before it is cut: an unknown task is one rejection, not shards.
+    unknown = new_request("no-such-task", devices=devices, rollout={"shard_size": 1})
+    handled = _handle(pipeline, to_http(unknown, "binary"))
+    assert isinstance(handled.outcome, TaskRejected)
+    assert handled.shards == ()
+    assert len(shards.events) == 4
+
+
+def test_shards_the_sink_refuses_are_undelivered_and_run_again_the_same(
+    env: Env, fleet: FleetFactory
+) -> None:
+    fleet(3)
+    request = new_request("reboot", devices=["sim-0001", "sim-0002", "sim-0003"])
+    refused = RequestPipeline(
+        lambda: env.coordinator(shard_size=1), FileSink(env.results), shards=_Refusing()
+    )
+    handled = _handle(refused, to_http(request, "binary"))
+    assert handled.code is ExitCode.UNDELIVERED
+    assert "the sink is down" in (handled.error or "")
+    taken = RequestPipeline(
+        lambda: env.coordinator(shard_size=1), FileSink(env.results), shards=_Collecting()
+    )
+    again = _handle(taken, to_http(request, "binary"))
+    assert [s.id for s in again.shards] == [s.id for s in handled.shards]

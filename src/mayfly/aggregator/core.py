@@ -19,6 +19,11 @@ Parts are buffered per run: a coordinator that crashed and a second one that
 ran the same request emit different timings, so parts are grouped by request
 id, coordinator id and start time and never mixed across runs. Only the first
 complete run of a request is processed.
+
+The shards of a large request (each run by its own coordinator) are buffered
+the same way, by request, until every shard's whole result is in; they are
+merged into one result (:func:`~mayfly.events.merge_shards`): one archive
+record and one trace for the request, whichever coordinators ran it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from mayfly.aggregator.archive import ArchivedEvent, ResultArchive, dedupe_key
 from mayfly.aggregator.metrics import ResultMetrics
 from mayfly.aggregator.tracing import DEFAULT_DESTINATION, ResultTracer
 from mayfly.errors import EventError
-from mayfly.events import TaskCompleted, TaskRejected, merge_completed
+from mayfly.events import TaskCompleted, TaskRejected, merge_completed, merge_shards
 
 __all__ = [
     "DEFAULT_MAX_PENDING",
@@ -108,11 +113,12 @@ class Aggregator:
         # Insertion-ordered: the oldest entries are evicted first.
         self._processed: OrderedDict[str, None] = OrderedDict()
         self._pending: OrderedDict[_RunKey, dict[int, TaskCompleted]] = OrderedDict()
+        self._shards: OrderedDict[str, dict[int, TaskCompleted]] = OrderedDict()
 
     @property
     def pending(self) -> int:
-        """Results waiting for missing parts."""
-        return len(self._pending)
+        """Results waiting for missing parts or shards."""
+        return len(self._pending) + len(self._shards)
 
     def handle(
         self, event: TaskCompleted | TaskRejected, *, destination: str | None = None
@@ -152,14 +158,21 @@ class Aggregator:
             if key in self._processed or key in in_batch:
                 outcomes.append(Outcome.DUPLICATE)
                 continue
-            if isinstance(event, TaskRejected) or event.part.count == 1:
-                ready.append(event)
-            else:
-                merged, run = self._add_part(event, outcomes)
-                if merged is None:
+            whole: TaskCompleted | TaskRejected | None = event
+            if isinstance(event, TaskCompleted) and event.part.count > 1:
+                whole, run = self._add_part(event, outcomes)
+                if whole is None:
                     continue
-                completed_runs.append(run)
-                ready.append(merged)
+                if whole.shard is None:
+                    completed_runs.append(run)
+                else:  # the shard's buffer holds it now, until the request is archived
+                    self._pending.pop(run, None)
+            if isinstance(whole, TaskCompleted) and whole.shard is not None:
+                whole = self._add_shard(key, whole, outcomes)
+                if whole is None:
+                    continue
+            assert whole is not None
+            ready.append(whole)
             in_batch.add(key)
             outcomes.append(Outcome.PROCESSED)
         if not ready:
@@ -168,6 +181,8 @@ class Aggregator:
             self.archive.append(ready)
         for run in completed_runs:
             self._pending.pop(run, None)
+        for key in in_batch:
+            self._shards.pop(key, None)
         for whole in ready:
             self._remember(dedupe_key(whole))
             if isinstance(whole, TaskCompleted):
@@ -209,6 +224,39 @@ class Aggregator:
             _LOG.error("dropped the parts of request %s: %s", part.request_id, exc)
             outcomes.append(Outcome.INVALID)
             return None, run
+
+    def _add_shard(
+        self, key: str, shard: TaskCompleted, outcomes: list[Outcome]
+    ) -> TaskCompleted | None:
+        """Buffer one shard's whole result; the request's merged result once all are in."""
+        assert shard.shard is not None
+        shards = self._shards.get(key)
+        if shards is None:
+            while len(self._shards) >= self.max_pending:
+                _, left = self._shards.popitem(last=False)
+                first = next(iter(left.values()))
+                assert first.shard is not None
+                _LOG.warning(
+                    "gave up waiting for %d missing shard(s) of request %s",
+                    first.shard.count - len(left),
+                    first.root_id,
+                )
+            shards = self._shards[key] = {}
+        index = shard.shard.index
+        if index in shards and len(shards) < shard.shard.count:
+            outcomes.append(Outcome.DUPLICATE)  # a shard run again: its first run counts
+            return None
+        shards.setdefault(index, shard)
+        if len(shards) < shard.shard.count:
+            outcomes.append(Outcome.PENDING)
+            return None
+        try:
+            return merge_shards(shards.values())
+        except EventError as exc:
+            self._shards.pop(key, None)
+            _LOG.error("dropped the shards of request %s: %s", shard.root_id, exc)
+            outcomes.append(Outcome.INVALID)
+            return None
 
     def _remember(self, key: str) -> None:
         self._processed[key] = None

@@ -7,6 +7,10 @@ The trace of a completed request continues the publisher's ``traceparent``::
     └── device <id>      ...       never started: zero length at its
                                    finished_at, else at received_at
 
+A request run in shards (one coordinator each) is one trace all the same: the
+root holds a ``shard <i>/<n>`` span per shard (its coordinator, its own
+received_at .. finished_at), and each device span is a child of its shard's.
+
 Times are the result's own, in nanoseconds, so Jaeger shows when things
 happened, not when the aggregator heard of them. Publisher and coordinator
 clocks may disagree a little: the root is widened to hold every device span
@@ -21,6 +25,7 @@ root span carrying the reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from opentelemetry import trace
@@ -58,6 +63,7 @@ from mayfly.events import (
     SPECVERSION,
     TASK_COMPLETED,
     TASK_REJECTED,
+    DeviceResult,
     DeviceStatus,
     OverallStatus,
     TaskCompleted,
@@ -174,8 +180,58 @@ class ResultTracer:
             start_time=start_ns,
         )
         context = trace.set_span_in_context(root)
+        if not result.shards:
+            failed, first_error = self._device_spans(devices, windows, context)
+        else:
+            failed, first_error, first = 0, None, 0
+            for run in result.shards:
+                last = first + run.devices
+                s_windows = windows[first:last]
+                s_start = min([_ns(run.timings.received_at), *(w[0] for w in s_windows)])
+                s_end = max([_ns(run.timings.finished_at), *(w[1] for w in s_windows)])
+                shard_span = start_span(
+                    f"shard {run.index + 1}/{len(result.shards)}",
+                    context=context,
+                    attributes={
+                        COORDINATOR_ID: run.coordinator.id,
+                        COORDINATOR_MODE: run.coordinator.mode,
+                        REQUEST_STATUS: run.status.value,
+                        DEVICE_COUNT: run.devices,
+                    },
+                    start_time=s_start,
+                )
+                s_failed, s_error = self._device_spans(
+                    devices[first:last], s_windows, trace.set_span_in_context(shard_span)
+                )
+                failed += s_failed
+                first_error = first_error or s_error
+                if run.status is OverallStatus.SUCCEEDED:
+                    shard_span.set_status(_OK)
+                else:
+                    shard_span.set_status(Status(StatusCode.ERROR, s_error or run.status.value))
+                shard_span.end(end_time=s_end)
+                first = last
+        if result.status is OverallStatus.SUCCEEDED:
+            root.set_status(_OK)
+        else:
+            summary = f"{result.status.value}: {failed} of {len(devices)} device(s) failed"
+            root.set_status(
+                Status(StatusCode.ERROR, f"{summary}; {first_error}" if first_error else summary)
+            )
+        root.end(end_time=end_ns)
+        return (end_ns - start_ns) / 1e9
+
+    def _device_spans(
+        self,
+        devices: Sequence[DeviceResult],
+        windows: Sequence[tuple[int, int]],
+        context: Context,
+    ) -> tuple[int, str | None]:
+        """One span per device under ``context``; returns how many failed, and
+        the first failure."""
         failed = 0
         first_error: str | None = None
+        start_span = self._tracer.start_span
         for device, (d_start, d_end) in zip(devices, windows, strict=True):
             d_status = device.status
             span = start_span(
@@ -197,15 +253,7 @@ class ResultTracer:
                     first_error = f"{device.device_id}: {error}"
                 span.set_status(Status(StatusCode.ERROR, error))
             span.end(end_time=d_end)
-        if result.status is OverallStatus.SUCCEEDED:
-            root.set_status(_OK)
-        else:
-            summary = f"{result.status.value}: {failed} of {len(devices)} device(s) failed"
-            root.set_status(
-                Status(StatusCode.ERROR, f"{summary}; {first_error}" if first_error else summary)
-            )
-        root.end(end_time=end_ns)
-        return (end_ns - start_ns) / 1e9
+        return failed, first_error
 
     def trace_rejected(self, rejection: TaskRejected, *, destination: str | None = None) -> None:
         """Emit one ERROR span for a rejection, from the request's publication if known."""

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import atexit
 
-from mayfly.app.wiring import AggregatorService, build_aggregator, build_coordinator, open_sink
+from mayfly.app.wiring import (
+    AggregatorService,
+    build_aggregator,
+    build_coordinator,
+    open_shard_sink,
+    open_sink,
+)
 from mayfly.coordinator import RequestPipeline
 from mayfly.settings import Settings
 
@@ -17,11 +23,12 @@ __all__ = ["aggregator_service", "coordinator_pipeline"]
 
 
 def coordinator_pipeline() -> RequestPipeline:
-    """A pipeline from the environment: results to ``K_SINK`` when set, else reply events."""
+    """A pipeline from the environment: results to ``K_SINK`` when set, else reply
+    events; the shards of a large request to ``MAYFLY_SHARD_SINK`` when set."""
     settings = Settings.from_env()
     sink = open_sink(settings) if settings.result_sink != "-" else None
     coordinator = build_coordinator(settings, "knative")
-    return RequestPipeline(lambda: coordinator, sink)
+    return RequestPipeline(lambda: coordinator, sink, shards=open_shard_sink(settings))
 
 
 def aggregator_service() -> AggregatorService:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
-from mayfly.app.wiring import build_coordinator, open_sink
+from mayfly.app.wiring import build_coordinator, open_shard_sink, open_sink
 from mayfly.coordinator import Coordinator, RequestPipeline, summarize
 from mayfly.coordinator.job import event_from_env, process_start, request_attributes
 from mayfly.coordinator.pipeline import Outcome, exit_code_for
@@ -98,7 +98,7 @@ def _run(
             raise event
         return event
 
-    handled = RequestPipeline(lambda: coordinator, sink).handle(
+    handled = RequestPipeline(lambda: coordinator, sink, shards=open_shard_sink(settings)).handle(
         read,
         lambda: request_attributes(env),
         received_at=received_at,
@@ -108,6 +108,8 @@ def _run(
         _say(handled.error)
         if handled.outcome is not None:
             _keep(spool_dir(settings), handled.outcome)
+    elif handled.shards:
+        _say(f"published as {len(handled.shards)} shards, each run by a coordinator of its own")
     elif handled.outcome is None:
         _say("the event is not a request; nothing to run")
     else:

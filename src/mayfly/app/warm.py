@@ -204,10 +204,9 @@ class WarmCoordinator:
         timeout_s = self._timeout_of(record, prepared)
         if timeout_s is not None:
             link.deadline(timeout_s)  # else the runtime's set-up budget holds
+        sink = RuntimeSink(link, self.settings.topics)
         pipeline = RequestPipeline(
-            self.coordinator.renewed,
-            RuntimeSink(link, self.settings.topics),
-            on_progress=_log_progress,
+            self.coordinator.renewed, sink, shards=sink, on_progress=_log_progress
         )
         try:
             # The dispatcher marks the result in the runtime's state once it is

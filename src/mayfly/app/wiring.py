@@ -25,6 +25,7 @@ from mayfly.settings import (
     ENV_EVENT_LOG,
     ENV_INVENTORY,
     ENV_RESULT_SINK,
+    ENV_SHARD_SINK,
     Settings,
     option,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "open_event_log",
     "open_repository",
     "open_s3_store",
+    "open_shard_sink",
     "open_sink",
     "open_store",
 ]
@@ -302,6 +304,27 @@ def open_sink(settings: Settings, target: str | None = None) -> ResultSink:
     return FileSink(Path(target.removeprefix("file:")))
 
 
+def open_shard_sink(settings: Settings) -> ResultSink | None:
+    """Where the coordinator function publishes the shards of a large request
+    (``settings.shard_sink``); None when nowhere, and requests run whole:
+
+    - ``kafka://HOST:PORT[,HOST:PORT]``: on the installation's lanes;
+    - ``http://...`` / ``https://...``: a binary-mode POST to the URL, its
+      ``{priority}`` replaced by the shard's priority (a KafkaSink per lane).
+    """
+    target = settings.shard_sink
+    if not target:
+        return None
+    if target.startswith(("http://", "https://")):
+        return HttpSink(target)
+    bootstrap = target.removeprefix("kafka://")
+    if not target.startswith("kafka://") or not bootstrap or "/" in bootstrap:
+        raise ConfigError(
+            f"{ENV_SHARD_SINK}={target[:80]!r}: expected kafka://HOST:PORT or an http(s) URL"
+        )
+    return EventLogSink(_kafka_log(bootstrap), settings.topics, owns_log=True)
+
+
 def event_log_sink(log: EventLog, topics: Topics) -> ResultSink:
     """The sink of a coordinator that the local runtime forked: the runtime's own log."""
     return EventLogSink(log, topics)
@@ -325,7 +348,10 @@ def build_coordinator(
         inventory=inventory_loader(settings),
         driver_factory=HttpDriver,
         options=CoordinatorOptions(
-            cache_dir=settings.package_cache, mode=mode, max_processes=settings.max_processes
+            cache_dir=settings.package_cache,
+            mode=mode,
+            max_processes=settings.max_processes,
+            shard_size=settings.shard_size,
         ),
         starter=starter,
     )

@@ -23,7 +23,7 @@ from mayfly.deploy import (
 from mayfly.deploy.render import Shape
 from mayfly.errors import DeployError
 from mayfly.packages.manifest import MANIFEST_FILE, Manifest, load_manifest
-from mayfly.settings import Settings
+from mayfly.settings import DEFAULT_SHARD_SIZE, Settings
 
 __all__ = ["deploy", "dump_yaml"]
 
@@ -78,6 +78,13 @@ def _manifest(task: str, version: str | None, channel: str | None, settings: Set
     show_default=True,
     help="Task processes per coordinator instance.",
 )
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SHARD_SIZE,
+    show_default=True,
+    help="Devices one instance runs at most; a larger request runs in shards.",
+)
 @click.option("--runtime-class", help="runtimeClassName, e.g. kata-qemu-snp (confidential).")
 @click.option(
     "--as",
@@ -107,6 +114,7 @@ def deploy(
     image: str,
     max_scale: int,
     max_processes: int,
+    shard_size: int,
     runtime_class: str | None,
     shape: str | None,
     max_revision_timeout: int,
@@ -130,6 +138,7 @@ def deploy(
         namespace=namespace,
         max_scale=max_scale,
         max_processes=max_processes,
+        shard_size=shard_size,
         runtime_class=runtime_class,
         max_revision_timeout_s=max_revision_timeout,
         shape=cast("Shape | None", shape),  # click.Choice allows only those two

@@ -37,6 +37,7 @@ _UP_SETTINGS = (
     "topic_prefix",
     "inventory",
     "max_processes",
+    "shard_size",
     "max_coordinators",
     "per_task_cap",
     "coordinator_mode",

@@ -4,6 +4,11 @@ Entry points (the Knative function, job mode, the local runtime) decode a
 request, call :meth:`Coordinator.handle`, and deliver what it returns. The
 core never raises for a bad request: every way a request can be wrong ends
 as a ``task.rejected`` event that says why.
+
+A request over more devices than the shard size, when the caller can publish
+requests, is not run here: it comes back :class:`Sharded`, cut into requests
+of its own (:func:`~mayfly.events.shard_request`), each for a coordinator of
+its own.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal, overload
 
 from mayfly import sandbox
 from mayfly.coordinator.params import validate_params
@@ -42,11 +48,12 @@ from mayfly.events import (
     TaskRequest,
     Timings,
     rejection_for,
+    shard_request,
 )
 from mayfly.packages import FetchedPackage, PackageRepository
 from mayfly.settings import DEFAULT_MAX_PROCESSES
 
-__all__ = ["Coordinator", "CoordinatorOptions", "overall_status"]
+__all__ = ["Coordinator", "CoordinatorOptions", "Sharded", "overall_status"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,17 @@ class CoordinatorOptions:
     """Cap on task processes at once, whatever the package asks for."""
     retry_backoff_s: float = 0.2
     instance_id: str = field(default_factory=lambda: _instance_id())
+    shard_size: int | None = None
+    """Devices one coordinator runs at most before a request is sharded (a
+    request's ``rollout.shard_size`` wins); None: only requests that ask."""
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """A request too large for one coordinator, cut into shards to publish."""
+
+    request: TaskRequest
+    shards: tuple[TaskRequest, ...]
 
 
 def _instance_id() -> str:
@@ -122,16 +140,42 @@ class Coordinator:
         """Stop the running request: running devices end ``canceled``. Signal-safe."""
         self._cancel.set()
 
+    @overload
     def handle(
         self,
         request: TaskRequest,
         *,
         received_at: datetime | None = None,
         on_progress: Callable[[DeviceProgress], None] | None = None,
-    ) -> TaskCompleted | TaskRejected:
-        """Run one request to completion and describe what happened."""
+        shard: Literal[False] = False,
+    ) -> TaskCompleted | TaskRejected: ...
+
+    @overload
+    def handle(
+        self,
+        request: TaskRequest,
+        *,
+        received_at: datetime | None = None,
+        on_progress: Callable[[DeviceProgress], None] | None = None,
+        shard: bool,
+    ) -> TaskCompleted | TaskRejected | Sharded: ...
+
+    def handle(
+        self,
+        request: TaskRequest,
+        *,
+        received_at: datetime | None = None,
+        on_progress: Callable[[DeviceProgress], None] | None = None,
+        shard: bool = False,
+    ) -> TaskCompleted | TaskRejected | Sharded:
+        """Run one request to completion and describe what happened.
+
+        Args:
+            shard: the caller can publish shards: a request over the shard size
+                comes back :class:`Sharded` (checked, not run) instead.
+        """
         try:
-            return self._handle(request, received_at or datetime.now(UTC), on_progress)
+            return self._handle(request, received_at or datetime.now(UTC), on_progress, shard)
         finally:
             if self.prestarted is not None:  # rejected, or its plan did not fit it
                 self.prestarted.discard()
@@ -142,11 +186,18 @@ class Coordinator:
         request: TaskRequest,
         received_at: datetime,
         on_progress: Callable[[DeviceProgress], None] | None,
-    ) -> TaskCompleted | TaskRejected:
+        shard: bool,
+    ) -> TaskCompleted | TaskRejected | Sharded:
         try:
             fetched = self.repository.fetch(request.task, request.version or request.channel)
             validate_params(fetched.manifest, dict(request.params))
             devices = self._targets(request)
+            size = self._shard_size(request) if shard else None
+            if size is not None and len(devices) > size:
+                ids = [device.id for device in devices]
+                shards = shard_request(request, ids, size, version=fetched.manifest.version)
+                if len(shards) > 1:
+                    return Sharded(request, shards)
             package_dir = fetched.materialise(self.options.cache_dir)
         except MayflyError as exc:
             # rejection_for derives the code: unknown task or device, params, integrity.
@@ -169,6 +220,7 @@ class Coordinator:
             package=PackageRef(name=m.name, version=m.version, digest=fetched.digest),
             status=overall_status(results, self._cancel.is_set()),
             devices=tuple(results),
+            shard=request.shard,
             timings=Timings(
                 published_at=request.time,
                 received_at=received_at,
@@ -183,6 +235,13 @@ class Coordinator:
                 mode=self.options.mode,
             ),
         )
+
+    def _shard_size(self, request: TaskRequest) -> int | None:
+        if request.shard is not None:
+            return None  # a shard is never cut again
+        if request.rollout is not None and request.rollout.shard_size is not None:
+            return request.rollout.shard_size
+        return self.options.shard_size
 
     def _targets(self, request: TaskRequest) -> list[Device]:
         devices = self._inventory().resolve(request.devices, request.selector)
@@ -208,7 +267,9 @@ class Coordinator:
             left = (request.deadline - datetime.now(UTC)).total_seconds()
             deadline = min(deadline, time.monotonic() + max(0.0, left))
         spec = WorkerSpec(
-            request_id=request.id,
+            # The published request's id: a shard's devices see the same
+            # idempotency keys as if one coordinator had run all of it.
+            request_id=request.root_id,
             package_dir=package_dir,
             entrypoint=fetched.manifest.entrypoint,
             memory_mb=limits.memory_mb,

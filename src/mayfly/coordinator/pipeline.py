@@ -5,7 +5,9 @@ delivery from Knative, job mode's environment or CloudEvent file, a record the
 local runtime read from a lane). The transports differ only in how they read
 an event and how they answer; what happens to the event is decided here:
 
-- a request runs, and its result is delivered;
+- a request runs, and its result is delivered; one over the shard size, when
+  the pipeline has a sink for requests, is published as shards instead (each
+  run by a coordinator of its own, the aggregator merging their results);
 - anything that is not a valid event (bad JSON, a broken contract) is
   rejected with the reason, and the rejection is delivered (results topic and
   dead letters), so nothing is dropped silently;
@@ -38,7 +40,7 @@ from mayfly.events import (
 from mayfly.exitcodes import ExitCode
 
 if TYPE_CHECKING:  # for its types only: `summarize` is used where no coordinator runs
-    from mayfly.coordinator.core import Coordinator
+    from mayfly.coordinator.core import Coordinator, Sharded
     from mayfly.coordinator.runner import DeviceProgress
 
 __all__ = ["Handled", "Outcome", "RequestPipeline", "exit_code_for", "summarize"]
@@ -56,10 +58,12 @@ class Handled:
     code: ExitCode
     error: str | None = None
     """Why the outcome was not delivered, when it was not."""
+    shards: tuple[TaskRequest, ...] = ()
+    """The shards a request became (published, unless ``code`` says not)."""
 
     @property
     def passed_over(self) -> bool:
-        return self.outcome is None
+        return self.outcome is None and not self.shards
 
 
 def exit_code_for(outcome: Outcome) -> ExitCode:
@@ -90,6 +94,8 @@ class RequestPipeline:
             so a forked process can take one under its own instance id).
         sink: where outcomes go; ``None`` leaves delivery to the caller (a
             Knative reply event).
+        shards: where the shards of a large request are published (the request
+            lanes); ``None`` runs every request here, whatever its size.
         on_progress: told of each device's progress while a request runs.
     """
 
@@ -98,10 +104,12 @@ class RequestPipeline:
         coordinator: Callable[[], Coordinator],
         sink: ResultSink | None,
         *,
+        shards: ResultSink | None = None,
         on_progress: Callable[[str, DeviceProgress], None] | None = None,
     ) -> None:
         self._coordinator = coordinator
         self.sink = sink
+        self.shards = shards
         self._on_progress = on_progress
 
     def handle(
@@ -135,11 +143,16 @@ class RequestPipeline:
             if on_start is not None:
                 on_start(coordinator)
             report = self._on_progress
-            outcome = coordinator.handle(
+            handled = coordinator.handle(
                 event,
                 received_at=received_at,
                 on_progress=None if report is None else lambda p: report(event.id, p),
+                shard=self.shards is not None,
             )
+            if isinstance(handled, TaskCompleted | TaskRejected):
+                outcome = handled
+            else:
+                return self._publish_shards(handled)
         if self.sink is None:
             return Handled(outcome, exit_code_for(outcome))
         try:
@@ -148,3 +161,16 @@ class RequestPipeline:
             _LOG.error("%s: outcome not delivered: %s", outcome.request_id or outcome.id, exc)
             return Handled(outcome, ExitCode.UNDELIVERED, str(exc))
         return Handled(outcome, exit_code_for(outcome))
+
+    def _publish_shards(self, sharded: Sharded) -> Handled:
+        # Deterministic ids: a run again after a failure here publishes the same
+        # shards, which redelivery dedupes.
+        assert self.shards is not None
+        try:
+            for shard in sharded.shards:
+                self.shards.emit(shard)
+        except SinkError as exc:
+            _LOG.error("%s: shards not published: %s", sharded.request.id, exc)
+            return Handled(None, ExitCode.UNDELIVERED, str(exc), sharded.shards)
+        _LOG.info("%s: %d shards published", sharded.request.id, len(sharded.shards))
+        return Handled(None, ExitCode.OK, shards=sharded.shards)

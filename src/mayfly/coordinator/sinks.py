@@ -25,6 +25,7 @@ from mayfly.events import (
     MayflyEvent,
     TaskCompleted,
     TaskRejected,
+    TaskRequest,
     split_completed,
     to_http,
     to_kafka_record,
@@ -119,11 +120,13 @@ class HttpSink:
 
     def emit(self, event: MayflyEvent) -> None:
         headers, body = to_http(event, "binary")
+        # One URL per lane for the shards of a request: `.../requests-{priority}`.
+        url = self.url.replace("{priority}", str(getattr(event, "priority", "")))
         problem = ""
         for attempt in range(self._attempts):
             try:
                 response = self._session.post(
-                    self.url, data=body, headers=headers, timeout=self._timeout
+                    url, data=body, headers=headers, timeout=self._timeout
                 )
             except self._errors as exc:
                 problem = f"{type(exc).__name__}: {exc}"
@@ -135,18 +138,23 @@ class HttpSink:
                     break
             if attempt + 1 < self._attempts:  # no wait after the last one
                 self._sleep(min(0.2 * 2**attempt, 3.0))
-        raise SinkError(f"result sink {self.url} refused the event: {problem}")
+        raise SinkError(f"sink {url} refused the event: {problem}")
 
     def close(self) -> None:
         self._session.close()
 
 
 def outcome_records(
-    event: MayflyEvent, results_topic: str, dead_letter_topic: str
+    event: MayflyEvent, results_topic: str, dead_letter_topic: str, lanes: Topics | None = None
 ) -> list[tuple[str, bytes | None, bytes, Headers]]:
     """The records an outcome is appended as: binary mode, keyed by partition key,
-    on the results topic, and a rejection on the dead-letter topic too."""
+    on the results topic, a rejection on the dead-letter topic too, and a
+    request (a shard) on the lane of its priority among ``lanes``."""
     key, value, headers = to_kafka_record(event)
+    if isinstance(event, TaskRequest):
+        if lanes is None:
+            raise SinkError(f"request {event.id} has no lane here: this sink takes results only")
+        return [(lanes.lane(event.priority), key, value, headers)]
     records: list[tuple[str, bytes | None, bytes, Headers]] = [(results_topic, key, value, headers)]
     if isinstance(event, TaskRejected):
         records.append((dead_letter_topic, key, value, headers))
@@ -155,7 +163,7 @@ def outcome_records(
 
 class EventLogSink:
     """Appends binary-mode records keyed by partition key; a rejection also goes to
-    the dead-letter topic.
+    the dead-letter topic, a request (a shard) to its lane.
 
     Over Kafka this is the event log's one idempotent producer per process
     (``mayfly.eventlog.kafka``), so a result and the requests share its
@@ -175,9 +183,10 @@ class EventLogSink:
         self._owns_log = owns_log
         self.results_topic = results or topics.results
         self.dead_letter_topic = topics.dead_letter
+        self.topics = topics
 
     def emit(self, event: MayflyEvent) -> None:
-        records = outcome_records(event, self.results_topic, self.dead_letter_topic)
+        records = outcome_records(event, self.results_topic, self.dead_letter_topic, self.topics)
         try:
             self.log.append_many(records)
         except MayflyError as exc:

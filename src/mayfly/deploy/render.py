@@ -29,6 +29,7 @@ from mayfly.errors import DeployError
 from mayfly.events import TASK_REQUESTED, Priority
 from mayfly.exitcodes import ExitCode
 from mayfly.packages.manifest import Manifest
+from mayfly.settings import DEFAULT_SHARD_SIZE
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -59,6 +60,8 @@ MAX_REVISION_TIMEOUT_S = 600
 BROKER_PREFIX = "mayfly"
 """Broker ``mayfly-<lane>`` reads the lane's topic ``mayfly.requests.<lane>``."""
 RESULTS_SINK = "mayfly-results"
+LANE_SINK_PREFIX = "mayfly-requests-"
+"""KafkaSink ``mayfly-requests-<lane>`` writes the lane's topic."""
 DEAD_LETTER_SINK = "mayfly-deadletter"
 CONFIG_MAP = "mayfly-config"
 S3_SECRET = "mayfly-s3"  # noqa: S105 - the Secret's name, not a secret
@@ -98,12 +101,18 @@ class DeployOptions:
     """``runtimeClassName`` for confidential containers (e.g. ``kata-qemu-snp``)."""
     shape: Shape | None = None
     """Force a Service or a JobSink; None chooses by the package's timeout."""
+    shard_size: int = DEFAULT_SHARD_SIZE
+    """Devices one coordinator instance runs at most (``MAYFLY_SHARD_SIZE``): a
+    request over more is published back to its lane as shards, each delivered
+    to an instance of its own."""
 
     def __post_init__(self) -> None:
         if self.max_scale < 1:
             raise DeployError(f"max scale must be at least 1, not {self.max_scale}")
         if self.max_processes < 1:
             raise DeployError(f"max processes must be at least 1, not {self.max_processes}")
+        if self.shard_size < 1:
+            raise DeployError(f"shard size must be at least 1, not {self.shard_size}")
         if not self.lanes:
             raise DeployError("at least one priority lane is needed")
 
@@ -191,6 +200,13 @@ def _plain_env(manifest: Manifest, options: DeployOptions) -> list[tuple[str, st
         ("FUNCTION_TARGET", "coordinator"),
         ("TASK_TYPE", manifest.name),
         ("MAYFLY_MAX_PROCESSES", str(processes)),
+        ("MAYFLY_SHARD_SIZE", str(options.shard_size)),
+        # Shards go back to their lane's KafkaSink (knative/base/kafka.yaml); the
+        # coordinator puts each shard's priority in place of {priority}.
+        (
+            "MAYFLY_SHARD_SINK",
+            f"{KAFKA_SINK_INGRESS}/{options.namespace}/{LANE_SINK_PREFIX}{{priority}}",
+        ),
         ("OTEL_SERVICE_NAME", f"mayfly-coordinator-{manifest.name}"),
     ]
 

@@ -54,18 +54,23 @@ from mayfly.events.completed import (
     DeviceResult,
     PackageRef,
     Part,
+    ShardRun,
     TaskCompleted,
     Timings,
     merge_completed,
+    merge_shards,
     split_completed,
 )
 from mayfly.events.rejected import RejectionCode, TaskRejected, rejection_for
 from mayfly.events.requested import (
     DEFAULT_CHANNEL,
+    MAX_SHARDS,
     Rollout,
+    Shard,
     TaskRequest,
     new_request,
     partition_key_for,
+    shard_request,
 )
 
 __all__ = [
@@ -74,6 +79,7 @@ __all__ = [
     "DEFAULT_PART_BYTES",
     "JSON_CONTENT_TYPE",
     "MAX_EVENT_BYTES",
+    "MAX_SHARDS",
     "PUBLISHER_SOURCE",
     "SPECVERSION",
     "STRUCTURED_CONTENT_TYPE",
@@ -92,6 +98,8 @@ __all__ = [
     "Priority",
     "RejectionCode",
     "Rollout",
+    "Shard",
+    "ShardRun",
     "TaskCompleted",
     "TaskRejected",
     "TaskRequest",
@@ -101,10 +109,12 @@ __all__ = [
     "from_kafka",
     "is_valid_traceparent",
     "merge_completed",
+    "merge_shards",
     "new_request",
     "partition_key_for",
     "peek_attributes",
     "rejection_for",
+    "shard_request",
     "split_completed",
     "to_cloudevent",
     "to_http",

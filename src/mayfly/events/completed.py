@@ -37,6 +37,7 @@ from mayfly.events._base import (
     contract_error,
 )
 from mayfly.events._wire import MAX_ATTRIBUTE_CHARS
+from mayfly.events.requested import Shard
 
 __all__ = [
     "DEFAULT_PART_BYTES",
@@ -44,9 +45,11 @@ __all__ = [
     "DeviceResult",
     "PackageRef",
     "Part",
+    "ShardRun",
     "TaskCompleted",
     "Timings",
     "merge_completed",
+    "merge_shards",
     "split_completed",
 ]
 
@@ -118,6 +121,17 @@ class Part(_Value):
         return self
 
 
+class ShardRun(_Value):
+    """How one shard of a merged result ran: its coordinator, times and status,
+    and how many of the result's devices (the next ones, in order) were its."""
+
+    index: Count
+    status: OverallStatus
+    devices: Count
+    timings: Timings
+    coordinator: CoordinatorInfo
+
+
 class TaskCompleted(EventModel):
     """The result of a request (or one part of it).
 
@@ -149,6 +163,10 @@ class TaskCompleted(EventModel):
     timings: Timings
     coordinator: CoordinatorInfo
     part: Part = Part()
+    shard: Shard | None = Field(default=None, exclude_if=lambda v: v is None)
+    """Set when this is the result of one shard of a larger request."""
+    shards: tuple[ShardRun, ...] = Field(default=(), exclude_if=lambda v: not v)
+    """In a result merged from shards (the aggregator's), each shard's run."""
 
     @property
     def id(self) -> str:
@@ -156,9 +174,15 @@ class TaskCompleted(EventModel):
         return f"{self.request_id}:completed:{self.part.index}"
 
     @property
+    def root_id(self) -> str:
+        """The id of the request as published: a shard's ``of``, else ``request_id``."""
+        return self.shard.of if self.shard is not None else self.request_id
+
+    @property
     def partition_key(self) -> str:
-        """The request id: parts of one result stay on one partition."""
-        return self.request_id
+        """The request id (a shard's: its request's): the parts and shards of one
+        result stay on one partition, so one aggregator sees them all."""
+        return self.root_id
 
     @property
     def tasktype(self) -> str:
@@ -169,7 +193,7 @@ class TaskCompleted(EventModel):
         return self.id
 
     def _ce_partition_key(self) -> str:
-        return self.request_id
+        return self.root_id
 
     def _ce_tasktype(self) -> str:
         return self.task
@@ -185,6 +209,12 @@ class TaskCompleted(EventModel):
         if self.package.name != self.task:
             raise contract_error(
                 "data.package.name", f"{self.package.name!r} is not the task {self.task!r}"
+            )
+        if self.shards and (
+            self.shard is not None or sum(r.devices for r in self.shards) != len(self.devices)
+        ):
+            raise contract_error(
+                "data.shards", "a merged result's shards account for its devices, and no more"
             )
         return self
 
@@ -294,3 +324,78 @@ def merge_completed(parts: Iterable[TaskCompleted]) -> TaskCompleted:
         )
     devices = tuple(device for index in range(count) for device in by_index[index].devices)
     return first.model_copy(update={"devices": devices, "part": Part()})
+
+
+# What shards of one request share; the rest (devices, coordinator, timings,
+# status) is each shard's own.
+_SHARD_SHARED = ("source", "request_source", "task", "package", "priority", "traceparent")
+
+
+def merge_shards(shards: Iterable[TaskCompleted]) -> TaskCompleted:
+    """Put the (whole) results of every shard of one request together, in any order.
+
+    The merged result is the request's: its id, the devices of every shard in
+    shard order, received and started at the first shard's, finished at the
+    last's, ``succeeded`` or ``failed`` when every shard was, ``canceled`` when
+    one was, else ``partial``; ``shards`` says how each shard ran.
+
+    Raises:
+        EventError: no shards, shards of different requests or that disagree on
+            what they share (the package, say), or shards missing.
+    """
+    received = {s.shard.index: s for s in shards if s.shard is not None}
+    first = next(iter(received.values()), None)
+    if first is None or first.shard is None:
+        raise EventError("data.shard", "no shards to merge")
+    of, count = first.shard.of, first.shard.count
+    for result in received.values():
+        assert result.shard is not None
+        if (result.shard.of, result.shard.count) != (of, count):
+            raise EventError("data.shard", f"a shard of {result.shard.of!r} mixed with {of!r}'s")
+        if result.part.count != 1:
+            raise EventError("data.part", "merge the parts of a shard's result first")
+        for name in _SHARD_SHARED:
+            if getattr(result, name) != getattr(first, name):
+                raise EventError(
+                    TaskCompleted.wire_name(name), f"differs between shards of request {of!r}"
+                )
+    missing = [index for index in range(count) if index not in received]
+    if missing:
+        raise EventError("data.shard", f"missing shard(s) {missing} of {count} of request {of!r}")
+    ordered = [received[index] for index in range(count)]
+    statuses = {s.status for s in ordered}
+    if OverallStatus.CANCELED in statuses:
+        status = OverallStatus.CANCELED
+    elif len(statuses) == 1:
+        status = first.status
+    else:
+        status = OverallStatus.PARTIAL
+    cold = [s.timings.cold_start_ms for s in ordered if s.timings.cold_start_ms is not None]
+    timings = Timings(
+        published_at=first.timings.published_at,
+        received_at=min(s.timings.received_at for s in ordered),
+        started_at=min(s.timings.started_at for s in ordered),
+        finished_at=max(s.timings.finished_at for s in ordered),
+        cold_start_ms=min(cold) if cold else None,
+    )
+    runs = tuple(
+        ShardRun(
+            index=index,
+            status=s.status,
+            devices=len(s.devices),
+            timings=s.timings,
+            coordinator=s.coordinator,
+        )
+        for index, s in enumerate(ordered)
+    )
+    return first.model_copy(
+        update={
+            "request_id": of,
+            "status": status,
+            "devices": tuple(d for s in ordered for d in s.devices),
+            "timings": timings,
+            "coordinator": ordered[0].coordinator,
+            "shard": None,
+            "shards": runs,
+        }
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Self
@@ -24,10 +25,22 @@ from mayfly.events._base import (
     validate_model,
 )
 
-__all__ = ["DEFAULT_CHANNEL", "Rollout", "TaskRequest", "new_request", "partition_key_for"]
+__all__ = [
+    "DEFAULT_CHANNEL",
+    "MAX_SHARDS",
+    "Rollout",
+    "Shard",
+    "TaskRequest",
+    "new_request",
+    "partition_key_for",
+    "shard_request",
+]
 
 #: The channel a request runs when it names neither a version nor a channel.
 DEFAULT_CHANNEL = "stable"
+#: Shards one request becomes at most, whatever its shard size: each is an event
+#: and a coordinator, and the aggregator holds a request's shards until all are in.
+MAX_SHARDS = 1000
 
 PartitionKey = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
@@ -71,6 +84,30 @@ class Rollout(BaseModel):
     max_parallel: Annotated[int, Field(strict=True, ge=1)] | None = None
     #: Share of failed devices (0..1) after which the rest are skipped.
     max_failure_ratio: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] | None = None
+    #: Devices one coordinator runs at most: a request over more is run in
+    #: shards; None lets the runtime's setting decide.
+    shard_size: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+
+
+class Shard(BaseModel):
+    """Which part of a larger request a request is: shard ``index`` of ``count``
+    of request ``of`` (same source). Its devices are the shard's own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    of: EventId
+    index: Annotated[int, Field(strict=True, ge=0)]
+    count: Annotated[int, Field(strict=True, ge=2, le=MAX_SHARDS)]
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Self:
+        if self.index >= self.count:
+            raise contract_error(
+                "data.shard.index", f"{self.index} is not below count {self.count}"
+            )
+        return self
 
 
 class TaskRequest(EventModel):
@@ -102,6 +139,15 @@ class TaskRequest(EventModel):
     params: dict[str, JsonValue] = Field(default_factory=dict)
     deadline: UtcDatetime | None = None
     rollout: Rollout | None = None
+    # Left out when unset (as is shard_size), so that what every request
+    # carried before shards still reads in a coordinator from before them.
+    shard: Shard | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @property
+    def root_id(self) -> str:
+        """The id of the request as published: a shard's ``of``, else its own. The
+        devices' idempotency keys and the task code see this one."""
+        return self.shard.of if self.shard is not None else self.id
 
     @property
     def tasktype(self) -> str:
@@ -139,6 +185,8 @@ class TaskRequest(EventModel):
                 "no target devices: give device ids in data.devices and/or a label selector"
                 " in data.selector",
             )
+        if self.shard is not None and (self.selector or not self.devices):
+            raise contract_error("data.shard", "a shard names its devices, and no selector")
         if len(set(self.devices)) != len(self.devices):
             seen: set[str] = set()
             for index, device in enumerate(self.devices):
@@ -146,6 +194,70 @@ class TaskRequest(EventModel):
                     raise contract_error(f"data.devices.{index}", f"duplicate device id {device!r}")
                 seen.add(device)
         return self
+
+
+def _shard_id(of: str, index: int) -> str:
+    suffix = f"#shard-{index}"
+    if len(of) + len(suffix) > 256:  # an event id's limit: a long id is shortened
+        of = "sha256-" + hashlib.sha256(of.encode()).hexdigest()
+    return of + suffix
+
+
+def shard_request(
+    request: TaskRequest, devices: Sequence[str], shard_size: int, *, version: str
+) -> tuple[TaskRequest, ...]:
+    """Cut a request into shards of at most ``shard_size`` devices (more when
+    that would make over :data:`MAX_SHARDS`), each an event of its own.
+
+    Every shard keeps the request's source, time, priority, trace context,
+    params and deadline, and runs ``version`` (the one the request resolved
+    to: a channel moved meanwhile does not split a request over two
+    versions). Devices keep their order; shard sizes differ by one at most.
+    The rollout is split: ``max_parallel`` is shared out so the shards
+    together run no more devices at once than the request allows (so there
+    are at most ``max_parallel`` shards), and ``max_failure_ratio`` applies
+    within each shard. Each shard's partition key is its own id, so shards
+    spread over partitions, runtimes and pods.
+
+    Returns:
+        The shards; the request itself, alone, when it is not over the size.
+    """
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    count = min(-(-len(devices) // shard_size), MAX_SHARDS)
+    rollout = request.rollout or Rollout()
+    if rollout.max_parallel is not None:
+        count = min(count, rollout.max_parallel)
+    if request.shard is not None or count < 2:
+        return (request,)
+    base, extra = divmod(len(devices), count)
+    shards: list[TaskRequest] = []
+    start = 0
+    for index in range(count):
+        end = start + base + (1 if index < extra else 0)
+        parallel = None
+        if rollout.max_parallel is not None:
+            share, left = divmod(rollout.max_parallel, count)
+            parallel = share + (1 if index < left else 0)
+        shard_id = _shard_id(request.id, index)
+        shards.append(
+            request.model_copy(
+                update={
+                    "id": shard_id,
+                    "partition_key": shard_id,
+                    "version": version,
+                    "channel": None,
+                    "devices": tuple(devices[start:end]),
+                    "selector": {},
+                    "rollout": rollout.model_copy(
+                        update={"max_parallel": parallel, "shard_size": None}
+                    ),
+                    "shard": Shard(of=request.id, index=index, count=count),
+                }
+            )
+        )
+        start = end
+    return tuple(shards)
 
 
 def _default_partition_key(data: Mapping[str, Any]) -> Any:

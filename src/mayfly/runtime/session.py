@@ -218,17 +218,19 @@ class DirectLink:
 class RuntimeSink:
     """A coordinator's :class:`~mayfly.coordinator.sinks.ResultSink` in the local
     runtime: the records :class:`~mayfly.coordinator.sinks.EventLogSink` would
-    append (a rejection on the dead-letter topic too), made durable together by
-    the runtime's appender."""
+    append (a rejection on the dead-letter topic too, a shard on its lane),
+    made durable together by the runtime's appender."""
 
     def __init__(self, link: Appends, topics: Topics | None = None) -> None:
         topics = topics or Topics()
         self.link = link
         self.results_topic = topics.results
         self.dead_letter_topic = topics.dead_letter
+        self.topics = topics
 
     def emit(self, event: MayflyEvent) -> None:
-        self.link.append(outcome_records(event, self.results_topic, self.dead_letter_topic))
+        records = outcome_records(event, self.results_topic, self.dead_letter_topic, self.topics)
+        self.link.append(records)
 
     def close(self) -> None:
         pass
