@@ -107,10 +107,16 @@ def render_split(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _devices_k(shards: dict[str, Any]) -> str:
+    count = shards.get("devices")
+    return f"{count // 1000}k" if isinstance(count, int) else "n/a"
+
+
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The table: what, Mayfly, baseline, ratio (Mayfly / baseline), target, met."""
     cold, pipe = results["cold_start"], results["pipeline"]
     fan, agg = results["fanout"], results["aggregator"]
+    shards = results.get("shards", {})
     celery_rate = _get(pipe, "celery", "throughput", "rate_per_s")
     table = [
         (
@@ -153,6 +159,14 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "wrk ceiling",
             ">= 0.8x baseline",
             lambda m: m >= 0.8 * _get(fan, "wrk", "rate_per_s"),
+        ),
+        (
+            f"sharded fan-out {_devices_k(shards)} devices (actions/s)",
+            _get(shards, "sharded", "rate_per_s"),
+            _get(shards, "whole", "rate_per_s"),
+            "one coordinator",
+            "> 1.0x baseline",
+            lambda m: m > _get(shards, "whole", "rate_per_s"),
         ),
         (
             "aggregator (events/s)",
@@ -287,6 +301,12 @@ def main() -> None:
                 t,
             ),
             "fanout": _bench("fanout", ["--devices", "2000" if q else "10000"], 300, t),
+            "shards": _bench(
+                "shards",
+                ["--devices", "20000", "--shard-size", "5000"] if q else ["--devices", "100000"],
+                900,
+                t,
+            ),
             "aggregator": _bench("aggregator", ["--events", "2000" if q else "20000"], 180, t),
             "floor": _bench("floor", ["--runs", "100" if q else "300"], 180, t),
         }
