@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mayfly.aggregator.archive import LocalResultArchive
+from mayfly.app.wiring import open_event_log
 from mayfly.devices import idempotency_key
 from mayfly.devices.sim import SimulatorServer
 from mayfly.events import OverallStatus, TaskCompleted, new_request, to_kafka_record
@@ -52,40 +57,46 @@ def _wait_for_spans(trace_file: Path, want: int, timeout_s: float) -> list[dict[
         time.sleep(0.3)
 
 
-def test_a_large_request_runs_in_shards_and_reads_as_one(home: Home, fleet: FleetFactory) -> None:
+@pytest.mark.parametrize("log", ["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)])
+def test_a_large_request_runs_in_shards_and_reads_as_one(
+    home: Home, fleet: FleetFactory, log: str, request: pytest.FixtureRequest
+) -> None:
     server = fleet(60)
     devices = server.simulator.device_ids()
-    request = new_request(
+    env = {"MAYFLY_SHARD_SIZE": "10"}
+    topics = Topics()
+    if log == "kafka":
+        bootstrap = request.getfixturevalue("kafka_bootstrap")
+        topics = Topics(f"mayfly-shards-{uuid.uuid4().hex[:8]}")
+        env |= {"MAYFLY_EVENT_LOG": f"kafka://{bootstrap}", "MAYFLY_TOPIC_PREFIX": topics.prefix}
+    published = new_request(
         "config-push", devices=devices, params={"config": {"telemetry_interval_s": 9}}
     )
-    with home.log() as log:
-        log.append(Topics().lane(request.priority), *to_kafka_record(request))
-    up = home.up_with("-v", output=home.root / "up.log", MAYFLY_SHARD_SIZE="10")
+    up = home.up_with("-v", output=home.root / "up.log", **env)
+    with open_event_log(home.settings(**env)) as event_log:
+        event_log.append(topics.lane(published.priority), *to_kafka_record(published))
 
-    archived = _archived(home, timeout_s=60)
+    archived = _archived(home, timeout_s=90)
     spans = _wait_for_spans(home.root / "telemetry" / "traces.jsonl", 1 + 6 + 60, 20)
     up.terminate()
     up.wait(timeout=30)
     output = (home.root / "up.log").read_text(errors="replace")
-
-    # Six shards, each a request of its own, with its own result...
-    shard_results = [r for r in home.results().values() if isinstance(r, TaskCompleted)]
-    assert sorted(r.request_id for r in shard_results) == sorted(
-        f"{request.id}#shard-{i}" for i in range(6)
-    ), output[-3000:]
-    assert all(len(r.devices) == 10 for r in shard_results)
-    # ... run by coordinators at once, not one after another.
-    windows = sorted((r.timings.started_at, r.timings.finished_at) for r in shard_results)
-    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(windows))
+    # Six shards, each a request of its own, with its own coordinator...
+    assert output.count("6 shards published") == 1, output[-3000:]
+    started = set(re.findall(r"started (\S+#shard-\d+):", output))
+    assert started == {f"{published.id}#shard-{i}" for i in range(6)}, output[-3000:]
 
     # One archived result for the request, every device in it, in order.
     assert len(archived) == 1, archived
     merged = archived[0]
-    assert merged.request_id == request.id
+    assert merged.request_id == published.id
     assert merged.shard is None
     assert [d.device_id for d in merged.devices] == devices
     assert merged.status is OverallStatus.SUCCEEDED
-    assert [run.index for run in merged.shards] == list(range(6))
+    assert [(run.index, run.devices) for run in merged.shards] == [(i, 10) for i in range(6)]
+    # ... run at once, not one after another.
+    windows = sorted((r.timings.started_at, r.timings.finished_at) for r in merged.shards)
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(windows))
 
     # One trace: the root, a span per shard, each device under its shard's.
     assert len({s["traceId"] for s in spans}) == 1
@@ -99,5 +110,5 @@ def test_a_large_request_runs_in_shards_and_reads_as_one(home: Home, fleet: Flee
     assert sim.duplicates() == []
     for device in devices:
         record = sim.records(device)
-        key = idempotency_key(request.id, device, "config-push", 0, source=request.source)
+        key = idempotency_key(published.id, device, "config-push", 0, source=published.source)
         assert [entry["key"] for entry in record["log"]] == [key]
