@@ -45,6 +45,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from mayfly.procs import child_pythonpath
+from mayfly.spanids import next_id
 
 __all__ = [
     "DEFAULT_BATCH_SPANS",
@@ -261,11 +262,11 @@ class RecordTracer(trace.Tracer):
         parent = trace.get_current_span(context).get_span_context()
         if not parent.is_valid:
             parent_context: SpanContext | None = None
-            trace_id = self._random.getrandbits(128) or 1
+            trace_id = next_id(128) or self._random.getrandbits(128) or 1
         else:
             parent_context = parent
             trace_id = parent.trace_id
-        span_id = self._random.getrandbits(64) or 1
+        span_id = next_id(64) or self._random.getrandbits(64) or 1
         sampled = self._sampler.should_sample(context, trace_id, name, kind, attributes, links)
         span_context = SpanContext(
             trace_id,

@@ -55,11 +55,13 @@ from opentelemetry.sdk.metrics.view import View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from mayfly import __version__
 from mayfly.errors import ConfigError
 from mayfly.settings import ENV_OTLP_ENDPOINT, ENV_OTLP_METRICS_ENDPOINT
 from mayfly.spanexport import ProcessSpanExporter, RecordTracer
+from mayfly.spanids import next_id
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -260,6 +262,16 @@ class _OnFirstExport(SpanExporter):
 # --- Configuration -------------------------------------------------------------
 
 
+class _DerivedIdGenerator(RandomIdGenerator):
+    """The SDK's ids, or the ones :func:`mayfly.spanids.derived_ids` derives."""
+
+    def generate_span_id(self) -> int:
+        return next_id(64) or super().generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        return next_id(128) or super().generate_trace_id()
+
+
 @dataclass
 class Telemetry:
     """Configured providers; hand ``tracer()``/``meter()`` to library code.
@@ -311,6 +323,11 @@ class Telemetry:
         spans = self.tracer_provider.force_flush(timeout_millis)
         measurements = self.meter_provider.force_flush(timeout_millis)
         return bool(bulk and spans and measurements)
+
+    def flush_traces(self, timeout_millis: int = 30_000) -> bool:
+        """Export the spans made so far (not the measurements); True when all went out."""
+        bulk = self._bulk.flush(timeout_millis) if self._bulk is not None else True
+        return bool(bulk and self.tracer_provider.force_flush(timeout_millis))
 
     def shutdown(self) -> None:
         """Flush and stop the exporters; later spans are dropped. Idempotent."""
@@ -371,7 +388,7 @@ def configure_telemetry(
     attributes.update(resource_attributes or {})
     resource = Resource.create(attributes)
 
-    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider = TracerProvider(resource=resource, id_generator=_DerivedIdGenerator())
     exporter: SpanExporter | None = span_exporter
     bulk_endpoint: str | None = None
     destination = "an in-process exporter" if span_exporter is not None else "nowhere"

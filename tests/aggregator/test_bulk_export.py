@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -21,25 +20,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator
 
 from mayfly.aggregator import Aggregator
 from mayfly.spanexport import RecordTracer, SpanRecord, encode_records
-from mayfly.telemetry import Telemetry, configure_telemetry
+from mayfly.telemetry import Telemetry, _DerivedIdGenerator, configure_telemetry
 
 from ..conftest import JaegerServer
 from .conftest import PUBLISHER_SPAN_ID, TRACE_ID, device, rejection, result
-
-
-class _SeededIds(IdGenerator):
-    def __init__(self) -> None:
-        self.random = random.Random(7)
-
-    def generate_span_id(self) -> int:
-        return self.random.getrandbits(64) or 1
-
-    def generate_trace_id(self) -> int:
-        return self.random.getrandbits(128) or 1
 
 
 class _Records:
@@ -73,7 +60,8 @@ def _results() -> list[object]:
 def test_records_encode_to_the_request_the_sdk_encoder_makes() -> None:
     resource = Resource.create({"service.name": "mayfly-test"})
     memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=resource, id_generator=_SeededIds())
+    # The aggregator derives every id from the request: both paths make the same ones.
+    provider = TracerProvider(resource=resource, id_generator=_DerivedIdGenerator())
     provider.add_span_processor(SimpleSpanProcessor(memory))
     Aggregator(provider.get_tracer("mayfly", "0.1.0"), NoOpMeter("t"), None).handle_many(
         _results()  # type: ignore[arg-type]
@@ -81,7 +69,6 @@ def test_records_encode_to_the_request_the_sdk_encoder_makes() -> None:
 
     records = _Records()
     tracer = RecordTracer(records, provider.sampler, "mayfly", "0.1.0")  # type: ignore[arg-type]
-    tracer._random = _SeededIds().random
     Aggregator(tracer, NoOpMeter("t"), None).handle_many(_results())  # type: ignore[arg-type]
 
     expected = encode_spans(memory.get_finished_spans())

@@ -8,7 +8,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mayfly.aggregator import Aggregator, Outcome
+from mayfly.aggregator import Aggregator, LocalResultArchive, Outcome
 from mayfly.errors import StoreError
 from mayfly.events import (
     STRUCTURED_CONTENT_TYPE,
@@ -431,3 +431,38 @@ def test_shards_that_disagree_on_the_package_are_invalid(telemetered: Telemetere
     assert telemetered.aggregator.handle_many(shards) == [Outcome.PENDING, Outcome.INVALID]
     assert telemetered.aggregator.pending == 0
     assert list(telemetered.archive.read()) == []
+
+
+def test_after_a_restart_a_redelivered_batch_is_archived_once_and_traced_the_same(
+    telemetered: Telemetered,
+) -> None:
+    batch = [result("r1"), result("r2", traceparent=None), rejection("r3")]
+    telemetered.aggregator.handle_many(batch)
+    first = {(s.context.trace_id, s.context.span_id, s.name) for s in telemetered.spans()}
+    telemetered.exporter.clear()
+    counted = _points(telemetered, "mayfly.task.requests")
+
+    # A new process on the same archive, the commit lost: the batch comes again.
+    telemetry = telemetered.telemetry
+    restarted = Aggregator(
+        telemetry.tracer("test"),
+        telemetry.meter("test"),
+        LocalResultArchive(telemetered.archive.root),
+    )
+    assert restarted.handle_many(batch) == [Outcome.PROCESSED] * 3
+    again = {(s.context.trace_id, s.context.span_id, s.name) for s in telemetered.spans()}
+
+    assert sorted(e.id for e in telemetered.archive.read()) == sorted(e.id for e in batch)
+    lines = [
+        ln for f in telemetered.archive.root.glob("*.jsonl") for ln in f.read_text().splitlines()
+    ]
+    assert len(lines) == 3  # the readers list each once anyway: no second record either
+    # The very same spans: one trace per request, whether the first ones left or not.
+    assert again == first
+    assert {k: p.value for k, p in _points(telemetered, "mayfly.task.requests").items()} == {  # type: ignore[attr-defined]
+        k: p.value  # type: ignore[attr-defined]
+        for k, p in counted.items()
+    }
+    # Something new after it is archived and counted as ever.
+    assert restarted.handle(result("r4")) is Outcome.PROCESSED
+    assert len(list(telemetered.archive.read())) == 4

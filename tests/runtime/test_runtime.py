@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -113,6 +114,21 @@ def test_sigkill_mid_run_loses_nothing_and_applies_nothing_twice(
         key = idempotency_key(request.id, device, "reboot", 0, source=request.source)
         applied = [e for e in log_by_device[device] if e["key"] == key]
         assert len(applied) == 1, (request.id, device, applied)
+    # One archived record and one trace each, whatever the kill cut short.
+    files = (home.root / "archive").glob("*.jsonl")
+    lines = [line for f in files for line in f.read_text().splitlines()]
+    archived = Counter(json.loads(line)["data"]["request_id"] for line in lines)
+    assert archived == dict.fromkeys(ids, 1)
+    roots: dict[str, set[str]] = {}
+    for line in (home.root / "telemetry" / "traces.jsonl").read_text().splitlines():
+        for resource in json.loads(line)["resourceSpans"]:
+            for span in resource["scopeSpans"][0]["spans"]:
+                attributes = {a["key"]: a["value"] for a in span["attributes"]}
+                if "mayfly.request.id" in attributes:
+                    rid = attributes["mayfly.request.id"]["stringValue"]
+                    roots.setdefault(rid, set()).add(span["traceId"])
+    assert set(roots) == ids, f"no trace: {ids - set(roots)}"
+    assert [rid for rid, traces in roots.items() if len(traces) != 1] == []
 
 
 def test_high_priority_overtakes_a_low_backlog(home: Home, fleet: FleetFactory) -> None:

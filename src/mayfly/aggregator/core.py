@@ -15,6 +15,15 @@ The memory of processed ids and the parts buffer are bounded: the oldest
 entries are forgotten first. A redelivery older than the memory would be
 traced again; the archive's readers still list it once.
 
+After a restart the results after the last commit come again, and an earlier
+process may have archived and traced them before it died. At its first batch
+the aggregator recalls what the archive holds from a little before that
+batch's oldest result: those are not archived twice, but they are traced
+again, since whether their spans left the dead process cannot be known; the
+ids are derived from the request (:mod:`mayfly.spanids`), so it is the same
+trace with the same spans, not a second one. Their metrics are not counted
+again.
+
 Parts are buffered per run: a coordinator that crashed and a second one that
 ran the same request emit different timings, so parts are grouped by request
 id, coordinator id and start time and never mixed across runs. Only the first
@@ -31,13 +40,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Tracer
 
-from mayfly.aggregator.archive import ArchivedEvent, ResultArchive, dedupe_key
+from mayfly.aggregator.archive import ArchivedEvent, ResultArchive, dedupe_key, event_time
 from mayfly.aggregator.metrics import ResultMetrics
 from mayfly.aggregator.tracing import DEFAULT_DESTINATION, ResultTracer
 from mayfly.errors import EventError
@@ -54,6 +63,9 @@ __all__ = [
 DEFAULT_MAX_REMEMBERED = 100_000
 #: Results whose parts are still being awaited.
 DEFAULT_MAX_PENDING = 10_000
+#: How far before the first batch's oldest result the archive is recalled: the
+#: results after a commit are redelivered about in order, not exactly.
+RECALL_MARGIN = timedelta(minutes=30)
 
 _LOG = logging.getLogger("mayfly.aggregator")
 
@@ -112,6 +124,9 @@ class Aggregator:
         self.max_pending = max_pending
         # Insertion-ordered: the oldest entries are evicted first.
         self._processed: OrderedDict[str, None] = OrderedDict()
+        # What an earlier process archived, recalled at the first batch.
+        self._archived: OrderedDict[str, None] = OrderedDict()
+        self._recalled = archive is None
         self._pending: OrderedDict[_RunKey, dict[int, TaskCompleted]] = OrderedDict()
         self._shards: OrderedDict[str, dict[int, TaskCompleted]] = OrderedDict()
 
@@ -177,21 +192,41 @@ class Aggregator:
             outcomes.append(Outcome.PROCESSED)
         if not ready:
             return outcomes
-        if self.archive is not None:
-            self.archive.append(ready)
+        if not self._recalled:
+            self._recall(min(event_time(whole) for whole in ready) - RECALL_MARGIN)
+        fresh = [whole for whole in ready if dedupe_key(whole) not in self._archived]
+        if self.archive is not None and fresh:
+            self.archive.append(fresh)
         for run in completed_runs:
             self._pending.pop(run, None)
         for key in in_batch:
             self._shards.pop(key, None)
         for whole in ready:
-            self._remember(dedupe_key(whole))
+            key = dedupe_key(whole)
+            again = key in self._archived  # archived by an earlier process: traced again only
+            self._archived.pop(key, None)
+            self._remember(key)
             if isinstance(whole, TaskCompleted):
                 duration = self.spans.trace_completed(whole, destination=destination)
-                self.metrics.record_completed(whole, duration)
+                if not again:
+                    self.metrics.record_completed(whole, duration)
             else:
                 self.spans.trace_rejected(whole, destination=destination)
-                self.metrics.record_rejected(whole)
+                if not again:
+                    self.metrics.record_rejected(whole)
         return outcomes
+
+    def _recall(self, since: datetime) -> None:
+        """Remember what the archive holds from ``since`` on (an earlier process's
+        work), so that it is not archived again. Raises StoreError, like append."""
+        assert self.archive is not None
+        for event in self.archive.read(since=since):
+            self._archived[dedupe_key(event)] = None
+            if len(self._archived) > self.max_remembered:
+                self._archived.popitem(last=False)
+        self._recalled = True
+        if self._archived:
+            _LOG.info("%d results archived before this start are known", len(self._archived))
 
     def _add_part(
         self, part: TaskCompleted, outcomes: list[Outcome]

@@ -59,6 +59,8 @@ class Ingest:
             decodes and hands the events to ``on_events``.
         on_events: called with every decoded batch after it was aggregated
             (the CLI prints results, the demo counts them).
+        exported: exports the spans made so far; True when they all went out
+            (a consumer commits what it read only after that).
     """
 
     def __init__(
@@ -66,9 +68,16 @@ class Ingest:
         aggregator: Aggregator | None,
         *,
         on_events: Callable[[list[MayflyEvent]], None] | None = None,
+        exported: Callable[[], bool] | None = None,
     ) -> None:
         self.aggregator = aggregator
         self._on_events = on_events
+        self._exported = exported
+
+    def exported(self) -> bool:
+        """Whether the spans of everything aggregated so far have been exported
+        (waits a bounded time for them); True when there is no exporter."""
+        return self._exported() if self._exported is not None else True
 
     def records(
         self, records: Sequence[LogRecord], *, on_undecodable: Undecodable | None = None

@@ -11,6 +11,10 @@ A request run in shards (one coordinator each) is one trace all the same: the
 root holds a ``shard <i>/<n>`` span per shard (its coordinator, its own
 received_at .. finished_at), and each device span is a child of its shard's.
 
+Ids are derived from the request's identity (:mod:`mayfly.spanids`): a
+result traced again after a crash makes the very same spans, in the same
+trace, not a second trace.
+
 Times are the result's own, in nanoseconds, so Jaeger shows when things
 happened, not when the aggregator heard of them. Publisher and coordinator
 clocks may disagree a little: the root is widened to hold every device span
@@ -34,6 +38,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
+from mayfly.aggregator.archive import dedupe_key
 from mayfly.aggregator.attributes import (
     CE_EVENT_ID,
     CE_EVENT_SOURCE,
@@ -69,6 +74,7 @@ from mayfly.events import (
     TaskCompleted,
     TaskRejected,
 )
+from mayfly.spanids import derived_ids
 from mayfly.topics import Topics
 
 __all__ = ["DEFAULT_DESTINATION", "ResultTracer"]
@@ -135,11 +141,16 @@ class ResultTracer:
         return attributes
 
     def trace_completed(self, result: TaskCompleted, *, destination: str | None = None) -> float:
-        """Emit the trace of one whole (merged) result.
+        """Emit the trace of one whole (merged) result; its ids are derived from
+        the request's identity, so tracing it again makes the same spans.
 
         Returns:
             The root span's length in seconds (the request's duration).
         """
+        with derived_ids(dedupe_key(result)):
+            return self._trace_completed(result, destination)
+
+    def _trace_completed(self, result: TaskCompleted, destination: str | None) -> float:
         task = result.task
         start, end = task_window(result)
         start_ns, end_ns = _ns(start), _ns(end)
@@ -257,6 +268,10 @@ class ResultTracer:
 
     def trace_rejected(self, rejection: TaskRejected, *, destination: str | None = None) -> None:
         """Emit one ERROR span for a rejection, from the request's publication if known."""
+        with derived_ids(dedupe_key(rejection)):
+            self._trace_rejected(rejection, destination)
+
+    def _trace_rejected(self, rejection: TaskRejected, destination: str | None) -> None:
         attributes = self._envelope(rejection.id, TASK_REJECTED, rejection.source, destination)
         attributes[REQUEST_STATUS] = REJECTED_STATUS
         attributes[REJECTION_CODE] = rejection.code.value

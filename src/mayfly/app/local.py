@@ -124,6 +124,7 @@ class Runtime:
         consumer = self.log.member_of(
             self.settings.topics.aggregator_group, [self.settings.topics.results]
         )
+        held: dict[int, int] = {}
         try:
             while not self._stop.is_set():
                 try:
@@ -138,13 +139,20 @@ class Runtime:
                     self._stop.wait(_RETRY_FIRST_S)
                     continue
                 if records:
-                    self._aggregate_batch(ingest, consumer, records)
+                    self._aggregate_batch(ingest, consumer, records, held)
         finally:
             consumer.close()
 
     def _aggregate_batch(
-        self, ingest: Ingest, consumer: MultiTopicConsumer, records: Sequence[LogRecord]
+        self,
+        ingest: Ingest,
+        consumer: MultiTopicConsumer,
+        records: Sequence[LogRecord],
+        held: dict[int, int],
     ) -> None:
+        """Aggregate one poll, then commit it (and what ``held`` holds) once its
+        results are archived and their spans exported: a kill before either
+        redelivers them, archived once and traced the same (``Aggregator``)."""
         wait_s = _RETRY_FIRST_S
         while not self._stop.is_set():
             try:
@@ -164,6 +172,13 @@ class Runtime:
             wait_s = min(wait_s * 2, _RETRY_MAX_S)
         else:
             return  # stopping: the batch is read again after a restart
+        for partition, offset in offsets.items():
+            held[partition] = max(held.get(partition, 0), offset)
+        if not ingest.exported():
+            _LOG.warning("spans not exported yet; %d results' offsets held", len(records))
+            return
+        offsets = dict(held)
+        held.clear()
         try:
             consumer.commit({self.settings.topics.results: offsets})
         except UnusableFileError:

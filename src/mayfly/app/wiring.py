@@ -406,6 +406,11 @@ class AggregatorService:
         self.telemetry.shutdown()
 
 
+#: How long the aggregator waits for a batch's spans to be exported before it
+#: reads on (their results are committed after a later export then).
+_EXPORT_WAIT_MS = 5_000
+
+
 def build_aggregator(
     settings: Settings,
     *,
@@ -441,4 +446,8 @@ def build_aggregator(
         messaging_system=messaging_system or settings.messaging_system,
         destination=settings.topics.results,
     )
-    return AggregatorService(Ingest(aggregator, on_events=on_events), telemetry, archive)
+    # Bounded: a trace backend that is down holds the commits, not the loop.
+    ingest = Ingest(
+        aggregator, on_events=on_events, exported=lambda: telemetry.flush_traces(_EXPORT_WAIT_MS)
+    )
+    return AggregatorService(ingest, telemetry, archive)
