@@ -146,6 +146,15 @@ def metrics_to_otlp_json(data: MetricsData) -> dict[str, Any]:
     return request
 
 
+def _ends_a_line(path: Path) -> bool:
+    """Whether a file is empty or ends with a newline."""
+    with path.open("rb") as existing:
+        if existing.seek(0, 2) == 0:
+            return True
+        existing.seek(-1, 2)
+        return existing.read(1) == b"\n"
+
+
 class _JsonLines:
     """An append-only file of JSON objects, one per line, shared by threads."""
 
@@ -160,6 +169,10 @@ class _JsonLines:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = self.path.open("a", encoding="utf-8")
+                if not _ends_a_line(self.path):
+                    # A process killed mid-write left half a line: end it, so this
+                    # process's lines stay whole (readers skip the torn one).
+                    self._file.write("\n")
             self._file.write(line)
             self._file.flush()
 

@@ -17,6 +17,18 @@ from mayfly.telemetry import (
 from .conftest import PUBLISHER_SPAN_ID, TRACE_ID, device, rejection, result
 
 
+def test_a_line_torn_by_a_kill_leaves_the_next_run_s_lines_whole(tmp_path: Path) -> None:
+    trace_file = tmp_path / "traces.jsonl"
+    trace_file.write_text('{"resourceSpans":[{"resource":')  # a kill -9 mid-write
+    telemetry = configure_telemetry("mayfly-aggregator", trace_file=trace_file)
+    Aggregator(telemetry.tracer(), telemetry.meter(), None).handle(result())
+    telemetry.shutdown()
+    torn, *lines = trace_file.read_text().splitlines()
+    assert torn == '{"resourceSpans":[{"resource":'
+    assert lines
+    assert all(json.loads(line)["resourceSpans"] for line in lines)
+
+
 def test_the_trace_file_holds_otlp_json_export_requests(tmp_path: Path) -> None:
     trace_file = tmp_path / "telemetry" / "traces.jsonl"
     metrics_file = tmp_path / "telemetry" / "metrics.jsonl"
