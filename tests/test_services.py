@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -15,6 +18,8 @@ from kafka import KafkaConsumer, KafkaProducer
 
 if TYPE_CHECKING:
     from tests.conftest import JaegerServer, S3Server
+
+SERVICES = Path(__file__).parents[1] / "dev" / "services"
 
 
 @pytest.mark.s3
@@ -64,6 +69,46 @@ def test_kafka_produces_and_consumes_a_record(kafka_bootstrap: str) -> None:
     assert [(r.partition, r.offset, r.key, r.value) for r in received] == [
         (sent.partition, sent.offset, key, value)
     ]
+
+
+def _read_all(bootstrap: str, topic: str, group: str) -> list[bytes]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    received: list[bytes] = []
+    try:
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                received.extend(r.value for r in records)
+        if received:
+            consumer.commit()
+    finally:
+        consumer.close()
+    return received
+
+
+@pytest.mark.kafka
+def test_a_killed_broker_restarts_on_its_data(kafka_bootstrap: str) -> None:
+    topic = f"mayfly-test-{uuid.uuid4().hex[:12]}"
+    group = f"mayfly-test-{uuid.uuid4().hex[:12]}"
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        producer.send(topic, value=b"before").get(timeout=30)
+    finally:
+        producer.close()
+    assert _read_all(kafka_bootstrap, topic, group) == [b"before"]  # and committed
+
+    restart = [sys.executable, str(SERVICES), "restart", "kafka", "--kill", "--down-s", "1"]
+    subprocess.run(restart, check=True, timeout=180)
+
+    # The record is still there, and so is the group's commit past it.
+    assert _read_all(kafka_bootstrap, topic, f"{group}-new") == [b"before"]
+    assert _read_all(kafka_bootstrap, topic, group) == []
 
 
 @pytest.mark.jaeger

@@ -155,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("names", nargs="*", metavar="NAME", help=names_help)
     down = commands.add_parser("down", help="stop services that `up` started")
     down.add_argument("names", nargs="*", metavar="NAME", help=names_help)
+    restart = commands.add_parser(
+        "restart", help="stop a server and start it again on the data it left (kafka)"
+    )
+    restart.add_argument("name", metavar="NAME", choices=list(SERVICES), help=", ".join(SERVICES))
+    restart.add_argument("--kill", action="store_true", help="SIGKILL it, as a crash would")
+    restart.add_argument(
+        "--down-s", type=float, default=0.0, metavar="S", help="seconds it stays down"
+    )
     commands.add_parser("status", help="show each service's state, endpoint, pid and log")
     commands.add_parser("env", help="print `export` lines for the running services")
     pid = commands.add_parser("pid", help="print the pid of a running server")
@@ -180,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _env(manager)
         elif args.command == "pid":
             _pid(manager, SERVICES[args.name])
+        elif args.command == "restart":
+            with manager.lock():
+                manager.restart(SERVICES[args.name], kill=args.kill, down_s=args.down_s)
         elif args.command == "run":
             command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             if not command:

@@ -71,6 +71,8 @@ class Service(abc.ABC):
     """Every TCP port the server listens on (all on `HOST`), by purpose; checked free first."""
     start_timeout: ClassVar[float] = START_TIMEOUT_S
     """Seconds from launch until the server must answer `probe`."""
+    keeps_data: ClassVar[bool] = False
+    """Whether `restart` can start it again on the data it left (`up` always starts afresh)."""
 
     @property
     def endpoint(self) -> str:
@@ -81,7 +83,9 @@ class Service(abc.ABC):
 
     @abc.abstractmethod
     def command(self, paths: Paths) -> list[str]:
-        """Write config into ``paths.run_dir`` or the fresh data folder; return the server's argv.
+        """Write config into ``paths.run_dir`` or the data folder; return the server's argv.
+
+        The data folder is fresh, except on a `restart` of a service that ``keeps_data``.
 
         The argv must name ``paths.data_dir`` (a file in it will do): that is how a recorded
         pid is told apart from an unrelated process that reused it.

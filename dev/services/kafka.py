@@ -55,6 +55,7 @@ class Kafka(Service):
     # Formatting plus a JVM start: ~6 s on an idle 2-core machine, several times that when
     # a build or the test suite competes for the cores.
     start_timeout = 120.0
+    keeps_data = True
     pom = DEV_DIR / "kafka" / "pom.xml"
     heap: ClassVar[list[str]] = ["-Xms256m", "-Xmx512m"]
 
@@ -112,6 +113,7 @@ class Kafka(Service):
     def command(self, paths: Paths) -> list[str]:
         # Everything lives in the data folder, which `up` has just emptied: a new cluster
         # with a new id every time, and the argv names the folder (see `Service.command`).
+        # A `restart` keeps it: the broker comes back with its topics, records and offsets.
         data = paths.data_dir
         config = data / "server.properties"
         config.write_text(self._server_properties(data / "kraft"))
@@ -129,6 +131,8 @@ class Kafka(Service):
             "-cp",
             str(self.libs(paths) / "*"),  # expanded by java itself
         ]
+        if (data / "kraft" / "meta.properties").exists():
+            return [*java, "kafka.Kafka", str(config)]  # formatted before: its own data
         # `format --standalone` makes this node the single KRaft voter of a new cluster.
         formatted = run_logged(
             [

@@ -99,9 +99,14 @@ class Manager:
             return None
         return pid
 
-    def start(self, service: Service) -> bool:
-        """Start the service unless ours is already running; return True if this call started it."""
+    def start(self, service: Service, *, keep_data: bool = False) -> bool:
+        """Start the service unless ours is already running; return True if this call started it.
+
+        ``keep_data``: on the data folder its last run left (a restart), not a fresh one.
+        """
         paths = self.paths(service)
+        if keep_data and not service.keeps_data:
+            raise ServiceError(f"{service.name}: cannot start again on its data; use `up`")
         if self.pid(service) is not None:
             self._wait_healthy(service, paths, child=None)
             return False
@@ -112,7 +117,11 @@ class Manager:
                 f"this script did not start; stop it and retry (`ss -ltnp` shows who holds it)"
             )
         service.install(paths)
-        self._fresh_dirs(paths)
+        if keep_data and paths.data_dir.is_dir():
+            for folder in (paths.run_dir, paths.log_file.parent):
+                folder.mkdir(parents=True, exist_ok=True)
+        else:
+            self._fresh_dirs(paths)
         started = time.monotonic()
         argv = service.command(paths)
         env = service.server_env(paths)
@@ -166,14 +175,16 @@ class Manager:
                 )
             time.sleep(POLL_S)
 
-    def stop(self, service: Service) -> bool:
-        """Stop our server if it runs (SIGTERM, then SIGKILL); return True if one was stopped."""
+    def stop(self, service: Service, *, kill: bool = False) -> bool:
+        """Stop our server if it runs (SIGTERM, then SIGKILL; ``kill``: SIGKILL at once, as a
+        crash would); return True if one was stopped."""
         paths = self.paths(service)
         pid = self.pid(service)
         if pid is None:
             paths.pid_file.unlink(missing_ok=True)
             return False
-        for sig, grace in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
+        steps = ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0))
+        for sig, grace in steps[1:] if kill else steps:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
                 # A test may have paused the server (`kill -STOP $(python dev/services pid NAME)`):
@@ -189,8 +200,18 @@ class Manager:
         say(f"{service.name}: stopped (pid {pid})")
         return True
 
+    def restart(self, service: Service, *, kill: bool = False, down_s: float = 0.0) -> None:
+        """Stop the server (``kill``: with SIGKILL), wait ``down_s`` seconds, and start it
+        again on the data it left, as an operator restarts a broker that went down."""
+        if not service.keeps_data:
+            raise ServiceError(f"{service.name}: cannot start again on its data; use `up`")
+        self.stop(service, kill=kill)
+        time.sleep(down_s)
+        self.start(service, keep_data=True)
+
     def _wait_gone(self, service: Service, pid: int, timeout: float) -> bool:
-        if child := self._children.get(service.name):
+        child = self._children.get(service.name)
+        if child is not None and child.pid == pid:  # not one that another process restarted
             try:
                 child.wait(timeout)  # our own child: reap it, leave no zombie
             except subprocess.TimeoutExpired:
