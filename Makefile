@@ -68,3 +68,8 @@ bench: $(STAMP) ## benchmarks against Celery, wrk and a fresh interpreter (after
 		echo "installing the bench extra (Celery with Redis, py-spy, pyinstrument)"; \
 		$(BIN)/python -m pip install --quiet -e '.[dev,bench]'; }
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+.PHONY: chaos
+chaos: $(STAMP) ## kill -9 of every part of Mayfly under 10,000 requests, on SQLite and on Kafka with a broker kill; prints the figures
+	MAYFLY_CHAOS_REQUESTS=$${MAYFLY_CHAOS_REQUESTS:-10000} $(BIN)/python dev/services run -- \
+		$(BIN)/python -m pytest -s -q tests/runtime/test_chaos.py $(PYTEST_ARGS)
