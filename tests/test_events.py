@@ -1063,7 +1063,8 @@ def test_a_long_request_id_still_makes_valid_shard_ids() -> None:
 def test_a_shard_names_its_devices_and_its_place(
     selector: dict[str, str], shard: dict[str, Any], field: str
 ) -> None:
-    values = {"id": "r#shard-0", "task": "reboot", "devices": ["d1"], "selector": selector}
+    values = {"task": "reboot", "devices": ["d1"], "selector": selector}
+    values["id"] = f"r#shard-{shard['index']}"
     with pytest.raises(EventError) as caught:
         validate_model(TaskRequest, {**values, "shard": shard})
     assert caught.value.field == field
@@ -1074,3 +1075,25 @@ def test_a_request_without_shards_encodes_as_before() -> None:
     data = json.loads(request.data_json())
     assert "shard" not in data
     assert data["rollout"] == {"max_parallel": 2, "max_failure_ratio": None}
+
+
+def test_long_device_ids_make_more_shards_so_each_is_one_event() -> None:
+    request = new_request("reboot", selector={"site": "lab"}, rollout={"max_parallel": 2})
+    devices = [f"{i:06d}-" + "x" * 114 for i in range(20_000)]  # 120 characters each
+    shards = shard_request(request, devices, 10_000, version="1.0.0")
+    assert len(shards) == 5  # by size, past both the shard size and max_parallel
+    assert [d for s in shards for d in s.devices] == devices
+    assert all(len(to_kafka_record(s)[1]) < MAX_EVENT_BYTES for s in shards)
+    assert all(s.rollout and s.rollout.max_parallel == 1 for s in shards)
+
+
+def test_a_shard_s_id_is_its_place_and_the_mark_is_kept_for_shards() -> None:
+    shard = {"of": "r", "index": 1, "count": 2}
+    values = {"task": "reboot", "devices": ["d1"], "partition_key": "k"}
+    with pytest.raises(EventError) as forged:
+        validate_model(TaskRequest, {**values, "id": "r#shard-0", "shard": shard})
+    assert forged.value.field == "id"
+    with pytest.raises(EventError) as posing:
+        validate_model(TaskRequest, {**values, "id": "r#shard-1"})
+    assert posing.value.field == "id"
+    assert validate_model(TaskRequest, {**values, "id": "r#shard-1", "shard": shard}).shard

@@ -36,6 +36,7 @@ from mayfly.events import (
     TaskRejected,
     TaskRequest,
     rejection_for,
+    to_kafka_record,
 )
 from mayfly.exitcodes import ExitCode
 
@@ -152,7 +153,10 @@ class RequestPipeline:
             if isinstance(handled, TaskCompleted | TaskRejected):
                 outcome = handled
             else:
-                return self._publish_shards(handled)
+                published = self._publish_shards(handled)
+                if isinstance(published, Handled):
+                    return published
+                outcome = published  # shards that cannot be events: the request's rejection
         if self.sink is None:
             return Handled(outcome, exit_code_for(outcome))
         try:
@@ -162,13 +166,18 @@ class RequestPipeline:
             return Handled(outcome, ExitCode.UNDELIVERED, str(exc))
         return Handled(outcome, exit_code_for(outcome))
 
-    def _publish_shards(self, sharded: Sharded) -> Handled:
+    def _publish_shards(self, sharded: Sharded) -> Handled | TaskRejected:
         # Deterministic ids: a run again after a failure here publishes the same
         # shards, which redelivery dedupes.
         assert self.shards is not None
         try:
+            for shard in sharded.shards:  # all or none: each must be an event first
+                to_kafka_record(shard)
             for shard in sharded.shards:
                 self.shards.emit(shard)
+        except EventError as exc:  # a shard over an event's size, say: nothing to retry
+            _LOG.error("%s: shards cannot be published: %s", sharded.request.id, exc)
+            return rejection_for(exc, sharded.request.cloudevent_attributes())
         except SinkError as exc:
             _LOG.error("%s: shards not published: %s", sharded.request.id, exc)
             return Handled(None, ExitCode.UNDELIVERED, str(exc), sharded.shards)

@@ -95,7 +95,9 @@ class Shard(BaseModel):
     """Which part of a larger request a request is: shard ``index`` of ``count``
     of request ``of`` (same source). Its devices are the shard's own."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Results carry it too, and results from later versions are read: a field
+    # added later is ignored, not a broken result.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     of: EventId
     index: Annotated[int, Field(strict=True, ge=0)]
@@ -187,6 +189,12 @@ class TaskRequest(EventModel):
             )
         if self.shard is not None and (self.selector or not self.devices):
             raise contract_error("data.shard", "a shard names its devices, and no selector")
+        if self.shard is not None and self.id != _shard_id(self.shard.of, self.shard.index):
+            raise contract_error(
+                "id", f"a shard's id is {_shard_id(self.shard.of, self.shard.index)!r}"
+            )
+        if self.shard is None and _SHARD_MARK in self.id:
+            raise contract_error("id", f"{_SHARD_MARK!r} in an id is kept for shards")
         if len(set(self.devices)) != len(self.devices):
             seen: set[str] = set()
             for index, device in enumerate(self.devices):
@@ -196,8 +204,14 @@ class TaskRequest(EventModel):
         return self
 
 
+_SHARD_MARK = "#shard-"
+#: Budget of one shard's device ids, encoded: a shard is one event, under
+#: Kafka's 1 MiB record with room for everything else it carries.
+_SHARD_DEVICE_BYTES = 600_000
+
+
 def _shard_id(of: str, index: int) -> str:
-    suffix = f"#shard-{index}"
+    suffix = f"{_SHARD_MARK}{index}"
     if len(of) + len(suffix) > 256:  # an event id's limit: a long id is shortened
         of = "sha256-" + hashlib.sha256(of.encode()).hexdigest()
     return of + suffix
@@ -208,6 +222,9 @@ def shard_request(
 ) -> tuple[TaskRequest, ...]:
     """Cut a request into shards of at most ``shard_size`` devices (more when
     that would make over :data:`MAX_SHARDS`), each an event of its own.
+
+    Shards are also made small enough to be one event each (their device ids
+    under 600 kB encoded), even past ``max_parallel``.
 
     Every shard keeps the request's source, time, priority, trace context,
     params and deadline, and runs ``version`` (the one the request resolved
@@ -228,6 +245,9 @@ def shard_request(
     rollout = request.rollout or Rollout()
     if rollout.max_parallel is not None:
         count = min(count, rollout.max_parallel)
+    # Long ids make more shards, so each still fits one event (quote, quote, comma).
+    encoded = sum(len(device.encode()) + 3 for device in devices)
+    count = max(count, min(-(-encoded // _SHARD_DEVICE_BYTES), MAX_SHARDS))
     if request.shard is not None or count < 2:
         return (request,)
     base, extra = divmod(len(devices), count)
@@ -238,7 +258,7 @@ def shard_request(
         parallel = None
         if rollout.max_parallel is not None:
             share, left = divmod(rollout.max_parallel, count)
-            parallel = share + (1 if index < left else 0)
+            parallel = max(1, share + (1 if index < left else 0))
         shard_id = _shard_id(request.id, index)
         shards.append(
             request.model_copy(
