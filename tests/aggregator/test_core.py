@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from datetime import timedelta
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from mayfly.aggregator import Aggregator, LocalResultArchive, Outcome
+from mayfly.aggregator.ingest import Ingest
 from mayfly.errors import StoreError
+from mayfly.eventlog import LogRecord
 from mayfly.events import (
     STRUCTURED_CONTENT_TYPE,
     OverallStatus,
@@ -17,6 +21,7 @@ from mayfly.events import (
     TaskCompleted,
     from_http,
     split_completed,
+    to_kafka_record,
 )
 
 from .conftest import (
@@ -466,3 +471,95 @@ def test_after_a_restart_a_redelivered_batch_is_archived_once_and_traced_the_sam
     # Something new after it is archived and counted as ever.
     assert restarted.handle(result("r4")) is Outcome.PROCESSED
     assert len(list(telemetered.archive.read())) == 4
+
+
+def _records(
+    events: Sequence[TaskCompleted], partition: int = 1, first: int = 100
+) -> list[LogRecord]:
+    records = []
+    for offset, event in enumerate(events, start=first):
+        key, value, headers = to_kafka_record(event)
+        records.append(LogRecord("mayfly.results", partition, offset, key, value, tuple(headers)))
+    return records
+
+
+def test_no_commit_passes_a_buffered_shard_and_a_restart_merges_it_once(
+    telemetered: Telemetered,
+) -> None:
+    shards = _shards(3, 2)
+    records = _records([shards[0], result("r-other"), shards[1]])
+    ingest = Ingest(telemetered.aggregator)
+    read = ingest.records(records)
+    assert read == {1: 103}
+    # The shards at 100 and 102 are in memory only: nothing past 100 is committed.
+    assert ingest.committable(read) == {1: 100}
+
+    # Killed there: a new process reads again from 100, then the last shard comes.
+    restarted = Ingest(
+        Aggregator(
+            telemetered.telemetry.tracer("test"),
+            telemetered.telemetry.meter("test"),
+            LocalResultArchive(telemetered.archive.root),
+        )
+    )
+    again = restarted.records([*records, *_records([shards[2]], first=103)])
+    assert restarted.committable(again) == {1: 104}
+    archived = Counter(e.request_id for e in telemetered.archive.read())
+    assert archived == {"r-other": 1, "req-big": 1}
+    files = telemetered.archive.root.glob("*.jsonl")
+    assert len([line for f in files for line in f.read_text().splitlines()]) == 2
+
+
+def test_a_buffered_part_holds_its_partition_until_its_result_is_archived(
+    telemetered: Telemetered,
+) -> None:
+    parts = split_completed(result(devices=[device(f"sim-{i:04d}") for i in range(20)]), 1_500)
+    assert len(parts) >= 2
+    ingest = Ingest(telemetered.aggregator)
+    assert ingest.committable(ingest.records(_records(parts[:1], partition=2, first=7))) == {2: 7}
+    rest = _records(parts[1:], partition=2, first=8)
+    assert ingest.committable(ingest.records(rest)) == {2: 8 + len(rest)}
+    assert telemetered.aggregator.held_offsets() == {}
+
+
+def test_a_shard_that_disagrees_on_the_count_is_dropped_not_its_siblings(
+    telemetered: Telemetered,
+) -> None:
+    shards = _shards(2, 2)
+    odd = shards[0].model_copy(update={"shard": Shard(of="req-big", index=0, count=5)})
+    aggregator = telemetered.aggregator
+    assert aggregator.handle_many([shards[0], odd]) == [Outcome.PENDING, Outcome.INVALID]
+    assert aggregator.handle(shards[1]) is Outcome.PROCESSED
+    [merged] = list(telemetered.archive.read())
+    assert len(merged.devices) == 4  # type: ignore[union-attr]
+
+
+def test_waiting_shards_are_bounded_by_their_device_results(telemetered: Telemetered) -> None:
+    telemetry = telemetered.telemetry
+    aggregator = Aggregator(telemetry.tracer(), telemetry.meter(), None, max_pending_devices=5)
+    first = _shards(3, 2)[0]
+    second = first.model_copy(
+        update={"request_id": "req-2#shard-0", "shard": Shard(of="req-2", index=0, count=3)}
+    )
+    third = first.model_copy(
+        update={"request_id": "req-3#shard-0", "shard": Shard(of="req-3", index=0, count=3)}
+    )
+    for shard in (first, second, third):
+        assert aggregator.handle(shard) is Outcome.PENDING
+    assert aggregator.pending == 2  # the oldest request was given up: 6 results > 5
+
+
+def test_a_result_older_than_what_was_recalled_recalls_further_back(
+    telemetered: Telemetered,
+) -> None:
+    late = result("r-late", at=T0 - timedelta(hours=2))
+    telemetered.aggregator.handle_many([late, result("r-now")])
+    restarted = Aggregator(
+        telemetered.telemetry.tracer("test"),
+        telemetered.telemetry.meter("test"),
+        LocalResultArchive(telemetered.archive.root),
+    )
+    restarted.handle(result("r-now"))  # recalls from 10 minutes before now's
+    restarted.handle(late)  # two hours before: recalled too, not archived again
+    files = telemetered.archive.root.glob("*.jsonl")
+    assert len([line for f in files for line in f.read_text().splitlines()]) == 2

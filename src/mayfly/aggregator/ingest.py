@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from mayfly.aggregator.core import Aggregator, Outcome
+from mayfly.aggregator.core import Aggregator, Outcome, Position
 from mayfly.errors import EventError, StoreError
 from mayfly.eventlog import LogRecord
 from mayfly.events import MayflyEvent, TaskCompleted, TaskRejected, from_http, from_kafka
@@ -97,9 +97,11 @@ class Ingest:
             StoreError: the archive would not take them; commit nothing.
         """
         events: list[MayflyEvent] = []
+        positions: list[Position] = []
         for record in records:
             try:
                 events.append(from_kafka(record.headers, record.key, record.value))
+                positions.append((record.partition, record.offset))
             except Exception as exc:  # hostile input is bad input, whatever it raises
                 error = exc if isinstance(exc, EventError) else _undecodable(exc)
                 _LOG.warning(
@@ -111,8 +113,14 @@ class Ingest:
                 )
                 if on_undecodable is not None:
                     on_undecodable(record, error)
-        self._aggregate_each(events)
+        self._aggregate_each(events, positions)
         return commit_offsets(records)
+
+    def committable(self, offsets: Mapping[int, int]) -> dict[int, int]:
+        """``offsets`` (what was read) held back, per partition, to the first record
+        whose part or shard the aggregator still buffers in memory."""
+        held = self.aggregator.held_offsets() if self.aggregator is not None else {}
+        return {p: min(offset, held.get(p, offset)) for p, offset in offsets.items()}
 
     def http(self, headers: Mapping[str, str], body: bytes) -> int:
         """One CloudEvent delivery; returns the HTTP status to answer with an empty body."""
@@ -135,28 +143,40 @@ class Ingest:
             return 400
         return 400 if outcomes and outcomes[0] is Outcome.INVALID else 202
 
-    def _aggregate_each(self, events: list[MayflyEvent]) -> None:
+    def _aggregate_each(
+        self, events: list[MayflyEvent], positions: list[Position] | None = None
+    ) -> None:
         """Aggregate a batch; if it raises (not StoreError), each event on its own."""
         try:
-            self._aggregate(events)
+            self._aggregate(events, positions)
         except StoreError:
             raise
         except Exception:
             _LOG.exception("a batch of %d events failed; aggregating them one by one", len(events))
-            for event in events:
+            for index, event in enumerate(events):
                 try:
-                    self._aggregate([event])
+                    self._aggregate([event], None if positions is None else [positions[index]])
                 except StoreError:
                     raise
                 except Exception:
                     # Dedupe keeps the ones the batch already took from counting twice.
                     _LOG.exception("%s %s not aggregated, skipped", event.event_type, event.id)
 
-    def _aggregate(self, events: list[MayflyEvent]) -> list[Outcome]:
-        results: Results = [e for e in events if isinstance(e, TaskCompleted | TaskRejected)]
+    def _aggregate(
+        self, events: list[MayflyEvent], positions: list[Position] | None = None
+    ) -> list[Outcome]:
+        results: Results = []
+        where: list[Position] = []
+        for index, event in enumerate(events):
+            if isinstance(event, TaskCompleted | TaskRejected):
+                results.append(event)
+                if positions is not None:
+                    where.append(positions[index])
         outcomes: list[Outcome] = []
         if results and self.aggregator is not None:
-            outcomes = self.aggregator.handle_many(results)
+            outcomes = self.aggregator.handle_many(
+                results, positions=where if positions is not None else None
+            )
         if events and self._on_events is not None:
             self._on_events(events)
         return outcomes

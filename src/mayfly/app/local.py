@@ -151,8 +151,9 @@ class Runtime:
         held: dict[int, int],
     ) -> None:
         """Aggregate one poll, then commit it (and what ``held`` holds) once its
-        results are archived and their spans exported: a kill before either
-        redelivers them, archived once and traced the same (``Aggregator``)."""
+        results are archived and their spans exported, and no further than a
+        part or shard still buffered: a kill before either redelivers them,
+        archived once and traced the same (``Aggregator``)."""
         wait_s = _RETRY_FIRST_S
         while not self._stop.is_set():
             try:
@@ -177,8 +178,11 @@ class Runtime:
         if not ingest.exported():
             _LOG.warning("spans not exported yet; %d results' offsets held", len(records))
             return
-        offsets = dict(held)
-        held.clear()
+        # Not past a part or shard still buffered: those partitions stay held.
+        offsets = ingest.committable(held)
+        for partition, offset in offsets.items():
+            if held[partition] == offset:
+                del held[partition]
         try:
             consumer.commit({self.settings.topics.results: offsets})
         except UnusableFileError:
