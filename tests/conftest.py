@@ -192,3 +192,21 @@ def knative_crds() -> Path:
 def kustomize_bin() -> Path:
     """A ``kustomize`` v5 binary (MAYFLY_TEST_KUSTOMIZE), built with the `kube` service."""
     return _kube_path(KUSTOMIZE_ENV, "kustomize binary")
+
+
+def processes_of(mayfly_home: Path) -> list[int]:
+    """Live processes (not zombies, not this one) whose environment has this
+    MAYFLY_HOME: what a runtime started there left running."""
+    marker = f"MAYFLY_HOME={mayfly_home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker in environ.split(b"\0") and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found

@@ -33,6 +33,8 @@ from mayfly.settings import Settings
 from mayfly.testing import publish_folders
 from mayfly.topics import Topics
 
+from ..conftest import processes_of
+
 TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
 #: How long `mayfly up` may take to refuse a file or stop after an error.
 STOP_S = 20.0
@@ -63,26 +65,9 @@ def _mayfly(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def _alive_with(home: Path) -> list[int]:
-    """Live processes whose environment has this MAYFLY_HOME: the runtime's own."""
-    marker = f"MAYFLY_HOME={home}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in environ.split(b"\0") and state not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
-
-
 def _gone(home: Path, within_s: float = 5.0) -> list[int]:
     deadline = time.monotonic() + within_s
-    while (left := _alive_with(home)) and time.monotonic() < deadline:
+    while (left := processes_of(home)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from mayfly.devices.sim import Simulator, SimulatorServer
+from mayfly.eventlog import EventLog
 from mayfly.eventlog.sqlite import SqliteEventLog
-from mayfly.events import TaskCompleted, TaskRejected, from_kafka
+from mayfly.events import TaskCompleted, TaskRejected, from_kafka, new_request, to_kafka_record
 from mayfly.settings import Settings
 from mayfly.testing import publish_folders
 from mayfly.topics import Topics
@@ -113,3 +114,25 @@ def fleet(home: Home) -> Iterator[Callable[..., SimulatorServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+def config_pushes(log: EventLog, topics: Topics, devices: list[str], count: int) -> list[str]:
+    """Publish ``count`` config pushes, round-robin over ``devices``; each device's
+    ``telemetry_interval_s`` rises with every request it gets (for order checks).
+    Returns their ids, in publish order."""
+    ids = []
+    batch: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
+    for n in range(count):
+        device = devices[n % len(devices)]
+        request = new_request(
+            "config-push",
+            devices=[device],
+            params={"config": {"telemetry_interval_s": 5 + n // len(devices)}},
+        )
+        ids.append(request.id)
+        batch.append((topics.lane(request.priority), *to_kafka_record(request)))
+        if len(batch) == 200:
+            log.append_many(batch)
+            batch = []
+    log.append_many(batch)
+    return ids

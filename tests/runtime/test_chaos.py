@@ -39,10 +39,10 @@ import pytest
 
 from mayfly.app.wiring import open_event_log
 from mayfly.devices.sim import SimulatorServer
-from mayfly.events import new_request, to_kafka_record
 from mayfly.topics import Topics
 
-from .conftest import Home
+from ..conftest import processes_of
+from .conftest import Home, config_pushes
 
 FleetFactory = Callable[..., SimulatorServer]
 
@@ -89,22 +89,6 @@ def _roles(main: int) -> dict[str, list[int]]:
             else:
                 roles["coordinator"].append(child)
     return roles
-
-
-def _processes_of(home: Path) -> list[int]:
-    marker = f"MAYFLY_HOME={home}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        stat = _stat(int(entry.name))
-        if marker in environ.split(b"\0") and stat is not None and stat[0] not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
 
 
 def _archived(home: Path) -> list[dict[str, object]]:
@@ -190,22 +174,8 @@ class Chaos:
 
 
 def _publish(env: dict[str, str], home: Home, topics: Topics, devices: list[str]) -> list[str]:
-    ids, batch = [], []
     with open_event_log(home.settings(**env)) as log:
-        for n in range(REQUESTS):
-            device = devices[n % len(devices)]
-            request = new_request(
-                "config-push",
-                devices=[device],
-                params={"config": {"telemetry_interval_s": 5 + n // len(devices)}},
-            )
-            ids.append(request.id)
-            batch.append((topics.lane(request.priority), *to_kafka_record(request)))
-            if len(batch) == 200:
-                log.append_many(batch)
-                batch = []
-        log.append_many(batch)
-    return ids
+        return config_pushes(log, topics, devices, REQUESTS)
 
 
 @pytest.mark.parametrize("log", ["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)])
@@ -242,7 +212,7 @@ def test_kill_9_of_any_part_loses_nothing_and_doubles_nothing(
     chaos.up.terminate()
     chaos.up.wait(timeout=60)
     time.sleep(2.5)
-    leftover = _processes_of(home.root)
+    leftover = processes_of(home.root)
 
     records = _archived(home.root)
     per_request = Counter(str(r["data"]["request_id"]) for r in records)  # type: ignore[index]

@@ -17,6 +17,7 @@ from mayfly.devices.sim import SimulatorServer
 from mayfly.eventlog.publisher import publish_request
 from mayfly.events import TaskCompleted, new_request
 
+from ..conftest import processes_of
 from .conftest import Home
 
 FleetFactory = Callable[..., SimulatorServer]
@@ -41,22 +42,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")  # a zombie has exited; only its parent's reaping is left
-
-
-def _processes_of(mayfly_home: Path) -> list[int]:
-    """Live processes started with this MAYFLY_HOME in their environment."""
-    marker = f"MAYFLY_HOME={mayfly_home}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0") and _alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
 
 
 def _descendants(pid: int) -> list[int]:
@@ -104,7 +89,7 @@ def test_sigkill_mid_run_loses_nothing_and_applies_nothing_twice(
     # Nothing of either run is left: no coordinator or task process escaped,
     # whenever the kill landed.
     time.sleep(2.5)
-    assert _processes_of(home.root) == []
+    assert processes_of(home.root) == []
     assert set(results) == ids, f"lost: {ids - set(results)}"
     assert all(isinstance(r, TaskCompleted) and r.status == "succeeded" for r in results.values())
     assert sim.duplicates() == []

@@ -21,10 +21,10 @@ import pytest
 
 from mayfly.devices.sim import SimulatorServer
 from mayfly.eventlog.kafka import KafkaEventLog
-from mayfly.events import TaskCompleted, TaskRejected, from_kafka, new_request, to_kafka_record
+from mayfly.events import TaskCompleted, TaskRejected, from_kafka
 from mayfly.topics import Topics
 
-from .conftest import Home
+from .conftest import Home, config_pushes
 
 FleetFactory = Callable[..., SimulatorServer]
 
@@ -33,25 +33,8 @@ DEVICES = 100
 
 
 def _publish(bootstrap: str, topics: Topics, devices: list[str]) -> list[str]:
-    """REQUESTS config pushes, round-robin over the devices; each device's
-    ``telemetry_interval_s`` rises with every request it gets (the order check)."""
-    ids = []
-    batch = []
     with KafkaEventLog(bootstrap) as log:
-        for n in range(REQUESTS):
-            device = devices[n % len(devices)]
-            request = new_request(
-                "config-push",
-                devices=[device],
-                params={"config": {"telemetry_interval_s": 5 + n // len(devices)}},
-            )
-            ids.append(request.id)
-            batch.append((topics.lane(request.priority), *to_kafka_record(request)))
-            if len(batch) == 100:
-                log.append_many(batch)
-                batch = []
-        log.append_many(batch)
-    return ids
+        return config_pushes(log, topics, devices, REQUESTS)
 
 
 def _results(bootstrap: str, topics: Topics, want: int, timeout_s: float) -> Counter[str]:
