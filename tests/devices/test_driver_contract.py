@@ -1,6 +1,8 @@
 """The DeviceDriver contract, run against every implementation of the port.
 
 - ``http``: :class:`HttpDriver` against a real :class:`SimulatorServer` on 127.0.0.1;
+- ``http-loop``: the same driver's calls made by its non-blocking engine
+  (:class:`HttpCallLoop`, what the coordinator uses), waited for here;
 - ``embedded``: :class:`SimulatorDriver`, the same fleet called in-process.
 
 Both drivers are built the way the coordinator builds them, from a zero-argument
@@ -26,6 +28,7 @@ from mayfly.devices import Device, DeviceDriver, Inventory
 from mayfly.devices.http import HttpDriver
 from mayfly.devices.sim import Simulator, SimulatorDriver, SimulatorServer
 from mayfly.errors import DeviceActionError, DeviceUnavailableError
+from tests.devices.loopdriven import LoopDriven
 
 INITIAL_CONFIG = {"ntp_server": "pool.ntp.org", "log_level": "info", "telemetry_interval_s": 60}
 # Not a URL anything listens on: the embedded driver never looks at addresses.
@@ -87,7 +90,7 @@ class Rig:
 MakeRig = Callable[..., Rig]
 
 
-@pytest.fixture(params=["http", "embedded"])
+@pytest.fixture(params=["http", "http-loop", "embedded"])
 def make_rig(request: pytest.FixtureRequest) -> Iterator[MakeRig]:
     """Builds a fleet (``Simulator`` options) and a driver over it (``driver`` options)."""
     kind: str = request.param
@@ -100,11 +103,13 @@ def make_rig(request: pytest.FixtureRequest) -> Iterator[MakeRig]:
         sim = Simulator(count, clock=clock, **sim_options)
         options = {"sleep": sleep, **(driver or {})}
         factory: Callable[[], DeviceDriver]
-        if kind == "http":
+        if kind in ("http", "http-loop"):
             server = SimulatorServer(sim).start()
             servers.append(server)
             base = server.url
             factory = functools.partial(HttpDriver, **options)
+            if kind == "http-loop":
+                factory = functools.partial(_loop_driven, factory)
         else:
             base = EMBEDDED_BASE
             factory = SimulatorDriver.factory(sim, **options)
@@ -116,6 +121,10 @@ def make_rig(request: pytest.FixtureRequest) -> Iterator[MakeRig]:
         made.close()
     for server in servers:
         server.stop()
+
+
+def _loop_driven(factory: Callable[[], HttpDriver]) -> DeviceDriver:
+    return LoopDriven(factory())
 
 
 @pytest.fixture

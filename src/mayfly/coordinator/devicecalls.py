@@ -7,9 +7,14 @@ request's driver, and sends the answer back. So a package reaches exactly
 the device it was given, whatever addresses or ports the fleet shares, and
 the sandbox can refuse it every socket.
 
-The coordinator's loop stays single-threaded and never waits on a device: a
-call runs on a thread pool, and its finished answer, encoded, is queued and
-announced on a pipe the loop watches with the channels.
+The coordinator's loop stays single-threaded and never waits on a device. A
+call to an HTTP device at an IP address runs on non-blocking sockets
+(the driver's :class:`~mayfly.devices.driver.CallLoop`: ``HttpDriver``'s
+:mod:`~mayfly.devices.httploop`),
+whose epoll the loop watches with the channels; any other call (another
+driver, ``https``, a host name) runs on a thread pool, and its finished answer,
+encoded, is queued and announced on a pipe the loop watches too. Both reach
+the loop through one descriptor, :attr:`DeviceCalls.fd`.
 
 The pool and the driver (its connection pools) are kept for the process's
 later requests (:func:`_shared`): a coordinator serving queued requests would
@@ -24,6 +29,7 @@ import contextlib
 import json
 import os
 import queue
+import select
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from typing import Any
 
 from mayfly.coordinator.frames import MAX_FRAME_BYTES, encode
 from mayfly.devices import Device, DeviceDriver, idempotency_key
+from mayfly.devices.driver import CallLoop, CallOutcome, LoopedDriver
 from mayfly.errors import DeviceActionError, DeviceUnavailableError
 
 __all__ = ["DeviceCalls"]
@@ -87,6 +94,11 @@ class DeviceCalls:
         self._futures: set[Future[None]] = set()
         self._done: queue.SimpleQueue[tuple[object, bytes]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._loop: CallLoop | None = None
+        self._loop_answers: list[tuple[object, bytes]] = []
+        # One descriptor for the coordinator's loop: the pipe, and the engine's epoll.
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_r, select.EPOLLIN)
         # Held while answering and while closing: an answer after close() must
         # not reach a pipe whose descriptor number another file may have now.
         self._lock = threading.Lock()
@@ -94,8 +106,13 @@ class DeviceCalls:
 
     @property
     def fd(self) -> int:
-        """Readable whenever a call has finished."""
-        return self._wake_r
+        """Readable when a call may have news: then :meth:`completed`."""
+        return self._epoll.fileno()
+
+    def next_wake(self) -> float:
+        """When to look at :meth:`completed` even if :attr:`fd` stays quiet (a
+        timeout or a retry's wait falls due; a ``time.monotonic()`` value)."""
+        return self._loop.next_wake() if self._loop is not None else float("inf")
 
     def submit(
         self,
@@ -117,7 +134,13 @@ class DeviceCalls:
             ordinal = ordinals.get(name, 0)
             ordinals[name] = ordinal + 1
             key = idempotency_key(self._request_id, device.id, name, ordinal, source=self._source)
-        future = self._pool_ready().submit(self._run, token, device, frame, key, deadline)
+        pool = self._pool_ready()
+        if self._loop is not None and self._loop.serves(device):
+            op = frame["op"]
+            name, payload = (frame["name"], frame["payload"]) if op == "action" else (None, None)
+            self._loop.start(token, device, op, name, payload, key, deadline, self._on_answer)
+            return
+        future = pool.submit(self._run, token, device, frame, key, deadline)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
 
@@ -126,13 +149,23 @@ class DeviceCalls:
         starts (milliseconds the coordinator would spend waiting for its
         ``ready``), rather than on the request's first call. Starting a thread
         is about 1.5 ms here, waiting for it to run; a later request of the same
-        process finds both there."""
-        self._pool_ready().submit(lambda: None)
+        process finds both there. A driver with a non-blocking engine needs no
+        thread for the calls it serves."""
+        pool = self._pool_ready()
+        if self._loop is None:
+            pool.submit(lambda: None)
 
     def _pool_ready(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool, self._driver = _shared(self._driver_factory)
+            if isinstance(self._driver, LoopedDriver):
+                self._loop = self._driver.call_loop()
+                if self._loop is not None:
+                    self._epoll.register(self._loop.fd, select.EPOLLIN)
         return self._pool
+
+    def _on_answer(self, token: object, outcome: CallOutcome) -> None:
+        self._loop_answers.append((token, _encoded(outcome)))
 
     def _call(
         self, device: Device, frame: dict[str, Any], key: str | None, deadline: float
@@ -145,25 +178,12 @@ class DeviceCalls:
     def _run(
         self, token: object, device: Device, frame: dict[str, Any], key: str | None, deadline: float
     ) -> None:
-        answer: dict[str, Any]
+        outcome: CallOutcome | Exception
         try:
-            answer = {"t": "answer", "ok": True, "value": self._call(device, frame, key, deadline)}
-        except DeviceUnavailableError as exc:
-            answer = _refusal("unavailable", exc.reason)
-        except DeviceActionError as exc:
-            answer = _refusal("refused", exc.reason)
-        except Exception as exc:  # a driver bug: that call fails, never the coordinator
-            answer = _refusal("unavailable", f"driver error: {type(exc).__name__}: {exc}")
-        try:
-            data = encode(answer)
-        except Exception as exc:  # too big, or not JSON: the package is told so
-            size = len(json.dumps(answer, default=str)) if isinstance(exc, ValueError) else 0
-            why = (
-                f"the device's answer of {size} bytes exceeds {MAX_FRAME_BYTES}"
-                if size
-                else f"the device's answer cannot be passed on: {str(exc)[:200]}"
-            )
-            data = encode(_refusal("refused", why))
+            outcome = self._call(device, frame, key, deadline)
+        except Exception as exc:  # told to the package as a refusal, never raised here
+            outcome = exc
+        data = _encoded(outcome)
         with self._lock:
             if self._closed:
                 return  # its request ended meanwhile: nobody waits for this answer
@@ -176,7 +196,9 @@ class DeviceCalls:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
-        found = []
+        if self._loop is not None:
+            self._loop.pump()  # tells _on_answer
+        found, self._loop_answers = self._loop_answers, []
         while True:
             try:
                 found.append(self._done.get_nowait())
@@ -189,11 +211,38 @@ class DeviceCalls:
         process's next request."""
         for future in list(self._futures):
             future.cancel()
+        if self._loop is not None:
+            self._loop.cancel(self._on_answer)
+            self._loop_answers.clear()
         with self._lock:
             self._closed = True
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            self._epoll.close()
+
+
+def _encoded(outcome: CallOutcome | Exception) -> bytes:
+    """The ``answer`` frame for a call's outcome: its value, or a refusal."""
+    answer: dict[str, Any]
+    if isinstance(outcome, DeviceUnavailableError):
+        answer = _refusal("unavailable", outcome.reason)
+    elif isinstance(outcome, DeviceActionError):
+        answer = _refusal("refused", outcome.reason)
+    elif isinstance(outcome, Exception):  # a driver bug: that call fails, never the coordinator
+        answer = _refusal("unavailable", f"driver error: {type(outcome).__name__}: {outcome}")
+    else:
+        answer = {"t": "answer", "ok": True, "value": outcome}
+    try:
+        return encode(answer)
+    except Exception as exc:  # too big, or not JSON: the package is told so
+        size = len(json.dumps(answer, default=str)) if isinstance(exc, ValueError) else 0
+        why = (
+            f"the device's answer of {size} bytes exceeds {MAX_FRAME_BYTES}"
+            if size
+            else f"the device's answer cannot be passed on: {str(exc)[:200]}"
+        )
+        return encode(_refusal("refused", why))
 
 
 def _refusal(kind: str, reason: str) -> dict[str, Any]:

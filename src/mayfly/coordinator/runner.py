@@ -13,8 +13,9 @@ channels and process sentinels at once. That keeps these promises:
   it could have started ends with it (it has its own session, killed whole);
 - a task process reaches only the device of its current attempt: its device
   calls arrive as frames and the coordinator makes them
-  (:mod:`mayfly.coordinator.devicecalls`, whose threads never touch the loop's
-  state: finished calls come back through a pipe the loop watches);
+  (:mod:`mayfly.coordinator.devicecalls`: on non-blocking sockets this loop
+  watches, or on threads that never touch the loop's state, whose finished
+  calls come back through a pipe the loop watches too);
 - failed attempts are retried up to the manifest's limit with backoff, and
   the request's own deadline and failure budget stop the rest cleanly.
 """
@@ -235,7 +236,7 @@ class ForkStarter:
         return _ForkedTask(_start(channel_fd, spec))
 
 
-@dataclass
+@dataclass(eq=False)  # found by identity: the loop looks workers up all the time
 class _Worker:
     process: TaskHandle
     channel: Channel
@@ -560,8 +561,11 @@ class _Run:
         if self.queue and any(w.ready and w.job is None for w in self.workers):
             wake.append(self.queue[0][0])
         wake.append(self.plan.deadline)
+        # A device call's timeout or retry wait falling due, on the engine's clock.
+        wake.append(self.calls.next_wake())
         timeout = max(0.0, min(min(wake) - now, 0.5))
         handles: dict[Any, tuple[_Worker | None, bool]] = {self.calls.fd: (None, False)}
+        answered = False
         for worker in self.workers:
             if worker.channel.pending():
                 timeout = 0.0  # frames left from a capped read
@@ -571,6 +575,7 @@ class _Run:
             owner, is_conn = handles[ready]
             if owner is None:
                 self._answer_calls()
+                answered = True
             elif owner not in self.workers:
                 continue
             elif is_conn:
@@ -584,6 +589,8 @@ class _Run:
         # Frames a capped read left behind, from channels not readable again.
         for worker in [w for w in self.workers if w.channel.pending()]:
             self._read(worker)
+        if not answered and self.calls.next_wake() <= time.monotonic():
+            self._answer_calls()
 
     def _answer_calls(self) -> None:
         by_call = {w.call: w for w in self.workers if w.call is not None}

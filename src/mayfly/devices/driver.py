@@ -1,13 +1,21 @@
-"""The device driver port and the idempotency keys every action carries."""
+"""The device driver port, its optional non-blocking engine, and the
+idempotency keys every action carries."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from mayfly.devices.inventory import Device
+from mayfly.errors import DeviceActionError, DeviceUnavailableError
 
-__all__ = ["DeviceDriver", "idempotency_key"]
+__all__ = ["CallDone", "CallLoop", "CallOutcome", "DeviceDriver", "LoopedDriver", "idempotency_key"]
+
+#: A call's end: the device's JSON object, or the error the driver would raise.
+CallOutcome = dict[str, Any] | DeviceActionError | DeviceUnavailableError
+#: Told each call's outcome, with the caller's token, from :meth:`CallLoop.pump`.
+CallDone = Callable[[object, CallOutcome], None]
 
 
 def idempotency_key(
@@ -62,4 +70,55 @@ class DeviceDriver(Protocol):
 
     def close(self) -> None:
         """Release pooled connections."""
+        ...
+
+
+class CallLoop(Protocol):
+    """A driver's device calls made without a thread each, for a caller that
+    runs its own loop (the coordinator): it waits for :attr:`fd` or until
+    :meth:`next_wake`, then :meth:`pump`. Single-threaded."""
+
+    @property
+    def fd(self) -> int:
+        """Readable when there is news: :meth:`pump` then."""
+        ...
+
+    def serves(self, device: Device) -> bool:
+        """Whether this loop can make ``device``'s calls (else: the driver's own methods)."""
+        ...
+
+    def next_wake(self) -> float:
+        """When to :meth:`pump` even if :attr:`fd` stays quiet (``time.monotonic()``)."""
+        ...
+
+    def start(
+        self,
+        token: object,
+        device: Device,
+        op: str,
+        name: str | None,
+        payload: dict[str, Any] | None,
+        idempotency_key: str | None,
+        deadline: float | None,
+        done: CallDone,
+    ) -> None:
+        """Begin ``op`` (``state`` or ``action``), as :class:`DeviceDriver`'s methods
+        would; ``done(token, outcome)`` is called from a later :meth:`pump`."""
+        ...
+
+    def pump(self) -> None:
+        """Move every call along and tell those that ended."""
+        ...
+
+    def cancel(self, done: CallDone) -> None:
+        """Drop every call told to ``done``, untold."""
+        ...
+
+
+@runtime_checkable
+class LoopedDriver(Protocol):
+    """A :class:`DeviceDriver` that can also make its calls on a :class:`CallLoop`."""
+
+    def call_loop(self) -> CallLoop | None:
+        """Its loop, or None when it has none to offer (e.g. another transport)."""
         ...

@@ -23,10 +23,11 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import requests
@@ -36,7 +37,10 @@ from requests.adapters import HTTPAdapter
 from mayfly.devices.inventory import Device
 from mayfly.errors import DeviceActionError, DeviceUnavailableError
 
-__all__ = ["Answer", "HttpDriver", "RequestsTransport", "Transport"]
+if TYPE_CHECKING:
+    from mayfly.devices.httploop import HttpCallLoop
+
+__all__ = ["Answer", "HttpDriver", "RequestsTransport", "Retry", "Transport"]
 
 _log = logging.getLogger(__name__)
 
@@ -276,6 +280,27 @@ class HttpDriver:
         self._max_retry_after = max_retry_after
         self._sleep = sleep
         self._transport = _Urllib3Transport(pool_size) if transport is None else transport
+        self._pool_size = pool_size
+        self._loop: HttpCallLoop | None = None
+
+    @property
+    def uses_default_transport(self) -> bool:
+        """Whether exchanges go over urllib3's pool (no transport was given):
+        then :meth:`call_loop` can make them on non-blocking sockets instead."""
+        return isinstance(self._transport, _Urllib3Transport)
+
+    def call_loop(self) -> HttpCallLoop | None:
+        """This driver's non-blocking engine for a caller that runs its own loop
+        (the coordinator), made on first use; None when a transport was given
+        (the engine speaks only the default transport's HTTP). One caller loop
+        per driver: the engine is not thread-safe."""
+        if not self.uses_default_transport:
+            return None
+        if self._loop is None:
+            from mayfly.devices.httploop import HttpCallLoop
+
+            self._loop = HttpCallLoop(self)
+        return self._loop
 
     def state(self, device: Device, *, deadline: float | None = None) -> dict[str, Any]:
         """The device's current state (``GET {address}/state``); ``deadline`` as in :meth:`action`.
@@ -285,7 +310,7 @@ class HttpDriver:
                 the deadline passed.
             DeviceActionError: a 4xx, or an answer that is not a JSON object.
         """
-        return self._call(device, "GET", "/state", None, {}, deadline)
+        return self._call(device, *self.exchange(device, "state", None, None, None), deadline)
 
     def action(
         self,
@@ -313,7 +338,43 @@ class HttpDriver:
             DeviceActionError: the device refused (4xx), answered something
                 that is not a JSON object, or the payload is not JSON.
         """
-        path = f"/actions/{quote(name, safe='')}"
+        exchange = self.exchange(device, "action", name, payload, idempotency_key)
+        return self._call(device, *exchange, deadline)
+
+    def close(self) -> None:
+        """Close the pooled connections (the transport). Safe to call more than once."""
+        self._transport.close()
+        if self._loop is not None:
+            self._loop.close()
+
+    # -- the decisions, shared with the non-blocking engine (httploop) --------
+
+    @property
+    def pool_size(self) -> int:
+        """Keep-alive connections kept per host."""
+        return self._pool_size
+
+    @property
+    def attempts(self) -> int:
+        """Attempts per call: the first and its retries."""
+        return self._attempts
+
+    def exchange(
+        self,
+        device: Device,
+        op: str,
+        name: str | None,
+        payload: dict[str, Any] | None,
+        idempotency_key: str | None,
+    ) -> tuple[str, str, bytes | None, dict[str, str]]:
+        """What ``op`` (``state`` or ``action``) sends: method, path, body, headers.
+
+        Raises:
+            DeviceActionError: the payload is not JSON.
+        """
+        if op == "state":
+            return "GET", "/state", None, {}
+        path = f"/actions/{quote(name or '', safe='')}"
         try:
             # Encoded once, so every retry sends the very same bytes.
             body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
@@ -322,12 +383,75 @@ class HttpDriver:
         # Retrying a POST is safe only because every attempt carries the same
         # Idempotency-Key: a device that applied an earlier attempt whose answer
         # we lost replays that answer instead of acting twice.
-        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-        return self._call(device, "POST", path, body, headers, deadline)
+        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key or ""}
+        return "POST", path, body, headers
 
-    def close(self) -> None:
-        """Close the pooled connections (the transport). Safe to call more than once."""
-        self._transport.close()
+    def timeouts(self, device: Device, what: str, deadline: float | None) -> tuple[float, float]:
+        """(connect, read) seconds for the next attempt, shrunk to the deadline.
+
+        Raises:
+            DeviceUnavailableError: the deadline has passed.
+        """
+        connect, read = self._connect_timeout, self._read_timeout
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeviceUnavailableError(device.id, f"deadline passed before {what}")
+            connect, read = min(connect, remaining), min(read, remaining)
+        return connect, read
+
+    def judge(self, device: Device, what: str, response: Answer) -> dict[str, Any] | Retry:
+        """An answer's meaning: the JSON object of a success, or a retry.
+
+        Raises:
+            DeviceActionError: a refusal (4xx but 429) or a malformed success.
+        """
+        status = response.status_code
+        if 200 <= status < 300:
+            return _json_object(device, what, response)
+        if status != 429 and status < 500:
+            raise DeviceActionError(device.id, _refusal(what, response))
+        # "500 (device fault)": the device's own words say more than a number.
+        error = _device_error(response)
+        retry_after = None
+        if status in _RETRY_AFTER_STATUSES:
+            retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+        return Retry(f"{status} ({error})" if error else str(status), retry_after)
+
+    def wait_before(
+        self, device: Device, what: str, failed: Retry, attempt: int, deadline: float | None
+    ) -> float:
+        """Seconds to wait before the attempt after ``attempt``, which ``failed``.
+
+        Raises:
+            DeviceUnavailableError: that was the last attempt, or the wait
+                would pass the deadline.
+        """
+        if attempt >= self._attempts:
+            message = f"{what}: {failed.failure} after {self._attempts} attempts"
+            raise DeviceUnavailableError(device.id, message)
+        if failed.retry_after is not None:
+            delay = min(failed.retry_after, self._max_retry_after)
+        else:
+            delay = min(self._backoff * 2 ** (attempt - 1), self._max_backoff)
+            delay += random.uniform(0, delay / 10)  # noqa: S311 - jitter, not crypto
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            message = f"deadline passed: {what}: {failed.failure} after {attempt} attempt(s)"
+            raise DeviceUnavailableError(device.id, message)
+        _log.debug(
+            "device %s: %s: %s; retry %d of %d in %.2fs",
+            device.id, what, failed.failure, attempt, self._attempts - 1, delay,
+        )  # fmt: skip
+        return delay
+
+    def sleep(self, seconds: float) -> None:
+        """Wait between attempts: ``time.sleep`` unless the driver was given its own."""
+        self._sleep(seconds)
+
+    @property
+    def sleeps_for_real(self) -> bool:
+        """False when a ``sleep`` was injected (tests record the waits)."""
+        return self._sleep is time.sleep
 
     def _call(
         self,
@@ -339,56 +463,38 @@ class HttpDriver:
         deadline: float | None,
     ) -> dict[str, Any]:
         what = f"{method} {path}"
-        failure = ""
-        for attempt in range(1, self._attempts + 1):
-            connect, read = self._connect_timeout, self._read_timeout
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DeviceUnavailableError(device.id, f"deadline passed before {what}")
-                connect, read = min(connect, remaining), min(read, remaining)
-            retry_after: float | None = None
+        attempt = 1
+        while True:
+            connect, read = self.timeouts(device, what, deadline)
+            verdict: dict[str, Any] | Retry
             try:
                 response = self._transport.send(
                     device, method, path, body, headers, (connect, read)
                 )
             except requests.ConnectTimeout:
-                failure = "connect timeout"
+                verdict = Retry("connect timeout")
             except requests.Timeout:
-                failure = "read timeout"
+                verdict = Retry("read timeout")
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-                failure = f"connection error ({_root_cause(exc)})"
+                verdict = Retry(f"connection error ({_root_cause(exc)})")
             except requests.RequestException as exc:
                 # A malformed address or header: retrying cannot help.
                 raise DeviceUnavailableError(device.id, f"{what}: {exc}") from exc
             else:
-                status = response.status_code
-                if 200 <= status < 300:
-                    return _json_object(device, what, response)
-                if status != 429 and status < 500:
-                    raise DeviceActionError(device.id, _refusal(what, response))
-                # "500 (device fault)": the device's own words say more than a number.
-                error = _device_error(response)
-                failure = f"{status} ({error})" if error else str(status)
-                if status in _RETRY_AFTER_STATUSES:
-                    retry_after = _parse_retry_after(response.headers.get("Retry-After"))
-            if attempt == self._attempts:
-                break
-            if retry_after is not None:
-                delay = min(retry_after, self._max_retry_after)
-            else:
-                delay = min(self._backoff * 2 ** (attempt - 1), self._max_backoff)
-                delay += random.uniform(0, delay / 10)  # noqa: S311 - jitter, not crypto
-            if deadline is not None and time.monotonic() + delay >= deadline:
-                message = f"deadline passed: {what}: {failure} after {attempt} attempt(s)"
-                raise DeviceUnavailableError(device.id, message)
-            _log.debug(
-                "device %s: %s: %s; retry %d of %d in %.2fs",
-                device.id, what, failure, attempt, self._attempts - 1, delay,
-            )  # fmt: skip
-            self._sleep(delay)
-        message = f"{what}: {failure} after {self._attempts} attempts"
-        raise DeviceUnavailableError(device.id, message)
+                verdict = self.judge(device, what, response)
+            if not isinstance(verdict, Retry):
+                return verdict
+            self._sleep(self.wait_before(device, what, verdict, attempt, deadline))
+            attempt += 1
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A failed attempt that may be retried: what went wrong, and the device's
+    ``Retry-After`` in seconds if it gave one."""
+
+    failure: str
+    retry_after: float | None = None
 
 
 def _json_object(device: Device, what: str, response: Answer) -> dict[str, Any]:
