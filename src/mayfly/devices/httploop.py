@@ -29,6 +29,7 @@ import errno
 import heapq
 import itertools
 import os
+import re
 import select
 import socket
 import time
@@ -58,6 +59,8 @@ MAX_HEAD_BYTES = 64 * 1024
 _READ_BYTES = 65536
 # RFC 3986 path characters, '%' kept: an address's own escapes stay as they are.
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9/._~-]*")
+_UNSENDABLE = re.compile(r"[^\x20-\x7e\x80-\xff]")
 _FIXED_HEADERS = (
     "Accept: application/json\r\nUser-Agent: mayfly-http-driver\r\nAccept-Encoding: identity\r\n"
 )
@@ -73,23 +76,37 @@ class _Target:
     """The address's path, quoted, without its trailing slash."""
 
 
-@lru_cache(maxsize=16384)
 def _target(address: str) -> _Target | None:
     """Where ``address`` is reached, when this engine can reach it."""
+    # Fan-out calls each device once: the host part (few) is parsed once,
+    # the path part (one per device) only as much as it needs.
+    scheme, sep, rest = address.partition("://")
+    if scheme != "http" or not sep:
+        return None
+    netloc, slash, path = rest.partition("/")
+    endpoint = _endpoint(netloc)
+    if endpoint is None or "?" in path or "#" in path:
+        return None
+    path = (slash + path).rstrip("/")
+    if not _PLAIN_PATH.fullmatch(path):
+        # urlsplit's clean-up (line breaks and tabs dropped), then quoted.
+        path = quote(urlsplit(f"http://h{path}").path, safe=_PATH_SAFE)
+    return _Target(endpoint, netloc, path)
+
+
+@lru_cache(maxsize=1024)
+def _endpoint(netloc: str) -> tuple[str, int, int] | None:
+    """(IP, port, family) of an address's ``host[:port]``, when the host is an IP address."""
     try:
-        parts = urlsplit(address)
+        parts = urlsplit(f"http://{netloc}")
         port = parts.port or 80
         host = parts.hostname or ""
         ip = ip_address(host)
     except ValueError:
         return None
-    if parts.scheme != "http" or "@" in parts.netloc or parts.query or parts.fragment:
+    if "@" in netloc or "%" in host:  # credentials, an IPv6 scope: the threaded path
         return None
-    if "%" in host:  # an IPv6 scope: the threaded path resolves it
-        return None
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    prefix = quote(parts.path.rstrip("/"), safe=_PATH_SAFE)
-    return _Target((host, port, family), parts.netloc, prefix)
+    return host, port, socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
 class _Answer:
@@ -551,7 +568,7 @@ class HttpCallLoop:
 
 def _sendable(value: str) -> bool:
     """A header value that cannot split the request or leave latin-1."""
-    return value.isprintable() and all(ord(c) < 256 for c in value)
+    return _UNSENDABLE.search(value) is None
 
 
 def _os_error(code: int | None, exc: OSError | None = None) -> str:
