@@ -265,6 +265,19 @@ def test_a_path_with_unsafe_characters_is_sent_quoted(scripted) -> None:
 # -- through DeviceCalls, as the coordinator makes them ------------------------
 
 
+@pytest.fixture
+def owned() -> Iterator[Callable[[], HttpDriver]]:
+    """A driver factory whose driver the test closes: its kept-alive connections
+    must not outlive the test (DeviceCalls keeps a process's drivers)."""
+    driver = HttpDriver()
+    yield lambda: driver
+    driver.close()
+
+
+def _pool_threads() -> set[int | None]:
+    return {t.ident for t in threading.enumerate() if t.name.startswith("mayfly-device")}
+
+
 def _answers(calls: DeviceCalls, count: int) -> list[tuple[object, bytes]]:
     import select
 
@@ -277,9 +290,10 @@ def _answers(calls: DeviceCalls, count: int) -> list[tuple[object, bytes]]:
     return found
 
 
-def test_the_coordinators_calls_to_ip_addresses_start_no_thread(scripted) -> None:
+def test_the_coordinators_calls_to_ip_addresses_start_no_thread(scripted, owned) -> None:
     fleet = scripted(lambda _r, _n: (OK, False))
-    calls = DeviceCalls(HttpDriver, "req-1")
+    calls = DeviceCalls(owned, "req-1")
+    before = _pool_threads()
     try:
         calls.warm()
         for token in range(40):  # 40 devices at once, as 40 task processes would ask
@@ -287,17 +301,17 @@ def test_the_coordinators_calls_to_ip_addresses_start_no_thread(scripted) -> Non
             calls.submit(token, fleet.device(f"dev-{token}"), frame, {}, time.monotonic() + 5)
         found = _answers(calls, 40)
         # The pool's threads, had any call gone there (the device's own are "Thread-N").
-        threads = [t for t in threading.enumerate() if t.name.startswith("mayfly-device")]
+        threads = _pool_threads() - before
     finally:
         calls.close()
     assert sorted(t for t, _ in found) == list(range(40))  # type: ignore[type-var]
     assert all(b'"ok":true' in data for _, data in found)
-    assert threads == []
+    assert threads == set()
 
 
-def test_a_host_name_is_called_on_a_thread_and_answers_the_same(scripted) -> None:
+def test_a_host_name_is_called_on_a_thread_and_answers_the_same(scripted, owned) -> None:
     fleet = scripted(lambda _r, _n: (OK, False))
-    calls = DeviceCalls(HttpDriver, "req-1")
+    calls = DeviceCalls(owned, "req-1")
     device = Device(id="d", address=f"http://localhost:{fleet.port}/devices/d")
     try:
         calls.submit("t", device, {"t": "call", "op": "state"}, {}, time.monotonic() + 5)
@@ -308,7 +322,7 @@ def test_a_host_name_is_called_on_a_thread_and_answers_the_same(scripted) -> Non
     assert b'"value":{"up":true}' in found[0][1]
 
 
-def test_a_call_dropped_in_flight_never_answers_a_later_request(scripted) -> None:
+def test_a_call_dropped_in_flight_never_answers_a_later_request(scripted, owned) -> None:
     def numbered(_request: bytes, n: int) -> tuple[bytes, bool]:
         if n == 1:
             time.sleep(0.5)  # still on its way when its request ends
@@ -316,7 +330,7 @@ def test_a_call_dropped_in_flight_never_answers_a_later_request(scripted) -> Non
         return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), False
 
     fleet = scripted(numbered)
-    first = DeviceCalls(HttpDriver, "req-1")
+    first = DeviceCalls(owned, "req-1")
     first.submit("t1", fleet.device(), {"t": "call", "op": "state"}, {}, time.monotonic() + 5)
     deadline = time.monotonic() + 5
     while not fleet.requests and time.monotonic() < deadline:
@@ -324,7 +338,7 @@ def test_a_call_dropped_in_flight_never_answers_a_later_request(scripted) -> Non
         time.sleep(0.01)
     first.close()
     time.sleep(0.7)  # the first answer has arrived on that connection by now
-    later = DeviceCalls(HttpDriver, "req-2")  # the same process's driver and engine
+    later = DeviceCalls(owned, "req-2")  # the same process's driver and engine
     try:
         later.submit("t2", fleet.device(), {"t": "call", "op": "state"}, {}, time.monotonic() + 5)
         found = _answers(later, 1)
