@@ -57,6 +57,7 @@ __all__ = [
     "PackageError",
     "PackageNotFoundError",
     "ParamsError",
+    "PreflightError",
     "RuntimeStartError",
     "SigningKeyError",
     "SinkError",
@@ -73,6 +74,21 @@ class MayflyError(Exception):
 
 class ConfigError(MayflyError):
     """Raised when settings or environment variables are missing or invalid."""
+
+
+class PreflightError(MayflyError):
+    """Raised by ``mayfly publish`` for a request its coordinator would reject:
+    nothing was published.
+
+    Attributes:
+        kind: the class name of the error the check met (``PackageNotFoundError``...).
+        cause: that error.
+    """
+
+    def __init__(self, message: str, cause: MayflyError) -> None:
+        self.kind = type(cause).__name__
+        self.cause = cause
+        super().__init__(message)
 
 
 class UnusableFileError(ConfigError):

@@ -7,10 +7,12 @@ runtime and every benchmark (through :mod:`mayfly.testing`); this is that, once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from mayfly.app.wiring import open_repository
+from mayfly.app.wiring import build_coordinator, open_repository
+from mayfly.errors import ConfigError, MayflyError, PreflightError
+from mayfly.events import TaskRequest
 from mayfly.packages import (
     PackageRepository,
     PublishResult,
@@ -21,7 +23,7 @@ from mayfly.packages import (
 )
 from mayfly.settings import Settings
 
-__all__ = ["ensure_signing_key", "publish_folder", "publish_folders"]
+__all__ = ["ensure_signing_key", "preflight", "publish_folder", "publish_folders"]
 
 
 def ensure_signing_key(settings: Settings) -> Path:
@@ -62,3 +64,30 @@ def publish_folders(
     ensure_signing_key(settings)
     repo = open_repository(settings)
     return [publish_folder(settings, f, channel=channel, repository=repo) for f in folders]
+
+
+def preflight(settings: Settings, requests: Sequence[TaskRequest]) -> None:
+    """Check every request as its coordinator will, before any is published:
+    the package (resolved, fetched, verified), the params against its schema,
+    the targets in the inventory (the store and inventory of ``settings``).
+
+    For fast feedback only: the runtime checks each request again when it
+    runs it, and its rejection is the final word.
+
+    Raises:
+        PreflightError: naming the first request that fails and why.
+        ConfigError: a setting the check cannot work with (one line, exit 2).
+    """
+    coordinator = build_coordinator(settings, "local")
+    for number, request in enumerate(requests, 1):
+        try:
+            coordinator.preflight(request)
+        except ConfigError:
+            raise
+        except MayflyError as exc:
+            which = f"request {number} of {len(requests)}" if len(requests) > 1 else "request"
+            message = (
+                f"{which} ({request.task}): {exc}; nothing was published "
+                "(--no-validate publishes without this check)"
+            )
+            raise PreflightError(message, exc) from exc

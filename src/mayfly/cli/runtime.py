@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from mayfly.app.wiring import open_event_log
+from mayfly.app.wiring import check_event_log, open_event_log
 from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
 from mayfly.coordinator import summarize
 from mayfly.errors import EventError, MayflyError
@@ -143,7 +143,14 @@ def _from_file(path: Path) -> list[dict[str, Any]]:
     '({"max_parallel": N, "max_failure_ratio": R}) and deadline (ISO 8601 with a '
     "time zone); any other key is refused.",
 )
-@settings_options("home", "event_log", "topic_prefix", "otlp_endpoint")
+@click.option(
+    "--no-validate",
+    "no_validate",
+    is_flag=True,
+    help="Publish without checking each request against the store and the inventory "
+    "first (for a publisher that cannot see them; the runtime still rejects what fails).",
+)
+@settings_options(*PACKAGE_SETTINGS, "inventory", "event_log", "topic_prefix", "otlp_endpoint")
 def publish(
     task: str | None,
     devices: tuple[str, ...],
@@ -155,9 +162,16 @@ def publish(
     priority: str,
     count: int,
     file: Path | None,
+    no_validate: bool,
     settings: Settings,
 ) -> None:
     """Publish task requests for TASK (or from --file) to the event log.
+
+    Each request is first checked as its coordinator will check it, against
+    the same store and inventory: the task and its version or channel, the
+    params against the package's schema, the devices and the selector. A
+    request that fails is named with the reason, and nothing is published
+    (exit 1); --no-validate skips the check.
 
     With an OTLP endpoint, each request's trace starts with a publish span
     there and its trace id is printed.
@@ -213,13 +227,22 @@ def publish(
             )
         except EventError as exc:
             raise click.BadParameter(str(exc)) from exc
-    telemetry = None
-    if settings.otlp_endpoint:
-        from mayfly.telemetry import configure_telemetry
-
-        telemetry = configure_telemetry("mayfly-publisher", otlp_endpoint=settings.otlp_endpoint)
+    # The log first: one that cannot be used is a setting's fault (exit 2),
+    # whatever the requests are.
+    check_event_log(settings)
     log = open_event_log(settings)
+    telemetry = None
     try:
+        if not no_validate:
+            from mayfly.app.publishing import preflight
+
+            preflight(settings, requests_)
+        if settings.otlp_endpoint:
+            from mayfly.telemetry import configure_telemetry
+
+            telemetry = configure_telemetry(
+                "mayfly-publisher", otlp_endpoint=settings.otlp_endpoint
+            )
         for request in requests_:
             tracer = telemetry.tracer("mayfly.publisher") if telemetry else None
             sent = publish_request(log, request, tracer, topics=settings.topics)

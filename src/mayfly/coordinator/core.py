@@ -189,9 +189,7 @@ class Coordinator:
         shard: bool,
     ) -> TaskCompleted | TaskRejected | Sharded:
         try:
-            fetched = self.repository.fetch(request.task, request.version or request.channel)
-            validate_params(fetched.manifest, dict(request.params))
-            devices = self._targets(request)
+            fetched, devices = self.preflight(request)
             size = self._shard_size(request) if shard else None
             if size is not None and len(devices) > size:
                 ids = [device.id for device in devices]
@@ -235,6 +233,21 @@ class Coordinator:
                 mode=self.options.mode,
             ),
         )
+
+    def preflight(self, request: TaskRequest) -> tuple[FetchedPackage, list[Device]]:
+        """The checks a request must pass before any device is touched, made
+        without running it: its package resolved, fetched and verified, its
+        params against the package's schema, its targets in the inventory.
+
+        ``mayfly publish`` makes them for fast feedback; the coordinator makes
+        them again when the request runs, and its rejection is the final word.
+
+        Raises:
+            MayflyError: what the coordinator would reject the request for.
+        """
+        fetched = self.repository.fetch(request.task, request.version or request.channel)
+        validate_params(fetched.manifest, dict(request.params))
+        return fetched, self._targets(request)
 
     def _shard_size(self, request: TaskRequest) -> int | None:
         if request.shard is not None:

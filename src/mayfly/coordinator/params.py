@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 from typing import Any
@@ -57,4 +58,20 @@ def validate_params(manifest: Manifest, params: dict[str, Any]) -> None:
     if error is None:
         return
     path = ".".join(["params", *(str(p) for p in error.absolute_path)])
-    raise ParamsError(path, error.message, package=manifest.name)
+    # A misspelt key is the usual cause of a "required" error: name it too.
+    raise ParamsError(path, error.message + _unknown_keys(manifest, params), package=manifest.name)
+
+
+def _unknown_keys(manifest: Manifest, params: dict[str, Any]) -> str:
+    """``; unknown param 'colour' (did you mean 'color'?)`` for top-level keys
+    the schema does not name ('' when it names them all, or names none)."""
+    known = manifest.params_schema.get("properties")
+    if not isinstance(known, dict) or not known:
+        return ""
+    words = []
+    for key in sorted(k for k in params if k not in known):
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        words.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    if not words:
+        return ""
+    return f"; unknown param{'s' if len(words) > 1 else ''} {', '.join(words)}"

@@ -13,6 +13,7 @@ written last, so a reader never resolves a half-published version.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -335,8 +336,12 @@ class PackageRepository:
         ref = ref or DEFAULT_CHANNEL
         if semver.Version.is_valid(ref):
             if self.store.get(f"{name}/{ref}/{SIGNATURE}") is None:
+                known = self.versions(name)
+                hint = f" (published versions: {', '.join(known)})" if known else ""
+                if not known:
+                    hint = self._did_you_mean(name)
                 raise PackageNotFoundError(
-                    f"version not published in {self.store.describe()}",
+                    f"version not published in {self.store.describe()}{hint}",
                     package=name,
                     version=ref,
                 )
@@ -347,7 +352,8 @@ class PackageRepository:
             known = self.versions(name)
             if not known:
                 raise PackageNotFoundError(
-                    f"package not published in {self.store.describe()}", package=name
+                    f"package not published in {self.store.describe()}{self._did_you_mean(name)}",
+                    package=name,
                 )
             raise PackageNotFoundError(
                 f"no channel {ref!r} in {self.store.describe()} "
@@ -355,6 +361,14 @@ class PackageRepository:
                 package=name,
             )
         return raw.decode().strip()
+
+    def _did_you_mean(self, name: str) -> str:
+        """`` (did you mean 'reboot'?)`` for a name close to a published one; ''
+        otherwise. Only on the way to an error: it lists the store."""
+        close = difflib.get_close_matches(name, self.packages(), n=3, cutoff=0.6)
+        if not close:
+            return ""
+        return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
 
     def fetch(self, name: str, ref: str | None = None) -> FetchedPackage:
         """Resolve, download and verify a version.

@@ -1,0 +1,107 @@
+"""``mayfly publish`` checks each request as its coordinator will, before any reaches the log.
+
+A home with the three shipped packages published and an inventory of three
+simulated devices (nothing needs to answer: no device is called). Each
+mistake an operator makes must end in a non-zero exit and a sentence naming
+it, with the log left without a single request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mayfly.cli import cli
+from mayfly.devices.sim import Simulator
+from mayfly.eventlog.sqlite import SqliteEventLog
+from mayfly.settings import Settings
+from mayfly.testing import publish_folders
+from mayfly.topics import Topics
+
+TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("publish-checks")
+    settings = Settings.from_env(dict(os.environ) | {"MAYFLY_HOME": str(home)})
+    publish_folders(settings, [TASKPKGS / p for p in ("reboot", "firmware-update", "config-push")])
+    (home / "inventory.json").write_bytes(Simulator(3).inventory("http://127.0.0.1:9").to_json())
+    return home
+
+
+def _publish(home: Path, tmp_path: Path, *args: str) -> tuple[int, str, Path]:
+    log = tmp_path / "events.db"
+    env = {
+        "MAYFLY_HOME": str(home),
+        "MAYFLY_INVENTORY": str(home / "inventory.json"),
+        "MAYFLY_EVENT_LOG": str(log),
+    }
+    result = CliRunner(env=env).invoke(cli, ["publish", *args])
+    return result.exit_code, result.output, log
+
+
+def _requests_in(log: Path) -> int:
+    if not log.exists():
+        return 0
+    with SqliteEventLog(log) as events:
+        return sum(len(events.consumer("check", lane).poll(100)) for lane in Topics().lanes())
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["rebot", "-d", "sim-0001"], ["rebot: package not published", "did you mean 'reboot'?"]),
+        (
+            ["reboot", "-d", "sim-0001", "--version", "9.9.9"],
+            ["reboot 9.9.9: version not published", "published versions: 1.0.0"],
+        ),
+        (["reboot", "-d", "sim-0009"], ["unknown device(s) (1): sim-0009"]),
+        (["reboot", "-s", "site=nowhere"], ["no device matches selector {'site': 'nowhere'}"]),
+        (
+            ["config-push", "-d", "sim-0001", "-p", 'config={"log_level": "loud"}'],
+            ["params.config.log_level: 'loud' is not one of"],
+        ),
+        (
+            ["firmware-update", "-d", "sim-0001", "-p", "verison=2.0.0"],
+            ["'version' is a required property", "unknown param 'verison' (did you mean"],
+        ),
+        (["reboot", "-d", "sim-0001", "--channel", "beta"], ["no channel 'beta'"]),
+    ],
+)
+def test_a_mistake_is_named_and_nothing_is_published(
+    home: Path, tmp_path: Path, args: list[str], words: list[str]
+) -> None:
+    code, output, log = _publish(home, tmp_path, *args)
+
+    assert code == 1, output
+    for word in words:
+        assert word in output, output
+    assert "nothing was published" in output
+    assert _requests_in(log) == 0
+
+
+def test_one_bad_request_in_a_count_publishes_none(home: Path, tmp_path: Path) -> None:
+    code, output, log = _publish(home, tmp_path, "reboot", "-d", "sim-0009", "--count", "3")
+
+    assert code == 1
+    assert "request 1 of 3 (reboot)" in output
+    assert _requests_in(log) == 0
+
+
+def test_a_good_request_is_published(home: Path, tmp_path: Path) -> None:
+    code, output, log = _publish(home, tmp_path, "reboot", "-s", "site=lab-a", "--count", "2")
+
+    assert code == 0, output
+    assert output.count("published ") == 2
+    assert _requests_in(log) == 2
+
+
+def test_no_validate_publishes_what_the_runtime_will_reject(home: Path, tmp_path: Path) -> None:
+    code, output, log = _publish(home, tmp_path, "rebot", "-d", "sim-0001", "--no-validate")
+
+    assert code == 0, output
+    assert _requests_in(log) == 1
