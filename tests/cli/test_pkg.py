@@ -88,7 +88,7 @@ def test_verify_refuses_flipped_byte_and_untrusted_key(mayfly: Run, tmp_path: Pa
     archive = tmp_path / "fw.tgz"
     mayfly("pkg", "build", str(TASKPKGS / "firmware-update"), "-o", str(archive))
     mayfly("pkg", "sign", str(archive))
-    assert mayfly("pkg", "verify", str(archive)).output.startswith("ok firmware-update 1.0.0")
+    assert mayfly("pkg", "verify", str(archive)).output.startswith("ok firmware-update 1.0.1")
 
     flipped = tmp_path / "flipped.tgz"
     data = bytearray(archive.read_bytes())
@@ -97,13 +97,13 @@ def test_verify_refuses_flipped_byte_and_untrusted_key(mayfly: Run, tmp_path: Pa
     shutil.copy(f"{archive}.sig", f"{flipped}.sig")
     refused = mayfly("pkg", "verify", str(flipped), ok=False)
     assert refused.exit_code == 1
-    assert "refused: firmware-update 1.0.0: archive digest" in refused.stderr
+    assert "refused: firmware-update 1.0.1: archive digest" in refused.stderr
 
     mayfly("pkg", "keygen", "--out", str(tmp_path / "stranger"), "--no-trust")
     mayfly("pkg", "sign", str(archive), "--key", str(tmp_path / "stranger" / "signing.key"))
     untrusted = mayfly("pkg", "verify", str(archive), ok=False)
     assert re.search(
-        r"firmware-update 1\.0\.0: signed by key \w+, which is not trusted", untrusted.stderr
+        r"firmware-update 1\.0\.1: signed by key \w+, which is not trusted", untrusted.stderr
     )
 
 
@@ -183,11 +183,11 @@ def test_publish_and_verify_on_s3(
     mayfly("pkg", "keygen")
     out = mayfly("pkg", "publish", str(TASKPKGS / "firmware-update"), *s3).output
     assert f"to s3://{bucket} at {server.endpoint}" in out
-    assert "ok firmware-update 1.0.0" in mayfly("pkg", "verify", "firmware-update", *s3).output
+    assert "ok firmware-update 1.0.1" in mayfly("pkg", "verify", "firmware-update", *s3).output
     keys = [o.object_name for o in server.client().list_objects(bucket, recursive=True)]
     assert sorted(keys) == [
-        "firmware-update/1.0.0/manifest.json",
-        "firmware-update/1.0.0/package.sig",
-        "firmware-update/1.0.0/package.tar.gz",
+        "firmware-update/1.0.1/manifest.json",
+        "firmware-update/1.0.1/package.sig",
+        "firmware-update/1.0.1/package.tar.gz",
         "firmware-update/channels/stable",
     ]

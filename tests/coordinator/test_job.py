@@ -34,7 +34,7 @@ def test_firmware_update_on_50_devices(env: Env, fleet: FleetFactory) -> None:
         TASK_PARAMS='{"version": "2.1.0"}',
     )
     assert job.returncode == 0, job.stderr
-    assert "firmware-update 1.0.0: succeeded (50 succeeded)" in job.stderr
+    assert "firmware-update 1.0.1: succeeded (50 succeeded)" in job.stderr
     assert sim.summary()["firmware"] == {"2.1.0": 50}
     [event] = env.result_events()
     assert event["type"] == "dev.mayfly.task.completed"

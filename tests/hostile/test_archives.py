@@ -344,12 +344,12 @@ def test_build_refuses_what_extraction_would(
 
 @pytest.fixture
 def fetched(tmp_path: Path) -> FetchedPackage:
-    """firmware-update 1.0.0 (a package with a subpackage), published and fetched."""
+    """firmware-update 1.0.1 (a package with a subpackage), published and fetched."""
     key = Ed25519PrivateKey.generate()
     repo = PackageRepository(LocalPackageStore(tmp_path / "store"), TrustedKeys([key.public_key()]))
     built = build_package(TASKPKGS / "firmware-update")
     repo.publish(built, sign_built(key, built))
-    return repo.fetch("firmware-update", "1.0.0")
+    return repo.fetch("firmware-update", "1.0.1")
 
 
 def _archive_files(data: bytes) -> dict[str, str]:

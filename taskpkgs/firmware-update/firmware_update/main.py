@@ -27,12 +27,19 @@ def run(ctx: Any) -> dict[str, Any]:
 
     _step(ctx, 0, f"downloading {target}")
     ctx.device.action("firmware-download", {"version": target})
+    boots = [before["boot_count"]]
+
+    def downloading(state: dict[str, Any]) -> None:
+        # A partial download does not survive a reboot (another request's, a
+        # power cut): ask again, or this would wait out its timeout for nothing.
+        if state["boot_count"] != boots[-1] and state["firmware"]["staged"] != target:
+            boots.append(state["boot_count"])
+            ctx.log.info("device rebooted during the download; downloading %s again", target)
+            ctx.device.action("firmware-download", {"version": target})
+        ctx.progress(round(25 * state["firmware"].get("download_progress", 0) / 100), "downloading")
+
     ctx.device.wait_until(
-        lambda s: s["firmware"]["staged"] == target,
-        timeout_s=60.0,
-        on_state=lambda s: ctx.progress(
-            round(25 * s["firmware"].get("download_progress", 0) / 100), "downloading"
-        ),
+        lambda s: s["firmware"]["staged"] == target, timeout_s=60.0, on_state=downloading
     )
 
     _step(ctx, 1, "installing")
