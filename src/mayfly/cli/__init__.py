@@ -12,21 +12,38 @@ import sys
 import click
 
 from mayfly import __version__
-from mayfly.cli._common import MayflyGroup
+from mayfly.cli._group import MayflyGroup
 
 __all__ = ["cli", "main"]
 
-#: Each command and where it lives, imported only when it runs: `mayfly up`
-#: then holds neither the simulator's aiohttp nor the deploy's YAML and
-#: Kubernetes code (the dispatcher's resident memory, bench/README.md).
+#: Each command, where it lives and its short help, imported only when it
+#: runs: `mayfly up` then holds neither the simulator's aiohttp nor the
+#: deploy's YAML and Kubernetes code (the dispatcher's resident memory,
+#: bench/README.md), and `mayfly --help` imports no command at all. The
+#: short help is each command's own (tests/cli/test_help.py keeps them equal).
 _COMMANDS = {
-    "pkg": "mayfly.cli.pkg:pkg",
-    "devices": "mayfly.cli.devices:devices",
-    "report": "mayfly.cli.report:report",
-    "up": "mayfly.cli.runtime:up",
-    "publish": "mayfly.cli.runtime:publish",
-    "demo": "mayfly.cli.demo:demo",
-    "deploy": "mayfly.cli.deploy:deploy",
+    "pkg": ("mayfly.cli.pkg:pkg", "Build, sign, publish and inspect task packages."),
+    "devices": ("mayfly.cli.devices:devices", "Work with device fleets."),
+    "report": (
+        "mayfly.cli.report:report",
+        "Show how task types and devices fared, from the archived results.",
+    ),
+    "up": (
+        "mayfly.cli.runtime:up",
+        "Run the local runtime until Ctrl-C: dispatcher, coordinators, aggregator.",
+    ),
+    "publish": (
+        "mayfly.cli.runtime:publish",
+        "Publish task requests for TASK (or from --file) to the event log.",
+    ),
+    "demo": (
+        "mayfly.cli.demo:demo",
+        "Run Mayfly end to end on this machine, with no server installed.",
+    ),
+    "deploy": (
+        "mayfly.cli.deploy:deploy",
+        "Render the Knative resources for TASK, a published task type (or a package folder).",
+    ),
 }
 
 
