@@ -17,6 +17,7 @@ from mayfly.app.wiring import check_event_log, open_event_log
 from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
 from mayfly.coordinator import summarize
 from mayfly.errors import EventError, MayflyError
+from mayfly.eventlog import EventLog
 from mayfly.eventlog.publisher import publish_request
 from mayfly.events import (
     MayflyEvent,
@@ -144,6 +145,20 @@ def _from_file(path: Path) -> list[dict[str, Any]]:
     "time zone); any other key is refused.",
 )
 @click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for every request's outcome, print it, and exit as job mode does: 0 all "
+    "succeeded, 3 partial, 4 failed, 5 rejected (the worst of them); 1 if the timeout passes.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=600.0,
+    show_default=True,
+    help="Seconds --wait waits for the outcomes.",
+)
+@click.option(
     "--no-validate",
     "no_validate",
     is_flag=True,
@@ -162,6 +177,8 @@ def publish(
     priority: str,
     count: int,
     file: Path | None,
+    wait: bool,
+    timeout_s: float,
     no_validate: bool,
     settings: Settings,
 ) -> None:
@@ -251,11 +268,29 @@ def publish(
             click.echo(
                 f"published {request.id} {request.task} ({request.priority}) -> {topic}{trace}"
             )
+        if wait:
+            _wait(log, settings, [r.id for r in requests_], timeout_s)
     finally:
         log.close()
         if telemetry is not None:
             telemetry.flush()
             telemetry.shutdown()
+
+
+def _wait(log: EventLog, settings: Settings, ids: list[str], timeout_s: float) -> None:
+    from mayfly.app.waiting import wait_for_outcomes
+
+    waited = wait_for_outcomes(log, settings.topics, ids, timeout_s, on_outcome=_print_result)
+    if waited.missing:
+        shown = ", ".join(waited.missing[:5]) + (" ..." if len(waited.missing) > 5 else "")
+        click.secho(
+            f"no outcome within {timeout_s:g} s for {len(waited.missing)} of {len(ids)} "
+            f"request(s): {shown}",
+            err=True,
+            fg="red",
+        )
+        raise SystemExit(1)
+    raise SystemExit(int(waited.exit_code))
 
 
 def _log_dispatch(kind: str, info: dict[str, object]) -> None:
