@@ -1,36 +1,21 @@
 """``mayfly publish`` checks each request as its coordinator will, before any reaches the log.
 
 A home with the three shipped packages published and an inventory of three
-simulated devices (nothing needs to answer: no device is called). Each
+simulated devices (``conftest.py``; nothing needs to answer: no device is called). Each
 mistake an operator makes must end in a non-zero exit and a sentence naming
 it, with the log left without a single request.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from mayfly.cli import cli
-from mayfly.devices.sim import Simulator
 from mayfly.eventlog.sqlite import SqliteEventLog
-from mayfly.settings import Settings
-from mayfly.testing import publish_folders
 from mayfly.topics import Topics
-
-TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("publish-checks")
-    settings = Settings.from_env(dict(os.environ) | {"MAYFLY_HOME": str(home)})
-    publish_folders(settings, [TASKPKGS / p for p in ("reboot", "firmware-update", "config-push")])
-    (home / "inventory.json").write_bytes(Simulator(3).inventory("http://127.0.0.1:9").to_json())
-    return home
 
 
 def _publish(home: Path, tmp_path: Path, *args: str) -> tuple[int, str, Path]:

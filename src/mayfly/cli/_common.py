@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from click.shell_completion import CompletionItem
 
 from mayfly.cli._group import MayflyGroup, fail
 from mayfly.settings import Option, Settings, option
@@ -15,6 +16,8 @@ __all__ = [
     "PACKAGE_SETTINGS",
     "S3_SETTINGS",
     "MayflyGroup",
+    "complete_devices",
+    "complete_tasks",
     "fail",
     "load_settings",
     "settings_options",
@@ -73,3 +76,43 @@ def settings_options(*fields: str) -> Callable[[F], F]:
         return command  # type: ignore[return-value]
 
     return decorate
+
+
+# -- shell completion (``eval "$(_MAYFLY_COMPLETE=bash_source mayfly)"``) ------
+
+
+def _completion_settings(ctx: click.Context) -> Settings:
+    """The settings a command would run with: its flags given so far, then the environment."""
+    flags = {
+        key.removeprefix("setting_"): value
+        for key, value in ctx.params.items()
+        if key.startswith("setting_") and value is not None
+    }
+    return load_settings(flags)
+
+
+def complete_tasks(
+    ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Task types published in the store the command would use."""
+    try:
+        from mayfly.app.wiring import open_repository
+
+        names = open_repository(_completion_settings(ctx)).packages()
+    except Exception:  # completion offers nothing rather than fail in the shell
+        return []
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
+def complete_devices(
+    ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Device ids of the inventory the command would use (at most 200 shown)."""
+    try:
+        from mayfly.app.wiring import load_inventory
+
+        ids = [d.id for d in load_inventory(_completion_settings(ctx))]
+    except Exception:  # completion offers nothing rather than fail in the shell
+        return []
+    found = [i for i in ids if i.startswith(incomplete)][:200]
+    return [CompletionItem(i) for i in found]

@@ -11,7 +11,7 @@ import yaml
 
 from mayfly import __version__
 from mayfly.app.wiring import open_repository
-from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
+from mayfly.cli._common import PACKAGE_SETTINGS, complete_tasks, settings_options
 from mayfly.deploy import (
     DEFAULT_IMAGE,
     DeployOptions,
@@ -55,7 +55,7 @@ def _manifest(task: str, version: str | None, channel: str | None, settings: Set
 
 
 @click.command()
-@click.argument("task")
+@click.argument("task", shell_complete=complete_tasks)
 @click.option("--version", help="Deploy this published version's limits (default: stable).")
 @click.option("--channel", help="Deploy the version this channel points at.")
 @click.option(

@@ -14,7 +14,12 @@ from typing import Any
 import click
 
 from mayfly.app.wiring import check_event_log, open_event_log
-from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
+from mayfly.cli._common import (
+    PACKAGE_SETTINGS,
+    complete_devices,
+    complete_tasks,
+    settings_options,
+)
 from mayfly.coordinator import summarize
 from mayfly.errors import EventError, MayflyError
 from mayfly.eventlog import EventLog
@@ -103,8 +108,15 @@ def _from_file(path: Path) -> list[dict[str, Any]]:
 
 
 @click.command()
-@click.argument("task", required=False)
-@click.option("-d", "--device", "devices", multiple=True, help="Target device id (repeatable).")
+@click.argument("task", required=False, shell_complete=complete_tasks)
+@click.option(
+    "-d",
+    "--device",
+    "devices",
+    multiple=True,
+    shell_complete=complete_devices,
+    help="Target device id (repeatable).",
+)
 @click.option(
     "-s",
     "--selector",
