@@ -120,10 +120,32 @@ def test_time_buckets_hold_latency_and_success_rate() -> None:
 
 
 def test_bucket_width_fits_the_span_of_the_data() -> None:
-    assert choose_bucket(T0, T0 + 10 * MINUTE) == MINUTE
+    # A 12 s run (the demo's) gets second buckets, not one bucket of a minute.
+    assert choose_bucket(T0, T0 + timedelta(seconds=12)) == timedelta(seconds=1)
+    assert choose_bucket(T0, T0 + 10 * MINUTE) == timedelta(seconds=15)
+    assert choose_bucket(T0, T0 + 30 * MINUTE) == MINUTE
     assert choose_bucket(T0, T0 + timedelta(hours=6)) == timedelta(minutes=15)
     assert choose_bucket(T0, T0 + timedelta(days=30)) == timedelta(days=1)
-    assert compute_insights(_fleet()).bucket == MINUTE
+    assert compute_insights(_fleet(), bucket=MINUTE).bucket == MINUTE
+
+
+@pytest.mark.parametrize(
+    ("width", "label"),
+    [
+        (timedelta(seconds=2), "2s"),
+        (timedelta(seconds=90), "90s"),
+        (timedelta(milliseconds=500), "0.5s"),
+        (timedelta(minutes=5), "5min"),
+        (timedelta(hours=3), "3h"),
+        (timedelta(days=7), "7d"),
+    ],
+)
+def test_the_plot_names_its_bucket_width_in_the_unit_that_fits(
+    width: timedelta, label: str
+) -> None:
+    from mayfly.aggregator.render import _bucket_label
+
+    assert _bucket_label(width) == label
 
 
 def test_nothing_in_nothing_out() -> None:
@@ -136,6 +158,6 @@ def test_json_form_is_plain_values() -> None:
     data = insights_to_json(compute_insights(_fleet(), top=1))
     assert data["results"] == 5
     assert data["first"] == "2025-03-14T09:00:03Z"  # r1's finish
-    assert data["bucket_seconds"] == 60.0
+    assert data["bucket_seconds"] == 15.0  # the fleet's ten minutes, in 40 buckets
     assert data["devices"][0]["device_id"] == "b"
     assert data["devices"][0]["failures"] == 2

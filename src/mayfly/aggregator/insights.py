@@ -45,6 +45,11 @@ __all__ = [
 
 #: Bucket widths a report picks from, narrowest first.
 BUCKET_SIZES = (
+    # Seconds first: a run of a few seconds (the demo's) gets buckets of its
+    # own size, not one bucket of a minute.
+    timedelta(seconds=1),
+    timedelta(seconds=5),
+    timedelta(seconds=15),
     timedelta(minutes=1),
     timedelta(minutes=5),
     timedelta(minutes=15),

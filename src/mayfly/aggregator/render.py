@@ -197,12 +197,15 @@ def _nan(value: float | None) -> float:
 
 
 def _bucket_label(width: timedelta) -> str:
-    seconds = int(width.total_seconds())
-    if seconds % 86_400 == 0:
-        return f"{seconds // 86_400}d"
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 60}min"
+    """``2s``, ``90s``, ``5min``, ``3h``, ``1d``: the largest unit that divides it."""
+    seconds = width.total_seconds()
+    if seconds != int(seconds) or seconds < 1:
+        return f"{seconds:g}s"
+    whole = int(seconds)
+    for unit, size in (("d", 86_400), ("h", 3600), ("min", 60)):
+        if whole % size == 0:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
 
 
 def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
