@@ -150,3 +150,19 @@ def test_an_empty_archive_says_what_to_do(mayfly: Run, home: Path) -> None:
 def test_usage_mistakes_exit_2(mayfly: Run, tmp_path: Path) -> None:
     assert "neither a duration" in mayfly("--since", "yesterday", code=2).output
     assert ".png or .html" in mayfly("--plot", str(tmp_path / "x.pdf"), code=2).output
+
+
+def test_html_shows_a_long_error_whole_and_the_terminal_clips_it(
+    home: Path, mayfly: Run, tmp_path: Path
+) -> None:
+    error = "device sim-0007: POST /actions/firmware-install: 409 Conflict: 2.0.0 is not staged"
+    archive = LocalResultArchive(home / "archive")
+    archive.append([result("r1", devices=[device("sim-0007", "failed", error=error)])])
+    target = tmp_path / "report.html"
+
+    out = mayfly("--plot", str(target)).output
+    page = target.read_text()
+
+    assert f"<td>{error}</td>" in page
+    assert error not in out
+    assert error[:40] in out

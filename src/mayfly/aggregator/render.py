@@ -93,8 +93,9 @@ def task_rows(tasks: Sequence[TaskInsight]) -> list[tuple[str, ...]]:
     ]
 
 
-def device_rows(devices: Sequence[DeviceInsight]) -> list[tuple[str, ...]]:
-    """The device table's cells, formatted."""
+def device_rows(devices: Sequence[DeviceInsight], *, clip: bool = True) -> list[tuple[str, ...]]:
+    """The device table's cells, formatted; the last error clipped for a terminal
+    unless ``clip`` is False (HTML wraps it whole)."""
     return [
         (
             d.device_id,
@@ -102,7 +103,7 @@ def device_rows(devices: Sequence[DeviceInsight]) -> list[tuple[str, ...]]:
             format_rate(d.success_rate),
             format_duration(d.p50_duration_s),
             ", ".join(f"{status} {count}" for status, count in d.by_status.items()) or "-",
-            _clip(d.last_error),
+            _clip(d.last_error) if clip else (d.last_error or "-"),
         )
         for d in devices
     ]
@@ -241,7 +242,7 @@ img {{ max-width: 100%; }}
 {_html_table(_TASK_HEADERS, task_rows(insights.tasks))}
 <h2>Devices</h2>
 <p>{html.escape(_devices_title(insights).removeprefix("DEVICES: ").capitalize())}</p>
-{_html_table(_DEVICE_HEADERS, device_rows(insights.devices))}
+{_html_table(_DEVICE_HEADERS, device_rows(insights.devices, clip=False))}
 </body>
 </html>
 """
