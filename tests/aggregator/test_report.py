@@ -166,3 +166,18 @@ def test_html_shows_a_long_error_whole_and_the_terminal_clips_it(
     assert f"<td>{error}</td>" in page
     assert error not in out
     assert error[:40] in out
+
+
+def test_a_bucket_where_everything_failed_is_drawn_unlike_one_with_nothing() -> None:
+    from mayfly.aggregator.insights import TimeBucket
+    from mayfly.aggregator.render import ZERO_BAR, success_bars
+
+    def bucket(requests: int, succeeded: int) -> TimeBucket:
+        rate = succeeded / requests if requests else None
+        return TimeBucket(T0, requests, succeeded, rate, None, None)
+
+    heights, colours = success_bars([bucket(4, 2), bucket(3, 0), bucket(0, 0)])
+
+    assert heights[:2] == [50.0, ZERO_BAR]
+    assert heights[2] != heights[2]  # nan: no bar at all
+    assert colours[:2] == ["tab:green", "tab:red"]

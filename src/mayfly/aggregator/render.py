@@ -12,7 +12,7 @@ import io
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from mayfly.aggregator.insights import DeviceInsight, Insights, TaskInsight
+from mayfly.aggregator.insights import DeviceInsight, Insights, TaskInsight, TimeBucket
 
 __all__ = [
     "device_rows",
@@ -21,6 +21,7 @@ __all__ = [
     "render_html",
     "render_png",
     "render_text",
+    "success_bars",
     "task_rows",
 ]
 
@@ -176,13 +177,8 @@ def render_png(insights: Insights, *, title: str = "Mayfly requests over time") 
     latency.set_title(f"{title} ({_bucket_label(width)} buckets)")
     latency.grid(True, alpha=0.3)
     latency.legend(loc="upper left")
-    success.bar(
-        starts,
-        [(_nan(b.success_rate) * 100) for b in buckets],
-        width=width * 0.8,
-        align="edge",
-        color="tab:green",
-    )
+    heights, colours = success_bars(buckets)
+    success.bar(starts, heights, width=width * 0.8, align="edge", color=colours)
     success.set_ylabel("success rate (%)")
     success.set_ylim(0, 105)
     success.grid(True, axis="y", alpha=0.3)
@@ -191,6 +187,29 @@ def render_png(insights: Insights, *, title: str = "Mayfly requests over time") 
     out = io.BytesIO()
     figure.savefig(out, format="png")
     return out.getvalue()
+
+
+#: Height (percentage points) of the bar of a bucket whose requests all failed:
+#: drawn, in red, so it never looks like a bucket with no request at all.
+ZERO_BAR = 2.0
+
+
+def success_bars(buckets: Sequence[TimeBucket]) -> tuple[list[float], list[str]]:
+    """The success-rate bars: height in percent and colour per bucket. A bucket
+    with requests and 0 % success gets a short red bar; an empty one none (nan)."""
+    heights, colours = [], []
+    for bucket in buckets:
+        rate = bucket.success_rate
+        if rate is None:
+            heights.append(float("nan"))
+            colours.append("tab:green")
+        elif rate == 0:
+            heights.append(ZERO_BAR)
+            colours.append("tab:red")
+        else:
+            heights.append(rate * 100)
+            colours.append("tab:green")
+    return heights, colours
 
 
 def _nan(value: float | None) -> float:
