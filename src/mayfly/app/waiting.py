@@ -16,14 +16,21 @@ from dataclasses import dataclass, field
 from mayfly.coordinator.pipeline import exit_code_for
 from mayfly.errors import EventError
 from mayfly.eventlog import EventLog
-from mayfly.events import TaskCompleted, TaskRejected, from_kafka, merge_completed, merge_shards
+from mayfly.events import (
+    SHARD_MARK,
+    TaskCompleted,
+    TaskRejected,
+    from_kafka,
+    merge_completed,
+    merge_shards,
+    shard_prefixes,
+)
 from mayfly.exitcodes import ExitCode
 from mayfly.topics import Topics
 
 __all__ = ["Waited", "wait_for_outcomes"]
 
 Outcome = TaskCompleted | TaskRejected
-_SHARD = "#shard-"
 
 
 @dataclass
@@ -51,6 +58,8 @@ def wait_for_outcomes(
     """Read the results topic until every request in ``request_ids`` has an
     outcome or ``timeout_s`` passes; ``on_outcome`` is told each as it completes."""
     wanted = set(request_ids)
+    # A shard's rejection names only the shard's id: its prefix leads back.
+    by_prefix = {prefix: rid for rid in wanted for prefix in shard_prefixes(rid)}
     waited = Waited()
     parts: dict[str, dict[int, TaskCompleted]] = {}
     shards: dict[str, dict[int, TaskCompleted]] = {}
@@ -64,9 +73,14 @@ def wait_for_outcomes(
                     event = from_kafka(record.headers, record.key, record.value)
                 except EventError:
                     continue  # not for us to judge: the aggregator dead-letters it
-                outcome = _collect(event, wanted, waited.outcomes, parts, shards)
+                if not isinstance(event, TaskCompleted | TaskRejected):
+                    continue
+                root = _root(event, wanted, by_prefix)
+                if root is None or root in waited.outcomes:
+                    continue
+                outcome = _collect(event, root, parts, shards)
                 if outcome is not None:
-                    waited.outcomes[_root(outcome)] = outcome
+                    waited.outcomes[root] = outcome
                     on_outcome(outcome)
     finally:
         consumer.close()
@@ -74,23 +88,25 @@ def wait_for_outcomes(
     return waited
 
 
-def _root(event: Outcome) -> str:
+def _root(event: Outcome, wanted: set[str], by_prefix: dict[str, str]) -> str | None:
+    """The published request ``event`` is about, if it is one waited for."""
+    if isinstance(event, TaskCompleted):
+        root = event.root_id
+        return root if root in wanted else None
     rid = str(event.request_id)
-    return rid.split(_SHARD, 1)[0] if _SHARD in rid else rid
+    if rid in wanted:
+        return rid
+    mark = rid.rfind(SHARD_MARK)
+    return by_prefix.get(rid[: mark + len(SHARD_MARK)]) if mark >= 0 else None
 
 
 def _collect(
-    event: object,
-    wanted: set[str],
-    done: dict[str, Outcome],
+    event: Outcome,
+    root: str,
     parts: dict[str, dict[int, TaskCompleted]],
     shards: dict[str, dict[int, TaskCompleted]],
 ) -> Outcome | None:
-    if not isinstance(event, TaskCompleted | TaskRejected):
-        return None
-    root = _root(event)
-    if root not in wanted or root in done:
-        return None
+    """The request's outcome once ``event`` completes it; None while parts or shards are missing."""
     if isinstance(event, TaskRejected):
         return event  # a shard's rejection leaves its request without a whole result
     got = parts.setdefault(str(event.request_id), {})

@@ -65,11 +65,13 @@ from mayfly.events.rejected import RejectionCode, TaskRejected, rejection_for
 from mayfly.events.requested import (
     DEFAULT_CHANNEL,
     MAX_SHARDS,
+    SHARD_MARK,
     Rollout,
     Shard,
     TaskRequest,
     new_request,
     partition_key_for,
+    shard_prefixes,
     shard_request,
 )
 
@@ -81,6 +83,7 @@ __all__ = [
     "MAX_EVENT_BYTES",
     "MAX_SHARDS",
     "PUBLISHER_SOURCE",
+    "SHARD_MARK",
     "SPECVERSION",
     "STRUCTURED_CONTENT_TYPE",
     "TASK_COMPLETED",
@@ -114,6 +117,7 @@ __all__ = [
     "partition_key_for",
     "peek_attributes",
     "rejection_for",
+    "shard_prefixes",
     "shard_request",
     "split_completed",
     "to_cloudevent",

@@ -28,11 +28,13 @@ from mayfly.events._base import (
 __all__ = [
     "DEFAULT_CHANNEL",
     "MAX_SHARDS",
+    "SHARD_MARK",
     "Rollout",
     "Shard",
     "TaskRequest",
     "new_request",
     "partition_key_for",
+    "shard_prefixes",
     "shard_request",
 ]
 
@@ -193,8 +195,8 @@ class TaskRequest(EventModel):
             raise contract_error(
                 "id", f"a shard's id is {_shard_id(self.shard.of, self.shard.index)!r}"
             )
-        if self.shard is None and _SHARD_MARK in self.id:
-            raise contract_error("id", f"{_SHARD_MARK!r} in an id is kept for shards")
+        if self.shard is None and SHARD_MARK in self.id:
+            raise contract_error("id", f"{SHARD_MARK!r} in an id is kept for shards")
         if len(set(self.devices)) != len(self.devices):
             seen: set[str] = set()
             for index, device in enumerate(self.devices):
@@ -204,17 +206,29 @@ class TaskRequest(EventModel):
         return self
 
 
-_SHARD_MARK = "#shard-"
+#: What a shard's id carries between its request's id and its index.
+SHARD_MARK = "#shard-"
 #: Budget of one shard's device ids, encoded: a shard is one event, under
 #: Kafka's 1 MiB record with room for everything else it carries.
 _SHARD_DEVICE_BYTES = 600_000
 
 
 def _shard_id(of: str, index: int) -> str:
-    suffix = f"{_SHARD_MARK}{index}"
+    suffix = f"{SHARD_MARK}{index}"
     if len(of) + len(suffix) > 256:  # an event id's limit: a long id is shortened
-        of = "sha256-" + hashlib.sha256(of.encode()).hexdigest()
+        of = _shortened(of)
     return of + suffix
+
+
+def _shortened(of: str) -> str:
+    return "sha256-" + hashlib.sha256(of.encode()).hexdigest()
+
+
+def shard_prefixes(of: str) -> tuple[str, str]:
+    """What the ids of request ``of``'s shards start with, before their index:
+    ``<of>#shard-``, or the shortened form a long id takes. How a shard's
+    rejection, which names only its own id, is traced back to its request."""
+    return of + SHARD_MARK, _shortened(of) + SHARD_MARK
 
 
 def shard_request(
