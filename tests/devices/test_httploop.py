@@ -169,6 +169,22 @@ def test_endless_headers_are_cut_and_retried_as_a_connection_error(scripted) -> 
     assert len(fleet.requests) == 2
 
 
+def test_a_header_line_without_end_is_cut_one_read_past_the_bound(scripted) -> None:
+    # 8 MiB of one header value, never finished: the parser would keep it all.
+    endless = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"y" * (8 * 1024 * 1024)
+    fleet = scripted(lambda _r, _n: (endless, False))
+    driver = _driver(retries=0)
+    try:
+        with pytest.raises(DeviceUnavailableError) as caught:
+            driver.state(fleet.device(), deadline=time.monotonic() + 10)
+    finally:
+        driver.close()
+    assert str(caught.value) == (
+        "device dev-1: GET /state: connection error "
+        f"(answer headers over {MAX_HEAD_BYTES} bytes) after 1 attempts"
+    )
+
+
 def test_a_body_ending_at_close_a_chunked_body_and_an_interim_answer_are_read(scripted) -> None:
     answers = {
         1: (b'HTTP/1.1 200 OK\r\n\r\n{"until": "close"}', True),

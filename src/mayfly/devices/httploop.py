@@ -138,6 +138,7 @@ class _Conn:
         self.reason = b""
         self.headers: dict[str, str] = {}
         self.head_bytes = 0
+        """Bytes read while the status line and headers were unfinished."""
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.framed = False
@@ -157,15 +158,12 @@ class _Conn:
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
-        self.head_bytes += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes <= MAX_HEAD_BYTES:
-            key = name.decode("latin-1").lower()
-            if key in ("content-length", "transfer-encoding"):
-                self.framed = True
-            self.headers[key] = value.decode("latin-1")
+        key = name.decode("latin-1").lower()
+        if key in ("content-length", "transfer-encoding"):
+            self.framed = True
+        self.headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
@@ -446,6 +444,10 @@ class HttpCallLoop:
         else:
             try:
                 conn.parser.feed_data(data)
+                if not conn.headers_done:
+                    # llhttp keeps an unfinished header line whole, however long:
+                    # counted here, so an endless one is cut one read past the bound.
+                    conn.head_bytes += len(data)
             except httptools.HttpParserUpgrade:
                 self._failed(call, "connection error (the device switched protocols)")
                 return
