@@ -76,10 +76,12 @@ class _Target:
     """The address's path, quoted, without its trailing slash."""
 
 
+@lru_cache(maxsize=16384)
 def _target(address: str) -> _Target | None:
     """Where ``address`` is reached, when this engine can reach it."""
-    # Fan-out calls each device once: the host part (few) is parsed once,
-    # the path part (one per device) only as much as it needs.
+    # Kept: serves() and start() ask for each call's address one after the
+    # other. The host part (few) is parsed once, the path part (one per
+    # device) only as much as it needs.
     scheme, sep, rest = address.partition("://")
     if scheme != "http" or not sep:
         return None
