@@ -79,7 +79,14 @@ def preflight(settings: Settings, requests: Sequence[TaskRequest]) -> None:
         ConfigError: a setting the check cannot work with (one line, exit 2).
     """
     coordinator = build_coordinator(settings, "local")
+    checked: set[str] = set()
     for number, request in enumerate(requests, 1):
+        # `--count N` publishes N requests alike but for their ids: checked once.
+        alike = request.model_dump_json(
+            include={"task", "version", "channel", "params", "devices", "selector"}
+        )
+        if alike in checked:
+            continue
         try:
             coordinator.preflight(request)
         except ConfigError:
@@ -91,3 +98,4 @@ def preflight(settings: Settings, requests: Sequence[TaskRequest]) -> None:
                 "(--no-validate publishes without this check)"
             )
             raise PreflightError(message, exc) from exc
+        checked.add(alike)
