@@ -43,3 +43,27 @@ def test_a_validator_is_built_once_per_schema() -> None:
     validate_params(_manifest(schema), {"n": 3})
     with pytest.raises(ParamsError, match=r"3 is not of type 'string'"):
         validate_params(_manifest(other), {"n": 3})
+
+
+def test_a_misspelt_key_is_named_beside_the_error_it_causes() -> None:
+    manifest = _manifest(
+        {"type": "object", "properties": {"color": {"type": "string"}}, "required": ["color"]}
+    )
+    with pytest.raises(ParamsError) as caught:
+        validate_params(manifest, {"colour": "red"})
+    assert caught.value.reason == (
+        "'color' is a required property; unknown param 'colour' (did you mean 'color'?)"
+    )
+
+
+def test_thousands_of_unknown_keys_make_one_short_sentence() -> None:
+    manifest = _manifest(
+        {"type": "object", "properties": {"color": {"type": "string"}}, "required": ["color"]}
+    )
+    params = {f"k{i:05d}" + "x" * 500: i for i in range(5000)}
+    with pytest.raises(ParamsError) as caught:
+        validate_params(manifest, params)
+    reason = caught.value.reason
+    assert reason.startswith("'color' is a required property; unknown params 'k00000xxx")
+    assert reason.endswith(" and 4995 more")
+    assert len(reason) < 600

@@ -62,16 +62,24 @@ def validate_params(manifest: Manifest, params: dict[str, Any]) -> None:
     raise ParamsError(path, error.message + _unknown_keys(manifest, params), package=manifest.name)
 
 
+#: Unknown keys named at most (a request may carry any number of them).
+_NAMED_KEYS = 5
+
+
 def _unknown_keys(manifest: Manifest, params: dict[str, Any]) -> str:
     """``; unknown param 'colour' (did you mean 'color'?)`` for top-level keys
-    the schema does not name ('' when it names them all, or names none)."""
+    the schema does not name ('' when it names them all, or names none); the
+    first few only, each cut short, so the reason stays a sentence."""
     known = manifest.params_schema.get("properties")
     if not isinstance(known, dict) or not known:
         return ""
+    unknown = sorted(k for k in params if k not in known)
     words = []
-    for key in sorted(k for k in params if k not in known):
-        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-        words.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    for key in unknown[:_NAMED_KEYS]:
+        close = difflib.get_close_matches(key[:100], list(known), n=1, cutoff=0.6)
+        shown = repr(key if len(key) <= 60 else key[:57] + "...")
+        words.append(f"{shown} (did you mean {close[0]!r}?)" if close else shown)
     if not words:
         return ""
-    return f"; unknown param{'s' if len(words) > 1 else ''} {', '.join(words)}"
+    more = f" and {len(unknown) - _NAMED_KEYS} more" if len(unknown) > _NAMED_KEYS else ""
+    return f"; unknown param{'s' if len(unknown) > 1 else ''} {', '.join(words)}{more}"
