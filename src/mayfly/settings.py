@@ -31,6 +31,7 @@ __all__ = [
     "ENV_EVENT_LOG",
     "ENV_HOME",
     "ENV_INVENTORY",
+    "ENV_JAEGER_URL",
     "ENV_K_SINK",
     "ENV_MAX_COORDINATORS",
     "ENV_MAX_PROCESSES",
@@ -80,6 +81,7 @@ ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 ENV_OTLP_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
 ENV_METRICS_EXPORTER = "OTEL_METRICS_EXPORTER"
 ENV_TRACE_FILE = "MAYFLY_TRACE_FILE"
+ENV_JAEGER_URL = "MAYFLY_JAEGER_URL"
 
 #: Task processes per coordinator unless MAYFLY_MAX_PROCESSES says otherwise.
 #: Measured on 2 cores (bench/fanout.py, 10,000 devices): 16 did 381 actions/s,
@@ -166,6 +168,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("trace_file", ENV_TRACE_FILE, "--trace-file",
            "OTLP-JSON trace file when no OTLP endpoint is set",
            "$MAYFLY_HOME/telemetry/traces.jsonl", "path"),
+    Option("jaeger_url", ENV_JAEGER_URL, "--jaeger-url",
+           "Jaeger's UI, to link each request's trace, e.g. http://127.0.0.1:16686",
+           "none: the trace id alone"),
 )  # fmt: skip
 
 _BY_FIELD = {o.field: o for o in OPTIONS}
@@ -202,6 +207,7 @@ class Settings:
     otlp_endpoint: str | None = None
     otlp_metrics_endpoint: str | None = None
     trace_file: Path | None = None
+    jaeger_url: str | None = None
 
     @classmethod
     def from_env(
@@ -260,6 +266,7 @@ class Settings:
             trace_file=None
             if endpoint
             else (_path(env, ENV_TRACE_FILE) or home / "telemetry" / "traces.jsonl"),
+            jaeger_url=env.get(ENV_JAEGER_URL) or None,
         )
 
     def replace(self, **changes: Any) -> Settings:

@@ -74,10 +74,10 @@ from mayfly.events import (
     TaskCompleted,
     TaskRejected,
 )
-from mayfly.spanids import derived_ids
+from mayfly.spanids import derived_ids, next_id
 from mayfly.topics import Topics
 
-__all__ = ["DEFAULT_DESTINATION", "ResultTracer"]
+__all__ = ["DEFAULT_DESTINATION", "ResultTracer", "trace_id_of"]
 
 #: Topic results arrive on unless the caller says otherwise.
 DEFAULT_DESTINATION = Topics().results
@@ -293,6 +293,20 @@ class ResultTracer:
         )
         span.set_status(Status(StatusCode.ERROR, rejection.reason))
         span.end(end_time=end_ns)
+
+
+def trace_id_of(outcome: TaskCompleted | TaskRejected) -> str:
+    """The id (32 hex digits) of the trace :class:`ResultTracer` makes of ``outcome``.
+
+    The publisher's trace when the request carried one; else the trace id its
+    root span draws first from the ids derived from the request's identity.
+    """
+    if outcome.traceparent is not None:
+        return outcome.traceparent.split("-")[1]
+    with derived_ids(dedupe_key(outcome)):
+        drawn = next_id(128)
+    assert drawn is not None  # inside derived_ids
+    return f"{drawn:032x}"
 
 
 def _requested_at(rejection: TaskRejected) -> int | None:

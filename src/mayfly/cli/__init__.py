@@ -36,6 +36,14 @@ _COMMANDS = {
         "mayfly.cli.runtime:publish",
         "Publish task requests for TASK (or from --file) to the event log.",
     ),
+    "get": (
+        "mayfly.cli.tracking:get",
+        "Show one request: its state, package, trace and every device's result.",
+    ),
+    "list": (
+        "mayfly.cli.tracking:list_requests",
+        "List published requests, newest first, with their state.",
+    ),
     "demo": (
         "mayfly.cli.demo:demo",
         "Run Mayfly end to end on this machine, with no server installed.",

@@ -1,0 +1,294 @@
+"""``mayfly get`` and ``mayfly list``: published requests, as the log tells them."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+
+from mayfly.app.tracking import read_book
+from mayfly.app.wiring import check_event_log, open_event_log
+from mayfly.cli._common import settings_options
+from mayfly.events import DeviceResult, DeviceStatus, TaskCompleted, TaskRejected
+from mayfly.settings import Settings
+from mayfly.tracking import RequestState, RequestView, trace_url
+
+__all__ = ["get", "list_requests"]
+
+_OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+    help="How to print: a table for people, JSON or YAML for scripts.",
+)
+#: Cells of a table are cut here; -o json and -o yaml print everything.
+_CELL = 100
+_SINCE = re.compile(r"(\d+)\s*([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+# Problems first: the devices an operator looks at are at the top.
+_ORDER = {
+    DeviceStatus.FAILED: 0,
+    DeviceStatus.TIMED_OUT: 1,
+    DeviceStatus.CANCELED: 2,
+    DeviceStatus.RUNNING: 3,
+    DeviceStatus.QUEUED: 4,
+    DeviceStatus.SKIPPED: 5,
+    DeviceStatus.SUCCEEDED: 6,
+}
+
+
+@click.command()
+@click.argument("request_id")
+@_OUTPUT
+@click.option(
+    "--max-devices",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Device rows in the table at most, problems first (0: all).",
+)
+@settings_options("home", "event_log", "topic_prefix", "jaeger_url")
+def get(request_id: str, output: str, max_devices: int, settings: Settings) -> None:
+    """Show one request: its state, package, trace and every device's result.
+
+    REQUEST_ID is the id `mayfly publish` printed. The request and its outcome
+    are read from the event log, so this works after restarts and whichever
+    runtime ran it. Exit 1 when the log has no such request.
+
+    \b
+    Examples:
+      mayfly get 7d0c6a52-3f3e-4d55-9b0e-1d2f6e7a8b90
+      mayfly get 7d0c6a52-3f3e-4d55-9b0e-1d2f6e7a8b90 -o json
+    """
+    check_event_log(settings)
+    log = open_event_log(settings)
+    try:
+        view = read_book(log, settings.topics, only=[request_id]).get(request_id)
+        where = log.describe()
+    finally:
+        log.close()
+    if view is None:
+        click.secho(f"error: no request {request_id!r} in {where}", err=True, fg="red")
+        click.echo("hint: `mayfly list` shows the requests there.", err=True)
+        raise SystemExit(1)
+    if output != "table":
+        _dump(view.to_dict(jaeger_url=settings.jaeger_url), output)
+        return
+    _print_view(view, settings.jaeger_url, max_devices)
+
+
+@click.command("list")
+@click.option("--task", help="Only requests of this task type.")
+@click.option(
+    "--status",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in RequestState]),
+    help="Only requests in this state (repeatable).",
+)
+@click.option(
+    "--since",
+    help="Only requests published since then: 30s, 15m, 2h, 7d or an ISO 8601 time.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Requests shown at most, newest first (0: all).",
+)
+@_OUTPUT
+@settings_options("home", "event_log", "topic_prefix")
+def list_requests(
+    task: str | None,
+    states: tuple[str, ...],
+    since: str | None,
+    limit: int,
+    output: str,
+    settings: Settings,
+) -> None:
+    """List published requests, newest first, with their state.
+
+    pending: published, no outcome yet. succeeded, partial, failed, canceled:
+    its devices' outcome. rejected: it could not run (`mayfly get ID` says why).
+
+    \b
+    Examples:
+      mayfly list
+      mayfly list --task firmware-update --status failed --status partial --since 1d
+    """
+    since_at = _since(since) if since else None
+    check_event_log(settings)
+    log = open_event_log(settings)
+    try:
+        book = read_book(log, settings.topics, keep_devices=False)
+    finally:
+        log.close()
+    found = book.views(task=task, states=[RequestState(s) for s in states], since=since_at)
+    shown = found[:limit] if limit else found
+    if output != "table":
+        _dump([v.to_dict() for v in shown], output)
+    elif not shown:
+        click.echo("no requests" + (" match" if found or len(book) else " in the log"))
+    else:
+        _print_list(shown)
+    if len(shown) < len(found):
+        click.echo(f"{len(found) - len(shown)} more: --limit 0 shows all", err=True)
+
+
+def _since(raw: str) -> datetime:
+    now = datetime.now(UTC)
+    match = _SINCE.fullmatch(raw.strip())
+    if match:
+        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    try:
+        moment = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise click.BadParameter(
+            "expected a duration (30s, 15m, 2h, 7d) or an ISO 8601 time", param_hint="--since"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _dump(value: Any, output: str) -> None:
+    if output == "json":
+        click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    else:
+        import yaml  # only for -o yaml
+
+        click.echo(yaml.safe_dump(value, sort_keys=False, allow_unicode=True), nl=False)
+
+
+def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int) -> None:
+    outcome = view.outcome
+    rows: list[tuple[str, str]] = [
+        ("request", view.id),
+        ("task", f"{view.task or '?'} ({view.priority or '?'})"),
+        ("state", _state_line(view)),
+        ("published", _when(view.published_at)),
+    ]
+    if view.finished_at is not None:
+        rows.append(("finished", _when(view.finished_at) + _took(view)))
+    if isinstance(outcome, TaskCompleted):
+        rows.append(("package", f"{outcome.package.version}  {outcome.package.digest}"))
+        mode = outcome.coordinator.mode
+        if view.shards:
+            rows.append(("coordinators", f"{view.shards} shards ({mode})"))
+        else:
+            rows.append(("coordinator", f"{outcome.coordinator.id} ({mode})"))
+    elif view.request is not None:
+        asked = view.request.version or f"channel {view.request.channel}"
+        rows.append(("package", f"{asked} (asked)"))
+        if view.shards:
+            rows.append(("shards", f"{view.shards_done} of {view.shards} done"))
+    if isinstance(outcome, TaskRejected):
+        where = f", {outcome.field}" if outcome.field else ""
+        rows.append(("reason", f"{outcome.reason} ({outcome.code.value}{where})"))
+    trace_id = view.trace_id
+    if trace_id:
+        link = f"  {trace_url(jaeger_url, trace_id)}" if jaeger_url else ""
+        rows.append(("trace", trace_id + link))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+    devices = sorted(view.devices, key=lambda d: _ORDER.get(d.status, 9))
+    if not devices:
+        return
+    shown = devices[:max_devices] if max_devices else devices
+    click.echo()
+    _table(
+        ["DEVICE", "STATUS", "ATTEMPTS", "TIME", "OUTPUT / ERROR"],
+        [_device_row(d) for d in shown],
+    )
+    if len(shown) < len(devices):
+        left = len(devices) - len(shown)
+        click.echo(f"... {left} more device(s): --max-devices 0 shows all, -o json everything")
+
+
+def _state_line(view: RequestView) -> str:
+    state = view.state.value
+    if view.device_counts:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(view.device_counts.items()))
+        return f"{state}: {counts} (of {view.device_total} devices)"
+    if view.state is RequestState.PENDING:
+        total = view.device_total
+        on = f"{total} devices" if total is not None else "the devices its selector matches"
+        return f"pending: published, no outcome yet ({on})"
+    return state
+
+
+def _device_row(device: DeviceResult) -> list[str]:
+    took = ""
+    if device.started_at is not None and device.finished_at is not None:
+        took = f"{(device.finished_at - device.started_at).total_seconds():.2f} s"
+    if device.error:
+        detail = device.error
+    elif device.output is not None:
+        detail = json.dumps(device.output, ensure_ascii=False, separators=(",", ":"))
+    else:
+        detail = ""
+    return [device.device_id, device.status.value, str(device.attempts), took, _cut(detail)]
+
+
+def _print_list(views: list[RequestView]) -> None:
+    now = datetime.now(UTC)
+    rows = []
+    for view in views:
+        total = view.device_total
+        ok = view.device_counts.get(DeviceStatus.SUCCEEDED.value, 0)
+        if view.device_counts:
+            devices = f"{ok}/{total} ok"
+        else:
+            devices = str(total) if total is not None else "selector"
+        rows.append(
+            [
+                view.id,
+                view.task or "?",
+                view.version or "",
+                view.state.value,
+                devices,
+                _age(now, view.published_at),
+                _took(view).strip(" ()"),
+            ]
+        )
+    _table(["ID", "TASK", "VERSION", "STATE", "DEVICES", "AGE", "TOOK"], rows)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        click.echo("  ".join(cells).rstrip())
+
+
+def _cut(text: str) -> str:
+    text = " ".join(text.split())  # one line per row
+    return text if len(text) <= _CELL else text[: _CELL - 1] + "…"
+
+
+def _when(moment: datetime | None) -> str:
+    if moment is None:
+        return "?"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") + "Z"
+
+
+def _took(view: RequestView) -> str:
+    start, end = view.published_at, view.finished_at
+    if start is None or end is None:
+        return ""
+    return f" ({max(0.0, (end - start).total_seconds()):.1f} s)"
+
+
+def _age(now: datetime, moment: datetime | None) -> str:
+    if moment is None:
+        return "?"
+    seconds = max(0, int((now - moment).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
