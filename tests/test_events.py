@@ -19,10 +19,12 @@ from pydantic import ValidationError
 from mayfly.errors import EventError, IntegrityError, PackageNotFoundError
 from mayfly.events import (
     MAX_EVENT_BYTES,
+    MAX_PROGRESS_DEVICES,
     STRUCTURED_CONTENT_TYPE,
     CoordinatorInfo,
     DeviceResult,
     DeviceStatus,
+    DeviceUpdate,
     MayflyEvent,
     OverallStatus,
     PackageRef,
@@ -32,6 +34,7 @@ from mayfly.events import (
     Rollout,
     Shard,
     TaskCompleted,
+    TaskProgress,
     TaskRejected,
     TaskRequest,
     Timings,
@@ -172,15 +175,42 @@ def golden_rejected() -> TaskRejected:
     )
 
 
+def golden_progress() -> TaskProgress:
+    return TaskProgress(
+        time=at(4),
+        priority=Priority.HIGH,
+        traceparent=TRACEPARENT,
+        tracestate=TRACESTATE,
+        request_id=REQUEST_ID,
+        task="firmware-update",
+        coordinator="coord-7f3a",
+        seq=6,
+        started_at=at(1),
+        devices_total=3,
+        counts={DeviceStatus.SUCCEEDED: 1, DeviceStatus.RUNNING: 1, DeviceStatus.SKIPPED: 1},
+        devices=(
+            DeviceUpdate(
+                device_id="sensor-0002",
+                status=DeviceStatus.RUNNING,
+                percent=40.0,
+                message="downloading 2.4.1",
+                attempt=2,
+            ),
+        ),
+    )
+
+
 GOLDEN_STRUCTURED: dict[str, Callable[[], MayflyEvent]] = {
     "requested.json": golden_request,
     "completed.json": golden_completed,
     "rejected.json": golden_rejected,
+    "progress.json": golden_progress,
 }
 MODELS: dict[str, Callable[[], MayflyEvent]] = {
     "requested": golden_request,
     "completed": golden_completed,
     "rejected": golden_rejected,
+    "progress": golden_progress,
 }
 
 
@@ -246,6 +276,28 @@ def test_golden_completed_field_values() -> None:
     assert result.timings.cold_start_ms == 8.5
     assert result.coordinator.pid == 4242
     assert result.part == Part(index=0, count=1)
+
+
+def test_golden_progress_field_values() -> None:
+    progress = from_http({}, (DATA / "progress.json").read_bytes())
+
+    assert isinstance(progress, TaskProgress)
+    assert progress.id == f"{REQUEST_ID}:progress:coord-7f3a:6"
+    assert progress.partition_key == REQUEST_ID  # the result's partition: it comes first
+    assert progress.done == 2
+    assert progress.devices[0].percent == 40.0
+
+
+def test_a_progress_event_is_bounded_in_devices_and_message() -> None:
+    base = golden_progress()
+    many = tuple(
+        DeviceUpdate(device_id=f"d{i}", status=DeviceStatus.RUNNING)
+        for i in range(MAX_PROGRESS_DEVICES + 1)
+    )
+    with pytest.raises(ValidationError):
+        TaskProgress.model_validate(base.model_dump() | {"devices": many})
+    with pytest.raises(ValidationError):
+        DeviceUpdate(device_id="d", status=DeviceStatus.RUNNING, message="x" * 201)
 
 
 def test_golden_rejected_field_values() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from mayfly.app.wiring import build_coordinator
 from mayfly.coordinator import RequestPipeline
 from mayfly.coordinator.params import validate_params
+from mayfly.coordinator.progress import ProgressReporter
 from mayfly.coordinator.runner import DeviceProgress, make_scratch_root
 from mayfly.coordinator.worker import CancelFlag, WorkerSpec
 from mayfly.coordinator.zygote import EarlyTask, TaskZygote
@@ -210,9 +211,14 @@ class WarmCoordinator:
         if timeout_s is not None:
             link.deadline(timeout_s)  # else the runtime's set-up budget holds
         sink = RuntimeSink(link, self.settings.topics)
-        pipeline = RequestPipeline(
-            self.coordinator.renewed, sink, shards=sink, on_progress=_log_progress
-        )
+
+        def progress(request: TaskRequest, coordinator: str) -> ProgressReporter:
+            def each(p: DeviceProgress) -> None:
+                _log_progress(request.id, p)
+
+            return ProgressReporter(request, coordinator, sink.emit, each=each)
+
+        pipeline = RequestPipeline(self.coordinator.renewed, sink, shards=sink, progress=progress)
         try:
             # The dispatcher marks the result in the runtime's state once it is
             # durable: it appended it.

@@ -42,7 +42,7 @@ from mayfly.exitcodes import ExitCode
 
 if TYPE_CHECKING:  # for its types only: `summarize` is used where no coordinator runs
     from mayfly.coordinator.core import Coordinator, Sharded
-    from mayfly.coordinator.runner import DeviceProgress
+    from mayfly.coordinator.runner import ProgressFn
 
 __all__ = ["Handled", "Outcome", "RequestPipeline", "exit_code_for", "summarize"]
 
@@ -97,7 +97,10 @@ class RequestPipeline:
             Knative reply event).
         shards: where the shards of a large request are published (the request
             lanes); ``None`` runs every request here, whatever its size.
-        on_progress: told of each device's progress while a request runs.
+        progress: makes, for each request and the id of the coordinator
+            instance running it, what is told of its devices' progress (a
+            :class:`~mayfly.coordinator.runner.RunReporter` reports on its own
+            clock too).
     """
 
     def __init__(
@@ -106,12 +109,12 @@ class RequestPipeline:
         sink: ResultSink | None,
         *,
         shards: ResultSink | None = None,
-        on_progress: Callable[[str, DeviceProgress], None] | None = None,
+        progress: Callable[[TaskRequest, str], ProgressFn] | None = None,
     ) -> None:
         self._coordinator = coordinator
         self.sink = sink
         self.shards = shards
-        self._on_progress = on_progress
+        self._progress = progress
 
     def handle(
         self,
@@ -143,11 +146,13 @@ class RequestPipeline:
             coordinator = self._coordinator()
             if on_start is not None:
                 on_start(coordinator)
-            report = self._on_progress
+            progress = self._progress
             handled = coordinator.handle(
                 event,
                 received_at=received_at,
-                on_progress=None if report is None else lambda p: report(event.id, p),
+                on_progress=None
+                if progress is None
+                else progress(event, coordinator.options.instance_id),
                 shard=self.shards is not None,
             )
             if isinstance(handled, TaskCompleted | TaskRejected):

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from mayfly import sandbox
 from mayfly.coordinator.devicecalls import DeviceCalls
@@ -56,7 +56,9 @@ __all__ = [
     "DeviceProgress",
     "ForkStarter",
     "Prestarted",
+    "ProgressFn",
     "RunPlan",
+    "RunReporter",
     "TaskHandle",
     "TaskStarter",
     "make_scratch_root",
@@ -75,6 +77,18 @@ class DeviceProgress:
     percent: float = 0.0
     message: str = ""
     attempt: int = 0
+
+
+@runtime_checkable
+class RunReporter(Protocol):
+    """A :data:`ProgressFn` that also reports on its own clock: told when the run
+    starts, and ticked at least every half second while it goes on."""
+
+    def __call__(self, progress: DeviceProgress) -> None: ...
+
+    def started(self, devices: int, skipped: int) -> None: ...
+
+    def tick(self) -> None: ...
 
 
 class TaskHandle(Protocol):
@@ -256,6 +270,7 @@ class _Run:
     def __init__(self, plan: RunPlan, on_progress: ProgressFn | None) -> None:
         self.plan = plan
         self.on_progress = on_progress or (lambda _p: None)
+        self.reporter = on_progress if isinstance(on_progress, RunReporter) else None
         self.states = {d.id: _Device(d) for d in plan.devices}
         # (ready_at, sequence, device): retries wait for their backoff.
         self.queue: list[tuple[float, int, _Device]] = []
@@ -507,6 +522,8 @@ class _Run:
                 )
 
     def run(self) -> list[DeviceResult]:
+        if self.reporter is not None:
+            self.reporter.started(len(self.states), len(self.plan.skipped))
         try:
             self._loop()
         finally:
@@ -543,8 +560,10 @@ class _Run:
                     f"skipped: failures exceeded max_failure_ratio {self.plan.max_failure_ratio}",
                 )
             self._dispatch()
-            self._wait()
+            self._wait()  # half a second at most
             self._enforce_deadlines()
+            if self.reporter is not None:
+                self.reporter.tick()
 
     def _stop_all(self, status: DeviceStatus, reason: str) -> None:
         for worker in list(self.workers):

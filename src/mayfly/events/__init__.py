@@ -1,10 +1,11 @@
 """The event contract: every Mayfly event type, its schema and its encodings.
 
-Three CloudEvents 1.0 types, JSON data, one frozen pydantic model each::
+Four CloudEvents 1.0 types, JSON data, one frozen pydantic model each::
 
     dev.mayfly.task.requested   TaskRequest    operator -> coordinator
     dev.mayfly.task.completed   TaskCompleted  coordinator -> aggregator (maybe in parts)
     dev.mayfly.task.rejected    TaskRejected   coordinator -> dead-letter topic
+    dev.mayfly.task.progress    TaskProgress   coordinator -> results topic, while it runs
 
 Encodings are symmetric functions: :func:`to_cloudevent`/:func:`from_cloudevent`,
 :func:`to_kafka`/:func:`from_kafka`, :func:`to_http`/:func:`from_http`. Bad
@@ -27,6 +28,7 @@ from mayfly.events._base import (
     PUBLISHER_SOURCE,
     SPECVERSION,
     TASK_COMPLETED,
+    TASK_PROGRESS,
     TASK_REJECTED,
     TASK_REQUESTED,
     DeviceStatus,
@@ -61,6 +63,12 @@ from mayfly.events.completed import (
     merge_shards,
     split_completed,
 )
+from mayfly.events.progress import (
+    MAX_PROGRESS_DEVICES,
+    MAX_PROGRESS_MESSAGE,
+    DeviceUpdate,
+    TaskProgress,
+)
 from mayfly.events.rejected import RejectionCode, TaskRejected, rejection_for
 from mayfly.events.requested import (
     DEFAULT_CHANNEL,
@@ -81,17 +89,21 @@ __all__ = [
     "DEFAULT_PART_BYTES",
     "JSON_CONTENT_TYPE",
     "MAX_EVENT_BYTES",
+    "MAX_PROGRESS_DEVICES",
+    "MAX_PROGRESS_MESSAGE",
     "MAX_SHARDS",
     "PUBLISHER_SOURCE",
     "SHARD_MARK",
     "SPECVERSION",
     "STRUCTURED_CONTENT_TYPE",
     "TASK_COMPLETED",
+    "TASK_PROGRESS",
     "TASK_REJECTED",
     "TASK_REQUESTED",
     "CoordinatorInfo",
     "DeviceResult",
     "DeviceStatus",
+    "DeviceUpdate",
     "KafkaRecord",
     "MayflyEvent",
     "Mode",
@@ -104,6 +116,7 @@ __all__ = [
     "Shard",
     "ShardRun",
     "TaskCompleted",
+    "TaskProgress",
     "TaskRejected",
     "TaskRequest",
     "Timings",

@@ -35,6 +35,7 @@ __all__ = [
     "PUBLISHER_SOURCE",
     "SPECVERSION",
     "TASK_COMPLETED",
+    "TASK_PROGRESS",
     "TASK_REJECTED",
     "TASK_REQUESTED",
     "DeviceId",
@@ -61,6 +62,7 @@ JSON_CONTENT_TYPE = "application/json"
 TASK_REQUESTED = "dev.mayfly.task.requested"
 TASK_COMPLETED = "dev.mayfly.task.completed"
 TASK_REJECTED = "dev.mayfly.task.rejected"
+TASK_PROGRESS = "dev.mayfly.task.progress"
 PUBLISHER_SOURCE = "/mayfly/publisher"
 COORDINATOR_SOURCE = "/mayfly/coordinator"
 

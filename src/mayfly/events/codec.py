@@ -69,6 +69,7 @@ from mayfly.events._wire import (
     starts_object,
 )
 from mayfly.events.completed import TaskCompleted
+from mayfly.events.progress import TaskProgress
 from mayfly.events.rejected import TaskRejected
 from mayfly.events.requested import TaskRequest
 
@@ -87,12 +88,12 @@ __all__ = [
     "to_kafka_record",
 ]
 
-MayflyEvent: TypeAlias = TaskRequest | TaskCompleted | TaskRejected
+MayflyEvent: TypeAlias = TaskRequest | TaskCompleted | TaskRejected | TaskProgress
 Mode: TypeAlias = Literal["binary", "structured"]
 
-_MODELS: dict[str, type[TaskRequest] | type[TaskCompleted] | type[TaskRejected]] = {
-    model.event_type: model for model in (TaskRequest, TaskCompleted, TaskRejected)
-}
+_MODELS: dict[
+    str, type[TaskRequest] | type[TaskCompleted] | type[TaskRejected] | type[TaskProgress]
+] = {model.event_type: model for model in (TaskRequest, TaskCompleted, TaskRejected, TaskProgress)}
 
 
 _STRUCTURED_BYTES = STRUCTURED_CONTENT_TYPE.encode()
@@ -268,7 +269,7 @@ def from_http(headers: Headers | None, body: bytes | str | None) -> MayflyEvent:
 
 
 def _as_model(event: MayflyEvent | AnyCloudEvent) -> MayflyEvent:
-    if isinstance(event, TaskRequest | TaskCompleted | TaskRejected):
+    if isinstance(event, TaskRequest | TaskCompleted | TaskRejected | TaskProgress):
         return event
     if isinstance(event, AnyCloudEvent):
         return from_cloudevent(event)

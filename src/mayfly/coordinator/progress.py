@@ -1,0 +1,137 @@
+"""A running request's progress, as ``dev.mayfly.task.progress`` events.
+
+The run tells :class:`ProgressReporter` of every device's change; the
+reporter keeps the counts per status and the latest word of each device that
+changed, and emits them at most once per interval, the first only once the
+request has run one interval: a request done sooner says nothing before its
+result, and costs nothing but dictionary updates. Emitting never fails the
+request: a sink that refuses is logged and not asked again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from mayfly.coordinator.runner import DeviceProgress
+from mayfly.errors import MayflyError
+from mayfly.events import (
+    MAX_PROGRESS_DEVICES,
+    MAX_PROGRESS_MESSAGE,
+    DeviceStatus,
+    DeviceUpdate,
+    TaskProgress,
+    TaskRequest,
+)
+
+__all__ = ["DEFAULT_INTERVAL_S", "ProgressReporter"]
+
+#: Progress events of one request are at least this far apart.
+DEFAULT_INTERVAL_S = 0.5
+_LOG = logging.getLogger("mayfly.coordinator.progress")
+
+
+class ProgressReporter:
+    """A :class:`~mayfly.coordinator.runner.RunReporter` emitting progress events.
+
+    Args:
+        request: the request (or shard) running.
+        coordinator: the running coordinator's instance id.
+        emit: where events go (the results topic); may raise :class:`MayflyError`.
+        each: also told of every change (``mayfly up -v`` logs them).
+    """
+
+    def __init__(
+        self,
+        request: TaskRequest,
+        coordinator: str,
+        emit: Callable[[TaskProgress], None],
+        *,
+        each: Callable[[DeviceProgress], None] | None = None,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._request = request
+        self._coordinator = coordinator
+        self._emit: Callable[[TaskProgress], None] | None = emit
+        self._each = each
+        self._interval_s = interval_s
+        self._clock = clock
+        self._started_at = datetime.now(UTC)
+        self._next_at = clock() + interval_s
+        self._total = 0
+        self._status: dict[str, DeviceStatus] = {}
+        self._counts: Counter[DeviceStatus] = Counter()
+        self._changed: dict[str, DeviceProgress] = {}
+        self._seq = 0
+        self._sent_counts: Counter[DeviceStatus] | None = None
+
+    def started(self, devices: int, skipped: int) -> None:
+        """The run starts: ``devices`` to run, ``skipped`` already skipped."""
+        self._started_at = datetime.now(UTC)
+        self._next_at = self._clock() + self._interval_s
+        self._total = devices + skipped
+        self._counts = Counter({DeviceStatus.QUEUED: devices})
+        if skipped:
+            self._counts[DeviceStatus.SKIPPED] = skipped
+
+    def __call__(self, progress: DeviceProgress) -> None:
+        old = self._status.get(progress.device_id, DeviceStatus.QUEUED)
+        if old is not progress.status:
+            self._counts[old] -= 1
+            self._counts[progress.status] += 1
+            self._status[progress.device_id] = progress.status
+        # Moved to the end: the newest news goes first when there is too much.
+        self._changed.pop(progress.device_id, None)
+        self._changed[progress.device_id] = progress
+        if self._each is not None:
+            self._each(progress)
+
+    def tick(self) -> None:
+        """Emit what changed, if an interval has passed since the last event."""
+        now = self._clock()
+        if self._emit is None or now < self._next_at:
+            return
+        self._next_at = now + self._interval_s
+        if not self._changed and self._counts == self._sent_counts:
+            return
+        # Latest first: a long run's oldest news waits for the next event.
+        changed = list(self._changed.values())[-MAX_PROGRESS_DEVICES:]
+        for progress in changed:
+            del self._changed[progress.device_id]
+        event = TaskProgress(
+            request_id=self._request.id,
+            task=self._request.task,
+            priority=self._request.priority,
+            traceparent=self._request.traceparent,
+            tracestate=self._request.tracestate,
+            shard=self._request.shard,
+            coordinator=self._coordinator,
+            seq=self._seq,
+            started_at=self._started_at,
+            devices_total=self._total,
+            counts={s: n for s, n in self._counts.items() if n > 0},
+            devices=tuple(_update(p) for p in changed),
+        )
+        self._seq += 1
+        self._sent_counts = Counter(self._counts)
+        try:
+            self._emit(event)
+        except MayflyError as exc:
+            _LOG.warning(
+                "%s: progress not reported, and no more will be: %s", event.request_id, exc
+            )
+            self._emit = None
+
+
+def _update(progress: DeviceProgress) -> DeviceUpdate:
+    return DeviceUpdate(
+        device_id=progress.device_id,
+        status=progress.status,
+        percent=progress.percent,
+        message=progress.message[:MAX_PROGRESS_MESSAGE],
+        attempt=progress.attempt,
+    )

@@ -1,0 +1,124 @@
+"""``dev.mayfly.task.progress``: how a running request stands, while it runs.
+
+A coordinator in ``mayfly up`` emits one at most every half second while a
+request that has run that long goes on, on the results topic and the
+request's partition, so it comes before the result. Each carries the counts
+of devices per status so far (the whole of the request or shard) and the
+latest word of the devices that changed since the last one (at most
+:data:`MAX_PROGRESS_DEVICES`: a later event has the rest). They are news, not
+a record: the result is the outcome, and a reader that missed one loses
+nothing the next or the result does not say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from mayfly.errors import EventError
+from mayfly.events._base import (
+    COORDINATOR_SOURCE,
+    TASK_PROGRESS,
+    DeviceId,
+    DeviceStatus,
+    EventId,
+    EventModel,
+    Name,
+    NonEmpty,
+    UtcDatetime,
+)
+from mayfly.events.requested import Shard
+
+__all__ = ["MAX_PROGRESS_DEVICES", "MAX_PROGRESS_MESSAGE", "DeviceUpdate", "TaskProgress"]
+
+#: Device updates one progress event carries at most.
+MAX_PROGRESS_DEVICES = 200
+#: A device's progress message is cut to this many characters (a package writes it).
+MAX_PROGRESS_MESSAGE = 200
+
+Count = Annotated[int, Field(strict=True, ge=0)]
+
+
+class DeviceUpdate(BaseModel):
+    """The latest word of one device."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    device_id: DeviceId
+    status: DeviceStatus
+    percent: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)] = 0.0
+    message: Annotated[str, StringConstraints(max_length=MAX_PROGRESS_MESSAGE)] = ""
+    attempt: Count = 0
+
+
+class TaskProgress(EventModel):
+    """One report of a running request (or shard), by the coordinator running it.
+
+    The event id is ``<request_id>:progress:<coordinator>:<seq>``: a request run
+    again after a crash reports afresh under its new coordinator.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+    event_type: ClassVar[str] = TASK_PROGRESS
+    attribute_fields: ClassVar[dict[str, str]] = {
+        "source": "source",
+        "time": "time",
+        "priority": "priority",
+        "traceparent": "traceparent",
+        "tracestate": "tracestate",
+    }
+    strict_data: ClassVar[bool] = False
+
+    source: NonEmpty = COORDINATOR_SOURCE
+    request_id: EventId
+    task: Name
+    coordinator: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    seq: Count
+    started_at: UtcDatetime
+    devices_total: Count
+    counts: dict[DeviceStatus, Count] = Field(default_factory=dict)
+    """Devices per status so far, over every device of the request (or shard)."""
+    devices: Annotated[tuple[DeviceUpdate, ...], Field(max_length=MAX_PROGRESS_DEVICES)] = ()
+    shard: Shard | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @property
+    def id(self) -> str:
+        return f"{self.request_id}:progress:{self.coordinator}:{self.seq}"
+
+    @property
+    def root_id(self) -> str:
+        """The id of the request as published: a shard's ``of``, else ``request_id``."""
+        return self.shard.of if self.shard is not None else self.request_id
+
+    @property
+    def partition_key(self) -> str:
+        """The request id (a shard's: its request's), as its result's: the news
+        of a request comes before its result, on one partition."""
+        return self.root_id
+
+    @property
+    def tasktype(self) -> str:
+        return self.task
+
+    @property
+    def done(self) -> int:
+        """Devices that reached an end (succeeded, failed, timed out, skipped, canceled)."""
+        ongoing = (DeviceStatus.QUEUED, DeviceStatus.RUNNING)
+        return sum(n for status, n in self.counts.items() if status not in ongoing)
+
+    def _ce_id(self) -> str:
+        return self.id
+
+    def _ce_partition_key(self) -> str:
+        return self.root_id
+
+    def _ce_tasktype(self) -> str:
+        return self.task
+
+    def _check_attributes(self, attributes: Mapping[str, Any]) -> None:
+        super()._check_attributes(attributes)
+        event_id = attributes.get("id")
+        if event_id != self.id:
+            raise EventError("id", f"{event_id!r} should be {self.id!r} for this report")
