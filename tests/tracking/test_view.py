@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from mayfly.errors import PackageNotFoundError
 from mayfly.events import (
     DeviceStatus,
+    DeviceUpdate,
+    TaskProgress,
     TaskRequest,
     new_request,
     rejection_for,
@@ -29,12 +31,12 @@ def test_a_published_request_is_pending_until_its_outcome_is_read() -> None:
     book.add(_request("r1"))
     view = book.get("r1")
     assert view is not None
-    assert view.state is RequestState.PENDING
+    assert view.state == RequestState.PENDING
     assert view.device_total == 2
 
     book.add(result("r1", devices=[device("sim-0001"), device("sim-0002", "failed")]))
 
-    assert view.state is RequestState.PARTIAL
+    assert view.state == RequestState.PARTIAL
     assert view.device_counts == {"succeeded": 1, "failed": 1}
     assert view.version == "1.2.0"
 
@@ -48,12 +50,12 @@ def test_a_result_in_parts_is_whole_only_with_every_part_and_counts_once() -> No
         book.add(part)
     view = book.get("r1")
     assert view is not None
-    assert view.state is RequestState.PENDING
+    assert view.state == RequestState.PENDING
 
     book.add(parts[-1])
     book.add(parts[0])  # a redelivery once whole
 
-    assert view.state is RequestState.SUCCEEDED
+    assert view.state == RequestState.SUCCEEDED
     assert len(view.devices) == 300
     assert view.device_counts == {"succeeded": 300}
 
@@ -79,7 +81,7 @@ def test_shards_are_one_request_and_a_rejected_shard_rejects_it() -> None:
         )
     )
 
-    assert view.state is RequestState.REJECTED
+    assert view.state == RequestState.REJECTED
 
 
 def test_a_list_without_devices_keeps_the_counts() -> None:
@@ -130,3 +132,55 @@ def test_the_trace_id_is_the_trace_the_aggregator_makes(telemetered: Telemetered
     assert ids[0] == TRACE_ID
     assert len(set(ids)) == 3
     assert set(ids) == traced
+
+
+def _report(request_id: str, seq: int, counts: dict[str, int], **kw: object) -> TaskProgress:
+    return TaskProgress(
+        request_id=request_id,
+        task="reboot",
+        coordinator="coord-1",
+        seq=seq,
+        started_at=T0,
+        devices_total=sum(counts.values()),
+        counts={DeviceStatus(s): n for s, n in counts.items()},
+        **kw,
+    )
+
+
+def test_progress_makes_a_request_running_until_its_outcome() -> None:
+    book = RequestBook()
+    book.add(_request("r1"))
+    book.add(
+        _report(
+            "r1",
+            0,
+            {"running": 1, "queued": 1},
+            devices=(DeviceUpdate(device_id="sim-0001", status="running", percent=50.0),),
+        )
+    )
+    view = book.get("r1")
+    assert view is not None
+    assert view.state == RequestState.RUNNING
+    assert view.running_counts == {"running": 1, "queued": 1}
+    assert view.live["sim-0001"].percent == 50.0
+
+    book.add(result("r1"))
+    book.add(_report("r1", 1, {"running": 2}))  # late news of a run again: the outcome stands
+
+    assert view.state == RequestState.SUCCEEDED
+    assert view.live == {}
+    assert "progress" not in view.to_dict()
+
+
+def test_the_progress_of_shards_adds_up() -> None:
+    request = new_request("reboot", devices=["a", "b", "c", "d"], request_id="big")
+    shards = shard_request(request, ["a", "b", "c", "d"], 2, version="1.0.0")
+    book = RequestBook()
+    book.add(request)
+    book.add(_report(shards[0].id, 3, {"succeeded": 1, "running": 1}, shard=shards[0].shard))
+    book.add(_report(shards[1].id, 0, {"queued": 2}, shard=shards[1].shard))
+    book.add(_report(shards[0].id, 4, {"succeeded": 2}, shard=shards[0].shard))
+
+    view = book.get("big")
+    assert view is not None
+    assert view.running_counts == {"succeeded": 2, "queued": 2}

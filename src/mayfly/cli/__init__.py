@@ -44,6 +44,10 @@ _COMMANDS = {
         "mayfly.cli.tracking:list_requests",
         "List published requests, newest first, with their state.",
     ),
+    "watch": (
+        "mayfly.cli.tracking:watch",
+        "Follow one request live, with a progress bar, until its outcome.",
+    ),
     "demo": (
         "mayfly.cli.demo:demo",
         "Run Mayfly end to end on this machine, with no server installed.",

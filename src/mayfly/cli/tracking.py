@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 
-from mayfly.app.tracking import read_book
+from mayfly.app.tracking import follow, read_book
 from mayfly.app.wiring import check_event_log, open_event_log
 from mayfly.cli._common import settings_options
 from mayfly.events import DeviceResult, DeviceStatus, TaskCompleted, TaskRejected
 from mayfly.settings import Settings
 from mayfly.tracking import RequestState, RequestView, trace_url
 
-__all__ = ["get", "list_requests"]
+__all__ = ["get", "list_requests", "watch"]
 
 _OUTPUT = click.option(
     "-o",
@@ -28,6 +29,7 @@ _OUTPUT = click.option(
 )
 #: Cells of a table are cut here; -o json and -o yaml print everything.
 _CELL = 100
+_BAR = 30
 _SINCE = re.compile(r"(\d+)\s*([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 # Problems first: the devices an operator looks at are at the top.
@@ -80,6 +82,87 @@ def get(request_id: str, output: str, max_devices: int, settings: Settings) -> N
         _dump(view.to_dict(jaeger_url=settings.jaeger_url), output)
         return
     _print_view(view, settings.jaeger_url, max_devices)
+
+
+@click.command()
+@click.argument("request_id")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds to follow at most (then exit 1).",
+)
+@settings_options("home", "event_log", "topic_prefix")
+def watch(request_id: str, timeout_s: float, settings: Settings) -> None:
+    """Follow one request live, with a progress bar, until its outcome.
+
+    Shows how many devices are done, and how many are in each status, as its
+    coordinators report (every half second while it runs). Exits as job mode
+    and `publish --wait` do: 0 when every device succeeded, 3 partial, 4
+    failed, 5 rejected; 1 when --timeout passes or the log has no such request.
+    """
+    from mayfly.coordinator.pipeline import exit_code_for, summarize
+
+    check_event_log(settings)
+    log = open_event_log(settings)
+    screen = _Screen(sys.stdout.isatty())
+    try:
+        view = follow(log, settings.topics, request_id, screen.show, timeout_s)
+        where = log.describe()
+    except KeyboardInterrupt:
+        screen.end()
+        raise SystemExit(130) from None
+    finally:
+        log.close()
+    screen.end()
+    if view is None:
+        click.secho(f"error: no request {request_id!r} in {where}", err=True, fg="red")
+        raise SystemExit(1)
+    if view.outcome is None:
+        click.secho(f"no outcome within {timeout_s:g} s: {view.state.value}", err=True, fg="red")
+        raise SystemExit(1)
+    click.echo(f"{view.id} {summarize(view.outcome)}")
+    raise SystemExit(int(exit_code_for(view.outcome)))
+
+
+class _Screen:
+    """One line of progress: redrawn in place on a terminal, else printed as it changes."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.last = ""
+
+    def show(self, view: RequestView) -> None:
+        line = _progress_line(view)
+        if line == self.last:
+            return
+        if self.tty:
+            click.echo("\r" + line.ljust(len(self.last)), nl=False)
+        else:
+            click.echo(line)
+        self.last = line
+
+    def end(self) -> None:
+        if self.tty and self.last:
+            click.echo()
+
+
+def _progress_line(view: RequestView) -> str:
+    if view.outcome is not None:
+        counts = view.device_counts
+    elif view.state is RequestState.RUNNING:
+        counts = view.running_counts
+    else:
+        return f"{view.id} pending: published {_when(view.published_at)}, not running yet"
+    total = view.device_total or sum(counts.values())
+    ongoing = (DeviceStatus.QUEUED.value, DeviceStatus.RUNNING.value)
+    done = sum(n for s, n in counts.items() if s not in ongoing)
+    filled = round(_BAR * done / total) if total else _BAR
+    bar = "█" * filled + "░" * (_BAR - filled)
+    shown = "  ".join(f"{s} {n}" for s, n in sorted(counts.items()) if n)
+    return f"{bar} {done}/{total} done  {shown}"
 
 
 @click.command("list")
@@ -172,6 +255,8 @@ def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int) -> 
         ("state", _state_line(view)),
         ("published", _when(view.published_at)),
     ]
+    if view.running_since is not None:
+        rows.append(("running", f"since {_when(view.running_since)}"))
     if view.finished_at is not None:
         rows.append(("finished", _when(view.finished_at) + _took(view)))
     if isinstance(outcome, TaskCompleted):
@@ -196,6 +281,18 @@ def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int) -> 
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+    if view.live:
+        click.echo()
+        live = sorted(view.live.values(), key=lambda u: _ORDER.get(u.status, 9))
+        cut = live[:max_devices] if max_devices else live
+        _table(
+            ["DEVICE", "STATUS", "ATTEMPT", "PROGRESS", "MESSAGE"],
+            [
+                [u.device_id, u.status.value, str(u.attempt), f"{u.percent:.0f}%", _cut(u.message)]
+                for u in cut
+            ],
+        )
+        return
     devices = sorted(view.devices, key=lambda d: _ORDER.get(d.status, 9))
     if not devices:
         return
@@ -215,6 +312,9 @@ def _state_line(view: RequestView) -> str:
     if view.device_counts:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(view.device_counts.items()))
         return f"{state}: {counts} (of {view.device_total} devices)"
+    if view.state is RequestState.RUNNING:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(view.running_counts.items()))
+        return f"running: {counts} (of {view.device_total} devices)"
     if view.state is RequestState.PENDING:
         total = view.device_total
         on = f"{total} devices" if total is not None else "the devices its selector matches"

@@ -19,8 +19,10 @@ from typing import Any
 from mayfly.aggregator.tracing import trace_id_of
 from mayfly.events import (
     DeviceResult,
+    DeviceUpdate,
     MayflyEvent,
     TaskCompleted,
+    TaskProgress,
     TaskRejected,
     TaskRequest,
     shard_prefixes,
@@ -34,7 +36,9 @@ class RequestState(StrEnum):
     """Where a request stands, as the log tells it."""
 
     PENDING = "pending"
-    """Published; no outcome yet (queued, or running)."""
+    """Published; not running yet, as far as the log tells (or too briefly to say)."""
+    RUNNING = "running"
+    """A coordinator reported progress; no outcome yet."""
     SUCCEEDED = "succeeded"
     PARTIAL = "partial"
     FAILED = "failed"
@@ -55,6 +59,10 @@ class RequestView:
     shards_done: int = 0
     device_counts: Counter[str] = field(default_factory=Counter)
     """Devices per status in the outcome (kept when the devices are not)."""
+    progress: dict[str, TaskProgress] = field(default_factory=dict)
+    """While it runs: the latest report of the request, or of each shard, by id."""
+    live: dict[str, DeviceUpdate] = field(default_factory=dict)
+    """While it runs: the latest word of each device a report named."""
 
     @property
     def state(self) -> RequestState:
@@ -62,7 +70,19 @@ class RequestView:
             return RequestState.REJECTED
         if isinstance(self.outcome, TaskCompleted):
             return RequestState(self.outcome.status.value)
-        return RequestState.PENDING
+        return RequestState.RUNNING if self.progress else RequestState.PENDING
+
+    @property
+    def running_counts(self) -> Counter[str]:
+        """While it runs: devices per status, summed over the reports of its shards."""
+        counts: Counter[str] = Counter()
+        for report in self.progress.values():
+            counts.update({status.value: n for status, n in report.counts.items()})
+        return counts
+
+    @property
+    def running_since(self) -> datetime | None:
+        return min((r.started_at for r in self.progress.values()), default=None)
 
     @property
     def task(self) -> str | None:
@@ -103,6 +123,8 @@ class RequestView:
         """Devices it ran on, else named (a selector's are known once it ran)."""
         if self.device_counts:
             return sum(self.device_counts.values())
+        if self.request is not None and self.request.selector and self.progress:
+            return sum(r.devices_total for r in self.progress.values())
         if self.request is not None and not self.request.selector:
             return len(self.request.devices)
         return None
@@ -140,6 +162,12 @@ class RequestView:
             body["request"] = self.request.cloudevent_data()
         if self.outcome is not None:
             body["outcome"] = {"type": self.outcome.event_type, **self.outcome.cloudevent_data()}
+        elif self.progress:
+            body["progress"] = {
+                "running_since": _iso(self.running_since),
+                "counts": dict(sorted(self.running_counts.items())),
+                "devices": [u.model_dump(mode="json") for u in self.live.values()],
+            }
         return body
 
 
@@ -184,7 +212,7 @@ class RequestBook:
             return self._requested(event)
         if isinstance(event, TaskCompleted | TaskRejected):
             return self._outcome(event)
-        return None
+        return self._progressed(event)
 
     def _view(self, root: str) -> RequestView | None:
         if self._only is not None and root not in self._only:
@@ -206,6 +234,15 @@ class RequestBook:
             view.request = request
         return view
 
+    def _progressed(self, report: TaskProgress) -> RequestView | None:
+        view = self._view(report.root_id)
+        if view is None or view.outcome is not None:
+            return None  # not kept, or news older than the outcome (a shard run again)
+        view.progress[report.request_id] = report
+        for update in report.devices:
+            view.live[update.device_id] = update
+        return view
+
     def _outcome(self, event: Outcome) -> RequestView | None:
         root = root_of(event, self._by_prefix)
         if root is None:
@@ -218,6 +255,7 @@ class RequestBook:
         if whole is None:
             return view
         view.outcome = whole
+        view.progress, view.live = {}, {}
         if isinstance(whole, TaskCompleted):
             view.device_counts = Counter(d.status.value for d in whole.devices)
             view.shards = len(whole.shards)
