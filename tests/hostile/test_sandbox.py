@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 
 from mayfly.coordinator.zygote import TaskZygote
-from mayfly.events import DeviceStatus, TaskCompleted, new_request
+from mayfly.events import (
+    MAX_DEVICE_LOG_LINES,
+    MAX_LOG_MESSAGE,
+    DeviceStatus,
+    TaskCompleted,
+    new_request,
+    split_completed,
+    to_kafka_record,
+)
 from mayfly.sandbox import landlock, seccomp
 
 from ..coordinator.conftest import Env, FleetFactory, make_env, write_package
@@ -277,6 +285,50 @@ def test_a_flood_of_progress_frames_does_not_outrun_the_timeout(
     assert device.status is DeviceStatus.TIMED_OUT, device
     assert device.output is None
     assert took < 6, f"the attempt ran {took:.1f} s against a 2 s device timeout"
+
+
+def test_a_flood_of_log_lines_keeps_a_bounded_few(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet(2)
+    code = """
+        def run(ctx):
+            for n in range(3000):
+                ctx.log.info("%04d %s", n, "y" * 600)
+            ctx.log.error("the last one")
+            return "chatty"
+        """
+    outcome = _run(env, tmp_path, "logger", code, ["sim-0001", "sim-0002"])
+    for device in outcome.devices:
+        assert device.status is DeviceStatus.SUCCEEDED, device
+        assert len(device.logs) == MAX_DEVICE_LOG_LINES
+        assert device.logs_dropped == 3001 - MAX_DEVICE_LOG_LINES
+        assert max(len(line.message) for line in device.logs) == MAX_LOG_MESSAGE
+    # 3 MB written: the result stays a small event.
+    assert sum(len(to_kafka_record(part)[1]) for part in split_completed(outcome)) < 100_000
+
+
+def test_a_log_frame_of_a_level_unknown_is_refused(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet(1)
+    code = """
+        import json, os, struct
+
+        def run(ctx):
+            frame = json.dumps({"t": "log", "level": "\\x1b[2J", "message": "hi"}).encode()
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, struct.pack(">I", len(frame)) + frame)
+                except OSError:
+                    pass
+            return "logged"
+        """
+    outcome = _run(env, tmp_path, "forged-level", code, ["sim-0001"])
+    [device] = outcome.devices
+    assert device.status is DeviceStatus.FAILED
+    assert "broke protocol" in (device.error or "")
+    assert "'level' must be one of" in (device.error or "")
 
 
 def test_a_package_reaches_only_the_device_it_was_given(

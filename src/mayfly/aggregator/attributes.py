@@ -21,11 +21,15 @@ __all__ = [
     "DEVICE_COUNT",
     "DEVICE_ID",
     "DEVICE_STATUS",
+    "LOG_ATTEMPT",
+    "LOG_LEVEL",
+    "LOG_MESSAGE",
     "MESSAGING_DESTINATION",
     "MESSAGING_OPERATION_TYPE",
     "MESSAGING_SYSTEM",
     "PACKAGE_DIGEST",
     "PACKAGE_VERSION",
+    "PROGRESS_PERCENT",
     "REJECTED_STATUS",
     "REJECTION_CODE",
     "REJECTION_FIELD",
@@ -58,6 +62,12 @@ COORDINATOR_ID: Final = "mayfly.coordinator.id"
 COORDINATOR_MODE: Final = "mayfly.coordinator.mode"
 REJECTION_CODE: Final = "mayfly.rejection.code"
 REJECTION_FIELD: Final = "mayfly.rejection.field"
+# On a device span's events: a line the package wrote (``log``), or its
+# progress report (``progress``).
+LOG_LEVEL: Final = "mayfly.log.level"
+LOG_MESSAGE: Final = "mayfly.log.message"
+LOG_ATTEMPT: Final = "mayfly.log.attempt"
+PROGRESS_PERCENT: Final = "mayfly.progress.percent"
 
 #: ``mayfly.request.status`` of a rejected request (the other values are
 #: :class:`~mayfly.events.OverallStatus`).

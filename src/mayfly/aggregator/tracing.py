@@ -20,6 +20,10 @@ happened, not when the aggregator heard of them. Publisher and coordinator
 clocks may disagree a little: the root is widened to hold every device span
 rather than show a child outside its parent.
 
+A device span carries the package's lines on that device as events: ``log``
+(``ctx.log``: level, message, attempt) and ``progress`` (``ctx.progress``:
+percent, message), at the time they were written.
+
 Span status: ``OK`` for a succeeded device; ``ERROR`` with the device's error
 for a failed, timed out, canceled or unfinished one; ``UNSET`` for a skipped
 one (the rollout stopped before it: nothing went wrong on that device). The
@@ -51,11 +55,15 @@ from mayfly.aggregator.attributes import (
     DEVICE_COUNT,
     DEVICE_ID,
     DEVICE_STATUS,
+    LOG_ATTEMPT,
+    LOG_LEVEL,
+    LOG_MESSAGE,
     MESSAGING_DESTINATION,
     MESSAGING_OPERATION_TYPE,
     MESSAGING_SYSTEM,
     PACKAGE_DIGEST,
     PACKAGE_VERSION,
+    PROGRESS_PERCENT,
     REJECTED_STATUS,
     REJECTION_CODE,
     REJECTION_FIELD,
@@ -255,6 +263,16 @@ class ResultTracer:
                 },
                 start_time=d_start,
             )
+            for line in device.logs:
+                event: dict[str, AttributeValue] = {
+                    LOG_LEVEL: line.level,
+                    LOG_MESSAGE: line.message,
+                    LOG_ATTEMPT: line.attempt,
+                }
+                if line.percent is not None:
+                    event[PROGRESS_PERCENT] = line.percent
+                name = "progress" if line.level == "progress" else "log"
+                span.add_event(name, event, timestamp=_ns(line.at))
             if d_status is DeviceStatus.SUCCEEDED:
                 span.set_status(_OK)
             elif d_status not in _NOT_FAILURES:

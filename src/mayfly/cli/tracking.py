@@ -13,7 +13,7 @@ import click
 from mayfly.app.tracking import follow, read_book
 from mayfly.app.wiring import check_event_log, open_event_log
 from mayfly.cli._common import settings_options
-from mayfly.events import DeviceResult, DeviceStatus, TaskCompleted, TaskRejected
+from mayfly.events import DeviceResult, DeviceStatus, LogLine, TaskCompleted, TaskRejected
 from mayfly.settings import Settings
 from mayfly.tracking import RequestState, RequestView, trace_url
 
@@ -54,8 +54,11 @@ _ORDER = {
     show_default=True,
     help="Device rows in the table at most, problems first (0: all).",
 )
+@click.option(
+    "--logs", is_flag=True, help="Also print the package's lines (ctx.log, ctx.progress)."
+)
 @settings_options("home", "event_log", "topic_prefix", "jaeger_url")
-def get(request_id: str, output: str, max_devices: int, settings: Settings) -> None:
+def get(request_id: str, output: str, max_devices: int, logs: bool, settings: Settings) -> None:
     """Show one request: its state, package, trace and every device's result.
 
     REQUEST_ID is the id `mayfly publish` printed. The request and its outcome
@@ -81,7 +84,7 @@ def get(request_id: str, output: str, max_devices: int, settings: Settings) -> N
     if output != "table":
         _dump(view.to_dict(jaeger_url=settings.jaeger_url), output)
         return
-    _print_view(view, settings.jaeger_url, max_devices)
+    _print_view(view, settings.jaeger_url, max_devices, logs)
 
 
 @click.command()
@@ -133,8 +136,17 @@ class _Screen:
     def __init__(self, tty: bool) -> None:
         self.tty = tty
         self.last = ""
+        self.lines_shown = 0
 
     def show(self, view: RequestView) -> None:
+        new = view.lines_seen - self.lines_shown
+        if new > 0:
+            self.lines_shown = view.lines_seen
+            if self.tty and self.last:
+                click.echo("\r" + " " * len(self.last) + "\r", nl=False)
+                self.last = ""  # drawn again below the lines
+            for kept in list(view.lines)[-new:]:
+                click.echo(_line(kept.device_id, kept))
         line = _progress_line(view)
         if line == self.last:
             return
@@ -247,7 +259,7 @@ def _dump(value: Any, output: str) -> None:
         click.echo(yaml.safe_dump(value, sort_keys=False, allow_unicode=True), nl=False)
 
 
-def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int) -> None:
+def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int, logs: bool) -> None:
     outcome = view.outcome
     rows: list[tuple[str, str]] = [
         ("request", view.id),
@@ -292,6 +304,10 @@ def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int) -> 
                 for u in cut
             ],
         )
+        if logs and view.lines:
+            click.echo()
+            for recent in view.lines:
+                click.echo(_line(recent.device_id, recent))
         return
     devices = sorted(view.devices, key=lambda d: _ORDER.get(d.status, 9))
     if not devices:
@@ -305,6 +321,23 @@ def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int) -> 
     if len(shown) < len(devices):
         left = len(devices) - len(shown)
         click.echo(f"... {left} more device(s): --max-devices 0 shows all, -o json everything")
+    written = [d for d in shown if d.logs]
+    if written and not logs:
+        click.echo(f"{len(written)} device(s) have package lines: --logs shows them")
+    for device in written if logs else ():
+        click.echo()
+        if device.logs_dropped:
+            click.echo(f"{device.device_id}: {device.logs_dropped} earlier line(s) not kept")
+        for line in device.logs:
+            click.echo(_line(device.device_id, line))
+
+
+def _line(device_id: str, line: LogLine) -> str:
+    """One package line: when, where, how loud, what (one terminal line, whatever it says)."""
+    what = f"{line.percent:.0f}% {line.message}" if line.percent is not None else line.message
+    at = line.at.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
+    text = what.encode("unicode_escape").decode("ascii")
+    return f"{at} {device_id} #{line.attempt} {line.level}: {text}"
 
 
 def _state_line(view: RequestView) -> str:

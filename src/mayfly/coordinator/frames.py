@@ -13,6 +13,7 @@ Frames a task process sends::
     {"t": "ready"}
     {"t": "import_failed", "error": str}
     {"t": "progress", "percent": number, "message": str}
+    {"t": "log", "level": "debug" | "info" | "warning" | "error" | "critical", "message": str}
     {"t": "done", "ok": bool, "output": str | null, "error": str | null}
     {"t": "call", "op": "state"}
     {"t": "call", "op": "action", "name": str, "payload": object}
@@ -24,8 +25,8 @@ Frames the coordinator sends (trusted; the task process still checks them)::
     {"t": "answer", "ok": false, "kind": "unavailable" | "refused", "reason": str}
     {"t": "stop"}
 
-No frame a task process sends names a device: ``done``, ``progress`` and
-``call`` are about the attempt the coordinator gave that process, so a package
+No frame a task process sends names a device: ``done``, ``progress``, ``log``
+and ``call`` are about the attempt the coordinator gave that process, so a package
 can neither speak for nor reach another device. A ``call`` is the package's
 only way to a device: the coordinator performs it on the attempt's device
 and sends the ``answer`` (see :mod:`mayfly.coordinator.devicecalls`).
@@ -44,9 +45,11 @@ from mayfly.errors import EventError
 from mayfly.jsondepth import check_depth
 
 __all__ = [
+    "LOG_LEVELS",
     "MAX_ACTION_NAME",
     "MAX_DEPTH",
     "MAX_FRAME_BYTES",
+    "MAX_TEXT_CHARS",
     "Channel",
     "ProtocolError",
     "check_task_frame",
@@ -61,11 +64,15 @@ MAX_FRAME_BYTES = 256 * 1024
 MAX_FRAMES_PER_READ = 64
 _HEADER = struct.Struct(">I")
 _MAX_TEXT = 4096
+#: Longest text (an error, a log line) a frame keeps; the rest is cut.
+MAX_TEXT_CHARS = _MAX_TEXT
 #: Nesting a frame may have: an action's payload sits two levels down.
 MAX_DEPTH = 16
 #: Longest action name a call may carry.
 MAX_ACTION_NAME = 128
 _READ_BYTES = 64 * 1024
+#: The levels a package's ``ctx.log`` lines may have, as a ``log`` frame names them.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class ProtocolError(Exception):
@@ -107,6 +114,11 @@ def check_task_frame(frame: object) -> dict[str, Any]:
         message = _text(frame, "message") or ""
         return {"t": "progress", "percent": min(100.0, max(0.0, float(percent))),
                 "message": message[:200]}  # fmt: skip
+    if kind == "log" and set(frame) == {"t", "level", "message"}:
+        if frame["level"] not in LOG_LEVELS:
+            raise ProtocolError(f"log frame: 'level' must be one of {', '.join(LOG_LEVELS)}")
+        message = _text(frame, "message") or ""
+        return {"t": "log", "level": frame["level"], "message": message[:_MAX_TEXT]}
     if kind == "done" and set(frame) == {"t", "ok", "output", "error"}:
         if not isinstance(frame["ok"], bool):
             raise ProtocolError("done frame: 'ok' must be true or false")

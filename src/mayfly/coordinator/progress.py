@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -20,9 +20,12 @@ from mayfly.coordinator.runner import DeviceProgress
 from mayfly.errors import MayflyError
 from mayfly.events import (
     MAX_PROGRESS_DEVICES,
+    MAX_PROGRESS_LINES,
     MAX_PROGRESS_MESSAGE,
+    DeviceLine,
     DeviceStatus,
     DeviceUpdate,
+    LogLine,
     TaskProgress,
     TaskRequest,
 )
@@ -66,6 +69,7 @@ class ProgressReporter:
         self._status: dict[str, DeviceStatus] = {}
         self._counts: Counter[DeviceStatus] = Counter()
         self._changed: dict[str, DeviceProgress] = {}
+        self._lines: deque[DeviceLine] = deque(maxlen=MAX_PROGRESS_LINES)
         self._seq = 0
         self._sent_counts: Counter[DeviceStatus] | None = None
 
@@ -90,13 +94,17 @@ class ProgressReporter:
         if self._each is not None:
             self._each(progress)
 
+    def line(self, device_id: str, line: LogLine) -> None:
+        """A line the package wrote: news for the next event (the latest few)."""
+        self._lines.append(DeviceLine(device_id=device_id, **dict(line)))
+
     def tick(self) -> None:
         """Emit what changed, if an interval has passed since the last event."""
         now = self._clock()
         if self._emit is None or now < self._next_at:
             return
         self._next_at = now + self._interval_s
-        if not self._changed and self._counts == self._sent_counts:
+        if not self._changed and not self._lines and self._counts == self._sent_counts:
             return
         # Latest first: a long run's oldest news waits for the next event.
         changed = list(self._changed.values())[-MAX_PROGRESS_DEVICES:]
@@ -115,7 +123,9 @@ class ProgressReporter:
             devices_total=self._total,
             counts={s: n for s, n in self._counts.items() if n > 0},
             devices=tuple(_update(p) for p in changed),
+            logs=tuple(self._lines),
         )
+        self._lines.clear()
         self._seq += 1
         self._sent_counts = Counter(self._counts)
         try:

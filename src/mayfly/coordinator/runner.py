@@ -37,6 +37,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,9 +49,21 @@ from mayfly.coordinator.devicecalls import DeviceCalls
 from mayfly.coordinator.frames import Channel, ProtocolError, check_task_frame
 from mayfly.coordinator.worker import WorkerSpec, worker_main
 from mayfly.devices import Device, DeviceDriver
-from mayfly.events import DeviceResult, DeviceStatus
+from mayfly.events import (
+    MAX_DEVICE_LOG_LINES,
+    MAX_LOG_MESSAGE,
+    DeviceResult,
+    DeviceStatus,
+    LogLine,
+)
 
 _LOG = logging.getLogger("mayfly.coordinator.runner")
+#: Where a package's ``ctx.log`` lines are logged, tagged with request, device
+#: and attempt (``mayfly up -v`` shows info; warnings and errors always).
+_TASK_LOG = logging.getLogger("mayfly.task")
+#: Characters of package lines one request keeps in its result, over every
+#: device: a chatty package on a large fleet does not make a huge result.
+MAX_REQUEST_LOG_CHARS = 1_000_000
 
 __all__ = [
     "DeviceProgress",
@@ -89,6 +102,10 @@ class RunReporter(Protocol):
     def started(self, devices: int, skipped: int) -> None: ...
 
     def tick(self) -> None: ...
+
+    def line(self, device_id: str, line: LogLine) -> None:
+        """A line the package wrote (``ctx.log``) on a device."""
+        ...
 
 
 class TaskHandle(Protocol):
@@ -174,6 +191,19 @@ class _Device:
     status: DeviceStatus = DeviceStatus.QUEUED
     output: Any = None
     error: str | None = None
+    lines: deque[LogLine] | None = None
+    """The package's last lines here (made at the first: most devices have none)."""
+    dropped: int = 0
+
+    def keep(self, line: LogLine) -> None:
+        if self.lines is None:
+            self.lines = deque(maxlen=MAX_DEVICE_LOG_LINES)
+        last = self.lines[-1] if self.lines else None
+        if line.level == "progress" and last is not None and last.level == "progress":
+            self.lines.pop()  # progress in a row: the latest says it all
+        elif len(self.lines) == self.lines.maxlen:
+            self.dropped += 1
+        self.lines.append(line)
 
     def result(self) -> DeviceResult:
         return DeviceResult(
@@ -184,6 +214,8 @@ class _Device:
             attempts=self.attempts,
             output=self.output,
             error=self.error,
+            logs=tuple(self.lines or ()),
+            logs_dropped=self.dropped,
         )
 
 
@@ -287,6 +319,7 @@ class _Run:
         self.spec = dataclasses.replace(plan.spec, scratch_root=self.scratch)
         self.failed = 0
         self.finished = 0
+        self.log_chars = 0
         self.import_error: str | None = None
         self.calls = DeviceCalls(
             plan.driver_factory, plan.spec.request_id, source=plan.request_source
@@ -389,6 +422,39 @@ class _Run:
         else:
             self._finish(state, status, error=error)
 
+    def _keep_line(
+        self, state: _Device, level: str, message: str, percent: float | None = None
+    ) -> LogLine | None:
+        """Keep one of the package's lines in the device's result, within the
+        request's budget; the line kept, or None when over it."""
+        if self.log_chars >= MAX_REQUEST_LOG_CHARS:
+            state.dropped += 1
+            return None
+        message = message[:MAX_LOG_MESSAGE]
+        self.log_chars += len(message)
+        line = LogLine(
+            at=_now(), attempt=state.attempts, level=level, message=message, percent=percent
+        )
+        state.keep(line)
+        return line
+
+    def _log(self, state: _Device, level: str, message: str) -> None:
+        number = logging.getLevelName(level.upper())
+        if _TASK_LOG.isEnabledFor(number):
+            # One line per record, whatever the package wrote: nothing it sends
+            # can start a line of the runtime's output or steer a terminal.
+            _TASK_LOG.log(
+                number,
+                "%s %s #%d: %s",
+                self.plan.spec.request_id,
+                state.device.id,
+                state.attempts,
+                message.encode("unicode_escape").decode("ascii"),
+            )
+        line = self._keep_line(state, level, message)
+        if line is not None and self.reporter is not None:
+            self.reporter.line(state.device.id, line)
+
     def _over_failure_budget(self) -> bool:
         ratio = self.plan.max_failure_ratio
         return ratio is not None and self.failed > ratio * len(self.states)
@@ -445,15 +511,22 @@ class _Run:
         elif kind == "import_failed":
             self.import_error = f"cannot load entrypoint: {frame['error']}"
         elif kind == "progress" and worker.job is not None:
+            state = worker.job
+            line = self._keep_line(state, "progress", frame["message"], frame["percent"])
+            if line is not None and self.reporter is not None:
+                self.reporter.line(state.device.id, line)
             self.on_progress(
                 DeviceProgress(
-                    worker.job.device.id,
+                    state.device.id,
                     DeviceStatus.RUNNING,
                     frame["percent"],
                     frame["message"],
-                    worker.job.attempts,
+                    state.attempts,
                 )
             )
+        elif kind == "log":
+            if worker.job is not None:  # else written as the package loaded: nobody's
+                self._log(worker.job, frame["level"], frame["message"])
         elif kind == "call" and worker.job is not None:
             if worker.call is not None:
                 raise ProtocolError("a device call while its last one is unanswered")

@@ -11,6 +11,7 @@ timeout and reads its death, or a malformed frame, as that device's failure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -30,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from mayfly.coordinator.context import DeviceHandle, TaskContext
-from mayfly.coordinator.frames import MAX_DEPTH, Channel, ProtocolError, check_task_frame, encode
+from mayfly.coordinator.frames import (
+    LOG_LEVELS,
+    MAX_DEPTH,
+    MAX_TEXT_CHARS,
+    Channel,
+    ProtocolError,
+    check_task_frame,
+    encode,
+)
 from mayfly.errors import DeviceActionError, DeviceUnavailableError, EventError
 from mayfly.jsondepth import check_depth
 from mayfly.procs import die_with_parent
@@ -207,6 +216,7 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
             keep_fds={fd} if spec.params_fd is None else {fd, spec.params_fd},
         )
         _apply_limits(spec.memory_mb, spec.cpu_seconds)
+        _log_to(channel)
         entry = _load_entrypoint(spec)
     except BaseException as exc:
         channel.send({"t": "import_failed", "error": _describe(exc, spec.memory_mb)})
@@ -231,6 +241,33 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
             )
     except (EOFError, BrokenPipeError, OSError):
         pass  # the coordinator went away: nothing left to report to
+
+
+class _FrameHandler(logging.Handler):
+    """Sends the package's ``ctx.log`` records to the coordinator as ``log`` frames:
+    the coordinator tags, bounds and keeps them (a package never writes to the
+    runtime's output itself)."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__(logging.INFO)
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname.lower()
+        frame = {
+            "t": "log",
+            "level": level if level in LOG_LEVELS else "info",
+            "message": self.format(record)[:MAX_TEXT_CHARS],
+        }
+        # The coordinator went away: nothing left to report to.
+        with contextlib.suppress(EOFError, BrokenPipeError, OSError):
+            self.channel.send(frame)
+
+
+def _log_to(channel: Channel) -> None:
+    _LOG.handlers[:] = [_FrameHandler(channel)]
+    _LOG.setLevel(logging.INFO)
+    _LOG.propagate = False
 
 
 @dataclass(frozen=True)

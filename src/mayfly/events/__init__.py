@@ -52,8 +52,11 @@ from mayfly.events.codec import (
 )
 from mayfly.events.completed import (
     DEFAULT_PART_BYTES,
+    MAX_DEVICE_LOG_LINES,
+    MAX_LOG_MESSAGE,
     CoordinatorInfo,
     DeviceResult,
+    LogLine,
     PackageRef,
     Part,
     ShardRun,
@@ -65,7 +68,9 @@ from mayfly.events.completed import (
 )
 from mayfly.events.progress import (
     MAX_PROGRESS_DEVICES,
+    MAX_PROGRESS_LINES,
     MAX_PROGRESS_MESSAGE,
+    DeviceLine,
     DeviceUpdate,
     TaskProgress,
 )
@@ -88,8 +93,11 @@ __all__ = [
     "DEFAULT_CHANNEL",
     "DEFAULT_PART_BYTES",
     "JSON_CONTENT_TYPE",
+    "MAX_DEVICE_LOG_LINES",
     "MAX_EVENT_BYTES",
+    "MAX_LOG_MESSAGE",
     "MAX_PROGRESS_DEVICES",
+    "MAX_PROGRESS_LINES",
     "MAX_PROGRESS_MESSAGE",
     "MAX_SHARDS",
     "PUBLISHER_SOURCE",
@@ -101,10 +109,12 @@ __all__ = [
     "TASK_REJECTED",
     "TASK_REQUESTED",
     "CoordinatorInfo",
+    "DeviceLine",
     "DeviceResult",
     "DeviceStatus",
     "DeviceUpdate",
     "KafkaRecord",
+    "LogLine",
     "MayflyEvent",
     "Mode",
     "OverallStatus",

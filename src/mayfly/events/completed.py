@@ -8,7 +8,7 @@ each fit, and :func:`merge_completed` puts them back together.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -41,8 +41,11 @@ from mayfly.events.requested import Shard
 
 __all__ = [
     "DEFAULT_PART_BYTES",
+    "MAX_DEVICE_LOG_LINES",
+    "MAX_LOG_MESSAGE",
     "CoordinatorInfo",
     "DeviceResult",
+    "LogLine",
     "PackageRef",
     "Part",
     "ShardRun",
@@ -74,6 +77,26 @@ class PackageRef(_Value):
     digest: Digest
 
 
+#: Lines of package output one device keeps in its result, the latest.
+MAX_DEVICE_LOG_LINES = 20
+#: A kept line's message is cut to this many characters.
+MAX_LOG_MESSAGE = 500
+LogLevel = Literal["debug", "info", "warning", "error", "critical", "progress"]
+
+
+class LogLine(_Value):
+    """One ``ctx.log`` record, or ``ctx.progress`` report (level ``progress``),
+    of the package on a device."""
+
+    at: UtcDatetime
+    attempt: Count
+    level: LogLevel
+    message: Annotated[str, StringConstraints(max_length=MAX_LOG_MESSAGE)]
+    percent: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)] | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+
+
 class DeviceResult(_Value):
     """What happened on one device."""
 
@@ -84,6 +107,12 @@ class DeviceResult(_Value):
     attempts: Count = 0
     output: JsonValue = None
     error: str | None = None
+    logs: Annotated[tuple[LogLine, ...], Field(max_length=MAX_DEVICE_LOG_LINES)] = Field(
+        default=(), exclude_if=lambda v: not v
+    )
+    """The package's last lines on this device, over every attempt (bounded)."""
+    logs_dropped: Count = Field(default=0, exclude_if=lambda v: not v)
+    """Lines it wrote that are not kept: older ones, or over the request's budget."""
 
 
 class Timings(_Value):

@@ -5,7 +5,8 @@ request that has run that long goes on, on the results topic and the
 request's partition, so it comes before the result. Each carries the counts
 of devices per status so far (the whole of the request or shard) and the
 latest word of the devices that changed since the last one (at most
-:data:`MAX_PROGRESS_DEVICES`: a later event has the rest). They are news, not
+:data:`MAX_PROGRESS_DEVICES`: a later event has the rest), and the lines the
+package wrote since (the latest :data:`MAX_PROGRESS_LINES`). They are news, not
 a record: the result is the outcome, and a reader that missed one loses
 nothing the next or the result does not say.
 """
@@ -29,12 +30,22 @@ from mayfly.events._base import (
     NonEmpty,
     UtcDatetime,
 )
+from mayfly.events.completed import LogLine
 from mayfly.events.requested import Shard
 
-__all__ = ["MAX_PROGRESS_DEVICES", "MAX_PROGRESS_MESSAGE", "DeviceUpdate", "TaskProgress"]
+__all__ = [
+    "MAX_PROGRESS_DEVICES",
+    "MAX_PROGRESS_LINES",
+    "MAX_PROGRESS_MESSAGE",
+    "DeviceLine",
+    "DeviceUpdate",
+    "TaskProgress",
+]
 
 #: Device updates one progress event carries at most.
 MAX_PROGRESS_DEVICES = 200
+#: Package lines (``ctx.log``) one progress event carries at most, the latest.
+MAX_PROGRESS_LINES = 50
 #: A device's progress message is cut to this many characters (a package writes it).
 MAX_PROGRESS_MESSAGE = 200
 
@@ -51,6 +62,12 @@ class DeviceUpdate(BaseModel):
     percent: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)] = 0.0
     message: Annotated[str, StringConstraints(max_length=MAX_PROGRESS_MESSAGE)] = ""
     attempt: Count = 0
+
+
+class DeviceLine(LogLine):
+    """A line the package wrote on a device, as news."""
+
+    device_id: DeviceId
 
 
 class TaskProgress(EventModel):
@@ -81,6 +98,10 @@ class TaskProgress(EventModel):
     counts: dict[DeviceStatus, Count] = Field(default_factory=dict)
     """Devices per status so far, over every device of the request (or shard)."""
     devices: Annotated[tuple[DeviceUpdate, ...], Field(max_length=MAX_PROGRESS_DEVICES)] = ()
+    logs: Annotated[tuple[DeviceLine, ...], Field(max_length=MAX_PROGRESS_LINES)] = Field(
+        default=(), exclude_if=lambda v: not v
+    )
+    """The package's lines since the last report (the latest, when there were more)."""
     shard: Shard | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @property

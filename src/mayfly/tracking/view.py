@@ -9,7 +9,7 @@ the log and feeds :meth:`RequestBook.add`.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +18,7 @@ from typing import Any
 
 from mayfly.aggregator.tracing import trace_id_of
 from mayfly.events import (
+    DeviceLine,
     DeviceResult,
     DeviceUpdate,
     MayflyEvent,
@@ -29,7 +30,10 @@ from mayfly.events import (
 )
 from mayfly.tracking.outcomes import Outcome, OutcomeCollector, root_of
 
-__all__ = ["RequestBook", "RequestState", "RequestView", "trace_url"]
+__all__ = ["RECENT_LINES", "RequestBook", "RequestState", "RequestView", "trace_url"]
+
+#: Package lines a running request's view keeps, the latest.
+RECENT_LINES = 100
 
 
 class RequestState(StrEnum):
@@ -63,6 +67,10 @@ class RequestView:
     """While it runs: the latest report of the request, or of each shard, by id."""
     live: dict[str, DeviceUpdate] = field(default_factory=dict)
     """While it runs: the latest word of each device a report named."""
+    lines: deque[DeviceLine] = field(default_factory=lambda: deque(maxlen=RECENT_LINES))
+    """While it runs: the package's latest lines, as reports brought them."""
+    lines_seen: int = 0
+    """Lines reports brought so far (more than :attr:`lines` keeps)."""
 
     @property
     def state(self) -> RequestState:
@@ -167,6 +175,7 @@ class RequestView:
                 "running_since": _iso(self.running_since),
                 "counts": dict(sorted(self.running_counts.items())),
                 "devices": [u.model_dump(mode="json") for u in self.live.values()],
+                "logs": [line.model_dump(mode="json") for line in self.lines],
             }
         return body
 
@@ -241,6 +250,8 @@ class RequestBook:
         view.progress[report.request_id] = report
         for update in report.devices:
             view.live[update.device_id] = update
+        view.lines.extend(report.logs)
+        view.lines_seen += len(report.logs)
         return view
 
     def _outcome(self, event: Outcome) -> RequestView | None:
@@ -256,6 +267,7 @@ class RequestBook:
             return view
         view.outcome = whole
         view.progress, view.live = {}, {}
+        view.lines.clear()
         if isinstance(whole, TaskCompleted):
             view.device_counts = Counter(d.status.value for d in whole.devices)
             view.shards = len(whole.shards)
