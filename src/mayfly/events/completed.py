@@ -7,8 +7,8 @@ each fit, and :func:`merge_completed` puts them back together.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, ClassVar, Literal, Self
+from collections.abc import Iterable
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -36,6 +36,7 @@ from mayfly.events._base import (
     UtcDatetime,
     contract_error,
 )
+from mayfly.events._reports import ReportOfRequest
 from mayfly.events._wire import MAX_ATTRIBUTE_CHARS
 from mayfly.events.requested import Shard
 
@@ -161,7 +162,7 @@ class ShardRun(_Value):
     coordinator: CoordinatorInfo
 
 
-class TaskCompleted(EventModel):
+class TaskCompleted(ReportOfRequest, EventModel):
     """The result of a request (or one part of it).
 
     The event id is ``<request_id>:completed:<part index>`` so redelivered
@@ -179,6 +180,7 @@ class TaskCompleted(EventModel):
         "tracestate": "tracestate",
     }
     strict_data: ClassVar[bool] = False
+    report_name: ClassVar[str] = "result"
 
     source: NonEmpty = COORDINATOR_SOURCE
     request_id: EventId
@@ -201,37 +203,6 @@ class TaskCompleted(EventModel):
     def id(self) -> str:
         """The CloudEvent id: ``<request_id>:completed:<part index>``."""
         return f"{self.request_id}:completed:{self.part.index}"
-
-    @property
-    def root_id(self) -> str:
-        """The id of the request as published: a shard's ``of``, else ``request_id``."""
-        return self.shard.of if self.shard is not None else self.request_id
-
-    @property
-    def partition_key(self) -> str:
-        """The request id (a shard's: its request's): the parts and shards of one
-        result stay on one partition, so one aggregator sees them all."""
-        return self.root_id
-
-    @property
-    def tasktype(self) -> str:
-        """The ``tasktype`` extension, carried from the request."""
-        return self.task
-
-    def _ce_id(self) -> str:
-        return self.id
-
-    def _ce_partition_key(self) -> str:
-        return self.root_id
-
-    def _ce_tasktype(self) -> str:
-        return self.task
-
-    def _check_attributes(self, attributes: Mapping[str, Any]) -> None:
-        super()._check_attributes(attributes)
-        event_id = attributes.get("id")
-        if event_id != self.id:
-            raise EventError("id", f"{event_id!r} should be {self.id!r} for this result")
 
     @model_validator(mode="after")
     def _same_package(self) -> Self:

@@ -13,12 +13,10 @@ nothing the next or the result does not say.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mayfly.errors import EventError
 from mayfly.events._base import (
     COORDINATOR_SOURCE,
     TASK_PROGRESS,
@@ -30,6 +28,7 @@ from mayfly.events._base import (
     NonEmpty,
     UtcDatetime,
 )
+from mayfly.events._reports import ReportOfRequest
 from mayfly.events.completed import LogLine
 from mayfly.events.requested import Shard
 
@@ -70,7 +69,7 @@ class DeviceLine(LogLine):
     device_id: DeviceId
 
 
-class TaskProgress(EventModel):
+class TaskProgress(ReportOfRequest, EventModel):
     """One report of a running request (or shard), by the coordinator running it.
 
     The event id is ``<request_id>:progress:<coordinator>:<seq>``: a request run
@@ -87,6 +86,7 @@ class TaskProgress(EventModel):
         "tracestate": "tracestate",
     }
     strict_data: ClassVar[bool] = False
+    report_name: ClassVar[str] = "report"
 
     source: NonEmpty = COORDINATOR_SOURCE
     request_id: EventId
@@ -109,37 +109,7 @@ class TaskProgress(EventModel):
         return f"{self.request_id}:progress:{self.coordinator}:{self.seq}"
 
     @property
-    def root_id(self) -> str:
-        """The id of the request as published: a shard's ``of``, else ``request_id``."""
-        return self.shard.of if self.shard is not None else self.request_id
-
-    @property
-    def partition_key(self) -> str:
-        """The request id (a shard's: its request's), as its result's: the news
-        of a request comes before its result, on one partition."""
-        return self.root_id
-
-    @property
-    def tasktype(self) -> str:
-        return self.task
-
-    @property
     def done(self) -> int:
         """Devices that reached an end (succeeded, failed, timed out, skipped, canceled)."""
         ongoing = (DeviceStatus.QUEUED, DeviceStatus.RUNNING)
         return sum(n for status, n in self.counts.items() if status not in ongoing)
-
-    def _ce_id(self) -> str:
-        return self.id
-
-    def _ce_partition_key(self) -> str:
-        return self.root_id
-
-    def _ce_tasktype(self) -> str:
-        return self.task
-
-    def _check_attributes(self, attributes: Mapping[str, Any]) -> None:
-        super()._check_attributes(attributes)
-        event_id = attributes.get("id")
-        if event_id != self.id:
-            raise EventError("id", f"{event_id!r} should be {self.id!r} for this report")
