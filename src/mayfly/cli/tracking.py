@@ -240,7 +240,10 @@ def _since(raw: str) -> datetime:
     now = datetime.now(UTC)
     match = _SINCE.fullmatch(raw.strip())
     if match:
-        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        try:
+            return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        except OverflowError:
+            return datetime.min.replace(tzinfo=UTC)  # longer ago than anything
     try:
         moment = datetime.fromisoformat(raw.strip())
     except ValueError:
@@ -336,7 +339,7 @@ def _line(device_id: str, line: LogLine) -> str:
     """One package line: when, where, how loud, what (one terminal line, whatever it says)."""
     what = f"{line.percent:.0f}% {line.message}" if line.percent is not None else line.message
     at = line.at.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
-    text = what.encode("unicode_escape").decode("ascii")
+    text = _escaped(what)
     return f"{at} {device_id} #{line.attempt} {line.level}: {text}"
 
 
@@ -400,8 +403,13 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def _cut(text: str) -> str:
-    text = " ".join(text.split())  # one line per row
+    # One line per row, and nothing a package wrote steers the terminal.
+    text = _escaped(" ".join(text.split()))
     return text if len(text) <= _CELL else text[: _CELL - 1] + "…"
+
+
+def _escaped(text: str) -> str:
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _when(moment: datetime | None) -> str:
