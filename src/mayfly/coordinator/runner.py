@@ -61,9 +61,12 @@ _LOG = logging.getLogger("mayfly.coordinator.runner")
 #: Where a package's ``ctx.log`` lines are logged, tagged with request, device
 #: and attempt (``mayfly up -v`` shows info; warnings and errors always).
 _TASK_LOG = logging.getLogger("mayfly.task")
-#: Characters of package lines one request keeps in its result, over every
-#: device: a chatty package on a large fleet does not make a huge result.
+#: Characters of package lines one request keeps in its result, shared out
+#: evenly over its devices: a chatty package on a large fleet does not make a
+#: huge result, and no device's lines crowd out another's.
 MAX_REQUEST_LOG_CHARS = 1_000_000
+#: A device's share is never smaller than this (its latest line, cut).
+_MIN_LOG_SHARE = 80
 
 __all__ = [
     "DeviceProgress",
@@ -193,17 +196,23 @@ class _Device:
     error: str | None = None
     lines: deque[LogLine] | None = None
     """The package's last lines here (made at the first: most devices have none)."""
+    chars: int = 0
     dropped: int = 0
 
-    def keep(self, line: LogLine) -> None:
+    def keep(self, line: LogLine, share: int) -> None:
+        """Keep ``line``, the oldest going while over the lines or ``share`` chars."""
         if self.lines is None:
-            self.lines = deque(maxlen=MAX_DEVICE_LOG_LINES)
+            self.lines = deque()
         last = self.lines[-1] if self.lines else None
         if line.level == "progress" and last is not None and last.level == "progress":
-            self.lines.pop()  # progress in a row: the latest says it all
-        elif len(self.lines) == self.lines.maxlen:
-            self.dropped += 1
+            self.chars -= len(self.lines.pop().message)  # in a row: the latest says it all
         self.lines.append(line)
+        self.chars += len(line.message)
+        while len(self.lines) > 1 and (
+            len(self.lines) > MAX_DEVICE_LOG_LINES or self.chars > share
+        ):
+            self.chars -= len(self.lines.popleft().message)
+            self.dropped += 1
 
     def result(self) -> DeviceResult:
         return DeviceResult(
@@ -319,7 +328,13 @@ class _Run:
         self.spec = dataclasses.replace(plan.spec, scratch_root=self.scratch)
         self.failed = 0
         self.finished = 0
-        self.log_chars = 0
+        self.log_share = max(
+            _MIN_LOG_SHARE,
+            min(
+                MAX_DEVICE_LOG_LINES * MAX_LOG_MESSAGE,
+                MAX_REQUEST_LOG_CHARS // max(1, len(self.states)),
+            ),
+        )
         self.import_error: str | None = None
         self.calls = DeviceCalls(
             plan.driver_factory, plan.spec.request_id, source=plan.request_source
@@ -424,18 +439,17 @@ class _Run:
 
     def _keep_line(
         self, state: _Device, level: str, message: str, percent: float | None = None
-    ) -> LogLine | None:
+    ) -> LogLine:
         """Keep one of the package's lines in the device's result, within the
-        request's budget; the line kept, or None when over it."""
-        if self.log_chars >= MAX_REQUEST_LOG_CHARS:
-            state.dropped += 1
-            return None
-        message = message[:MAX_LOG_MESSAGE]
-        self.log_chars += len(message)
+        device's share of the request's budget; the line as kept."""
         line = LogLine(
-            at=_now(), attempt=state.attempts, level=level, message=message, percent=percent
+            at=_now(),
+            attempt=state.attempts,
+            level=level,
+            message=message[: min(MAX_LOG_MESSAGE, self.log_share)],
+            percent=percent,
         )
-        state.keep(line)
+        state.keep(line, self.log_share)
         return line
 
     def _log(self, state: _Device, level: str, message: str) -> None:
@@ -452,7 +466,7 @@ class _Run:
                 message.encode("unicode_escape").decode("ascii"),
             )
         line = self._keep_line(state, level, message)
-        if line is not None and self.reporter is not None:
+        if self.reporter is not None:
             self.reporter.line(state.device.id, line)
 
     def _over_failure_budget(self) -> bool:
@@ -513,7 +527,7 @@ class _Run:
         elif kind == "progress" and worker.job is not None:
             state = worker.job
             line = self._keep_line(state, "progress", frame["message"], frame["percent"])
-            if line is not None and self.reporter is not None:
+            if self.reporter is not None:
                 self.reporter.line(state.device.id, line)
             self.on_progress(
                 DeviceProgress(
