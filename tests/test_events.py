@@ -33,6 +33,7 @@ from mayfly.events import (
     RejectionCode,
     Rollout,
     Shard,
+    TaskCancel,
     TaskCompleted,
     TaskProgress,
     TaskRejected,
@@ -200,17 +201,31 @@ def golden_progress() -> TaskProgress:
     )
 
 
+def golden_cancel() -> TaskCancel:
+    return TaskCancel(
+        id="b1d4f0c2-6a1e-4c3b-8f7d-2e9a5c0b1d33",
+        time=at(5),
+        traceparent=TRACEPARENT,
+        tracestate=TRACESTATE,
+        request_id=REQUEST_ID,
+        grace_s=30.0,
+        reason="wrong firmware",
+    )
+
+
 GOLDEN_STRUCTURED: dict[str, Callable[[], MayflyEvent]] = {
     "requested.json": golden_request,
     "completed.json": golden_completed,
     "rejected.json": golden_rejected,
     "progress.json": golden_progress,
+    "cancel.json": golden_cancel,
 }
 MODELS: dict[str, Callable[[], MayflyEvent]] = {
     "requested": golden_request,
     "completed": golden_completed,
     "rejected": golden_rejected,
     "progress": golden_progress,
+    "cancel": golden_cancel,
 }
 
 
@@ -1149,3 +1164,35 @@ def test_a_shard_s_id_is_its_place_and_the_mark_is_kept_for_shards() -> None:
         validate_model(TaskRequest, {**values, "id": "r#shard-1"})
     assert posing.value.field == "id"
     assert validate_model(TaskRequest, {**values, "id": "r#shard-1", "shard": shard}).shard
+
+
+# --- cancels ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"request_id": "a b"}, "data.request_id"),
+        ({"request_id": "r", "grace_s": -1}, "data.grace_s"),
+        ({"request_id": "r", "grace_s": 3601}, "data.grace_s"),
+        ({"request_id": "r", "grace_s": float("nan")}, "data.grace_s"),
+        ({"request_id": "r", "reason": "x" * 201}, "data.reason"),
+        ({"request_id": "r", "colour": "red"}, "data.colour"),
+    ],
+)
+def test_a_cancel_out_of_bounds_is_refused_naming_its_field(
+    values: dict[str, Any], field: str
+) -> None:
+    cancel = TaskCancel(request_id="r")
+    attributes = cancel.cloudevent_attributes()
+    with pytest.raises(EventError) as caught:
+        TaskCancel.from_parts(attributes, values)
+    assert caught.value.field == field
+
+
+def test_a_cancel_travels_on_its_requests_partition_key() -> None:
+    cancel = TaskCancel(request_id=REQUEST_ID)
+    key, value, headers = to_kafka_record(cancel)
+    assert key == REQUEST_ID.encode()
+    assert from_kafka(headers, key, value) == cancel
+    assert cancel.grace_s == 10.0

@@ -24,6 +24,7 @@ readable message or a ``task.rejected`` event::
     │   ├── EventLogFileError       its SQLite file is unusable (an UnusableFileError too)
     │   └── GroupBusyError          another runtime serves that embedded log
     ├── CoordinatorCrashedError     a request kept crashing its coordinator
+    ├── RequestCanceledError        a request canceled before it started
     ├── RuntimeStartError           the local runtime's warm parent could not start
     ├── DeployError                 Kubernetes refused or could not take a resource
     └── DeviceError                 talking to one device failed
@@ -58,6 +59,7 @@ __all__ = [
     "PackageNotFoundError",
     "ParamsError",
     "PreflightError",
+    "RequestCanceledError",
     "RuntimeStartError",
     "SigningKeyError",
     "SinkError",
@@ -252,6 +254,11 @@ class SinkError(MayflyError):
 class CoordinatorCrashedError(MayflyError):
     """Raised (as a rejection's cause) when a request's coordinator process kept
     dying without a result, so the request goes to the dead-letter topic."""
+
+
+class RequestCanceledError(MayflyError):
+    """Raised (as a rejection's cause, code ``canceled``) for a request canceled
+    (``mayfly cancel``) before it started: it never will."""
 
 
 class RuntimeStartError(MayflyError):

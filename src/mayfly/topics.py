@@ -39,8 +39,13 @@ class Topics:
     def dead_letter(self) -> str:
         return f"{self.prefix}.deadletter"
 
+    @property
+    def control(self) -> str:
+        """Cancels (``dev.mayfly.task.cancel``): every runtime reads all of it."""
+        return f"{self.prefix}.control"
+
     def all(self) -> list[str]:
-        return [*self.lanes(), self.results, self.dead_letter]
+        return [*self.lanes(), self.results, self.dead_letter, self.control]
 
     @property
     def dispatcher_group(self) -> str:

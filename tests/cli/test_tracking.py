@@ -52,3 +52,30 @@ def test_since_longer_ago_than_a_date_can_be_lists_everything(tmp_path: Path) ->
     wrong = _mayfly(tmp_path, "list", "--since", "yesterday")
     assert wrong.returncode == 2
     assert "expected a duration" in wrong.stderr
+
+
+def test_cancel_refuses_a_bad_grace_reason_or_id_before_touching_the_log(tmp_path: Path) -> None:
+    for args, said in [
+        (["--grace", "soon"], "is not a duration such as 30s"),
+        (["--grace", "61m"], "over the 3600 s a grace may last"),
+        (["--reason", "x" * 201], "at most 200 characters"),
+    ]:
+        run = _mayfly(tmp_path, "cancel", "r1", *args)
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert said in run.stderr
+    bad_id = _mayfly(tmp_path, "cancel", "r 1")
+    assert bad_id.returncode == 2
+    assert "visible ASCII" in bad_id.stderr
+    assert not (tmp_path / "events.db").exists()
+
+
+def test_cancel_of_a_finished_request_says_so_and_changes_nothing(tmp_path: Path) -> None:
+    request_id = _logged(tmp_path)
+
+    run = _mayfly(tmp_path, "cancel", request_id)
+
+    assert run.returncode == 1
+    assert f"{request_id} already ended (failed): nothing to cancel" in run.stderr
+    with SqliteEventLog(tmp_path / "events.db") as log:
+        consumer = log.consumer("check", Topics().control)
+        assert consumer.poll(10, 0.0) == []

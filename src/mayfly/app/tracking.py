@@ -1,7 +1,7 @@
 """Reading the request view from the log: ``mayfly get``, ``list`` and ``watch``.
 
-The lanes and the results topic are read from their beginning to where they
-ended when the read started (``watch``: the results topic on, as it grows),
+The lanes, the results and the control topic are read from their beginning
+to where they ended when the read started (``watch``: the results topic on, as it grows),
 by consumers of a group of their own that commit nothing, so a read changes
 nothing any runtime sees. Lanes first: a shard's rejection is then traced
 back to its request by the shards seen.
@@ -37,7 +37,7 @@ def read_book(
     """The request view of every request in the log (or ``only`` those)."""
     book = RequestBook(only, keep_devices=keep_devices)
     group = f"mayfly-view-{uuid.uuid4().hex[:12]}"
-    for topic in [*topics.lanes(), topics.results]:
+    for topic in [*topics.lanes(), topics.results, topics.control]:
         _read_topic(log, group, topic, book)
     return book
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mayfly.app.wiring import build_coordinator
-from mayfly.coordinator import RequestPipeline
+from mayfly.coordinator import Coordinator, RequestPipeline
 from mayfly.coordinator.params import validate_params
 from mayfly.coordinator.progress import ProgressReporter
 from mayfly.coordinator.runner import DeviceProgress, make_scratch_root
@@ -30,7 +30,7 @@ from mayfly.errors import MayflyError, ParamsError
 from mayfly.eventlog import LogRecord
 from mayfly.events import MayflyEvent, TaskCompleted, TaskRequest, from_kafka, peek_attributes
 from mayfly.packages import FetchedPackage, PackageRepository
-from mayfly.runtime.session import Appends, RuntimeSink
+from mayfly.runtime.session import Appends, RequestControl, RuntimeLink, RuntimeSink
 from mayfly.settings import Settings
 
 __all__ = ["WarmCoordinator"]
@@ -218,7 +218,16 @@ class WarmCoordinator:
 
             return ProgressReporter(request, coordinator, sink.emit, each=each)
 
-        pipeline = RequestPipeline(self.coordinator.renewed, sink, shards=sink, progress=progress)
+        control = None
+        if isinstance(link, RuntimeLink):  # a cancel of this record comes through it
+            control = RequestControl(link, (record.topic, record.partition, record.offset))
+
+        def coordinator() -> Coordinator:
+            renewed = self.coordinator.renewed()
+            renewed.control = control
+            return renewed
+
+        pipeline = RequestPipeline(coordinator, sink, shards=sink, progress=progress)
         try:
             # The dispatcher marks the result in the runtime's state once it is
             # durable: it appended it.

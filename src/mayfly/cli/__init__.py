@@ -48,6 +48,10 @@ _COMMANDS = {
         "mayfly.cli.tracking:watch",
         "Follow one request live, with a progress bar, until its outcome.",
     ),
+    "cancel": (
+        "mayfly.cli.cancel:cancel",
+        "Cancel a published request, whether it waits or runs.",
+    ),
     "demo": (
         "mayfly.cli.demo:demo",
         "Run Mayfly end to end on this machine, with no server installed.",

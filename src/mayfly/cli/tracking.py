@@ -286,6 +286,11 @@ def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int, log
         rows.append(("package", f"{asked} (asked)"))
         if view.shards:
             rows.append(("shards", f"{view.shards_done} of {view.shards} done"))
+    if view.cancel is not None:
+        why = f": {view.cancel.reason}" if view.cancel.reason else ""
+        rows.append(
+            ("cancel", f"asked {_when(view.cancel.time)}, grace {view.cancel.grace_s:g} s{why}")
+        )
     if isinstance(outcome, TaskRejected):
         where = f", {outcome.field}" if outcome.field else ""
         rows.append(("reason", f"{outcome.reason} ({outcome.code.value}{where})"))

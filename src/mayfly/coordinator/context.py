@@ -59,12 +59,20 @@ class DeviceLink(Protocol):
 
 
 class DeviceHandle:
-    """One device as package code sees it, bounded by the attempt's deadline."""
+    """One device as package code sees it, bounded by the attempt's deadline
+    (and, in :meth:`wait_until`, by a cancel of the request)."""
 
-    def __init__(self, device: DeviceInfo, link: DeviceLink, deadline: float) -> None:
+    def __init__(
+        self,
+        device: DeviceInfo,
+        link: DeviceLink,
+        deadline: float,
+        canceled: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._device = device
         self._link = link
         self._deadline = deadline
+        self._canceled = canceled
 
     @property
     def id(self) -> str:
@@ -105,7 +113,8 @@ class DeviceHandle:
 
         Raises:
             DeviceError: when the condition does not hold within ``timeout_s``
-                (or the attempt's deadline, whichever comes first).
+                (or the attempt's deadline, whichever comes first), or once the
+                request is canceled (the device then ends ``canceled``).
         """
         end = min(time.monotonic() + timeout_s, self._deadline)
         delay = max(_MIN_POLL_S, interval_s)
@@ -121,6 +130,8 @@ class DeviceHandle:
                 if predicate(state):
                     return state
                 last_error = "condition not met"
+            if self._canceled():
+                raise DeviceError(self.id, "wait_until stopped: the request was canceled")
             remaining = end - time.monotonic()
             if remaining <= 0:
                 raise DeviceError(

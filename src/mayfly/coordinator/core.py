@@ -30,6 +30,7 @@ from mayfly.coordinator.params import validate_params
 from mayfly.coordinator.runner import (
     DeviceProgress,
     Prestarted,
+    RunControl,
     RunPlan,
     TaskStarter,
     run_devices,
@@ -84,10 +85,12 @@ def _instance_id() -> str:
 
 
 def overall_status(results: list[DeviceResult], canceled: bool = False) -> OverallStatus:
-    """``succeeded`` when every device did, ``failed`` when none did, else ``partial``."""
-    if canceled:
-        return OverallStatus.CANCELED
+    """``succeeded`` when every device did, ``failed`` when none did, else
+    ``partial``; ``canceled`` when the request was, unless every device had
+    succeeded by the time the cancel took effect (what happened is the word)."""
     ok = sum(1 for r in results if r.status is DeviceStatus.SUCCEEDED)
+    if canceled and not (results and ok == len(results)):
+        return OverallStatus.CANCELED
     if results and ok == len(results):
         return OverallStatus.SUCCEEDED
     return OverallStatus.PARTIAL if ok else OverallStatus.FAILED
@@ -115,6 +118,9 @@ class Coordinator:
         """A task process started for the next request before its plan (the warm
         parent's); used if it fits the plan, else killed when the request ends."""
         self._cancel = CancelFlag()
+        self.control: RunControl | None = None
+        """Where a cancel of the request it runs may come from, with a grace
+        period (the runtime that handed it over); set before :meth:`handle`."""
 
     def renewed(self) -> Coordinator:
         """The same wiring under a new instance id, for a freshly forked process
@@ -313,6 +319,7 @@ class Coordinator:
             starter=self.starter,
             prestarted=prestarted,
             request_source=request.source,
+            control=self.control,
         )
 
 

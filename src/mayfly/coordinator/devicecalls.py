@@ -41,7 +41,7 @@ from mayfly.devices import Device, DeviceDriver, idempotency_key
 from mayfly.devices.driver import CallLoop, CallOutcome, LoopedDriver
 from mayfly.errors import DeviceActionError, DeviceUnavailableError
 
-__all__ = ["DeviceCalls"]
+__all__ = ["DeviceCalls", "abandoned_answer"]
 
 #: Threads of the shared pool at most: calls wait on the network, and a task
 #: process has one call in flight at a time (16 task processes by default).
@@ -92,6 +92,7 @@ class DeviceCalls:
         self._request_id, self._source = request_id, source
         self._pool: ThreadPoolExecutor | None = None
         self._futures: set[Future[None]] = set()
+        self._by_token: dict[object, Future[None]] = {}
         self._done: queue.SimpleQueue[tuple[object, bytes]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._loop: CallLoop | None = None
@@ -142,7 +143,20 @@ class DeviceCalls:
             return
         future = pool.submit(self._run, token, device, frame, key, deadline)
         self._futures.add(future)
+        self._by_token[token] = future
         future.add_done_callback(self._futures.discard)
+
+    def drop(self, token: object) -> None:
+        """Forget the call of ``token`` (its attempt ended: killed, timed out): on
+        the engine, nothing more of it is sent, a retry included; a call on a
+        thread is dropped if not started yet, else it ends at its deadline,
+        unheard."""
+        future = self._by_token.pop(token, None)
+        if future is not None:
+            future.cancel()
+        if self._loop is not None:
+            self._loop.cancel(self._on_answer, token)
+            self._loop_answers = [a for a in self._loop_answers if a[0] != token]
 
     def warm(self) -> None:
         """Have the driver and a first thread now: while the first task process
@@ -201,9 +215,11 @@ class DeviceCalls:
         found, self._loop_answers = self._loop_answers, []
         while True:
             try:
-                found.append(self._done.get_nowait())
+                answer = self._done.get_nowait()
             except queue.Empty:
                 return found
+            self._by_token.pop(answer[0], None)
+            found.append(answer)
 
     def close(self) -> None:
         """Stop taking calls; calls not started are dropped, calls in flight end
@@ -243,6 +259,12 @@ def _encoded(outcome: CallOutcome | Exception) -> bytes:
             else f"the device's answer cannot be passed on: {str(exc)[:200]}"
         )
         return encode(_refusal("refused", why))
+
+
+def abandoned_answer(reason: str) -> bytes:
+    """The ``answer`` frame of a call given up by the coordinator (its request
+    was canceled): the package sees the device as unavailable, with ``reason``."""
+    return encode(_refusal("unavailable", reason))
 
 
 def _refusal(kind: str, reason: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from mayfly.errors import EventError, SinkError
 from mayfly.events import (
     MayflyEvent,
     OverallStatus,
+    RejectionCode,
     TaskCompleted,
     TaskRejected,
     TaskRequest,
@@ -69,7 +70,9 @@ class Handled:
 
 def exit_code_for(outcome: Outcome) -> ExitCode:
     if isinstance(outcome, TaskRejected):
-        return ExitCode.REJECTED
+        # Canceled before it started: what a canceled run exits with.
+        canceled = outcome.code is RejectionCode.CANCELED
+        return ExitCode.FAILED if canceled else ExitCode.REJECTED
     return {
         OverallStatus.SUCCEEDED: ExitCode.OK,
         OverallStatus.PARTIAL: ExitCode.PARTIAL,
@@ -79,6 +82,8 @@ def exit_code_for(outcome: Outcome) -> ExitCode:
 def summarize(outcome: Outcome) -> str:
     """One line: the outcome and how many devices ended in each status."""
     if isinstance(outcome, TaskRejected):
+        if outcome.code is RejectionCode.CANCELED:
+            return f"{outcome.task or '?'}: canceled ({outcome.reason})"
         return f"rejected ({outcome.code}): {outcome.reason}"
     counts: dict[str, int] = {}
     for device in outcome.devices:

@@ -17,7 +17,12 @@ channels and process sentinels at once. That keeps these promises:
   watches, or on threads that never touch the loop's state, whose finished
   calls come back through a pipe the loop watches too);
 - failed attempts are retried up to the manifest's limit with backoff, and
-  the request's own deadline and failure budget stop the rest cleanly.
+  the request's own deadline and failure budget stop the rest cleanly;
+- a cancel (the cancel flag, or the runtime through :class:`RunControl`) is
+  cooperative first: queued devices are skipped, nothing is retried, running
+  attempts see ``ctx.cancelled()`` and may finish; at the end of the grace
+  period the ones still running are killed and their device calls dropped,
+  so no device is reached after it.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from mayfly import sandbox
-from mayfly.coordinator.devicecalls import DeviceCalls
+from mayfly.coordinator.devicecalls import DeviceCalls, abandoned_answer
 from mayfly.coordinator.frames import Channel, ProtocolError, check_task_frame
 from mayfly.coordinator.worker import WorkerSpec, worker_main
 from mayfly.devices import Device, DeviceDriver
@@ -73,6 +78,7 @@ __all__ = [
     "ForkStarter",
     "Prestarted",
     "ProgressFn",
+    "RunControl",
     "RunPlan",
     "RunReporter",
     "TaskHandle",
@@ -108,6 +114,24 @@ class RunReporter(Protocol):
 
     def line(self, device_id: str, line: LogLine) -> None:
         """A line the package wrote (``ctx.log``) on a device."""
+        ...
+
+
+class RunControl(Protocol):
+    """Where a run hears it is canceled from, besides its cancel flag (which
+    means: now): the runtime that handed the request over."""
+
+    def fileno(self) -> int | None:
+        """Readable when there may be news (then :meth:`read`); None: no more can come."""
+        ...
+
+    def read(self) -> None:
+        """Take in what arrived, without blocking."""
+        ...
+
+    def canceled(self) -> float | None:
+        """Once this run is canceled: the seconds its running attempts may take
+        to end on their own before they are killed. No I/O."""
         ...
 
 
@@ -183,6 +207,8 @@ class RunPlan:
     request_source: str = ""
     """The request's CloudEvent source: with its id, what a device's
     idempotency keys derive from (two publishers may reuse one id)."""
+    control: RunControl | None = None
+    """Where a cancel with a grace period may come from (the runtime)."""
 
 
 @dataclass
@@ -346,6 +372,9 @@ class _Run:
         self.call_seq = itertools.count()
         self._poll = select.poll()
         self._polled: set[int] = set()
+        self.hard_stop_at: float | None = None
+        """Once canceled: ``time.monotonic()`` at which running attempts are killed."""
+        self.grace_s = 0.0
 
     # -- process management --------------------------------------------------
 
@@ -383,6 +412,11 @@ class _Run:
 
     def _retire(self, worker: _Worker, *, kill: bool) -> None:
         pid = worker.process.pid
+        if worker.call is not None:
+            # Its attempt is over: the engine must not send the call, or a retry
+            # of it, to the device after the process that asked is gone.
+            self.calls.drop(worker.call)
+            worker.call = None
         if kill and worker.process.is_alive():
             worker.process.kill()
         else:
@@ -421,7 +455,14 @@ class _Run:
         )
 
     def _attempt_failed(self, state: _Device, status: DeviceStatus, error: str) -> None:
-        if state.attempts <= self.plan.retries and time.monotonic() < self.plan.deadline:
+        if self.hard_stop_at is not None:
+            # Canceled: no retry; what it ended with is part of the story.
+            self._finish(
+                state,
+                DeviceStatus.CANCELED,
+                error=f"request canceled; attempt {state.attempts} ended: {error}",
+            )
+        elif state.attempts <= self.plan.retries and time.monotonic() < self.plan.deadline:
             backoff = self.plan.retry_backoff_s * 2 ** (state.attempts - 1)
             state.error = error
             heapq.heappush(self.queue, (time.monotonic() + backoff, next(self.seq), state))
@@ -634,8 +675,13 @@ class _Run:
             if self.import_error is not None:
                 self._skip_queued(DeviceStatus.FAILED, self.import_error)
                 return
-            if self.plan.spec.is_canceled():
-                self._stop_all(DeviceStatus.CANCELED, "request canceled")
+            if self.hard_stop_at is None and (grace := self._cancel_asked()) is not None:
+                self._begin_cancel(grace)
+            if self.hard_stop_at is not None and time.monotonic() >= self.hard_stop_at:
+                reason = "request canceled"
+                if self.grace_s > 0:
+                    reason += f": still running at the end of the {self.grace_s:g} s grace period"
+                self._stop_all(DeviceStatus.CANCELED, reason)
                 return
             if time.monotonic() >= self.plan.deadline:
                 self._enforce_deadlines()
@@ -651,6 +697,44 @@ class _Run:
             self._enforce_deadlines()
             if self.reporter is not None:
                 self.reporter.tick()
+
+    def _cancel_asked(self) -> float | None:
+        """The grace period of a cancel of this run, once there is one."""
+        if self.plan.control is not None and (grace := self.plan.control.canceled()) is not None:
+            return max(0.0, grace)
+        return 0.0 if self.plan.spec.is_canceled() else None
+
+    def _begin_cancel(self, grace_s: float) -> None:
+        """Skip what is queued, retry nothing, and tell the running attempts
+        (``ctx.cancelled()``); they are killed once ``grace_s`` is over."""
+        self.grace_s = grace_s
+        self.hard_stop_at = time.monotonic() + grace_s
+        self.plan.spec.cancel.set()
+        # A call in flight may wait long (a device's Retry-After): given up now,
+        # so the attempt hears of the cancel. New calls within the grace go out.
+        for worker in [w for w in self.workers if w.call is not None]:
+            self.calls.drop(worker.call)
+            worker.call = None
+            try:
+                worker.channel.write(abandoned_answer("the request was canceled"))
+            except BlockingIOError:
+                self._on_protocol_error(worker, ProtocolError("it does not read its answers"))
+            except OSError:
+                self._on_death(worker)
+        while self.queue:
+            _, _, state = heapq.heappop(self.queue)
+            if state.attempts:
+                error = f"request canceled while waiting to retry after: {state.error}"
+                self._finish(state, DeviceStatus.CANCELED, error=error)
+            else:
+                reason = "request canceled before it started"
+                self._finish(state, DeviceStatus.SKIPPED, error=reason)
+        _LOG.info(
+            "%s canceled: %d attempt(s) running get %g s to end",
+            self.plan.spec.request_id,
+            sum(1 for w in self.workers if w.job is not None),
+            grace_s,
+        )
 
     def _stop_all(self, status: DeviceStatus, reason: str) -> None:
         for worker in list(self.workers):
@@ -668,10 +752,15 @@ class _Run:
         if self.queue and any(w.ready and w.job is None for w in self.workers):
             wake.append(self.queue[0][0])
         wake.append(self.plan.deadline)
+        if self.hard_stop_at is not None:
+            wake.append(self.hard_stop_at)
         # A device call's timeout or retry wait falling due, on the engine's clock.
         wake.append(self.calls.next_wake())
         timeout = max(0.0, min(min(wake) - now, 0.5))
         handles: dict[Any, tuple[_Worker | None, bool]] = {self.calls.fd: (None, False)}
+        control = self.plan.control.fileno() if self.plan.control is not None else None
+        if control is not None and self.hard_stop_at is None:
+            handles[control] = (None, True)
         answered = False
         for worker in self.workers:
             if worker.channel.pending():
@@ -688,7 +777,10 @@ class _Run:
         self._polled = set(handles)
         for ready, _ in self._poll.poll(math.ceil(timeout * 1000)):
             owner, is_conn = handles[ready]
-            if owner is None:
+            if owner is None and is_conn:
+                assert self.plan.control is not None
+                self.plan.control.read()
+            elif owner is None:
                 self._answer_calls()
                 answered = True
             elif owner not in self.workers:

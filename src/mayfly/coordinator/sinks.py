@@ -23,6 +23,7 @@ from mayfly.errors import MayflyError, SinkError
 from mayfly.eventlog import EventLog, Headers
 from mayfly.events import (
     MayflyEvent,
+    RejectionCode,
     TaskCompleted,
     TaskRejected,
     TaskRequest,
@@ -148,7 +149,8 @@ def outcome_records(
     event: MayflyEvent, results_topic: str, dead_letter_topic: str, lanes: Topics | None = None
 ) -> list[tuple[str, bytes | None, bytes, Headers]]:
     """The records an outcome is appended as: binary mode, keyed by partition key,
-    on the results topic, a rejection on the dead-letter topic too, and a
+    on the results topic, a rejection on the dead-letter topic too (but for a
+    cancel before the start: nothing went wrong), and a
     request (a shard) on the lane of its priority among ``lanes``."""
     key, value, headers = to_kafka_record(event)
     if isinstance(event, TaskRequest):
@@ -156,7 +158,7 @@ def outcome_records(
             raise SinkError(f"request {event.id} has no lane here: this sink takes results only")
         return [(lanes.lane(event.priority), key, value, headers)]
     records: list[tuple[str, bytes | None, bytes, Headers]] = [(results_topic, key, value, headers)]
-    if isinstance(event, TaskRejected):
+    if isinstance(event, TaskRejected) and event.code is not RejectionCode.CANCELED:
         records.append((dead_letter_topic, key, value, headers))
     return records
 

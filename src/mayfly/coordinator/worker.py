@@ -301,7 +301,7 @@ def _run_one(
         channel.send({"t": "progress", "percent": percent, "message": message})
 
     ctx = TaskContext(
-        device=DeviceHandle(device, _Link(channel, device.id), deadline),
+        device=DeviceHandle(device, _Link(channel, device.id), deadline, spec.is_canceled),
         params=spec.params,
         request_id=spec.request_id,
         attempt=attempt,

@@ -110,8 +110,9 @@ class CallLoop(Protocol):
         """Move every call along and tell those that ended."""
         ...
 
-    def cancel(self, done: CallDone) -> None:
-        """Drop every call told to ``done``, untold."""
+    def cancel(self, done: CallDone, token: object = None) -> None:
+        """Drop every call told to ``done`` (or only the one of ``token``), untold:
+        nothing more of it is sent."""
         ...
 
 

@@ -336,16 +336,23 @@ class HttpCallLoop:
         for call, outcome in ended:
             call.done(call.token, outcome)
 
-    def cancel(self, done: Done) -> None:
-        """Drop every call told to ``done``: unanswered, its connection closed
-        (an answer may still be on its way)."""
-        for call in [c for c in self._calls if c.done == done]:
+    def cancel(self, done: Done, token: object = None) -> None:
+        """Drop every call told to ``done`` (or only the one of ``token``):
+        unanswered, its connection closed (an answer may still be on its way),
+        never sent again (a retry's wait ends with it)."""
+        for call in [
+            c for c in self._calls if c.done == done and (token is None or c.token == token)
+        ]:
             self._calls.discard(call)
             call.timer += 1
             if call.conn is not None:
                 self._drop(call.conn)
                 call.conn = None
-        self._ended = [(c, o) for c, o in self._ended if c.done != done]
+        self._ended = [
+            (c, o)
+            for c, o in self._ended
+            if c.done != done or (token is not None and c.token != token)
+        ]
 
     def close(self) -> None:
         """Close every connection; calls in flight are dropped, untold."""

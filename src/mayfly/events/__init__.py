@@ -1,11 +1,12 @@
 """The event contract: every Mayfly event type, its schema and its encodings.
 
-Four CloudEvents 1.0 types, JSON data, one frozen pydantic model each::
+Five CloudEvents 1.0 types, JSON data, one frozen pydantic model each::
 
     dev.mayfly.task.requested   TaskRequest    operator -> coordinator
     dev.mayfly.task.completed   TaskCompleted  coordinator -> aggregator (maybe in parts)
     dev.mayfly.task.rejected    TaskRejected   coordinator -> dead-letter topic
     dev.mayfly.task.progress    TaskProgress   coordinator -> results topic, while it runs
+    dev.mayfly.task.cancel      TaskCancel     operator -> control topic, read by every runtime
 
 Encodings are symmetric functions: :func:`to_cloudevent`/:func:`from_cloudevent`,
 :func:`to_kafka`/:func:`from_kafka`, :func:`to_http`/:func:`from_http`. Bad
@@ -27,6 +28,7 @@ from mayfly.events._base import (
     MAX_EVENT_BYTES,
     PUBLISHER_SOURCE,
     SPECVERSION,
+    TASK_CANCEL,
     TASK_COMPLETED,
     TASK_PROGRESS,
     TASK_REJECTED,
@@ -35,6 +37,12 @@ from mayfly.events._base import (
     OverallStatus,
     Priority,
     is_valid_traceparent,
+)
+from mayfly.events.cancel import (
+    DEFAULT_CANCEL_GRACE_S,
+    MAX_CANCEL_GRACE_S,
+    MAX_CANCEL_REASON,
+    TaskCancel,
 )
 from mayfly.events.codec import (
     STRUCTURED_CONTENT_TYPE,
@@ -90,9 +98,12 @@ from mayfly.events.requested import (
 
 __all__ = [
     "COORDINATOR_SOURCE",
+    "DEFAULT_CANCEL_GRACE_S",
     "DEFAULT_CHANNEL",
     "DEFAULT_PART_BYTES",
     "JSON_CONTENT_TYPE",
+    "MAX_CANCEL_GRACE_S",
+    "MAX_CANCEL_REASON",
     "MAX_DEVICE_LOG_LINES",
     "MAX_EVENT_BYTES",
     "MAX_LOG_MESSAGE",
@@ -104,6 +115,7 @@ __all__ = [
     "SHARD_MARK",
     "SPECVERSION",
     "STRUCTURED_CONTENT_TYPE",
+    "TASK_CANCEL",
     "TASK_COMPLETED",
     "TASK_PROGRESS",
     "TASK_REJECTED",
@@ -125,6 +137,7 @@ __all__ = [
     "Rollout",
     "Shard",
     "ShardRun",
+    "TaskCancel",
     "TaskCompleted",
     "TaskProgress",
     "TaskRejected",

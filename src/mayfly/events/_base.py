@@ -34,6 +34,7 @@ __all__ = [
     "MAX_EVENT_BYTES",
     "PUBLISHER_SOURCE",
     "SPECVERSION",
+    "TASK_CANCEL",
     "TASK_COMPLETED",
     "TASK_PROGRESS",
     "TASK_REJECTED",
@@ -63,6 +64,7 @@ TASK_REQUESTED = "dev.mayfly.task.requested"
 TASK_COMPLETED = "dev.mayfly.task.completed"
 TASK_REJECTED = "dev.mayfly.task.rejected"
 TASK_PROGRESS = "dev.mayfly.task.progress"
+TASK_CANCEL = "dev.mayfly.task.cancel"
 PUBLISHER_SOURCE = "/mayfly/publisher"
 COORDINATOR_SOURCE = "/mayfly/coordinator"
 

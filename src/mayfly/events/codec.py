@@ -68,6 +68,7 @@ from mayfly.events._wire import (
     split_headers,
     starts_object,
 )
+from mayfly.events.cancel import TaskCancel
 from mayfly.events.completed import TaskCompleted
 from mayfly.events.progress import TaskProgress
 from mayfly.events.rejected import TaskRejected
@@ -88,12 +89,13 @@ __all__ = [
     "to_kafka_record",
 ]
 
-MayflyEvent: TypeAlias = TaskRequest | TaskCompleted | TaskRejected | TaskProgress
+MayflyEvent: TypeAlias = TaskRequest | TaskCompleted | TaskRejected | TaskProgress | TaskCancel
 Mode: TypeAlias = Literal["binary", "structured"]
 
-_MODELS: dict[
-    str, type[TaskRequest] | type[TaskCompleted] | type[TaskRejected] | type[TaskProgress]
-] = {model.event_type: model for model in (TaskRequest, TaskCompleted, TaskRejected, TaskProgress)}
+_MODELS: dict[str, type[MayflyEvent]] = {
+    model.event_type: model
+    for model in (TaskRequest, TaskCompleted, TaskRejected, TaskProgress, TaskCancel)
+}
 
 
 _STRUCTURED_BYTES = STRUCTURED_CONTENT_TYPE.encode()
@@ -269,7 +271,7 @@ def from_http(headers: Headers | None, body: bytes | str | None) -> MayflyEvent:
 
 
 def _as_model(event: MayflyEvent | AnyCloudEvent) -> MayflyEvent:
-    if isinstance(event, TaskRequest | TaskCompleted | TaskRejected | TaskProgress):
+    if isinstance(event, TaskRequest | TaskCompleted | TaskRejected | TaskProgress | TaskCancel):
         return event
     if isinstance(event, AnyCloudEvent):
         return from_cloudevent(event)

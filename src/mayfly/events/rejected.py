@@ -23,6 +23,7 @@ from mayfly.errors import (
     PackageError,
     PackageNotFoundError,
     ParamsError,
+    RequestCanceledError,
     SigningKeyError,
     UnsafeArchiveError,
 )
@@ -83,6 +84,9 @@ class RejectionCode(StrEnum):
     INTEGRITY = "integrity"
     NOT_A_CLOUDEVENT = "not_a_cloudevent"
     INTERNAL = "internal"
+    CANCELED = "canceled"
+    """Canceled before it started (``mayfly cancel``): on the results topic
+    only, not a dead letter (nothing is wrong with it)."""
 
 
 class TaskRejected(EventModel):
@@ -153,7 +157,9 @@ def rejection_for(
     :class:`~mayfly.errors.PackageNotFoundError` is ``unknown_task``, an
     inventory error ``unknown_device``, a :class:`~mayfly.errors.ParamsError`
     ``invalid_params``; digest,
-    signature and archive errors are ``integrity``; anything else ``internal``.
+    signature and archive errors are ``integrity``; a
+    :class:`~mayfly.errors.RequestCanceledError` ``canceled``; anything else
+    ``internal``.
     The trace context and priority of the original are carried over when valid.
 
     Never raises, and never makes an event too large or unfit for headers,
@@ -270,11 +276,15 @@ def _code(error: BaseException, raw: Mapping[str, Any]) -> RejectionCode:
         return RejectionCode.INVALID_PARAMS
     if isinstance(error, IntegrityError | SigningKeyError | UnsafeArchiveError):
         return RejectionCode.INTEGRITY
+    if isinstance(error, RequestCanceledError):
+        return RejectionCode.CANCELED
     return RejectionCode.INTERNAL
 
 
 def _reason(error: BaseException) -> str:
     if isinstance(error, EventError | ParamsError | InventoryError | DeviceError):
+        return str(error)
+    if isinstance(error, RequestCanceledError):
         return str(error)
     if isinstance(error, PackageError):
         return str(error) or type(error).__name__

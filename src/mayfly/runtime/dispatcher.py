@@ -18,6 +18,11 @@ What it promises, on the embedded log and on Kafka alike:
   it before the coordinator said it was done); after a crash the rest is
   delivered again, requests that already have a result are skipped, and
   devices dedupe repeated actions by key;
+- **cancels hold everywhere**: every cancel on the control topic is read, from
+  its beginning (:class:`~mayfly.runtime.cancels.CancelBook`); a canceled
+  request waiting in the lanes never starts (its outcome is a ``canceled``
+  rejection, on the results topic), and one running is told so, with its
+  grace period, through its coordinator's channel;
 - **poison requests end**: a request whose coordinator keeps crashing is
   retried after a backoff, and rejected to the dead-letter topic after
   ``max_crashes`` crashes. Nothing a record holds can stop the dispatcher:
@@ -38,17 +43,19 @@ import logging
 import math
 import select
 import time
+import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
 from mayfly.coordinator.sinks import EventLogSink
-from mayfly.errors import CoordinatorCrashedError, SinkError
+from mayfly.errors import CoordinatorCrashedError, EventError, RequestCanceledError, SinkError
 from mayfly.eventlog import WRITE_SETTLE_S, EventLog, GroupMember, LogRecord, Position
-from mayfly.events import Priority, peek_attributes, rejection_for
+from mayfly.events import Priority, TaskCancel, from_kafka, peek_attributes, rejection_for
 from mayfly.exitcodes import ExitCode
 from mayfly.runtime.appender import Appender
+from mayfly.runtime.cancels import CancelBook
 from mayfly.runtime.policy import (
     DEFAULT_WEIGHTS,
     after_crash,
@@ -68,6 +75,13 @@ _LOG = logging.getLogger("mayfly.runtime.dispatcher")
 _LOG_BACKOFF_MAX_S = 10.0
 #: For how long after a wake-up a round looks again every ``settle_wait_s``.
 _SETTLE_FAST_S = 0.008
+#: How often the control topic is read for cancels, at most (rounds come every
+#: few milliseconds while coordinators run).
+_CONTROL_EVERY_S = 0.1
+#: Cancels read from the control topic in one go, at most.
+_CONTROL_BATCH = 500
+#: How long a starting runtime reads the cancels published before it, at most.
+_CONTROL_CATCH_UP_S = 10.0
 
 
 class DispatchEvent(StrEnum):
@@ -78,6 +92,8 @@ class DispatchEvent(StrEnum):
     SKIPPED = "skipped"
     """The request already has a durable result (a redelivery)."""
     DEAD_LETTERED = "dead_lettered"
+    CANCELED = "canceled"
+    """The request was canceled before it started: it never will."""
 
 
 @dataclass(frozen=True)
@@ -273,6 +289,14 @@ class Dispatcher:
         self._last_durable_at = -math.inf
         self._closing = False
         self._warm_parent_lost = False
+        # Every runtime reads every cancel: a group of its own, from the start,
+        # committing nothing (a restart reads them all again).
+        self._cancels = CancelBook()
+        self._control = log.consumer(
+            f"{topics.dispatcher_group}-control-{uuid.uuid4().hex[:12]}", topics.control
+        )
+        self._control_due = -math.inf
+        self._control_caught_up = False
 
     # -- reading ---------------------------------------------------------------
 
@@ -371,11 +395,106 @@ class Dispatcher:
         if time.monotonic() < self._log_down_until:
             return None
         while (pending := self._pick()) is not None:
-            if not self.state.has_result(pending.identity):
+            if self.state.has_result(pending.identity):
+                self._on_event(DispatchEvent.SKIPPED, {"request_id": pending.request_id})
+                self._done(pending)
+            elif (cancel := self._cancels.of(pending.request_id)) is not None:
+                self._end_canceled(pending, cancel)
+            else:
                 return pending
-            self._on_event(DispatchEvent.SKIPPED, {"request_id": pending.request_id})
-            self._done(pending)
         return None
+
+    # -- cancels ---------------------------------------------------------------
+
+    def _catch_up_control(self) -> None:
+        """Read the cancels already published, to where the control topic ends
+        now, before anything starts: a request canceled while no runtime ran
+        must not start (a Kafka consumer's first polls return nothing while
+        its first fetch is under way). Bounded: a log that does not answer
+        delays cancels, not the runtime."""
+        self._control_caught_up = True
+        deadline = time.monotonic() + _CONTROL_CATCH_UP_S
+        try:
+            left = {p: end for p, end in self._control.end_offsets().items() if end > 0}
+            while left and time.monotonic() < deadline:
+                records = self._control.poll(_CONTROL_BATCH, 0.2)
+                for record in records:
+                    if record.offset + 1 >= left.get(record.partition, 0):
+                        left.pop(record.partition, None)
+                self._take_cancels(records)
+        except Exception as exc:  # the lanes' read says so too
+            _LOG.warning("cancels not read: %s", exc)
+            return
+        if left:
+            _LOG.warning("cancels not all read within %g s; reading on", _CONTROL_CATCH_UP_S)
+
+    def _read_control(self) -> None:
+        """Take in the cancels published since the last look (at most every
+        ``_CONTROL_EVERY_S``) and act on each new one."""
+        if not self._control_caught_up:
+            self._catch_up_control()
+        now = time.monotonic()
+        if now < self._control_due:
+            return
+        self._control_due = now + _CONTROL_EVERY_S
+        try:
+            records = self._control.poll(_CONTROL_BATCH, 0.0)
+        except Exception as exc:  # the lanes' read says so too; cancels wait
+            _LOG.warning("cancels not read: %s", exc)
+            return
+        self._take_cancels(records)
+
+    def _take_cancels(self, records: list[LogRecord]) -> None:
+        for record in records:
+            try:
+                event = from_kafka(record.headers, record.key, record.value)
+            except EventError as exc:
+                where = f"{record.topic}/{record.partition}@{record.offset}"
+                _LOG.warning("control record %s ignored: %s", where, exc)
+                continue
+            if isinstance(event, TaskCancel) and self._cancels.add(event):
+                self._apply_cancel(event)
+
+    def _apply_cancel(self, cancel: TaskCancel) -> None:
+        """End what of the request waits here; tell its coordinators, if it runs."""
+        for lane in self.lanes.values():
+            for pending in [p for p in lane.buffer if self._cancels.of(p.request_id) is cancel]:
+                lane.buffer.remove(pending)
+                if self.state.has_result(pending.identity):
+                    self._done(pending)  # ended already (a redelivery)
+                else:
+                    self._end_canceled(pending, cancel)
+        for token, pending in self.running.items():
+            if self._cancels.of(pending.request_id) is cancel:
+                record = pending.record
+                where = (record.topic, record.partition, record.offset)
+                if self.sessions[token].send(("cancel", where, cancel.grace_s)):
+                    _LOG.info(
+                        "%s canceled while running: its coordinator stops it (grace %g s)",
+                        pending.request_id,
+                        cancel.grace_s,
+                    )
+
+    def _end_canceled(self, pending: _Pending, cancel: TaskCancel) -> None:
+        """The outcome of a request canceled before it started: a ``canceled``
+        rejection on the results topic. While the log refuses it, the request
+        waits, and this is tried again."""
+        why = "canceled before it started" + (f": {cancel.reason}" if cancel.reason else "")
+        record = pending.record
+        try:
+            self.sink.emit(
+                rejection_for(
+                    RequestCanceledError(why), peek_attributes(record.headers, record.value)
+                )
+            )
+        except Exception as exc:
+            _LOG.warning("the cancel of %s not recorded yet: %s", pending.request_id, exc)
+            pending.not_before = time.monotonic() + self.options.crash_backoff_s * 10
+            self._requeue(pending)
+            return
+        self.state.mark_result(pending.identity)
+        self._done(pending)
+        self._on_event(DispatchEvent.CANCELED, {"request_id": pending.request_id})
 
     def _launch(self, pending: _Pending) -> None:
         token = f"c{next(self._tokens)}"
@@ -587,6 +706,7 @@ class Dispatcher:
         if wait_s is None and self._waker is None and not self.running:
             hold = self._wait_s()
         waited = self._fill(hold) and hold > 0
+        self._read_control()
         self._start_ready()
         self._kill_overdue()
         if wait_s is None:  # having waited in the poll, only look for exits
@@ -685,6 +805,7 @@ class Dispatcher:
         for session in self.sessions.values():
             session.close()
         self._consumer.close()
+        self._control.close()
         if self._waker is not None:
             self._waker.close()
             self._waker = None

@@ -33,6 +33,10 @@ runtime -> coordinator
     ``("appended", None)`` or ``("appended", why)``: durable, or refused.
     ``("run", record, dequeued_at)``: serve this request next.
     ``("exit",)``: nothing more for this coordinator.
+    ``("cancel", (topic, partition, offset), grace_s)``: the request of that
+    record is canceled (``mayfly cancel``); at any time, in between the others,
+    and for a request the coordinator may have finished already (then nothing
+    happens). The coordinator's run loop watches the channel for it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ __all__ = [
     "Appends",
     "CoordinatorSession",
     "DirectLink",
+    "RequestControl",
     "RuntimeLink",
     "RuntimeSink",
     "answer_blocking",
@@ -138,11 +143,50 @@ class CoordinatorSession:
             self.pidfd = None
 
 
+#: Where a request's record is: what a cancel names the request it stops by.
+RecordAt = tuple[str, int, int]
+
+
 class RuntimeLink:
     """The coordinator's end: appends through the runtime, and asks it for more."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self._cancels: dict[RecordAt, float] = {}
+        """Grace periods of the cancels heard, by the record they stop."""
+        self._held: list[tuple[Any, ...]] = []
+        """Messages a :meth:`read` took in that were not cancels."""
+        self._gone = False
+
+    def fileno(self) -> int | None:
+        """The channel, to wait on for a cancel; None once the runtime is gone."""
+        return None if self._gone else self.conn.fileno()
+
+    def read(self) -> None:
+        """Take in the messages that arrived, without blocking (cancels, while a
+        request runs)."""
+        try:
+            while not self._gone and self.conn.poll(0):
+                self._take(self.conn.recv())
+        except (EOFError, OSError):
+            self._gone = True
+
+    def cancel_of(self, where: RecordAt) -> float | None:
+        """The grace period of a cancel heard for the request at ``where``."""
+        return self._cancels.get(where)
+
+    def _take(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "cancel":
+            where, grace = message[1], message[2]
+            self._cancels[(str(where[0]), int(where[1]), int(where[2]))] = float(grace)
+        else:
+            self._held.append(message)
+
+    def _recv(self) -> tuple[Any, ...]:
+        """The next message that is not a cancel (those are kept)."""
+        while not self._held:
+            self._take(self.conn.recv())
+        return self._held.pop(0)
 
     def hello(self) -> None:
         """Tell the runtime this process's pid (its watchdog kills by pid)."""
@@ -161,7 +205,7 @@ class RuntimeLink:
         """
         try:
             self.conn.send(("append", [(t, k, v, tuple(h)) for t, k, v, h in records]))
-            answer = self.conn.recv()
+            answer = self._recv()
         except (EOFError, OSError) as exc:
             raise SinkError(f"the runtime did not take the result: {exc or 'it is gone'}") from exc
         if answer[0] != "appended":
@@ -179,14 +223,34 @@ class RuntimeLink:
         self._next(("declined",))
 
     def _next(self, message: tuple[Any, ...]) -> tuple[LogRecord, datetime] | None:
+        # The request is over: a cancel for it from now on changes nothing, and
+        # the runtime names the next one by its own record.
+        self._cancels.clear()
         try:
             self.conn.send(message)
-            answer = self.conn.recv()
+            answer = self._recv()
         except (EOFError, OSError):
             return None  # the runtime is gone: nothing more to serve
         if answer[0] == "run":
             return answer[1], answer[2]
         return None
+
+
+class RequestControl:
+    """A run's :class:`~mayfly.coordinator.runner.RunControl`: the cancels the
+    runtime sends for the request at ``where``, through ``link``."""
+
+    def __init__(self, link: RuntimeLink, where: RecordAt) -> None:
+        self.link, self.where = link, where
+
+    def fileno(self) -> int | None:
+        return self.link.fileno()
+
+    def read(self) -> None:
+        self.link.read()
+
+    def canceled(self) -> float | None:
+        return self.link.cancel_of(self.where)
 
 
 class Appends(Protocol):

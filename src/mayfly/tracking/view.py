@@ -1,7 +1,8 @@
 """The request view: what became of each published request, folded from the log.
 
 Every runtime, and every reader, can rebuild it from the log alone: the
-request lanes say what was asked and when, the results topic what happened.
+request lanes say what was asked and when, the results topic what happened,
+the control topic which were asked to stop.
 Nothing is kept beside the log, so the view is the same after a restart and
 whichever runtime ran the request. No I/O: :mod:`mayfly.app.tracking` reads
 the log and feeds :meth:`RequestBook.add`.
@@ -22,6 +23,8 @@ from mayfly.events import (
     DeviceResult,
     DeviceUpdate,
     MayflyEvent,
+    RejectionCode,
+    TaskCancel,
     TaskCompleted,
     TaskProgress,
     TaskRejected,
@@ -71,10 +74,14 @@ class RequestView:
     """While it runs: the package's latest lines, as reports brought them."""
     lines_seen: int = 0
     """Lines reports brought so far (more than :attr:`lines` keeps)."""
+    cancel: TaskCancel | None = None
+    """The first cancel asked of it (``mayfly cancel``), if any."""
 
     @property
     def state(self) -> RequestState:
         if isinstance(self.outcome, TaskRejected):
+            if self.outcome.code is RejectionCode.CANCELED:
+                return RequestState.CANCELED  # before it started
             return RequestState.REJECTED
         if isinstance(self.outcome, TaskCompleted):
             return RequestState(self.outcome.status.value)
@@ -166,6 +173,8 @@ class RequestView:
         }
         if jaeger_url and trace_id:
             body["trace_url"] = trace_url(jaeger_url, trace_id)
+        if self.cancel is not None:
+            body["cancel"] = {"at": _iso(self.cancel.time), **self.cancel.cloudevent_data()}
         if self.request is not None:
             body["request"] = self.request.cloudevent_data()
         if self.outcome is not None:
@@ -215,13 +224,23 @@ class RequestBook:
         return iter(self._views)
 
     def add(self, event: MayflyEvent) -> RequestView | None:
-        """Fold in one event from a lane or the results topic; the view it
-        changed, if any (events of requests not kept change none)."""
+        """Fold in one event from a lane, the results or the control topic; the
+        view it changed, if any (events of requests not kept change none; a
+        cancel changes only a request already seen)."""
         if isinstance(event, TaskRequest):
             return self._requested(event)
         if isinstance(event, TaskCompleted | TaskRejected):
             return self._outcome(event)
+        if isinstance(event, TaskCancel):
+            return self._canceled(event)
         return self._progressed(event)
+
+    def _canceled(self, cancel: TaskCancel) -> RequestView | None:
+        view = self._views.get(cancel.request_id)
+        if view is None or view.cancel is not None:
+            return None
+        view.cancel = cancel
+        return view
 
     def _view(self, root: str) -> RequestView | None:
         if self._only is not None and root not in self._only:

@@ -99,6 +99,8 @@ class _SimDevice:
     arrivals: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     replies: dict[str, SimResponse] = field(default_factory=dict)
+    last_request_at: float | None = None
+    """Wall-clock time of the last request that reached it (any request)."""
 
     def settle(self, now: float, download_time: float) -> None:
         """Bring timed transitions up to ``now``: finished downloads, finished reboots."""
@@ -322,6 +324,7 @@ class Simulator:
             device = self._devices.get(device_id)
             if device is None:
                 return _error(404, f"unknown device {device_id}")
+            device.last_request_at = self._wall_clock()
             if self._inject():
                 return _INJECTED
             now = self._clock()
@@ -344,6 +347,7 @@ class Simulator:
                 return _error(404, f"unknown device {device_id}")
             if name not in ACTIONS:
                 return _error(404, f"unknown action {name!r}; known: {', '.join(ACTIONS)}")
+            device.last_request_at = self._wall_clock()
             if not key:
                 return _error(400, "missing Idempotency-Key header")
             device.arrivals[key] = device.arrivals.get(key, 0) + 1
@@ -416,7 +420,8 @@ class Simulator:
     # -- records for tests and benchmarks ---------------------------------
 
     def records(self, device_id: str) -> Json:
-        """What really happened on one device: state, applied log, key arrivals.
+        """What really happened on one device: state, applied log, key arrivals,
+        and when a request last reached it (``last_request_at``, wall clock).
 
         ``rejected`` counts, per key, the arrivals answered 5xx without being
         looked at (injected failure, rebooting, device fault).
@@ -435,6 +440,7 @@ class Simulator:
                     "arrivals": device.arrivals,
                     "rejected": device.rejected,
                     "broken": device.broken,
+                    "last_request_at": device.last_request_at,
                 }
             )
 
