@@ -40,7 +40,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -156,7 +156,23 @@ def _ends_a_line(path: Path) -> bool:
 
 
 class _JsonLines:
-    """An append-only file of JSON objects, one per line, shared by threads."""
+    """An append-only file of JSON objects, one per line, shared by threads
+    (and by the exporters of one process that write one file: :meth:`of`)."""
+
+    _open: ClassVar[dict[Path, _JsonLines]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def of(cls, path: Path) -> _JsonLines:
+        """The writer of ``path`` in this process: two exporters of one file (a
+        publisher's and an aggregator's spans) share its lock, so their lines
+        never interleave."""
+        key = path.absolute()
+        with cls._registry_lock:
+            found = cls._open.get(key)
+            if found is None:
+                found = cls._open[key] = cls(path)
+            return found
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -187,7 +203,7 @@ class OtlpJsonFileSpanExporter(SpanExporter):
     """Writes each batch of spans as one OTLP/JSON line to a file."""
 
     def __init__(self, path: Path) -> None:
-        self._out = _JsonLines(path)
+        self._out = _JsonLines.of(path)
 
     @property
     def path(self) -> Path:
@@ -215,7 +231,7 @@ class OtlpJsonFileMetricExporter(MetricExporter):
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        self._out = _JsonLines(path)
+        self._out = _JsonLines.of(path)
 
     @property
     def path(self) -> Path:

@@ -73,7 +73,7 @@ def test_records_encode_to_the_request_the_sdk_encoder_makes() -> None:
 
     expected = encode_spans(memory.get_finished_spans())
     got = ExportTraceServiceRequest.FromString(encode_records(records.records, resource.attributes))
-    assert len(records.records) == 14
+    assert len(records.records) == 18
     assert got == expected
 
 
@@ -149,7 +149,7 @@ def test_flush_means_every_span_so_far_reached_the_endpoint(
     # Over two batches, and a partial third left in the buffer.
     _feed(aggregator, 0, 1500)
     assert bulk.flush(30_000) is True
-    assert len(receiver.span_ids) == 3000
+    assert len(receiver.span_ids) == 4500
 
 
 def test_a_dead_export_process_is_reported_restarted_and_nothing_is_lost(
@@ -164,7 +164,7 @@ def test_a_dead_export_process_is_reported_restarted_and_nothing_is_lost(
     with caplog.at_level(logging.ERROR, "mayfly.telemetry"):
         _feed(aggregator, 600, 900)
         assert bulk.flush(30_000) is True
-    assert len(receiver.span_ids) == 3000
+    assert len(receiver.span_ids) == 4500
     assert exporter.restarts == 1
     assert "span export process" in caplog.text
 
@@ -177,7 +177,7 @@ def test_spans_the_endpoint_refuses_make_flush_false_and_are_logged(
     with caplog.at_level(logging.ERROR, "mayfly.telemetry"):
         _feed(aggregator, 0, 10)
         assert bulk.flush(30_000) is False
-    assert "20 span(s) not exported" in caplog.text
+    assert "30 span(s) not exported" in caplog.text
 
 
 def test_shutdown_flushes_and_stops_the_export_process(receiver: _Receiver) -> None:
@@ -187,7 +187,7 @@ def test_shutdown_flushes_and_stops_the_export_process(receiver: _Receiver) -> N
     assert exporter is not None
     process = exporter._process
     telemetry.shutdown()
-    assert len(receiver.span_ids) == 10
+    assert len(receiver.span_ids) == 15
     assert process is not None
     assert process.poll() is not None
 
@@ -217,19 +217,31 @@ def test_bulk_spans_arrive_in_jaeger_with_names_attributes_and_parents(
 
     spans: list[dict[str, object]] = []
     deadline = time.monotonic() + 30
-    while len(spans) < 3 and time.monotonic() < deadline:
+    while len(spans) < 4 and time.monotonic() < deadline:
         response = requests.get(f"{jaeger.query_url}/api/traces/{trace_id}", timeout=5)
         data = response.json().get("data") or [] if response.status_code == 200 else []
         spans = data[0]["spans"] if data else []
-        time.sleep(0.2 if len(spans) < 3 else 0)
+        time.sleep(0.2 if len(spans) < 4 else 0)
     by_name = {s["operationName"]: s for s in spans}
-    assert sorted(by_name) == ["device sim-0001", "device sim-0002", "task reboot"]
-    root = by_name["task reboot"]
+    assert sorted(by_name) == [
+        "device sim-0001",
+        "device sim-0002",
+        "process mayfly.requests.normal",
+        "task reboot",
+    ]
+    root = by_name["process mayfly.requests.normal"]
     tags = {t["key"]: t["value"] for t in root["tags"]}  # type: ignore[attr-defined]
-    assert tags["mayfly.request.id"] == "req-jaeger"
-    assert tags["mayfly.request.status"] == "partial"
+    assert tags["messaging.message.id"] == "req-jaeger"
     assert tags["span.kind"] == "consumer"
     assert tags["otel.status_code"] == "ERROR"
+    assert tags["error.type"] == "partial"
+    task = by_name["task reboot"]
+    task_tags = {t["key"]: t["value"] for t in task["tags"]}  # type: ignore[attr-defined]
+    assert task_tags["mayfly.request.id"] == "req-jaeger"
+    assert task_tags["mayfly.request.status"] == "partial"
+    assert task["references"] == [
+        {"refType": "CHILD_OF", "traceID": trace_id, "spanID": root["spanID"]}
+    ]
     failed = {t["key"]: t["value"] for t in by_name["device sim-0002"]["tags"]}  # type: ignore[attr-defined]
     assert failed["mayfly.device.status"] == "failed"
     assert failed["otel.status_description"] == "refused"
@@ -238,4 +250,4 @@ def test_bulk_spans_arrive_in_jaeger_with_names_attributes_and_parents(
     ]
     for name in ("device sim-0001", "device sim-0002"):
         (ref,) = by_name[name]["references"]  # type: ignore[misc]
-        assert ref["spanID"] == root["spanID"]
+        assert ref["spanID"] == task["spanID"]

@@ -48,6 +48,11 @@ def _root(spans: Sequence[ReadableSpan]) -> ReadableSpan:
     return root
 
 
+def _task(spans: Sequence[ReadableSpan]) -> ReadableSpan:
+    [task] = [s for s in spans if s.name.startswith("task ")]
+    return task
+
+
 def _golden() -> TaskCompleted:
     event = from_http(
         {"content-type": STRUCTURED_CONTENT_TYPE}, (DATA / "completed.json").read_bytes()
@@ -61,65 +66,93 @@ def test_one_request_is_one_trace_continuing_the_publisher(telemetered: Telemete
     assert telemetered.aggregator.handle(golden) is Outcome.PROCESSED
     spans = telemetered.spans()
     root = _root(spans)
-    children = [s for s in spans if s is not root]
+    task = _task(spans)
+    children = [s for s in spans if s is not root and s is not task]
 
-    assert len(spans) == 1 + len(golden.devices)
+    assert len(spans) == 2 + len(golden.devices)
     assert {s.context.trace_id for s in spans} == {int(TRACE_ID, 16)}
     assert root.parent is not None
     assert root.parent.span_id == int(PUBLISHER_SPAN_ID, 16)
     assert root.parent.is_remote
-    assert all(c.parent is not None and c.parent.span_id == root.context.span_id for c in children)
+    # The coordinator's processing of the request, named as the messaging
+    # conventions say; the run under it; the devices under the run.
+    assert root.name == "process mayfly.requests.high"
+    assert task.name == "task firmware-update"
+    assert task.parent is not None
+    assert task.parent.span_id == root.context.span_id
+    assert all(c.parent is not None and c.parent.span_id == task.context.span_id for c in children)
     assert sorted(c.name for c in children) == [f"device {d.device_id}" for d in golden.devices]
-    assert root.name == "task firmware-update"
 
-    # Real timestamps: publication to finish for the root, each device's own times.
+    # Real timestamps: receipt to finish for the root, the run from its start,
+    # each device's own times.
     timings = golden.timings
-    assert root.start_time == _ns(timings.published_at)
+    assert root.start_time == _ns(timings.received_at)
     assert root.end_time == _ns(timings.finished_at)
+    assert task.start_time == _ns(timings.started_at)
+    assert task.end_time == root.end_time
     by_id = {c.attributes["mayfly.device.id"]: c for c in children if c.attributes}
     ok, late, skipped = (by_id[d.device_id] for d in golden.devices)
     assert ok.start_time == _ns(golden.devices[0].started_at)
     assert ok.end_time == _ns(golden.devices[0].finished_at)
     assert late.end_time == _ns(golden.devices[1].finished_at)
-    # Never started: a zero-length span at the coordinator's receipt.
-    assert skipped.start_time == skipped.end_time == _ns(timings.received_at)
+    # Never started: a zero-length span at the run's start.
+    assert skipped.start_time == skipped.end_time == _ns(timings.started_at)
 
     assert ok.status.status_code is StatusCode.OK
     assert late.status.status_code is StatusCode.ERROR
     assert late.status.description == "no answer within 3s"
     assert skipped.status.status_code is StatusCode.UNSET
-    assert root.status.status_code is StatusCode.ERROR  # the request was only partial
-    assert "sensor-0002: no answer within 3s" in (root.status.description or "")
+    for parent in (root, task):
+        assert parent.status.status_code is StatusCode.ERROR  # the request was only partial
+        assert "sensor-0002: no answer within 3s" in (parent.status.description or "")
+        assert parent.attributes is not None
+        assert parent.attributes["error.type"] == "partial"
 
     assert root.attributes is not None
     attributes = dict(root.attributes)
+    # The request's message, as the coordinator consumed it from its lane.
     assert attributes == attributes | {
-        "cloudevents.event_id": golden.id,
-        "cloudevents.event_type": "dev.mayfly.task.completed",
-        "cloudevents.event_source": "/mayfly/coordinator",
+        "cloudevents.event_id": golden.request_id,
+        "cloudevents.event_type": "dev.mayfly.task.requested",
+        "cloudevents.event_source": golden.request_source,
         "cloudevents.event_spec_version": "1.0",
         "messaging.system": "sqlite",
-        "messaging.destination.name": "mayfly.results",
+        "messaging.destination.name": "mayfly.requests.high",
+        "messaging.consumer.group.name": "mayfly-dispatcher",
+        "messaging.message.id": golden.request_id,
         "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "mayfly.task": "firmware-update",
+        "mayfly.request.id": golden.request_id,
+        "mayfly.cold_start_ms": 8.5,
+    }
+    assert task.attributes is not None
+    assert dict(task.attributes) == {
         "mayfly.task": "firmware-update",
         "mayfly.request.id": golden.request_id,
         "mayfly.package.version": "2.4.1",
         "mayfly.package.digest": golden.package.digest,
         "mayfly.request.status": "partial",
-        "mayfly.cold_start_ms": 8.5,
+        "mayfly.device.count": 3,
         "mayfly.coordinator.id": "coord-7f3a",
+        "mayfly.coordinator.mode": "local",
+        "error.type": "partial",
     }
     assert late.attributes is not None
+    assert late.attributes["error.type"] == "timed_out"
     assert late.attributes["mayfly.device.status"] == "timed_out"
     assert late.attributes["mayfly.device.attempts"] == 3
 
 
 def test_a_succeeded_request_has_an_ok_root(telemetered: Telemetered) -> None:
-    telemetered.aggregator.handle(result(), destination="mayfly.results.eu")
+    # From another installation's results topic: its lanes and group are named.
+    telemetered.aggregator.handle(result(), destination="eu.results")
     root = _root(telemetered.spans())
     assert root.status.status_code is StatusCode.OK
     assert root.attributes is not None
-    assert root.attributes["messaging.destination.name"] == "mayfly.results.eu"
+    assert "error.type" not in root.attributes
+    assert root.attributes["messaging.destination.name"] == "eu.requests.normal"
+    assert root.attributes["messaging.consumer.group.name"] == "eu-dispatcher"
 
 
 def test_without_a_traceparent_the_request_starts_its_own_trace(
@@ -151,13 +184,13 @@ def test_parts_make_one_trace_once_all_have_arrived(telemetered: Telemetered) ->
     assert outcomes[-1] is Outcome.PROCESSED
 
     spans = telemetered.spans()
-    assert len(spans) == 41
+    assert len(spans) == 42
     assert len({s.context.trace_id for s in spans}) == 1
     assert aggregator.pending == 0
     # Late redeliveries of any part, or of the whole, change nothing.
     assert aggregator.handle(parts[0]) is Outcome.DUPLICATE
     assert aggregator.handle(whole) is Outcome.DUPLICATE
-    assert len(telemetered.spans()) == 41
+    assert len(telemetered.spans()) == 42
     [archived] = list(telemetered.archive.read())
     assert archived == whole
 
@@ -194,9 +227,9 @@ def test_parts_of_two_runs_of_one_request_are_not_mixed(telemetered: Telemetered
     assert aggregator.handle(run_a[0]) is Outcome.PENDING
     for part in run_b:
         aggregator.handle(part)
-    root = _root(telemetered.spans())
-    assert root.attributes is not None
-    assert root.attributes["mayfly.coordinator.id"] == "coord-b"
+    task = _task(telemetered.spans())
+    assert task.attributes is not None
+    assert task.attributes["mayfly.coordinator.id"] == "coord-b"
     assert aggregator.handle(run_a[1]) is Outcome.DUPLICATE
 
 
@@ -220,16 +253,20 @@ def test_a_rejection_is_one_error_span(telemetered: Telemetered) -> None:
     assert telemetered.aggregator.handle(rejected) is Outcome.PROCESSED
     assert telemetered.aggregator.handle(rejected) is Outcome.DUPLICATE
     [span] = telemetered.spans()
-    assert span.name == "task firmware-updater rejected"
+    assert span.name == f"process mayfly.requests.{rejected.priority.value}"
+    assert span.kind is SpanKind.CONSUMER
     assert span.context.trace_id == int(TRACE_ID, 16)
     assert span.parent is not None
     assert span.parent.span_id == int(PUBLISHER_SPAN_ID, 16)
     assert span.status.status_code is StatusCode.ERROR
     assert span.status.description == rejected.reason
-    assert span.start_time == _ns(T0)  # the request's publication
+    # At the rejection: after the publisher's span, whose start is not known.
+    assert span.start_time == span.end_time == _ns(rejected.time)
     assert span.attributes is not None
     assert span.attributes["mayfly.rejection.code"] == "unknown_task"
-    assert span.attributes["cloudevents.event_type"] == "dev.mayfly.task.rejected"
+    assert span.attributes["error.type"] == "unknown_task"
+    assert span.attributes["messaging.message.id"] == rejected.request_id
+    assert span.attributes["cloudevents.event_type"] == "dev.mayfly.task.requested"
     assert span.attributes["mayfly.request.status"] == "rejected"
 
 
@@ -338,7 +375,7 @@ def test_an_archive_failure_leaves_the_batch_unprocessed_for_redelivery(
     outcomes = aggregator.handle_many(parts)
     assert Outcome.PROCESSED in outcomes
     assert len(archive.archived) == 1
-    assert len(telemetered.spans()) == 21
+    assert len(telemetered.spans()) == 22
 
 
 def test_processed_ids_are_remembered_within_a_bound(telemetered: Telemetered) -> None:
@@ -396,10 +433,10 @@ def test_shards_make_one_result_and_one_trace_once_all_are_in(telemetered: Telem
 
     spans = telemetered.spans()
     assert {s.context.trace_id for s in spans} == {int(TRACE_ID, 16)}
-    root = _root(spans)
+    task = _task(spans)
     shard_spans = [s for s in spans if s.name.startswith("shard ")]
     assert sorted(s.name for s in shard_spans) == ["shard 1/3", "shard 2/3", "shard 3/3"]
-    assert all(s.parent and s.parent.span_id == root.context.span_id for s in shard_spans)
+    assert all(s.parent and s.parent.span_id == task.context.span_id for s in shard_spans)
     by_span = {s.context.span_id: s for s in shard_spans}
     devices = [s for s in spans if s.name.startswith("device ")]
     assert len(devices) == 12

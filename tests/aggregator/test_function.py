@@ -58,8 +58,13 @@ def test_a_binary_mode_result_is_accepted_traced_and_archived(
         for span in scope["spans"]
     ]
     assert {s["traceId"] for s in spans} == {TRACE_ID}
-    assert sorted(s["name"] for s in spans) == ["device sim-0001", "device sim-0002", "task reboot"]
-    root = next(s for s in spans if s["name"] == "task reboot")
+    assert sorted(s["name"] for s in spans) == [
+        "device sim-0001",
+        "device sim-0002",
+        "process mayfly.requests.normal",
+        "task reboot",
+    ]
+    root = next(s for s in spans if s["name"] == "process mayfly.requests.normal")
     attributes = {a["key"]: a["value"] for a in root["attributes"]}
     assert attributes["messaging.system"] == {"stringValue": "kafka"}
     assert [e.request_id for e in LocalResultArchive(home / "archive").read()] == ["req-fn"]

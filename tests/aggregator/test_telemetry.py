@@ -52,16 +52,21 @@ def test_the_trace_file_holds_otlp_json_export_requests(tmp_path: Path) -> None:
         assert service == {"stringValue": "mayfly-aggregator"}
         for scope in resource_spans["scopeSpans"]:
             spans.extend(scope["spans"])
-    assert len(spans) == 4  # root + 2 devices, and the rejection
+    assert len(spans) == 5  # root, task and 2 devices, and the rejection
     # OTLP/JSON: hex ids (not protobuf's base64), integer enums, camelCase names.
     assert {s["traceId"] for s in spans} == {TRACE_ID}
     roots = [s for s in spans if s["parentSpanId"] == PUBLISHER_SPAN_ID]
-    assert sorted(r["name"] for r in roots) == ["task firmware-updater rejected", "task reboot"]
-    [root] = [r for r in roots if r["name"] == "task reboot"]
-    children = [s for s in spans if s["parentSpanId"] == root["spanId"]]
+    assert sorted(r["name"] for r in roots) == [
+        "process mayfly.requests.normal",
+        "process mayfly.requests.normal",
+    ]
+    [root] = [r for r in roots if any(s["parentSpanId"] == r["spanId"] for s in spans)]
+    [task] = [s for s in spans if s["parentSpanId"] == root["spanId"]]
+    assert task["name"] == "task reboot"
+    children = [s for s in spans if s["parentSpanId"] == task["spanId"]]
     assert sorted(c["name"] for c in children) == ["device sim-0001", "device sim-0002"]
     assert root["kind"] == 5  # SPAN_KIND_CONSUMER
-    assert root["startTimeUnixNano"] == "1741942800000000000"  # 2025-03-14T09:00:00Z
+    assert root["startTimeUnixNano"] == "1741942800500000000"  # received at 09:00:00.5Z
     [failed] = [c for c in children if c["name"] == "device sim-0002"]
     assert failed["status"]["code"] == 2  # STATUS_CODE_ERROR
 

@@ -28,7 +28,7 @@ from mayfly.app.local import Runtime
 from mayfly.app.wiring import open_event_log
 from mayfly.cli import cli
 from mayfly.devices.sim import Simulator, SimulatorServer
-from mayfly.eventlog.publisher import publish_request
+from mayfly.eventlog.publisher import publish_request, server_of
 from mayfly.events import (
     MayflyEvent,
     TaskCompleted,
@@ -123,6 +123,7 @@ def test_requests_run_from_kafka_with_packages_from_s3_and_traces_in_jaeger(
             telemetry.meter(),
             None,
             destination=stack.settings.topics.results,
+            server=server_of(stack.settings.event_log),
         )
     )
     runtime = Runtime(stack.settings, ingest=Ingest(None, on_events=results))
@@ -166,12 +167,14 @@ def test_requests_run_from_kafka_with_packages_from_s3_and_traces_in_jaeger(
     log.close()
     assert ids <= found
 
-    # Jaeger has the trace: publish span -> task span -> one span per device.
+    # Jaeger has the trace: send span -> process span -> task span -> one per device.
     request = sent[0]
     trace_id = str(request.traceparent).split("-")[1]
-    spans = _jaeger_spans(stack.jaeger, trace_id, expected=5)
+    spans = _jaeger_spans(stack.jaeger, trace_id, expected=6)
     by_name = {s["operationName"]: s for s in spans}
-    publish = by_name["publish reboot"]
+    lane = stack.settings.topics.lane(request.priority)
+    send = by_name[f"send {lane}"]
+    process = by_name[f"process {lane}"]
     task = by_name["task reboot"]
     devices = [s for s in spans if s["operationName"].startswith("device ")]
     assert sorted(s["operationName"] for s in devices) == [
@@ -179,9 +182,21 @@ def test_requests_run_from_kafka_with_packages_from_s3_and_traces_in_jaeger(
         "device sim-0002",
         "device sim-0003",
     ]
-    assert _parent(task) == publish["spanID"]
+    assert _parent(process) == send["spanID"]
+    assert _parent(task) == process["spanID"]
     assert all(_parent(s) == task["spanID"] for s in devices)
     assert all(s["traceID"] == trace_id for s in spans)
+    # On Kafka, both ends name the broker; the send its record's key.
+    host, port = stack.bootstrap.split(",")[0].rsplit(":", 1)
+    for span in (send, process):
+        tags = {t["key"]: t["value"] for t in span["tags"]}  # type: ignore[attr-defined]
+        assert tags["messaging.system"] == "kafka"
+        assert tags["messaging.message.id"] == request.id
+        assert tags["server.address"] == host
+        assert int(tags["server.port"]) == int(port)
+    send_tags = {t["key"]: t["value"] for t in send["tags"]}  # type: ignore[attr-defined]
+    assert send_tags["messaging.kafka.message.key"] == request.partition_key
+    assert send_tags["span.kind"] == "producer"
 
 
 def _parent(span: dict[str, object]) -> str | None:
@@ -324,7 +339,7 @@ def test_mayfly_publish_starts_the_trace_it_prints(
     trace_id = result.output.split(" trace ")[1].strip()
 
     (span,) = _jaeger_spans(jaeger, trace_id, 1)
-    assert span["operationName"] == "publish reboot"
+    assert span["operationName"] == f"send {prefix}.requests.normal"
     # The record on the lane carries the same trace, as CloudEvent and plain W3C headers.
     log = open_event_log(
         Settings.from_env(env | {"MAYFLY_EVENT_LOG": f"kafka://{kafka_bootstrap}"})

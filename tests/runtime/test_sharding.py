@@ -98,10 +98,10 @@ def test_a_large_request_runs_in_shards_and_reads_as_one(
     windows = sorted((r.timings.started_at, r.timings.finished_at) for r in merged.shards)
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(windows))
 
-    # One trace: the root, a span per shard, each device under its shard's.
+    # One trace: the root, the run, a span per shard, each device under its shard's.
     assert len({s["traceId"] for s in spans}) == 1
     names = Counter(s["name"].split(" ")[0] for s in spans)
-    assert names == {"task": 1, "shard": 6, "device": 60}, names
+    assert names == {"process": 1, "task": 1, "shard": 6, "device": 60}, names
     shard_ids = {s["spanId"] for s in spans if s["name"].startswith("shard ")}
     assert all(s["parentSpanId"] in shard_ids for s in spans if s["name"].startswith("device "))
 

@@ -1,13 +1,31 @@
 """Attribute names of the aggregator's spans and metrics.
 
-OpenTelemetry semantic conventions for CloudEvents and messaging are spelled
-out here rather than imported from ``opentelemetry.semconv._incubating``,
-whose module path is not stable; Mayfly's own names start with ``mayfly.``.
+The OpenTelemetry semantic conventions come from :mod:`mayfly.semconv`
+(re-exported here); Mayfly's own names start with ``mayfly.``.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+from mayfly.semconv import (
+    CE_EVENT_ID,
+    CE_EVENT_SOURCE,
+    CE_EVENT_TYPE,
+    CE_SPEC_VERSION,
+    ERROR_TYPE,
+    MESSAGING_CONSUMER_GROUP,
+    MESSAGING_DESTINATION,
+    MESSAGING_KAFKA_KEY,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE,
+    MESSAGING_SYSTEM,
+    OPERATION_PROCESS,
+    OPERATION_SEND,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+)
 
 __all__ = [
     "CE_EVENT_ID",
@@ -21,12 +39,19 @@ __all__ = [
     "DEVICE_COUNT",
     "DEVICE_ID",
     "DEVICE_STATUS",
+    "ERROR_TYPE",
     "LOG_ATTEMPT",
     "LOG_LEVEL",
     "LOG_MESSAGE",
+    "MESSAGING_CONSUMER_GROUP",
     "MESSAGING_DESTINATION",
+    "MESSAGING_KAFKA_KEY",
+    "MESSAGING_MESSAGE_ID",
+    "MESSAGING_OPERATION_NAME",
     "MESSAGING_OPERATION_TYPE",
     "MESSAGING_SYSTEM",
+    "OPERATION_PROCESS",
+    "OPERATION_SEND",
     "PACKAGE_DIGEST",
     "PACKAGE_VERSION",
     "PROGRESS_PERCENT",
@@ -35,17 +60,10 @@ __all__ = [
     "REJECTION_FIELD",
     "REQUEST_ID",
     "REQUEST_STATUS",
+    "SERVER_ADDRESS",
+    "SERVER_PORT",
     "TASK",
 ]
-
-# Semantic conventions.
-CE_EVENT_ID: Final = "cloudevents.event_id"
-CE_EVENT_TYPE: Final = "cloudevents.event_type"
-CE_EVENT_SOURCE: Final = "cloudevents.event_source"
-CE_SPEC_VERSION: Final = "cloudevents.event_spec_version"
-MESSAGING_SYSTEM: Final = "messaging.system"
-MESSAGING_DESTINATION: Final = "messaging.destination.name"
-MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
 
 # Mayfly's own.
 TASK: Final = "mayfly.task"

@@ -110,7 +110,9 @@ class Aggregator:
         archive: complete results and rejections are archived here; None to
             keep no archive.
         messaging_system: ``messaging.system`` of the spans, ``kafka`` or ``sqlite``.
-        destination: default ``messaging.destination.name`` (the results topic).
+        destination: the results topic events come from unless told otherwise
+            (it names the installation whose lanes the spans name).
+        server: ``server.address`` and ``server.port`` of the log (Kafka's).
         max_remembered: processed ids kept for deduplication.
         max_pending: results kept waiting for their missing parts.
         max_pending_devices: device results of waiting shards kept at most
@@ -125,6 +127,7 @@ class Aggregator:
         *,
         messaging_system: str = "kafka",
         destination: str = DEFAULT_DESTINATION,
+        server: tuple[str, int] | None = None,
         max_remembered: int = DEFAULT_MAX_REMEMBERED,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_devices: int = DEFAULT_MAX_PENDING_DEVICES,
@@ -133,7 +136,7 @@ class Aggregator:
             raise ValueError("max_remembered and max_pending must be at least 1")
         self.archive = archive
         self.spans = ResultTracer(
-            tracer, messaging_system=messaging_system, destination=destination
+            tracer, messaging_system=messaging_system, destination=destination, server=server
         )
         self.metrics = ResultMetrics(meter)
         self.max_remembered = max_remembered

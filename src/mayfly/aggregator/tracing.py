@@ -1,14 +1,24 @@
 """Results into traces: one trace per request, through the OpenTelemetry API.
 
-The trace of a completed request continues the publisher's ``traceparent``::
+The trace of a completed request continues the publisher's ``traceparent``
+(its ``send <lane>`` PRODUCER span, :mod:`mayfly.eventlog.publisher`)::
 
-    task <task>          CONSUMER  published_at (else received_at) .. finished_at
-    ├── device <id>      INTERNAL  the device's own started_at .. finished_at
-    └── device <id>      ...       never started: zero length at its
-                                   finished_at, else at received_at
+    process <lane>           CONSUMER  received_at .. finished_at
+    └── task <task>          INTERNAL  started_at .. finished_at
+        ├── device <id>      INTERNAL  the device's own started_at .. finished_at
+        └── device <id>      ...       never started: zero length at its
+                                       finished_at, else at started_at
+
+The root is the coordinator's processing of the request message, named and
+described as the OpenTelemetry messaging conventions say (``{operation}
+{destination}``; the request's id, lane and consumer group; ``server.*`` on
+Kafka) with its CloudEvents attributes (the request's); the ``task`` span
+under it carries what Mayfly knows of the run (package, coordinator,
+status), and the time between the publisher's span and the root is the
+request's wait in its lane.
 
 A request run in shards (one coordinator each) is one trace all the same: the
-root holds a ``shard <i>/<n>`` span per shard (its coordinator, its own
+task span holds a ``shard <i>/<n>`` span per shard (its coordinator, its own
 received_at .. finished_at), and each device span is a child of its shard's.
 
 Ids are derived from the request's identity (:mod:`mayfly.spanids`): a
@@ -17,7 +27,7 @@ trace, not a second trace.
 
 Times are the result's own, in nanoseconds, so Jaeger shows when things
 happened, not when the aggregator heard of them. Publisher and coordinator
-clocks may disagree a little: the root is widened to hold every device span
+clocks may disagree a little: a parent is widened to hold its children
 rather than show a child outside its parent.
 
 A device span carries the package's lines on that device as events: ``log``
@@ -25,10 +35,11 @@ A device span carries the package's lines on that device as events: ``log``
 percent, message), at the time they were written.
 
 Span status: ``OK`` for a succeeded device; ``ERROR`` with the device's error
-for a failed, timed out, canceled or unfinished one; ``UNSET`` for a skipped
-one (the rollout stopped before it: nothing went wrong on that device). The
-root is ``ERROR`` unless the request succeeded. A rejection is one ``ERROR``
-root span carrying the reason.
+for a failed, timed out, canceled or unfinished one (``error.type`` its
+status); ``UNSET`` for a skipped one (the rollout stopped before it: nothing
+went wrong on that device). The root and task spans are ``ERROR`` unless the
+request succeeded (``error.type`` the request's status). A rejection is one
+``process <lane>`` span, ``ERROR`` with the reason (``error.type`` its code).
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -55,12 +66,17 @@ from mayfly.aggregator.attributes import (
     DEVICE_COUNT,
     DEVICE_ID,
     DEVICE_STATUS,
+    ERROR_TYPE,
     LOG_ATTEMPT,
     LOG_LEVEL,
     LOG_MESSAGE,
+    MESSAGING_CONSUMER_GROUP,
     MESSAGING_DESTINATION,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME,
     MESSAGING_OPERATION_TYPE,
     MESSAGING_SYSTEM,
+    OPERATION_PROCESS,
     PACKAGE_DIGEST,
     PACKAGE_VERSION,
     PROGRESS_PERCENT,
@@ -69,21 +85,23 @@ from mayfly.aggregator.attributes import (
     REJECTION_FIELD,
     REQUEST_ID,
     REQUEST_STATUS,
+    SERVER_ADDRESS,
+    SERVER_PORT,
     TASK,
 )
 from mayfly.aggregator.windows import task_window
 from mayfly.events import (
     SPECVERSION,
-    TASK_COMPLETED,
-    TASK_REJECTED,
+    TASK_REQUESTED,
     DeviceResult,
     DeviceStatus,
     OverallStatus,
+    Priority,
     TaskCompleted,
     TaskRejected,
 )
 from mayfly.spanids import derived_ids, next_id
-from mayfly.topics import Topics
+from mayfly.topics import Topics, installation_of
 
 __all__ = ["DEFAULT_DESTINATION", "ResultTracer", "trace_id_of"]
 
@@ -117,7 +135,10 @@ class ResultTracer:
     Args:
         tracer: where spans go.
         messaging_system: ``messaging.system``: ``kafka`` or ``sqlite``.
-        destination: default ``messaging.destination.name`` (the topic).
+        destination: the results topic events come from unless the caller
+            says otherwise: it names the installation whose lanes and
+            dispatchers' group the spans name.
+        server: ``server.address`` and ``server.port`` of the log (Kafka's).
     """
 
     def __init__(
@@ -126,45 +147,62 @@ class ResultTracer:
         *,
         messaging_system: str = "kafka",
         destination: str = DEFAULT_DESTINATION,
+        server: tuple[str, int] | None = None,
     ) -> None:
         self._tracer = tracer
         self.messaging_system = messaging_system
         self.destination = destination
         self._constant: dict[str, AttributeValue] = {
             CE_SPEC_VERSION: SPECVERSION,
+            CE_EVENT_TYPE: TASK_REQUESTED,
             MESSAGING_SYSTEM: messaging_system,
-            MESSAGING_DESTINATION: destination,
-            MESSAGING_OPERATION_TYPE: "process",
+            MESSAGING_OPERATION_TYPE: OPERATION_PROCESS,
+            MESSAGING_OPERATION_NAME: OPERATION_PROCESS,
         }
+        if server is not None:
+            self._constant[SERVER_ADDRESS], self._constant[SERVER_PORT] = server
 
-    def _envelope(
-        self, event_id: str, event_type: str, source: str, destination: str | None
-    ) -> dict[str, AttributeValue]:
+    def _consumed(
+        self,
+        request_id: str | None,
+        source: str | None,
+        priority: Priority,
+        destination: str | None,
+    ) -> tuple[str, dict[str, AttributeValue]]:
+        """The name and attributes of the span of a coordinator's processing
+        of the request: its message, lane and consumer group."""
+        topics = installation_of(destination or self.destination) or Topics()
+        lane = topics.lane(priority)
         attributes = self._constant.copy()
-        attributes[CE_EVENT_ID] = event_id
-        attributes[CE_EVENT_TYPE] = event_type
-        attributes[CE_EVENT_SOURCE] = source
-        if destination is not None:
-            attributes[MESSAGING_DESTINATION] = destination
-        return attributes
+        attributes[MESSAGING_DESTINATION] = lane
+        attributes[MESSAGING_CONSUMER_GROUP] = topics.dispatcher_group
+        if source is not None:
+            attributes[CE_EVENT_SOURCE] = source
+        if request_id is not None:
+            attributes[MESSAGING_MESSAGE_ID] = request_id
+            attributes[CE_EVENT_ID] = request_id
+        return f"{OPERATION_PROCESS} {lane}", attributes
 
     def trace_completed(self, result: TaskCompleted, *, destination: str | None = None) -> float:
         """Emit the trace of one whole (merged) result; its ids are derived from
         the request's identity, so tracing it again makes the same spans.
 
         Returns:
-            The root span's length in seconds (the request's duration).
+            The request's duration in seconds, from its publication (its wait
+            in the lane included: :func:`~mayfly.aggregator.windows.task_window`)
+            to the finish of its last device.
         """
         with derived_ids(dedupe_key(result)):
             return self._trace_completed(result, destination)
 
     def _trace_completed(self, result: TaskCompleted, destination: str | None) -> float:
         task = result.task
-        start, end = task_window(result)
-        start_ns, end_ns = _ns(start), _ns(end)
-        received_ns = _ns(result.timings.received_at)
+        timings = result.timings
+        received_ns = _ns(timings.received_at)
+        started_ns = max(_ns(timings.started_at), received_ns)
+        end_ns = max(_ns(timings.finished_at), started_ns)
         devices = result.devices
-        # Device times first, so the root can be widened to hold them.
+        # Device times first, so their parents can be widened to hold them.
         windows: list[tuple[int, int]] = []
         for device in devices:
             if device.started_at is not None:
@@ -173,49 +211,63 @@ class ResultTracer:
                 d_end = max(d_end, d_start)
             else:
                 d_start = d_end = (
-                    _ns(device.finished_at) if device.finished_at is not None else received_ns
+                    _ns(device.finished_at) if device.finished_at is not None else started_ns
                 )
             windows.append((d_start, d_end))
-            start_ns = min(start_ns, d_start)
+            started_ns = min(started_ns, d_start)
             end_ns = max(end_ns, d_end)
+        received_ns = min(received_ns, started_ns)
 
-        attributes = self._envelope(result.id, TASK_COMPLETED, result.source, destination)
+        name, attributes = self._consumed(
+            result.request_id, result.request_source, result.priority, destination
+        )
+        if timings.cold_start_ms is not None:
+            attributes[COLD_START_MS] = timings.cold_start_ms
         attributes[TASK] = task
         attributes[REQUEST_ID] = result.request_id
-        attributes[REQUEST_STATUS] = result.status.value
-        attributes[PACKAGE_VERSION] = result.package.version
-        attributes[PACKAGE_DIGEST] = result.package.digest
-        attributes[DEVICE_COUNT] = len(devices)
-        attributes[COORDINATOR_ID] = result.coordinator.id
-        attributes[COORDINATOR_MODE] = result.coordinator.mode
-        if result.timings.cold_start_ms is not None:
-            attributes[COLD_START_MS] = result.timings.cold_start_ms
         start_span = self._tracer.start_span
         root = start_span(
-            f"task {task}",
+            name,
             context=_parent(result.traceparent, result.tracestate),
             kind=SpanKind.CONSUMER,
             attributes=attributes,
-            start_time=start_ns,
+            start_time=received_ns,
         )
-        context = trace.set_span_in_context(root)
+        run = start_span(
+            f"task {task}",
+            context=trace.set_span_in_context(root),
+            attributes={
+                TASK: task,
+                REQUEST_ID: result.request_id,
+                REQUEST_STATUS: result.status.value,
+                PACKAGE_VERSION: result.package.version,
+                PACKAGE_DIGEST: result.package.digest,
+                DEVICE_COUNT: len(devices),
+                COORDINATOR_ID: result.coordinator.id,
+                COORDINATOR_MODE: result.coordinator.mode,
+            },
+            start_time=started_ns,
+        )
+        context = trace.set_span_in_context(run)
         if not result.shards:
             failed, first_error = self._device_spans(devices, windows, context)
         else:
             failed, first_error, first = 0, None, 0
-            for run in result.shards:
-                last = first + run.devices
+            for shard in result.shards:
+                last = first + shard.devices
                 s_windows = windows[first:last]
-                s_start = min([_ns(run.timings.received_at), *(w[0] for w in s_windows)])
-                s_end = max([_ns(run.timings.finished_at), *(w[1] for w in s_windows)])
+                s_start = max(_ns(shard.timings.received_at), started_ns)
+                s_start = min([s_start, *(w[0] for w in s_windows)])
+                s_end = max([_ns(shard.timings.finished_at), *(w[1] for w in s_windows)])
+                s_end = min(max(s_end, s_start), end_ns)
                 shard_span = start_span(
-                    f"shard {run.index + 1}/{len(result.shards)}",
+                    f"shard {shard.index + 1}/{len(result.shards)}",
                     context=context,
                     attributes={
-                        COORDINATOR_ID: run.coordinator.id,
-                        COORDINATOR_MODE: run.coordinator.mode,
-                        REQUEST_STATUS: run.status.value,
-                        DEVICE_COUNT: run.devices,
+                        COORDINATOR_ID: shard.coordinator.id,
+                        COORDINATOR_MODE: shard.coordinator.mode,
+                        REQUEST_STATUS: shard.status.value,
+                        DEVICE_COUNT: shard.devices,
                     },
                     start_time=s_start,
                 )
@@ -224,21 +276,14 @@ class ResultTracer:
                 )
                 failed += s_failed
                 first_error = first_error or s_error
-                if run.status is OverallStatus.SUCCEEDED:
-                    shard_span.set_status(_OK)
-                else:
-                    shard_span.set_status(Status(StatusCode.ERROR, s_error or run.status.value))
-                shard_span.end(end_time=s_end)
+                _end_with_status(shard_span, shard.status, s_error or shard.status.value, s_end)
                 first = last
-        if result.status is OverallStatus.SUCCEEDED:
-            root.set_status(_OK)
-        else:
-            summary = f"{result.status.value}: {failed} of {len(devices)} device(s) failed"
-            root.set_status(
-                Status(StatusCode.ERROR, f"{summary}; {first_error}" if first_error else summary)
-            )
-        root.end(end_time=end_ns)
-        return (end_ns - start_ns) / 1e9
+        summary = f"{result.status.value}: {failed} of {len(devices)} device(s) failed"
+        why = f"{summary}; {first_error}" if first_error else summary
+        _end_with_status(run, result.status, why, end_ns)
+        _end_with_status(root, result.status, why, end_ns)
+        published_ns = min(_ns(task_window(result)[0]), received_ns)
+        return (end_ns - published_ns) / 1e9
 
     def _device_spans(
         self,
@@ -280,37 +325,52 @@ class ResultTracer:
                 error = device.error or d_status.value
                 if first_error is None:
                     first_error = f"{device.device_id}: {error}"
+                span.set_attribute(ERROR_TYPE, d_status.value)
                 span.set_status(Status(StatusCode.ERROR, error))
             span.end(end_time=d_end)
         return failed, first_error
 
     def trace_rejected(self, rejection: TaskRejected, *, destination: str | None = None) -> None:
-        """Emit one ERROR span for a rejection, from the request's publication if known."""
+        """Emit one ERROR span for a rejection, at the time of the rejection."""
         with derived_ids(dedupe_key(rejection)):
             self._trace_rejected(rejection, destination)
 
     def _trace_rejected(self, rejection: TaskRejected, destination: str | None) -> None:
-        attributes = self._envelope(rejection.id, TASK_REJECTED, rejection.source, destination)
+        source = rejection.original.get("source")
+        name, attributes = self._consumed(
+            rejection.request_id, source, rejection.priority, destination
+        )
         attributes[REQUEST_STATUS] = REJECTED_STATUS
         attributes[REJECTION_CODE] = rejection.code.value
+        attributes[ERROR_TYPE] = rejection.code.value
         if rejection.task is not None:
             attributes[TASK] = rejection.task
         if rejection.request_id is not None:
             attributes[REQUEST_ID] = rejection.request_id
         if rejection.field is not None:
             attributes[REJECTION_FIELD] = rejection.field
-        end_ns = _ns(rejection.time)
-        published = _requested_at(rejection)
-        start_ns = min(published, end_ns) if published is not None else end_ns
+        # When it was received is not known: the rejection's own time, after
+        # the publisher's span (when it was published is not: the publisher
+        # stamped it before its span started).
+        at_ns = _ns(rejection.time)
         span = self._tracer.start_span(
-            f"task {rejection.task or 'unknown'} rejected",
+            name,
             context=_parent(rejection.traceparent, rejection.tracestate),
             kind=SpanKind.CONSUMER,
             attributes=attributes,
-            start_time=start_ns,
+            start_time=at_ns,
         )
         span.set_status(Status(StatusCode.ERROR, rejection.reason))
-        span.end(end_time=end_ns)
+        span.end(end_time=at_ns)
+
+
+def _end_with_status(span: Span, status: OverallStatus, why: str, end_ns: int) -> None:
+    if status is OverallStatus.SUCCEEDED:
+        span.set_status(_OK)
+    else:
+        span.set_attribute(ERROR_TYPE, status.value)
+        span.set_status(Status(StatusCode.ERROR, why))
+    span.end(end_time=end_ns)
 
 
 def trace_id_of(outcome: TaskCompleted | TaskRejected) -> str:
@@ -325,15 +385,3 @@ def trace_id_of(outcome: TaskCompleted | TaskRejected) -> str:
         drawn = next_id(128)
     assert drawn is not None  # inside derived_ids
     return f"{drawn:032x}"
-
-
-def _requested_at(rejection: TaskRejected) -> int | None:
-    """When the rejected request was published, if its ``time`` attribute was readable."""
-    raw = rejection.original.get("time")
-    if not raw:
-        return None
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        return None
-    return _ns(moment) if moment.tzinfo is not None else None

@@ -210,11 +210,20 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
             f"  {plan.devices} simulated devices at {server.url} "
             f"({len(simulator.broken_ids)} set to fail, {plan.failure_rate:.0%} flaky answers)"
         )
-        publisher = aggregation.telemetry.tracer("mayfly.publisher")
-        requests = [
-            publish_request(runtime.log, request, publisher, settings.topics)
-            for request in demo_requests(simulator.device_ids())
-        ]
+        from mayfly.telemetry import configure_telemetry  # the SDK: only where traces are made
+
+        # The publisher's spans say who made them: a service of their own.
+        publishing = configure_telemetry(
+            "mayfly-publisher", otlp_endpoint=settings.otlp_endpoint, trace_file=settings.trace_file
+        )
+        try:
+            publisher = publishing.tracer("mayfly.publisher")
+            requests = [
+                publish_request(runtime.log, request, publisher, settings.topics)
+                for request in demo_requests(simulator.device_ids())
+            ]
+        finally:
+            publishing.shutdown()
         progress.expected = {r.id for r in requests}
         lanes = Counter(str(r.priority) for r in requests)
         echo(
@@ -230,7 +239,10 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
     if report is not None:
         report(settings)
     if settings.otlp_endpoint:
-        echo(f"traces: sent to {settings.otlp_endpoint} (service mayfly-aggregator)")
+        echo(
+            f"traces: sent to {settings.otlp_endpoint}"
+            " (services mayfly-publisher and mayfly-aggregator)"
+        )
         example = _example_trace(progress)
         if plan.jaeger_url and example:
             echo(f"one trace in Jaeger: {plan.jaeger_url.rstrip('/')}/trace/{example}")

@@ -430,6 +430,7 @@ def build_aggregator(
     """
     from mayfly.aggregator import Aggregator
     from mayfly.aggregator.ingest import Ingest
+    from mayfly.eventlog.publisher import server_of
     from mayfly.telemetry import configure_telemetry  # the SDK: only where traces are made
 
     archive = open_archive(settings)
@@ -445,6 +446,7 @@ def build_aggregator(
         archive,
         messaging_system=messaging_system or settings.messaging_system,
         destination=settings.topics.results,
+        server=server_of(settings.event_log),
     )
     # Bounded: a trace backend that is down holds the commits, not the loop.
     ingest = Ingest(
