@@ -50,7 +50,13 @@ def _fleet() -> list[ArchivedEvent]:
             duration=2,
             cold_start_ms=None,
             devices=[
-                device("b", "failed", seconds=0.25, error="refused: busy", at=T0 + 2 * MINUTE)
+                device(
+                    "b",
+                    "failed",
+                    seconds=0.25,
+                    error="DeviceActionError: b: refused: busy",
+                    at=T0 + 2 * MINUTE,
+                )
             ],
         ),
         result(
@@ -74,10 +80,19 @@ def _fleet() -> list[ArchivedEvent]:
 def test_per_task_rates_and_percentiles() -> None:
     insights = compute_insights(_fleet())
     assert (insights.results, insights.rejections) == (5, 1)
-    firmware, reboot = insights.tasks
-    assert reboot.task == "reboot"
-    assert (reboot.requests, reboot.succeeded, reboot.rejected) == (5, 1, 1)
-    assert reboot.success_rate == pytest.approx(1 / 5)
+    firmware, rejected, reboot = insights.tasks
+    assert (rejected.task, rejected.version, rejected.requests, rejected.rejected) == (
+        "reboot",
+        "-",
+        1,
+        1,
+    )
+    assert rejected.problems == {"rejected": ("r5",)}
+    assert (reboot.task, reboot.version) == ("reboot", "1.2.0")
+    assert (reboot.requests, reboot.succeeded, reboot.rejected) == (4, 1, 0)
+    assert (reboot.partial, reboot.failed) == (2, 1)
+    assert reboot.problems == {"partial": ("r4", "r2"), "failed": ("r3",)}
+    assert reboot.success_rate == pytest.approx(1 / 4)
     # Devices run: 2 + 2 + 1 + 1 (the skipped one did not run); a succeeded 3 times, b once.
     assert (reboot.devices_run, reboot.device_successes) == (6, 4)
     assert reboot.device_success_rate == pytest.approx(4 / 6)
@@ -97,7 +112,8 @@ def test_devices_come_worst_first_with_their_failures_and_last_error() -> None:
     assert (b.executions, b.succeeded, b.failures) == (3, 1, 2)
     assert b.success_rate == pytest.approx(1 / 3)
     assert b.by_status == {"timed_out": 1, "failed": 1}
-    assert b.last_error == "refused: busy"  # r3's, the later of its two errors
+    assert b.last_error == "DeviceActionError: b: refused: busy"  # r3's, the later of two
+    assert b.last_error_request == "r3"
     assert b.p50_duration_s == pytest.approx(1.5)
     assert (a.device_id, a.executions, a.success_rate, a.last_error) == ("a", 4, 1.0, None)
 

@@ -3,11 +3,18 @@
 :func:`compute_insights` reads archived events (results and rejections, in
 any order) once and returns:
 
-- per task type: requests (rejected ones included), devices run, request and
-  device success rates, p50/p95 request duration, p50 cold start;
+- per task type and package version: requests by outcome (succeeded,
+  partial, failed, canceled; rejections, which ran no version, on a row of
+  their own), devices run, request and device success rates, the device
+  failures the package caused, p50/p95 request duration, p50 cold start, and
+  the ids of the requests behind each bad number;
 - per device: executions, success rate, non-success outcomes by status, p50
-  duration, last error; worst first (lowest success rate, most failures,
-  slowest), cut to the top N;
+  duration, last error and its request; worst first (lowest success rate,
+  most failures, slowest), cut to the top N. Only what the device can be
+  blamed for counts against it (:func:`failure_kind`): a package that
+  cannot load, raises or dies fails every device it runs on, and says so in
+  its task row, not in the devices' ranking;
+- rejections by reason (task, code, reason), with their request ids;
 - time buckets of request latency (p50/p95) and success rate, for plots.
 
 Definitions, shared with the traces (:mod:`mayfly.aggregator.windows`): a
@@ -21,7 +28,7 @@ numpy's default does).
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,16 +36,20 @@ from typing import Any
 
 from mayfly.aggregator.archive import ArchivedEvent, event_time
 from mayfly.aggregator.windows import device_seconds, task_seconds
-from mayfly.events import DeviceStatus, OverallStatus, TaskCompleted
+from mayfly.events import DeviceResult, DeviceStatus, OverallStatus, TaskCompleted
 
 __all__ = [
     "BUCKET_SIZES",
+    "DEVICE_ERRORS",
+    "MAX_REQUEST_IDS",
     "DeviceInsight",
     "Insights",
+    "RejectionReason",
     "TaskInsight",
     "TimeBucket",
     "choose_bucket",
     "compute_insights",
+    "failure_kind",
     "insights_to_json",
     "percentile",
 ]
@@ -61,6 +72,29 @@ BUCKET_SIZES = (
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _UNKNOWN_TASK = "(unknown)"
+#: The version column of rejections: they never resolved one.
+NO_VERSION = "-"
+#: Request ids kept behind each bad number, the latest.
+MAX_REQUEST_IDS = 5
+#: How the errors of a device's own failures start: the exceptions package
+#: code gets from its device handle (unreachable, refused, ``wait_until``
+#: gave up), as the task process names them.
+DEVICE_ERRORS = ("DeviceUnavailableError:", "DeviceActionError:", "DeviceError:")
+
+
+def failure_kind(device: DeviceResult) -> str | None:
+    """Who a device's outcome is on: ``device`` (its own errors, and attempts
+    that ran out of time), ``package`` (the package could not load, raised
+    something else, died, broke protocol or a limit), ``canceled``; None for a
+    success or a device skipped."""
+    status = device.status
+    if status in (DeviceStatus.SUCCEEDED, DeviceStatus.SKIPPED):
+        return None
+    if status is DeviceStatus.CANCELED:
+        return "canceled"
+    if status is DeviceStatus.TIMED_OUT or (device.error or "").startswith(DEVICE_ERRORS):
+        return "device"
+    return "package"
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -86,9 +120,10 @@ def _rate(part: int, whole: int) -> float | None:
 
 @dataclass(frozen=True)
 class TaskInsight:
-    """How one task type fared."""
+    """How one version of a task type fared (``version`` ``-``: its rejections)."""
 
     task: str
+    version: str
     requests: int
     succeeded: int
     rejected: int
@@ -99,6 +134,14 @@ class TaskInsight:
     p50_duration_s: float | None
     p95_duration_s: float | None
     p50_cold_start_ms: float | None
+    partial: int = 0
+    failed: int = 0
+    canceled: int = 0
+    package_errors: int = 0
+    """Device executions that failed for the package's reasons (:func:`failure_kind`)."""
+    problems: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """The latest request ids behind each bad number: by outcome (``partial``,
+    ``failed``, ``canceled``, ``rejected``, ``package_errors``)."""
 
 
 @dataclass(frozen=True)
@@ -109,17 +152,24 @@ class DeviceInsight:
     executions: int
     succeeded: int
     success_rate: float | None
+    """Of the executions the device answers for (not the package's failures)."""
     #: Outcomes other than ``succeeded`` (``skipped`` included), by status.
     by_status: dict[str, int]
     p50_duration_s: float | None
     last_error: str | None
+    """The last error of its own (a package's failure is the package's)."""
     last_error_at: datetime | None
     last_seen: datetime
+    package_errors: int = 0
+    """Executions that failed for the package's reasons, not the device's."""
+    canceled: int = 0
+    last_error_request: str | None = None
 
     @property
     def failures(self) -> int:
-        """Executions that did not succeed (skipped devices did not execute)."""
-        return self.executions - self.succeeded
+        """Executions that failed for the device's own reasons (skipped devices
+        did not execute; canceled and package-caused failures are not its)."""
+        return self.executions - self.succeeded - self.package_errors - self.canceled
 
 
 @dataclass(frozen=True)
@@ -132,6 +182,18 @@ class TimeBucket:
     success_rate: float | None
     p50_duration_s: float | None
     p95_duration_s: float | None
+
+
+@dataclass(frozen=True)
+class RejectionReason:
+    """Rejections of one task type, with one code and one reason."""
+
+    task: str
+    code: str
+    reason: str
+    count: int
+    request_ids: tuple[str, ...]
+    """The latest of them (at most :data:`MAX_REQUEST_IDS`)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +210,8 @@ class Insights:
     devices_total: int
     bucket: timedelta
     buckets: tuple[TimeBucket, ...] = field(default=())
+    rejection_reasons: tuple[RejectionReason, ...] = field(default=())
+    """Most frequent first."""
 
     @property
     def empty(self) -> bool:
@@ -176,6 +240,20 @@ class _TaskAcc:
     device_successes: int = 0
     durations: list[float] = field(default_factory=list)
     cold_starts: list[float] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    package_errors: int = 0
+    problems: dict[str, deque[str]] = field(default_factory=dict)
+
+    def problem(self, kind: str, request_id: str) -> None:
+        kept = self.problems.setdefault(kind, deque(maxlen=MAX_REQUEST_IDS))
+        if request_id not in kept:
+            kept.append(request_id)
+
+
+@dataclass
+class _RejectionAcc:
+    count: int = 0
+    request_ids: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_REQUEST_IDS))
 
 
 @dataclass
@@ -186,7 +264,10 @@ class _DeviceAcc:
     durations: list[float] = field(default_factory=list)
     last_error: str | None = None
     last_error_at: datetime | None = None
+    last_error_request: str | None = None
     last_seen: datetime = _EPOCH
+    package_errors: int = 0
+    canceled: int = 0
 
 
 @dataclass
@@ -210,7 +291,8 @@ def compute_insights(
         bucket: width of the time buckets; None picks one from the data.
     """
     ordered = sorted(events, key=event_time)
-    tasks: dict[str, _TaskAcc] = defaultdict(_TaskAcc)
+    tasks: dict[tuple[str, str], _TaskAcc] = defaultdict(_TaskAcc)
+    reasons: dict[tuple[str, str, str], _RejectionAcc] = defaultdict(_RejectionAcc)
     devices: dict[str, _DeviceAcc] = defaultdict(_DeviceAcc)
     results = rejections = 0
     first = event_time(ordered[0]) if ordered else None
@@ -224,13 +306,22 @@ def compute_insights(
         slot.requests += 1
         if not isinstance(event, TaskCompleted):
             rejections += 1
-            acc = tasks[event.task or _UNKNOWN_TASK]
+            task = event.task or _UNKNOWN_TASK
+            acc = tasks[(task, NO_VERSION)]
             acc.requests += 1
             acc.rejected += 1
+            request_id = event.request_id or event.id
+            acc.problem("rejected", request_id)
+            why = reasons[(task, event.code.value, event.reason)]
+            why.count += 1
+            why.request_ids.append(request_id)
             continue
         results += 1
-        acc = tasks[event.task]
+        acc = tasks[(event.task, event.package.version)]
         acc.requests += 1
+        acc.outcomes[event.status.value] += 1
+        if event.status is not OverallStatus.SUCCEEDED:
+            acc.problem(event.status.value, event.request_id)
         duration = task_seconds(event)
         acc.durations.append(duration)
         slot.durations.append(duration)
@@ -243,23 +334,33 @@ def compute_insights(
             dev = devices[device.device_id]
             seen = device.finished_at or moment
             dev.last_seen = max(dev.last_seen, seen)
+            kind = failure_kind(device)
             if device.status is DeviceStatus.SUCCEEDED:
                 dev.succeeded += 1
                 acc.device_successes += 1
             else:
                 dev.by_status[device.status.value] += 1
+            if kind == "package":
+                dev.package_errors += 1
+                acc.package_errors += 1
+                acc.problem("package_errors", event.request_id)
+            elif kind == "canceled":
+                dev.canceled += 1
             if device.status is not DeviceStatus.SKIPPED:
                 dev.executions += 1
                 acc.devices_run += 1
             seconds = device_seconds(device)
             if seconds is not None:
                 dev.durations.append(seconds)
-            if device.error and (dev.last_error_at is None or seen >= dev.last_error_at):
+            fresher = dev.last_error_at is None or seen >= dev.last_error_at
+            if device.error and kind == "device" and fresher:
                 dev.last_error, dev.last_error_at = device.error, seen
+                dev.last_error_request = event.request_id
 
     task_rows = tuple(
         TaskInsight(
             task=name,
+            version=version,
             requests=acc.requests,
             succeeded=acc.succeeded,
             rejected=acc.rejected,
@@ -270,8 +371,13 @@ def compute_insights(
             p50_duration_s=percentile(acc.durations, 50),
             p95_duration_s=percentile(acc.durations, 95),
             p50_cold_start_ms=percentile(acc.cold_starts, 50),
+            partial=acc.outcomes[OverallStatus.PARTIAL.value],
+            failed=acc.outcomes[OverallStatus.FAILED.value],
+            canceled=acc.outcomes[OverallStatus.CANCELED.value],
+            package_errors=acc.package_errors,
+            problems={kind: tuple(reversed(ids)) for kind, ids in acc.problems.items()},
         )
-        for name, acc in sorted(tasks.items())
+        for (name, version), acc in sorted(tasks.items())
     )
     device_rows = sorted(
         (
@@ -279,12 +385,17 @@ def compute_insights(
                 device_id=name,
                 executions=dev.executions,
                 succeeded=dev.succeeded,
-                success_rate=_rate(dev.succeeded, dev.executions),
+                success_rate=_rate(
+                    dev.succeeded, dev.executions - dev.package_errors - dev.canceled
+                ),
                 by_status=dict(dev.by_status.most_common()),
                 p50_duration_s=percentile(dev.durations, 50),
                 last_error=dev.last_error,
                 last_error_at=dev.last_error_at,
                 last_seen=dev.last_seen,
+                package_errors=dev.package_errors,
+                canceled=dev.canceled,
+                last_error_request=dev.last_error_request,
             )
             for name, dev in devices.items()
         ),
@@ -301,7 +412,14 @@ def compute_insights(
         )
         for start, slot in sorted(buckets.items())
     )
+    rejection_rows = tuple(
+        RejectionReason(task, code, reason, acc.count, tuple(reversed(acc.request_ids)))
+        for (task, code, reason), acc in sorted(
+            reasons.items(), key=lambda item: (-item[1].count, item[0])
+        )
+    )
     return Insights(
+        rejection_reasons=rejection_rows,
         results=results,
         rejections=rejections,
         first=first,
