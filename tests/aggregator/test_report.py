@@ -187,7 +187,7 @@ def test_html_shows_a_long_error_whole_and_the_terminal_clips_it(
     out = mayfly("--plot", str(target)).output
     page = target.read_text()
 
-    assert f'<td class="text">{error}</td>' in page
+    assert f'<td class="text wrap">{error}</td>' in page
     assert error not in out
     assert error[:40] in out
 

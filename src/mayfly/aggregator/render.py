@@ -364,21 +364,27 @@ def _html_table(
     *,
     text: frozenset[int] = frozenset({0}),
     rates: frozenset[int] = frozenset(),
+    wrap: frozenset[int] = frozenset(),
 ) -> str:
-    """A table: ``text`` columns left-aligned; ``rates`` cells on the rate
-    scale's colour (their value read back from the ``80.0%`` they show)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    """A table: ``text`` columns left-aligned, only ``wrap`` ones wrapped (an
+    error, a reason); ``rates`` cells on the rate scale's colour (their value
+    read back from the ``80.0%`` they show)."""
+
+    def kind(index: int) -> str:
+        names = [n for n, cols in (("text", text), ("wrap", wrap)) if index in cols]
+        return f' class="{" ".join(names)}"' if names else ""
+
+    head = "".join(f"<th{kind(i)}>{html.escape(h)}</th>" for i, h in enumerate(headers))
     body = "".join(
-        "<tr>" + "".join(_cell(i, cell, text, rates) for i, cell in enumerate(row)) + "</tr>"
+        "<tr>" + "".join(_cell(cell, kind(i), i in rates) for i, cell in enumerate(row)) + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _cell(index: int, cell: str, text: frozenset[int], rates: frozenset[int]) -> str:
-    classes = ' class="text"' if index in text else ""
+def _cell(cell: str, classes: str, rate_cell: bool) -> str:
     style = ""
-    if index in rates:
+    if rate_cell:
         rate = float(cell.rstrip("%")) / 100 if cell.endswith("%") else None
         style = f' style="background:{rate_colour(rate)}"'
     return f"<td{classes}{style}>{html.escape(cell)}</td>"
@@ -399,6 +405,7 @@ def _html_rejections(insights: Insights) -> str:
         _REJECTION_HEADERS,
         rejection_rows(insights.rejection_reasons, clip=False),
         text=_REJECTION_TEXT_COLUMNS,
+        wrap=frozenset({3, 4}),
     )
     return f"<h2>Rejections by reason</h2>{table}"
 
@@ -406,6 +413,19 @@ def _html_rejections(insights: Insights) -> str:
 def render_html(insights: Insights, png: bytes, *, archive: str) -> str:
     """A self-contained page: the plot embedded as base64 PNG, then both tables."""
     image = base64.b64encode(png).decode("ascii")
+    tasks = _html_table(
+        _TASK_HEADERS,
+        task_rows(insights.tasks),
+        text=_TASK_TEXT_COLUMNS,
+        rates=_TASK_RATE_COLUMNS,
+    )
+    devices = _html_table(
+        _DEVICE_HEADERS,
+        device_rows(insights.devices, clip=False),
+        text=_DEVICE_TEXT_COLUMNS,
+        rates=_DEVICE_RATE_COLUMNS,
+        wrap=frozenset({5}),
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -414,8 +434,10 @@ def render_html(insights: Insights, png: bytes, *, archive: str) -> str:
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 2rem; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 0.3rem 0.8rem; text-align: right; }}
-th:first-child, td.text {{ text-align: left; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 0.3rem 0.8rem; text-align: right;
+  white-space: nowrap; vertical-align: top; }}
+th.text, td.text {{ text-align: left; }}
+th.wrap, td.wrap {{ white-space: normal; min-width: 20rem; }}
 th {{ background: #f4f4f4; }}
 li {{ margin-bottom: 0.3rem; }}
 img {{ max-width: 100%; }}
@@ -428,26 +450,12 @@ img {{ max-width: 100%; }}
 <h2>Tasks</h2>
 <p>A row per task type and package version; rejected requests ran no version (-).
 Success cells are coloured from red (0 %) through amber (50 %) to green (100 %).</p>
-{
-        _html_table(
-            _TASK_HEADERS,
-            task_rows(insights.tasks),
-            text=_TASK_TEXT_COLUMNS,
-            rates=_TASK_RATE_COLUMNS,
-        )
-    }
+{tasks}
 {_html_problems(insights)}
 {_html_rejections(insights)}
 <h2>Devices</h2>
 <p>{html.escape(_devices_title(insights).removeprefix("DEVICES: ").capitalize())}</p>
-{
-        _html_table(
-            _DEVICE_HEADERS,
-            device_rows(insights.devices, clip=False),
-            text=_DEVICE_TEXT_COLUMNS,
-            rates=_DEVICE_RATE_COLUMNS,
-        )
-    }
+{devices}
 </body>
 </html>
 """
