@@ -18,8 +18,13 @@ from mayfly.eventlog.sqlite import SqliteEventLog
 from mayfly.topics import Topics
 
 
-def _publish(home: Path, tmp_path: Path, *args: str) -> tuple[int, str, Path]:
+def _publish(home: Path, tmp_path: Path, *args: str, served: bool = True) -> tuple[int, str, Path]:
+    """``mayfly publish ARGS`` to a log of its own, which a runtime has opened
+    (made) unless ``served`` is False."""
     log = tmp_path / "events.db"
+    if served and not log.exists():
+        with SqliteEventLog(log) as made:
+            made.check()
     env = {
         "MAYFLY_HOME": str(home),
         "MAYFLY_INVENTORY": str(home / "inventory.json"),
@@ -90,3 +95,32 @@ def test_no_validate_publishes_what_the_runtime_will_reject(home: Path, tmp_path
 
     assert code == 0, output
     assert _requests_in(log) == 1
+
+
+def test_a_log_no_runtime_has_made_is_named_and_not_made(home: Path, tmp_path: Path) -> None:
+    code, output, log = _publish(home, tmp_path, "reboot", "-d", "sim-0001", served=False)
+
+    assert code == 1, output
+    assert f"no runtime has initialised the event log {log} (no such file)" in output
+    assert "nothing was published" in output
+    assert not log.exists()
+    # For a publisher that knows a runtime will start on it later.
+    code, output, log = _publish(
+        home, tmp_path, "reboot", "-d", "sim-0001", "--no-validate", served=False
+    )
+    assert code == 0, output
+    assert _requests_in(log) == 1
+
+
+def test_the_homes_own_log_before_its_runtime_is_a_note_not_an_error(
+    home: Path, tmp_path: Path
+) -> None:
+    fresh = tmp_path / "fresh-home"
+    env = {"MAYFLY_HOME": str(fresh), "MAYFLY_INVENTORY": str(home / "inventory.json")}
+    env |= {"MAYFLY_STORE": str(home / "packages"), "MAYFLY_TRUSTED_KEYS": str(home / "trusted")}
+    result = CliRunner(env=env).invoke(cli, ["publish", "reboot", "-d", "sim-0001"])
+
+    assert result.exit_code == 0, result.output
+    assert "note: no runtime has opened" in result.output
+    assert "until `mayfly up` starts in this home" in result.output
+    assert _requests_in(fresh / "events.db") == 1

@@ -56,8 +56,12 @@ def test_get_and_list_tell_each_requests_state_after_the_runtime_stopped(
     home: Home, fleet, log_env: dict[str, str]
 ) -> None:
     fleet(3, broken=["sim-0002"])
-    # Published before any runtime: it waits in its lane.
-    queued = _published_id(_mayfly(home, log_env, "publish", "reboot", "-d", "sim-0003"))
+    # Published before any runtime: it waits in its lane, and publish says so.
+    first = _mayfly(home, log_env, "publish", "reboot", "-d", "sim-0003")
+    queued = _published_id(first)
+    waits = "served the lanes of prefix" if log_env else "no runtime has opened"
+    assert "note: no runtime has " in first.stderr, first.stderr
+    assert waits in first.stderr, first.stderr
     pending = _json(_mayfly(home, log_env, "get", queued, "-o", "json"))
     assert pending["state"] == "pending"
     assert pending["request"]["devices"] == ["sim-0003"]

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mayfly.app.wiring import build_coordinator, open_repository
-from mayfly.errors import ConfigError, MayflyError, PreflightError
+from mayfly.errors import ConfigError, EventLogError, MayflyError, PreflightError
+from mayfly.eventlog import EventLog
 from mayfly.events import TaskRequest
 from mayfly.packages import (
     PackageRepository,
@@ -23,7 +24,14 @@ from mayfly.packages import (
 )
 from mayfly.settings import Settings
 
-__all__ = ["ensure_signing_key", "preflight", "publish_folder", "publish_folders"]
+__all__ = [
+    "ensure_signing_key",
+    "lanes_note",
+    "preflight",
+    "preflight_log",
+    "publish_folder",
+    "publish_folders",
+]
 
 
 def ensure_signing_key(settings: Settings) -> Path:
@@ -99,3 +107,55 @@ def preflight(settings: Settings, requests: Sequence[TaskRequest]) -> None:
             )
             raise PreflightError(message, exc) from exc
         checked.add(alike)
+
+
+def preflight_log(settings: Settings) -> str | None:
+    """Check, before the log is opened (which would make it), that a runtime
+    reads the embedded log the requests go to: a file at a path of its own
+    (``--event-log``, ``MAYFLY_EVENT_LOG``) that does not exist is a typo or a
+    log no ``mayfly up`` serves, and the requests would wait there forever.
+
+    Returns:
+        A note for the home's own log when it does not exist yet (a runtime of
+        this home reads it once started); None otherwise, and for Kafka
+        (:func:`lanes_note`).
+
+    Raises:
+        PreflightError: naming the file; nothing is published.
+    """
+    if settings.event_log_is_kafka:
+        return None
+    path = Path(settings.event_log).expanduser()
+    if path.exists():
+        return None
+    if path.absolute() == (settings.home / "events.db").absolute():
+        return (
+            f"note: no runtime has opened {path} yet; the requests wait there"
+            " until `mayfly up` starts in this home"
+        )
+    message = (
+        f"no runtime has initialised the event log {path} (no such file): check"
+        " --event-log or MAYFLY_EVENT_LOG, or start `mayfly up` on it first;"
+        " nothing was published (--no-validate publishes without this check)"
+    )
+    raise PreflightError(message, EventLogError(f"{path}: no such file"))
+
+
+def lanes_note(log: EventLog, settings: Settings) -> str | None:
+    """A note when no runtime has served the installation's lanes yet on Kafka
+    (a new prefix, or a misspelt one): the requests wait until a runtime with
+    that prefix starts. Not an error: a publisher may well come first."""
+    exists = getattr(log, "topic_exists", None)
+    if not settings.event_log_is_kafka or exists is None:
+        return None
+    lane = settings.topics.lane("normal")
+    try:
+        if exists(lane):
+            return None
+    except EventLogError:
+        return None  # the publish itself says what is wrong with the broker
+    return (
+        f"note: no runtime has served the lanes of prefix {settings.topics.prefix!r}"
+        f" on {log.describe()} yet (no topic {lane}); the requests wait there until"
+        " a `mayfly up` with this prefix starts"
+    )

@@ -256,6 +256,11 @@ def publish(
             )
         except EventError as exc:
             raise click.BadParameter(str(exc)) from exc
+    notes: list[str | None] = []
+    if not no_validate:
+        from mayfly.app.publishing import lanes_note, preflight, preflight_log
+
+        notes.append(preflight_log(settings))  # before the log is opened: that makes it
     # The log first: one that cannot be used is a setting's fault (exit 2),
     # whatever the requests are.
     check_event_log(settings)
@@ -263,9 +268,10 @@ def publish(
     telemetry = None
     try:
         if not no_validate:
-            from mayfly.app.publishing import preflight
-
             preflight(settings, requests_)
+            notes.append(lanes_note(log, settings))
+        for note in filter(None, notes):
+            click.echo(note, err=True)
         if settings.otlp_endpoint:
             from mayfly.telemetry import configure_telemetry
 

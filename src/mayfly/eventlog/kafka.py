@@ -331,6 +331,17 @@ class KafkaEventLog:
                 _shorten_metadata_backoff(self._producer)
             return self._producer
 
+    def topic_exists(self, topic: str) -> bool:
+        """Whether ``topic`` exists on the broker (this makes none).
+
+        Raises:
+            EventLogError: the broker does not answer.
+        """
+        if topic in self._topics:
+            return True
+        with self._translated(f"cannot list the topics of {self.describe()}"):
+            return topic in set(self._client("admin").list_topics())
+
     def _ensure_topic(self, topic: str) -> None:
         """Create ``topic`` and the topics of its installation unless known to exist."""
         if topic in self._topics:
