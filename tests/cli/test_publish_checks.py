@@ -8,6 +8,7 @@ it, with the log left without a single request.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,37 @@ def test_the_homes_own_log_before_its_runtime_is_a_note_not_an_error(
     assert "note: no runtime has opened" in result.output
     assert "until `mayfly up` starts in this home" in result.output
     assert _requests_in(fresh / "events.db") == 1
+
+
+def test_plan_says_what_a_request_would_do_and_publishes_nothing(
+    home: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.db"
+    env = {
+        "MAYFLY_HOME": str(home),
+        "MAYFLY_INVENTORY": str(home / "inventory.json"),
+        "MAYFLY_EVENT_LOG": str(log),
+        "MAYFLY_SHARD_SIZE": "2",
+    }
+    runner = CliRunner(env=env)
+    args = ["reboot", "-d", "sim-0001", "-d", "sim-0002", "-d", "sim-0003"]
+    table = runner.invoke(cli, ["plan", *args])
+    assert table.exit_code == 0, table.output
+    assert "devices  3: sim-0001, sim-0002, sim-0003" in table.output
+    assert "runs     2 shards of 2, 1 devices" in table.output
+    assert "nothing was published; no device was touched" in table.output
+
+    as_json = runner.invoke(cli, ["plan", *args, "-o", "json", "--param", "max_wait_s=5"])
+    assert as_json.exit_code == 0, as_json.output
+    [plan] = json.loads(as_json.output.split("nothing was published")[0])
+    assert (plan["version"], plan["shards"], plan["parallel"]) == ("1.0.0", [2, 1], 2)
+    assert plan["digest"].startswith("sha256:")
+
+    dry = runner.invoke(cli, ["publish", *args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "(not published)" in dry.output
+    wrong = runner.invoke(cli, ["plan", "reboot", "-d", "sim-0001", "-p", "colour=red"])
+    assert wrong.exit_code == 1
+    assert "unknown param 'colour'" in wrong.output
+    assert _requests_in(log) == 0
+    assert not log.exists()

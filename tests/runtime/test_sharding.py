@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -72,12 +74,22 @@ def test_a_large_request_runs_in_shards_and_reads_as_one(
     published = new_request(
         "config-push", devices=devices, params={"config": {"telemetry_interval_s": 9}}
     )
+    # What `mayfly plan` says of it, before: the shards it then runs in.
+    planned = subprocess.run(
+        [sys.executable, "-m", "mayfly.cli", "plan", "config-push", "-o", "json",
+         "-p", 'config={"telemetry_interval_s": 9}', *(a for d in devices for a in ("-d", d))],
+        env=home.env(**env), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    [plan] = json.loads(planned.stdout)
+    assert plan["shards"] == [10] * 6
+    assert plan["devices"] == devices
     up = home.up_with("-v", output=home.root / "up.log", **env)
     with open_event_log(home.settings(**env)) as event_log:
         event_log.append(topics.lane(published.priority), *to_kafka_record(published))
 
     archived = _archived(home, timeout_s=90)
-    spans = _wait_for_spans(home.root / "telemetry" / "traces.jsonl", 1 + 6 + 60, 20)
+    spans = _wait_for_spans(home.root / "telemetry" / "traces.jsonl", 2 + 6 + 60, 20)
     up.terminate()
     up.wait(timeout=30)
     output = (home.root / "up.log").read_text(errors="replace")
@@ -94,6 +106,8 @@ def test_a_large_request_runs_in_shards_and_reads_as_one(
     assert [d.device_id for d in merged.devices] == devices
     assert merged.status is OverallStatus.SUCCEEDED
     assert [(run.index, run.devices) for run in merged.shards] == [(i, 10) for i in range(6)]
+    assert [run.devices for run in merged.shards] == plan["shards"]
+    assert merged.package.digest == plan["digest"]
     # ... run at once, not one after another.
     windows = sorted((r.timings.started_at, r.timings.finished_at) for r in merged.shards)
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(windows))

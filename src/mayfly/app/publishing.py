@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mayfly.app.wiring import build_coordinator, open_repository
+from mayfly.coordinator.outline import Outline, outline
 from mayfly.errors import ConfigError, EventLogError, MayflyError, PreflightError
 from mayfly.eventlog import EventLog
 from mayfly.events import TaskRequest
@@ -27,6 +28,7 @@ from mayfly.settings import Settings
 __all__ = [
     "ensure_signing_key",
     "lanes_note",
+    "plan_requests",
     "preflight",
     "preflight_log",
     "publish_folder",
@@ -159,3 +161,24 @@ def lanes_note(log: EventLog, settings: Settings) -> str | None:
         f" on {log.describe()} yet (no topic {lane}); the requests wait there until"
         " a `mayfly up` with this prefix starts"
     )
+
+
+def plan_requests(settings: Settings, requests: Sequence[TaskRequest]) -> list[Outline]:
+    """What each request would do (:func:`~mayfly.coordinator.outline.outline`),
+    against the store and inventory of ``settings``; nothing is published or run.
+
+    Raises:
+        PreflightError: naming the first request its coordinator would reject.
+        ConfigError: a setting the plan cannot work with.
+    """
+    coordinator = build_coordinator(settings, "local")
+    found = []
+    for number, request in enumerate(requests, 1):
+        try:
+            found.append(outline(coordinator, request))
+        except ConfigError:
+            raise
+        except MayflyError as exc:
+            which = f"request {number} of {len(requests)}" if len(requests) > 1 else "request"
+            raise PreflightError(f"{which} ({request.task}): {exc}", exc) from exc
+    return found

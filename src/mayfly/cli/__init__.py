@@ -36,6 +36,10 @@ _COMMANDS = {
         "mayfly.cli.runtime:publish",
         "Publish task requests for TASK (or from --file) to the event log.",
     ),
+    "plan": (
+        "mayfly.cli.plan:plan",
+        "Say what requests for TASK (or from --file) would do, without running them.",
+    ),
     "get": (
         "mayfly.cli.tracking:get",
         "Show one request: its state, package, trace and every device's result.",

@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
 from mayfly.app.wiring import check_event_log, open_event_log
-from mayfly.cli._common import (
-    PACKAGE_SETTINGS,
-    complete_devices,
-    complete_tasks,
-    settings_options,
-)
+from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
+from mayfly.cli._requests import build_requests, request_options
 from mayfly.coordinator import summarize
-from mayfly.errors import EventError, MayflyError
+from mayfly.errors import MayflyError
 from mayfly.eventlog import EventLog
 from mayfly.eventlog.publisher import publish_request
 from mayfly.events import (
     MayflyEvent,
-    Priority,
     TaskCompleted,
     TaskRejected,
-    new_request,
 )
 from mayfly.procs import LOG_FORMAT
 from mayfly.settings import Settings
@@ -56,106 +48,8 @@ _UP_SETTINGS = (
 _DISPATCH_LOG = logging.getLogger("mayfly.runtime.dispatch")
 
 
-def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for item in values:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        found[key] = value
-    return found
-
-
-def _param_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-#: What a request in a --file may say: new_request's arguments, by the same names.
-_FILE_KEYS = (
-    "task",
-    "devices",
-    "selector",
-    "params",
-    "version",
-    "channel",
-    "priority",
-    "rollout",
-    "deadline",
-)
-
-
-def _from_file(path: Path) -> list[dict[str, Any]]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--file") from exc
-    items = doc if isinstance(doc, list) else [doc]
-    if not all(isinstance(i, dict) for i in items):
-        raise click.BadParameter("expected a JSON object or a list of objects", param_hint="--file")
-    for index, item in enumerate(items):
-        # A misspelt key ("deadine") would otherwise be dropped and the request run without it.
-        unknown = sorted(set(item) - set(_FILE_KEYS))
-        if unknown:
-            where = f"request {index}" if isinstance(doc, list) else "the request"
-            raise click.BadParameter(
-                f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(_FILE_KEYS)})",
-                param_hint="--file",
-            )
-    return items
-
-
 @click.command()
-@click.argument("task", required=False, shell_complete=complete_tasks)
-@click.option(
-    "-d",
-    "--device",
-    "devices",
-    multiple=True,
-    shell_complete=complete_devices,
-    help="Target device id (repeatable).",
-)
-@click.option(
-    "-s",
-    "--selector",
-    "selectors",
-    multiple=True,
-    help="Label selector KEY=VALUE (repeatable; all must match).",
-)
-@click.option(
-    "-p",
-    "--param",
-    "params",
-    multiple=True,
-    help="Param KEY=VALUE; VALUE is JSON if it parses, else a string.",
-)
-@click.option("--params", "params_json", help="All params as one JSON object.")
-@click.option("--version", "version", help="Package version to run.")
-@click.option("--channel", help="Package channel to run (default: stable).")
-@click.option(
-    "--priority",
-    type=click.Choice([p.value for p in Priority]),
-    default="normal",
-    show_default=True,
-)
-@click.option(
-    "--count",
-    type=click.IntRange(1, 100_000),
-    default=1,
-    show_default=True,
-    help="Publish this many identical requests (each its own id).",
-)
-@click.option(
-    "--file",
-    "file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Requests from a JSON file: an object or a list of objects with task, "
-    "devices, selector, params, version, channel, priority, rollout "
-    '({"max_parallel": N, "max_failure_ratio": R}) and deadline (ISO 8601 with a '
-    "time zone); any other key is refused.",
-)
+@request_options
 @click.option(
     "--wait",
     is_flag=True,
@@ -169,6 +63,11 @@ def _from_file(path: Path) -> list[dict[str, Any]]:
     default=600.0,
     show_default=True,
     help="Seconds --wait waits for the outcomes.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Publish nothing: say what each request would do, as `mayfly plan` does.",
 )
 @click.option(
     "--no-validate",
@@ -191,6 +90,7 @@ def publish(
     file: Path | None,
     wait: bool,
     timeout_s: float,
+    dry_run: bool,
     no_validate: bool,
     settings: Settings,
 ) -> None:
@@ -211,51 +111,14 @@ def publish(
       mayfly publish firmware-update -s site=lab-a -p version=2.0.0 --priority high
       mayfly publish config-push -s ring=canary --params '{"config": {"log_level": "debug"}}'
     """
-    specs: list[dict[str, Any]]
-    if file is not None:
-        specs = _from_file(file)
-    elif task:
-        merged: dict[str, Any] = {}
-        if params_json:
-            try:
-                merged = json.loads(params_json)
-            except ValueError as exc:
-                raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from exc
-            if not isinstance(merged, dict):
-                raise click.BadParameter("must be a JSON object", param_hint="--params")
-        merged |= {k: _param_value(v) for k, v in _pairs(params, "--param").items()}
-        specs = [
-            {
-                "task": task,
-                "devices": list(devices),
-                "selector": _pairs(selectors, "--selector"),
-                "params": merged,
-                "version": version,
-                "channel": channel,
-                "priority": priority,
-            }
-        ] * count
-    else:
-        raise click.UsageError("give a TASK or --file")
-    requests_ = []
-    for spec in specs:
-        try:
-            requests_.append(
-                new_request(
-                    spec.get("task", ""),
-                    devices=spec.get("devices") or (),
-                    selector=spec.get("selector") or None,
-                    params=spec.get("params") or {},
-                    version=spec.get("version"),
-                    channel=spec.get("channel"),
-                    priority=spec.get("priority") or "normal",
-                    rollout=spec.get("rollout"),
-                    # An ISO 8601 string: the request's validation parses and checks it.
-                    deadline=spec.get("deadline"),
-                )
-            )
-        except EventError as exc:
-            raise click.BadParameter(str(exc)) from exc
+    requests_ = build_requests(
+        task, devices, selectors, params, params_json, version, channel, priority, count, file
+    )
+    if dry_run:
+        from mayfly.cli.plan import print_plans
+
+        print_plans(settings, requests_, "table")
+        return
     notes: list[str | None] = []
     if not no_validate:
         from mayfly.app.publishing import lanes_note, preflight, preflight_log

@@ -255,6 +255,10 @@ class Coordinator:
         validate_params(fetched.manifest, dict(request.params))
         return fetched, self._targets(request)
 
+    def shard_size_of(self, request: TaskRequest) -> int | None:
+        """Devices one coordinator runs of ``request`` at most, or None: whole."""
+        return self._shard_size(request)
+
     def _shard_size(self, request: TaskRequest) -> int | None:
         if request.shard is not None:
             return None  # a shard is never cut again

@@ -1,0 +1,127 @@
+"""``mayfly plan`` (and ``publish --dry-run``): what requests would do, run nowhere."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
+from mayfly.cli._requests import build_requests, request_options
+from mayfly.events import TaskRequest
+from mayfly.settings import Settings
+
+__all__ = ["plan", "print_plans"]
+
+#: Device ids a table shows of each request, the first ones.
+_SHOWN_DEVICES = 10
+
+
+@click.command()
+@request_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+    help="How to print: a table for people, JSON or YAML for scripts.",
+)
+@settings_options(*PACKAGE_SETTINGS, "inventory", "shard_size", "max_processes")
+def plan(
+    task: str | None,
+    devices: tuple[str, ...],
+    selectors: tuple[str, ...],
+    params: tuple[str, ...],
+    params_json: str | None,
+    version: str | None,
+    channel: str | None,
+    priority: str,
+    count: int,
+    file: Path | None,
+    output: str,
+    settings: Settings,
+) -> None:
+    """Say what requests for TASK (or from --file) would do, without running them.
+
+    Takes the flags `mayfly publish` takes and makes the checks its
+    coordinator makes (the package version the ref resolves to and its
+    digest, the params, the targets), then prints, per request: the devices
+    it would run on and those it would skip (with why), the shards it would
+    be cut into, how many devices run at once and in how many rounds, the
+    package's limits, and after how many failures the rest would be skipped.
+    Nothing is published and no device is touched. Exit 1 for a request its
+    coordinator would reject, naming it.
+
+    \b
+    Examples:
+      mayfly plan firmware-update -s site=lab-a -p version=2.0.0
+      mayfly plan --file rollout.json -o json
+    """
+    requests = build_requests(
+        task, devices, selectors, params, params_json, version, channel, priority, count, file
+    )
+    print_plans(settings, requests, output)
+
+
+def print_plans(settings: Settings, requests: Sequence[TaskRequest], output: str) -> None:
+    """Plan ``requests`` and print the plans (``table``, ``json`` or ``yaml``)."""
+    from mayfly.app.publishing import plan_requests
+
+    plans = plan_requests(settings, requests)
+    if output != "table":
+        body = [p.to_dict() for p in plans]
+        if output == "json":
+            click.echo(json.dumps(body, indent=2))
+        else:
+            import yaml
+
+            click.echo(yaml.safe_dump(body, sort_keys=False).rstrip())
+        return
+    for number, found in enumerate(plans, 1):
+        if number > 1:
+            click.echo()
+        request = found.request
+        shown = ", ".join(found.devices[:_SHOWN_DEVICES])
+        more = len(found.devices) - _SHOWN_DEVICES
+        if more > 0:
+            shown += f" and {more} more"
+        shards = found.shards
+        if len(shards) > 1:
+            cut = f"{len(shards)} shards of {', '.join(str(n) for n in shards)} devices"
+        else:
+            cut = "whole, in one coordinator"
+        rows = [
+            ("request", f"{request.id} (not published)"),
+            ("task", f"{request.task} ({request.priority.value})"),
+            ("package", f"{found.version}  {found.digest}"),
+            ("devices", f"{len(found.devices)}: {shown or '-'}"),
+        ]
+        if found.skipped:
+            reasons = sorted(set(found.skipped.values()))
+            rows.append(("skipped", f"{len(found.skipped)}: {'; '.join(reasons)}"))
+        rows += [
+            ("runs", cut),
+            ("at once", f"{found.parallel} device(s), {found.waves} round(s) at least"),
+            (
+                "limits",
+                f"{found.timeout_s:g} s in all, {found.device_timeout_s:g} s a device,"
+                f" {found.retries} retries, {found.memory_mb} MB",
+            ),
+        ]
+        if found.stop_after_failures is not None:
+            rows.append(
+                (
+                    "failure budget",
+                    f"the rest skipped past {found.stop_after_failures} failed device(s)"
+                    f" of a coordinator's (max_failure_ratio {found.max_failure_ratio:g})",
+                )
+            )
+        if request.deadline is not None:
+            rows.append(("deadline", request.deadline.isoformat()))
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            click.echo(f"{name:<{width}}  {value}")
+    click.echo("nothing was published; no device was touched", err=True)

@@ -1,0 +1,121 @@
+"""What a request would do, worked out without running it: ``mayfly plan``.
+
+The same steps a coordinator takes before it touches a device (the package
+resolved, fetched and verified, the params checked, the targets resolved,
+the devices lacking a capability set aside, the request cut into shards),
+stopped there: nothing is run, published or sent to a device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mayfly.events import TaskRequest, shard_request
+
+if TYPE_CHECKING:
+    from mayfly.coordinator.core import Coordinator
+
+__all__ = ["Outline", "outline"]
+
+
+@dataclass(frozen=True)
+class Outline:
+    """One request's plan."""
+
+    request: TaskRequest
+    version: str
+    """The package version its ref resolves to now."""
+    digest: str
+    devices: tuple[str, ...]
+    """The devices it would run on, in order."""
+    skipped: dict[str, str]
+    """Devices it targets but would skip, with the reason."""
+    shards: tuple[int, ...]
+    """Devices per shard (one entry: it runs whole, in one coordinator)."""
+    parallel: int
+    """Devices run at once in each coordinator."""
+    timeout_s: float
+    device_timeout_s: float
+    retries: int
+    memory_mb: int
+    max_failure_ratio: float | None
+
+    @property
+    def stop_after_failures(self) -> int | None:
+        """Failed devices (of one coordinator's) past which the rest are skipped."""
+        if self.max_failure_ratio is None:
+            return None
+        return math.floor(self.max_failure_ratio * max(self.shards))
+
+    @property
+    def waves(self) -> int:
+        """Rounds of ``parallel`` devices the largest shard takes, at least."""
+        return math.ceil(max(self.shards) / self.parallel) if self.devices else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request.id,
+            "task": self.request.task,
+            "priority": self.request.priority.value,
+            "asked": self.request.version or f"channel {self.request.channel}",
+            "version": self.version,
+            "digest": self.digest,
+            "devices": list(self.devices),
+            "skipped": dict(self.skipped),
+            "shards": list(self.shards),
+            "parallel": self.parallel,
+            "waves": self.waves,
+            "limits": {
+                "timeout_s": self.timeout_s,
+                "device_timeout_s": self.device_timeout_s,
+                "retries": self.retries,
+                "memory_mb": self.memory_mb,
+            },
+            "max_failure_ratio": self.max_failure_ratio,
+            "stop_after_failures": self.stop_after_failures,
+            "deadline": self.request.deadline.isoformat() if self.request.deadline else None,
+        }
+
+
+def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
+    """What ``coordinator`` would do with ``request``.
+
+    Raises:
+        MayflyError: what the coordinator would reject the request for.
+    """
+    fetched, targets = coordinator.preflight(request)
+    manifest = fetched.manifest
+    required = manifest.capabilities
+    skipped = {
+        d.id: "device lacks capabilities: "
+        + ", ".join(c for c in required if c not in d.capabilities)
+        for d in targets
+        if any(c not in d.capabilities for c in required)
+    }
+    runnable = tuple(d.id for d in targets if d.id not in skipped)
+    size = coordinator.shard_size_of(request)
+    shards: tuple[int, ...] = (len(targets),)
+    if size is not None and len(targets) > size:
+        cut = shard_request(request, [d.id for d in targets], size, version=manifest.version)
+        shards = tuple(len(s.devices) for s in cut)
+    limits = manifest.limits
+    rollout = request.rollout
+    parallel = min(limits.max_parallel, coordinator.options.max_processes, max(1, max(shards)))
+    if rollout and rollout.max_parallel:
+        parallel = min(parallel, rollout.max_parallel)
+    return Outline(
+        request=request,
+        version=manifest.version,
+        digest=fetched.digest,
+        devices=runnable,
+        skipped=skipped,
+        shards=shards,
+        parallel=parallel,
+        timeout_s=limits.timeout_s,
+        device_timeout_s=limits.device_timeout_s,
+        retries=limits.retries,
+        memory_mb=limits.memory_mb,
+        max_failure_ratio=rollout.max_failure_ratio if rollout else None,
+    )
