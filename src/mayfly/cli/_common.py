@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,8 +19,10 @@ __all__ = [
     "MayflyGroup",
     "complete_devices",
     "complete_tasks",
+    "dump",
     "fail",
     "load_settings",
+    "output_option",
     "settings_options",
 ]
 
@@ -29,6 +32,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 S3_SETTINGS = ("s3_endpoint", "s3_access_key", "s3_region")
 #: Settings of the commands that read packages from the store.
 PACKAGE_SETTINGS = ("home", "store", *S3_SETTINGS, "trusted_keys")
+
+
+#: ``-o table|json|yaml`` of every command that reads something out.
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+    help="How to print: a table for people, JSON or YAML for scripts.",
+)
+
+
+def dump(value: Any, output: str) -> None:
+    """Print ``value`` as ``output`` says: ``json`` or ``yaml``."""
+    if output == "json":
+        click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    else:
+        import yaml  # only for -o yaml
+
+        click.echo(yaml.safe_dump(value, sort_keys=False, allow_unicode=True), nl=False)
 
 
 def load_settings(flags: dict[str, Any] | None = None) -> Settings:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
-from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
+from mayfly.cli._common import PACKAGE_SETTINGS, dump, output_option, settings_options
 from mayfly.cli._requests import build_requests, request_options
 from mayfly.events import TaskRequest
 from mayfly.settings import Settings
@@ -21,14 +20,7 @@ _SHOWN_DEVICES = 10
 
 @click.command()
 @request_options
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json", "yaml"]),
-    default="table",
-    show_default=True,
-    help="How to print: a table for people, JSON or YAML for scripts.",
-)
+@output_option
 @settings_options(*PACKAGE_SETTINGS, "inventory", "shard_size", "max_processes")
 def plan(
     task: str | None,
@@ -72,13 +64,7 @@ def print_plans(settings: Settings, requests: Sequence[TaskRequest], output: str
 
     plans = plan_requests(settings, requests)
     if output != "table":
-        body = [p.to_dict() for p in plans]
-        if output == "json":
-            click.echo(json.dumps(body, indent=2))
-        else:
-            import yaml
-
-            click.echo(yaml.safe_dump(body, sort_keys=False).rstrip())
+        dump([p.to_dict() for p in plans], output)
         return
     for number, found in enumerate(plans, 1):
         if number > 1:

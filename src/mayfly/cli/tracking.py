@@ -6,27 +6,18 @@ import json
 import re
 import sys
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import click
 
 from mayfly.app.tracking import follow, read_book
 from mayfly.app.wiring import check_event_log, open_event_log
-from mayfly.cli._common import settings_options
+from mayfly.cli._common import dump, output_option, settings_options
 from mayfly.events import DeviceResult, DeviceStatus, LogLine, TaskCompleted, TaskRejected
 from mayfly.settings import Settings
 from mayfly.tracking import RequestState, RequestView, trace_url
 
 __all__ = ["get", "list_requests", "watch"]
 
-_OUTPUT = click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json", "yaml"]),
-    default="table",
-    show_default=True,
-    help="How to print: a table for people, JSON or YAML for scripts.",
-)
 #: Cells of a table are cut here; -o json and -o yaml print everything.
 _CELL = 100
 _BAR = 30
@@ -46,7 +37,7 @@ _ORDER = {
 
 @click.command()
 @click.argument("request_id")
-@_OUTPUT
+@output_option
 @click.option(
     "--max-devices",
     type=click.IntRange(min=0),
@@ -82,7 +73,7 @@ def get(request_id: str, output: str, max_devices: int, logs: bool, settings: Se
         click.echo("hint: `mayfly list` shows the requests there.", err=True)
         raise SystemExit(1)
     if output != "table":
-        _dump(view.to_dict(jaeger_url=settings.jaeger_url), output)
+        dump(view.to_dict(jaeger_url=settings.jaeger_url), output)
         return
     _print_view(view, settings.jaeger_url, max_devices, logs)
 
@@ -197,7 +188,7 @@ def _progress_line(view: RequestView) -> str:
     show_default=True,
     help="Requests shown at most, newest first (0: all).",
 )
-@_OUTPUT
+@output_option
 @settings_options("home", "event_log", "topic_prefix")
 def list_requests(
     task: str | None,
@@ -227,7 +218,7 @@ def list_requests(
     found = book.views(task=task, states=[RequestState(s) for s in states], since=since_at)
     shown = found[:limit] if limit else found
     if output != "table":
-        _dump([v.to_dict() for v in shown], output)
+        dump([v.to_dict() for v in shown], output)
     elif not shown:
         click.echo("no requests" + (" match" if found or len(book) else " in the log"))
     else:
@@ -251,15 +242,6 @@ def _since(raw: str) -> datetime:
             "expected a duration (30s, 15m, 2h, 7d) or an ISO 8601 time", param_hint="--since"
         ) from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _dump(value: Any, output: str) -> None:
-    if output == "json":
-        click.echo(json.dumps(value, indent=2, ensure_ascii=False))
-    else:
-        import yaml  # only for -o yaml
-
-        click.echo(yaml.safe_dump(value, sort_keys=False, allow_unicode=True), nl=False)
 
 
 def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int, logs: bool) -> None:
