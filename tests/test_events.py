@@ -1196,3 +1196,33 @@ def test_a_cancel_travels_on_its_requests_partition_key() -> None:
     assert key == REQUEST_ID.encode()
     assert from_kafka(headers, key, value) == cancel
     assert cancel.grace_s == 10.0
+
+
+def test_a_rollout_with_abort_criteria_and_a_rollback_round_trips() -> None:
+    request = new_request(
+        "config-push",
+        devices=["a", "b"],
+        params={"config": {"telemetry_interval_s": 99}},
+        rollout={
+            "abort": {"outcome": "timed_out", "threshold_pct": 12.5, "min_devices": 40},
+            "on_abort": {"task": "config-push", "version": "1.0.0", "params": {"mode": "merge"}},
+        },
+    )
+    key, value, headers = to_kafka_record(request)
+    decoded = from_kafka(headers, key, value)
+    assert decoded == request
+    assert isinstance(decoded, TaskRequest)
+    assert decoded.rollout is not None
+    assert decoded.rollout.abort is not None
+    assert decoded.rollout.abort.threshold_pct == 12.5
+    assert json.loads(value)["rollout"]["on_abort"] == {
+        "task": "config-push",
+        "version": "1.0.0",
+        "params": {"mode": "merge"},
+    }
+    # A rollout without them says nothing of them on the wire.
+    plain = new_request("reboot", devices=["a"], rollout={"max_parallel": 2})
+    assert json.loads(to_kafka_record(plain)[1])["rollout"] == {
+        "max_parallel": 2,
+        "max_failure_ratio": None,
+    }

@@ -159,3 +159,26 @@ def test_plan_says_what_a_request_would_do_and_publishes_nothing(
     assert "unknown param 'colour'" in wrong.output
     assert _requests_in(log) == 0
     assert not log.exists()
+
+
+def test_a_rollback_its_coordinator_would_reject_is_named_before_publishing(
+    home: Path, tmp_path: Path
+) -> None:
+    spec = tmp_path / "rollout.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "task": "reboot",
+                "devices": ["sim-0001"],
+                "rollout": {
+                    "abort": {"threshold_pct": 10},
+                    "on_abort": {"task": "config-push", "params": {"config": {"colour": 1}}},
+                },
+            }
+        )
+    )
+    code, output, log = _publish(home, tmp_path, "--file", str(spec))
+    assert code == 1, output
+    assert "its on_abort rollback (config-push): " in output
+    assert "colour" in output
+    assert _requests_in(log) == 0

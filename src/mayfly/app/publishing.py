@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mayfly.app.wiring import build_coordinator, open_repository
-from mayfly.coordinator.outline import Outline, outline
+from mayfly.coordinator.outline import Outline, check_rollback, outline
 from mayfly.errors import ConfigError, EventLogError, MayflyError, PreflightError
 from mayfly.eventlog import EventLog
 from mayfly.events import TaskRequest
@@ -98,7 +98,8 @@ def preflight(settings: Settings, requests: Sequence[TaskRequest]) -> None:
         if alike in checked:
             continue
         try:
-            coordinator.preflight(request)
+            _, targets = coordinator.preflight(request)
+            check_rollback(coordinator, request, [d.id for d in targets])
         except ConfigError:
             raise
         except MayflyError as exc:

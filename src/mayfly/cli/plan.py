@@ -105,6 +105,20 @@ def print_plans(settings: Settings, requests: Sequence[TaskRequest], output: str
                     f" of a coordinator's (max_failure_ratio {found.max_failure_ratio:g})",
                 )
             )
+        if found.abort is not None:
+            abort = found.abort
+            what = "did not succeed" if abort.outcome == "any" else abort.outcome.replace("_", " ")
+            undo = ""
+            if found.rollback is not None:
+                at = found.rollback.version or "its stable channel"
+                undo = f"; then {found.rollback.task} ({at}) runs on the devices it changed"
+            rows.append(
+                (
+                    "abort",
+                    f"stops once {abort.threshold_pct:g} % of the devices that ran {what},"
+                    f" after {abort.min_devices} ran in a coordinator{undo}",
+                )
+            )
         if request.deadline is not None:
             rows.append(("deadline", request.deadline.isoformat()))
         width = max(len(name) for name, _ in rows)

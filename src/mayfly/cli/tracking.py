@@ -258,6 +258,8 @@ def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int, log
         rows.append(("finished", _when(view.finished_at) + _took(view)))
     if isinstance(outcome, TaskCompleted):
         rows.append(("package", f"{outcome.package.version}  {outcome.package.digest}"))
+        if outcome.aborted:
+            rows.append(("aborted", outcome.aborted))
         mode = outcome.coordinator.mode
         if view.shards:
             rows.append(("coordinators", f"{view.shards} shards ({mode})"))

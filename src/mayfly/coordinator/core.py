@@ -33,7 +33,7 @@ from mayfly.coordinator.runner import (
     RunControl,
     RunPlan,
     TaskStarter,
-    run_devices,
+    run_plan,
 )
 from mayfly.coordinator.worker import CancelFlag, WorkerSpec
 from mayfly.devices import Device, DeviceDriver, Inventory
@@ -209,7 +209,7 @@ class Coordinator:
         started_at = datetime.now(UTC)
         runnable, skipped = _split_by_capability(devices, fetched.manifest.capabilities)
         plan = self._plan(request, fetched, package_dir, runnable, skipped)
-        results = run_devices(plan, on_progress)
+        results, aborted = run_plan(plan, on_progress)
         finished_at = datetime.now(UTC)
         first_start = min((r.started_at for r in results if r.started_at), default=None)
         cold_start_ms = (first_start - received_at).total_seconds() * 1000 if first_start else None
@@ -224,6 +224,7 @@ class Coordinator:
             package=PackageRef(name=m.name, version=m.version, digest=fetched.digest),
             status=overall_status(results, self._cancel.is_set()),
             devices=tuple(results),
+            aborted=aborted,
             shard=request.shard,
             timings=Timings(
                 published_at=request.time,
@@ -324,6 +325,7 @@ class Coordinator:
             prestarted=prestarted,
             request_source=request.source,
             control=self.control,
+            abort=rollout.abort if rollout else None,
         )
 
 

@@ -12,12 +12,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mayfly.events import TaskRequest, shard_request
+from mayfly.errors import MayflyError, PreflightError
+from mayfly.events import Abort, Rollback, TaskRequest, rollback_request, shard_request
 
 if TYPE_CHECKING:
     from mayfly.coordinator.core import Coordinator
 
-__all__ = ["Outline", "outline"]
+__all__ = ["Outline", "check_rollback", "outline"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Outline:
     retries: int
     memory_mb: int
     max_failure_ratio: float | None
+    abort: Abort | None = None
+    rollback: Rollback | None = None
 
     @property
     def stop_after_failures(self) -> int | None:
@@ -75,6 +78,8 @@ class Outline:
             },
             "max_failure_ratio": self.max_failure_ratio,
             "stop_after_failures": self.stop_after_failures,
+            "abort": self.abort.model_dump(mode="json") if self.abort else None,
+            "on_abort": self.rollback.model_dump(mode="json") if self.rollback else None,
             "deadline": self.request.deadline.isoformat() if self.request.deadline else None,
         }
 
@@ -86,6 +91,7 @@ def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
         MayflyError: what the coordinator would reject the request for.
     """
     fetched, targets = coordinator.preflight(request)
+    check_rollback(coordinator, request, [d.id for d in targets])
     manifest = fetched.manifest
     required = manifest.capabilities
     skipped = {
@@ -118,4 +124,22 @@ def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
         retries=limits.retries,
         memory_mb=limits.memory_mb,
         max_failure_ratio=rollout.max_failure_ratio if rollout else None,
+        abort=rollout.abort if rollout else None,
+        rollback=rollout.on_abort if rollout else None,
     )
+
+
+def check_rollback(coordinator: Coordinator, request: TaskRequest, devices: list[str]) -> None:
+    """Check the request's ``rollout.on_abort`` as its coordinator would check
+    the rollback request (its package, its params), over ``devices``.
+
+    Raises:
+        PreflightError: naming the rollback and what is wrong with it.
+    """
+    rollback = request.rollout.on_abort if request.rollout else None
+    if rollback is None or not devices:
+        return
+    try:
+        coordinator.preflight(rollback_request(request, rollback, devices))
+    except MayflyError as exc:
+        raise PreflightError(f"its on_abort rollback ({rollback.task}): {exc}", exc) from exc

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from mayfly.coordinator.sinks import ResultSink, deliver
 from mayfly.errors import EventError, SinkError
 from mayfly.events import (
+    DeviceStatus,
     MayflyEvent,
     OverallStatus,
     RejectionCode,
@@ -37,6 +38,7 @@ from mayfly.events import (
     TaskRejected,
     TaskRequest,
     rejection_for,
+    rollback_request,
     to_kafka_record,
 )
 from mayfly.exitcodes import ExitCode
@@ -89,7 +91,8 @@ def summarize(outcome: Outcome) -> str:
     for device in outcome.devices:
         counts[device.status] = counts.get(device.status, 0) + 1
     shown = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{outcome.task} {outcome.package.version}: {outcome.status} ({shown})"
+    aborted = f"; rollout aborted: {outcome.aborted}" if outcome.aborted else ""
+    return f"{outcome.task} {outcome.package.version}: {outcome.status} ({shown}){aborted}"
 
 
 class RequestPipeline:
@@ -162,6 +165,10 @@ class RequestPipeline:
             )
             if isinstance(handled, TaskCompleted | TaskRejected):
                 outcome = handled
+                if isinstance(handled, TaskCompleted) and handled.aborted:
+                    failed = self._publish_rollback(event, handled)
+                    if failed is not None:
+                        return failed
             else:
                 published = self._publish_shards(handled)
                 if isinstance(published, Handled):
@@ -175,6 +182,34 @@ class RequestPipeline:
             _LOG.error("%s: outcome not delivered: %s", outcome.request_id or outcome.id, exc)
             return Handled(outcome, ExitCode.UNDELIVERED, str(exc))
         return Handled(outcome, exit_code_for(outcome))
+
+    def _publish_rollback(self, request: TaskRequest, result: TaskCompleted) -> Handled | None:
+        """Publish the rollout's rollback (``rollout.on_abort``) over the devices
+        it changed, before its result: a run again after a failure here
+        publishes the same request (its id derives from this one's), which the
+        runtime runs once. None once published, or when there is nothing to do."""
+        rollback = request.rollout.on_abort if request.rollout else None
+        changed = [d.device_id for d in result.devices if d.status is DeviceStatus.SUCCEEDED]
+        if rollback is None or not changed:
+            return None
+        if self.shards is None:
+            _LOG.warning("%s: aborted; its rollback is published by `mayfly up` only", request.id)
+            return None
+        undo = rollback_request(request, rollback, changed)
+        try:
+            self.shards.emit(undo)
+        except (SinkError, EventError) as exc:
+            _LOG.error("%s: rollback not published: %s", request.id, exc)
+            return Handled(None, ExitCode.UNDELIVERED, str(exc))
+        _LOG.warning(
+            "%s: rollout aborted (%s); rollback %s of %s published for %d device(s)",
+            request.id,
+            result.aborted,
+            undo.id,
+            rollback.task,
+            len(changed),
+        )
+        return None
 
     def _publish_shards(self, sharded: Sharded) -> Handled | TaskRejected:
         # Deterministic ids: a run again after a failure here publishes the same

@@ -18,6 +18,8 @@ channels and process sentinels at once. That keeps these promises:
   calls come back through a pipe the loop watches too);
 - failed attempts are retried up to the manifest's limit with backoff, and
   the request's own deadline and failure budget stop the rest cleanly;
+- a rollout's abort criteria (``rollout.abort``), once met, stop it: queued
+  devices are skipped and running attempts killed, and the run says why;
 - a cancel (the cancel flag, or the runtime through :class:`RunControl`) is
   cooperative first: queued devices are skipped, nothing is retried, running
   attempts see ``ctx.cancelled()`` and may finish; at the end of the grace
@@ -57,6 +59,7 @@ from mayfly.devices import Device, DeviceDriver
 from mayfly.events import (
     MAX_DEVICE_LOG_LINES,
     MAX_LOG_MESSAGE,
+    Abort,
     DeviceResult,
     DeviceStatus,
     LogLine,
@@ -85,9 +88,17 @@ __all__ = [
     "TaskStarter",
     "make_scratch_root",
     "run_devices",
+    "run_plan",
 ]
 
 ProgressFn = Callable[["DeviceProgress"], None]
+
+#: The device outcomes each ``rollout.abort.outcome`` counts.
+_ABORT_OUTCOMES = {
+    "failed": frozenset({DeviceStatus.FAILED}),
+    "timed_out": frozenset({DeviceStatus.TIMED_OUT}),
+    "any": frozenset({DeviceStatus.FAILED, DeviceStatus.TIMED_OUT}),
+}
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,8 @@ class RunPlan:
     idempotency keys derive from (two publishers may reuse one id)."""
     control: RunControl | None = None
     """Where a cancel with a grace period may come from (the runtime)."""
+    abort: Abort | None = None
+    """When the rollout stops itself."""
 
 
 @dataclass
@@ -372,6 +385,14 @@ class _Run:
         self.call_seq = itertools.count()
         self._poll = select.poll()
         self._polled: set[int] = set()
+        self.aborted: str | None = None
+        """Why the rollout stopped itself, once it did."""
+        self.ran = 0
+        """Devices that ended after running (not skipped, not canceled)."""
+        self.started = 0
+        """Devices given a first attempt."""
+        self.matched = 0
+        """Of those, the ones whose outcome counts toward the abort."""
         self.hard_stop_at: float | None = None
         """Once canceled: ``time.monotonic()`` at which running attempts are killed."""
         self.grace_s = 0.0
@@ -444,6 +465,11 @@ class _Run:
         self.finished += 1
         if status is not DeviceStatus.SUCCEEDED:
             self.failed += 1
+        if status not in (DeviceStatus.SKIPPED, DeviceStatus.CANCELED):
+            self.ran += 1
+            abort = self.plan.abort
+            if abort is not None and status in _ABORT_OUTCOMES[abort.outcome]:
+                self.matched += 1
         self.on_progress(
             DeviceProgress(
                 state.device.id,
@@ -533,8 +559,15 @@ class _Run:
             self._spawn()
         now = time.monotonic()
         idle = [w for w in self.workers if w.ready and w.job is None]
+        held: list[tuple[float, int, _Device]] = []
         while idle and self.queue and self.queue[0][0] <= now:
-            _, _, state = heapq.heappop(self.queue)
+            entry = heapq.heappop(self.queue)
+            state = entry[2]
+            if state.attempts == 0 and self._sampling():
+                held.append(entry)  # past the abort's sample: it waits for the verdict
+                continue
+            if state.attempts == 0:
+                self.started += 1
             worker = idle.pop()
             state.attempts += 1
             state.status = DeviceStatus.RUNNING
@@ -555,6 +588,15 @@ class _Run:
             self.on_progress(
                 DeviceProgress(state.device.id, DeviceStatus.RUNNING, 0.0, "", state.attempts)
             )
+        for entry in held:
+            heapq.heappush(self.queue, entry)
+
+    def _sampling(self) -> bool:
+        """Whether the abort's sample (its first ``min_devices`` devices) is all
+        started but not all ended: nothing past it starts before its verdict,
+        so a rollout that must abort touches hardly more than its sample."""
+        abort = self.plan.abort
+        return abort is not None and self.started >= abort.min_devices > self.ran
 
     def _pending(self) -> int:
         return len(self.queue) + sum(1 for w in self.workers if w.job is not None)
@@ -687,6 +729,9 @@ class _Run:
                 self._enforce_deadlines()
                 self._skip_queued(DeviceStatus.SKIPPED, "request deadline passed before start")
                 continue
+            if self.aborted is None and (why := self._abort_met()) is not None:
+                self._abort(why)
+                continue
             if self._over_failure_budget():
                 self._skip_queued(
                     DeviceStatus.SKIPPED,
@@ -697,6 +742,37 @@ class _Run:
             self._enforce_deadlines()
             if self.reporter is not None:
                 self.reporter.tick()
+
+    def _abort_met(self) -> str | None:
+        """Why the rollout must stop now, once its abort criteria are met."""
+        abort = self.plan.abort
+        if abort is None or self.ran < abort.min_devices:
+            return None
+        share = 100.0 * self.matched / self.ran
+        if share < abort.threshold_pct:
+            return None
+        what = "did not succeed" if abort.outcome == "any" else abort.outcome.replace("_", " ")
+        return (
+            f"{self.matched} of {self.ran} devices {what} ({share:.0f} %; abort at"
+            f" {abort.threshold_pct:g} % once {abort.min_devices} ran)"
+        )
+
+    def _abort(self, why: str) -> None:
+        """Stop the rollout: what is queued is skipped, what runs is killed."""
+        self.aborted = why
+        _LOG.warning("%s: rollout aborted: %s", self.plan.spec.request_id, why)
+        reason = f"rollout aborted: {why}"
+        for worker in list(self.workers):
+            if worker.job is not None:
+                state, worker.job = worker.job, None
+                self._retire(worker, kill=True)
+                self._finish(state, DeviceStatus.CANCELED, error=reason)
+        while self.queue:
+            _, _, state = heapq.heappop(self.queue)
+            if state.attempts:
+                self._finish(state, DeviceStatus.CANCELED, error=f"{state.error}; {reason}")
+            else:
+                self._finish(state, DeviceStatus.SKIPPED, error=reason)
 
     def _cancel_asked(self) -> float | None:
         """The grace period of a cancel of this run, once there is one."""
@@ -750,7 +826,10 @@ class _Run:
         # A queued retry only matters when a ready process could take it;
         # otherwise the next event is a message ("ready", "done") anyway.
         if self.queue and any(w.ready and w.job is None for w in self.workers):
-            wake.append(self.queue[0][0])
+            if not self._sampling():
+                wake.append(self.queue[0][0])
+            else:  # only a sample device's retry may start: fresh ones wait
+                wake.extend(t for t, _, state in self.queue if state.attempts)
         wake.append(self.plan.deadline)
         if self.hard_stop_at is not None:
             wake.append(self.hard_stop_at)
@@ -854,4 +933,14 @@ def _output(text: str | None) -> Any:
 
 def run_devices(plan: RunPlan, on_progress: ProgressFn | None = None) -> list[DeviceResult]:
     """Run the plan; one :class:`DeviceResult` per device (skipped ones first)."""
-    return _Run(plan, on_progress).run()
+    return run_plan(plan, on_progress)[0]
+
+
+def run_plan(
+    plan: RunPlan, on_progress: ProgressFn | None = None
+) -> tuple[list[DeviceResult], str | None]:
+    """Run the plan: one :class:`DeviceResult` per device (skipped ones first),
+    and why the rollout aborted, if it did."""
+    run = _Run(plan, on_progress)
+    results = run.run()
+    return results, run.aborted

@@ -82,6 +82,8 @@ class PackageRef(_Value):
 MAX_DEVICE_LOG_LINES = 20
 #: A kept line's message is cut to this many characters.
 MAX_LOG_MESSAGE = 500
+#: An abort's reason in a result is cut to this many characters.
+MAX_ABORT_REASON = 500
 LogLevel = Literal["debug", "info", "warning", "error", "critical", "progress"]
 
 
@@ -198,6 +200,10 @@ class TaskCompleted(ReportOfRequest, EventModel):
     """Set when this is the result of one shard of a larger request."""
     shards: tuple[ShardRun, ...] = Field(default=(), exclude_if=lambda v: not v)
     """In a result merged from shards (the aggregator's), each shard's run."""
+    aborted: str | None = Field(
+        default=None, max_length=MAX_ABORT_REASON, exclude_if=lambda v: v is None
+    )
+    """Why the rollout stopped itself (its ``rollout.abort`` was met), if it did."""
 
     @property
     def id(self) -> str:
@@ -388,8 +394,10 @@ def merge_shards(shards: Iterable[TaskCompleted]) -> TaskCompleted:
         )
         for index, s in enumerate(ordered)
     )
+    aborted = next((s.aborted for s in ordered if s.aborted), None)
     return first.model_copy(
         update={
+            "aborted": aborted,
             "request_id": of,
             "status": status,
             "devices": tuple(d for s in ordered for d in s.devices),

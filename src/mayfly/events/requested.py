@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Self
-from uuid import uuid4
+from typing import Annotated, Any, ClassVar, Literal, Self
+from uuid import UUID, uuid4, uuid5
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
@@ -29,11 +29,14 @@ __all__ = [
     "DEFAULT_CHANNEL",
     "MAX_SHARDS",
     "SHARD_MARK",
+    "Abort",
+    "Rollback",
     "Rollout",
     "Shard",
     "TaskRequest",
     "new_request",
     "partition_key_for",
+    "rollback_request",
     "shard_prefixes",
     "shard_request",
 ]
@@ -77,6 +80,29 @@ def partition_key_for(
     return request_id
 
 
+class Abort(BaseModel):
+    """When a rollout stops itself: once at least ``min_devices`` devices ran
+    (in one coordinator) and ``threshold_pct`` percent of them ended with
+    ``outcome`` (``failed``, ``timed_out``, or ``any`` outcome but success)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    outcome: Literal["failed", "timed_out", "any"] = "any"
+    threshold_pct: Annotated[float, Field(strict=False, gt=0.0, le=100.0, allow_inf_nan=False)]
+    min_devices: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = 1
+
+
+class Rollback(BaseModel):
+    """What runs, once a rollout aborted, on the devices it had changed: a
+    request of its own, for ``task`` (at ``version``, else its stable channel)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: Name
+    version: SemVer | None = None
+    params: dict[str, JsonValue] = Field(default_factory=dict)
+
+
 class Rollout(BaseModel):
     """How a request spreads over its devices."""
 
@@ -91,6 +117,10 @@ class Rollout(BaseModel):
     shard_size: Annotated[int, Field(strict=True, ge=1)] | None = Field(
         default=None, exclude_if=lambda v: v is None
     )
+    #: When the rollout stops itself (every shard of it, and what has not started).
+    abort: Abort | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: What runs on the devices already changed once it aborted.
+    on_abort: Rollback | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class Shard(BaseModel):
@@ -355,3 +385,28 @@ def new_request(
         "rollout": dict(rollout) if isinstance(rollout, Mapping) else rollout,
     }
     return validate_model(TaskRequest, values)
+
+
+#: Rollback requests' ids derive from their rollout's (source and id) in this namespace.
+_ROLLBACK_NAMESPACE = UUID("3d1c9a4e-7b2f-4f5e-9c8a-6e0b1d2f3a47")
+
+
+def rollback_request(
+    request: TaskRequest, rollback: Rollback, devices: Sequence[str]
+) -> TaskRequest:
+    """The request that undoes an aborted rollout on the ``devices`` it changed:
+    ``rollback``'s task, version and params, the rollout's priority and trace.
+    Its id derives from the rollout's (a shard's: its own), so publishing it
+    again makes the same request."""
+    rollback_id = uuid5(_ROLLBACK_NAMESPACE, f"{request.source}\n{request.id}")
+    return new_request(
+        rollback.task,
+        devices=devices,
+        params=rollback.params,
+        version=rollback.version,
+        priority=request.priority,
+        source=request.source,
+        traceparent=request.traceparent,
+        tracestate=request.tracestate,
+        request_id=str(rollback_id),
+    )
