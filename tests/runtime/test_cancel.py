@@ -9,7 +9,6 @@ before any runtime was up, never start.
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -98,8 +97,8 @@ def test_a_running_request_is_stopped_and_no_device_is_reached_after_the_grace(
     unknown = _mayfly(home, log_env, "cancel", "no-such-request")
     assert unknown.returncode == 1
     assert "no request 'no-such-request'" in unknown.stderr
-    up.send_signal(signal.SIGINT)
-    assert up.wait(timeout=60) == 0
+    up.terminate()
+    up.wait(timeout=60)
 
 
 def test_queued_requests_canceled_never_start_even_before_a_runtime_is_up(
@@ -138,8 +137,8 @@ def test_queued_requests_canceled_never_start_even_before_a_runtime_is_up(
         assert got["outcome"]["code"] == "canceled"
     listed = _json(_mayfly(home, log_env, "list", "--status", "canceled", "-o", "json"))
     assert {v["id"] for v in listed} == {early, behind, blocker}
-    up.send_signal(signal.SIGINT)
-    assert up.wait(timeout=60) == 0
+    up.terminate()
+    up.wait(timeout=60)
     # Neither ever reached its device.
     assert server.simulator.records("sim-0002")["last_request_at"] is None
     assert server.simulator.records("sim-0001")["state"]["config"]["telemetry_interval_s"] != 77

@@ -8,7 +8,6 @@ comes from the log alone.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import uuid
@@ -78,7 +77,7 @@ def test_get_and_list_tell_each_requests_state_after_the_runtime_stopped(
     assert rejected.returncode == 5, rejected.stdout + rejected.stderr
     assert _mayfly(home, log_env, "publish", "--wait", "--timeout", "120", "reboot",
                    "-d", "sim-0001").returncode == 0  # fmt: skip
-    up.send_signal(signal.SIGINT)
+    up.terminate()  # SIGINT is ignored by a runtime started in the background
     up.wait(timeout=60)
 
     partial_id, rejected_id = _published_id(partial), _published_id(rejected)
