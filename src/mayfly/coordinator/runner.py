@@ -355,8 +355,16 @@ class _Run:
         # (ready_at, sequence, device): retries wait for their backoff.
         self.queue: list[tuple[float, int, _Device]] = []
         self.seq = itertools.count()
-        for state in self.states.values():
-            heapq.heappush(self.queue, (0.0, next(self.seq), state))
+        sample = plan.abort.min_devices if plan.abort is not None else len(self.states)
+        # Past the abort's sample, devices wait outside the queue for its verdict
+        # (its first min_devices all ended): a rollout that must abort touches
+        # hardly more than its sample.
+        self.held: deque[_Device] = deque()
+        for index, state in enumerate(self.states.values()):
+            if index < sample:
+                heapq.heappush(self.queue, (0.0, next(self.seq), state))
+            else:
+                self.held.append(state)
         self.workers: list[_Worker] = []
         self.prestarted = plan.prestarted
         if self.prestarted is not None and self.prestarted.spec.scratch_root is not None:
@@ -389,8 +397,6 @@ class _Run:
         """Why the rollout stopped itself, once it did."""
         self.ran = 0
         """Devices that ended after running (not skipped, not canceled)."""
-        self.started = 0
-        """Devices given a first attempt."""
         self.matched = 0
         """Of those, the ones whose outcome counts toward the abort."""
         self.hard_stop_at: float | None = None
@@ -540,12 +546,28 @@ class _Run:
         ratio = self.plan.max_failure_ratio
         return ratio is not None and self.failed > ratio * len(self.states)
 
-    def _skip_queued(self, status: DeviceStatus, reason: str) -> None:
+    def _release(self) -> None:
+        """Queue the devices held past the abort's sample."""
+        while self.held:
+            heapq.heappush(self.queue, (0.0, next(self.seq), self.held.popleft()))
+
+    def _skip_queued(
+        self,
+        status: DeviceStatus,
+        reason: str,
+        retrying: DeviceStatus = DeviceStatus.FAILED,
+        retry_reason: str | None = None,
+    ) -> None:
+        """End every device not running: ``status`` for those never started,
+        ``retrying`` for those waiting to retry (their own error, then
+        ``retry_reason``, by default ``reason``)."""
+        self._release()
         while self.queue:
             _, _, state = heapq.heappop(self.queue)
             if state.attempts:
                 # Waiting for a retry: its own failure is the story, not the skip.
-                self._finish(state, DeviceStatus.FAILED, error=f"{state.error}; {reason}")
+                why = retry_reason or reason
+                self._finish(state, retrying, error=f"{state.error}; {why}")
             else:
                 self._finish(state, status, error=reason)
 
@@ -559,15 +581,8 @@ class _Run:
             self._spawn()
         now = time.monotonic()
         idle = [w for w in self.workers if w.ready and w.job is None]
-        held: list[tuple[float, int, _Device]] = []
         while idle and self.queue and self.queue[0][0] <= now:
-            entry = heapq.heappop(self.queue)
-            state = entry[2]
-            if state.attempts == 0 and self._sampling():
-                held.append(entry)  # past the abort's sample: it waits for the verdict
-                continue
-            if state.attempts == 0:
-                self.started += 1
+            _, _, state = heapq.heappop(self.queue)
             worker = idle.pop()
             state.attempts += 1
             state.status = DeviceStatus.RUNNING
@@ -588,15 +603,6 @@ class _Run:
             self.on_progress(
                 DeviceProgress(state.device.id, DeviceStatus.RUNNING, 0.0, "", state.attempts)
             )
-        for entry in held:
-            heapq.heappush(self.queue, entry)
-
-    def _sampling(self) -> bool:
-        """Whether the abort's sample (its first ``min_devices`` devices) is all
-        started but not all ended: nothing past it starts before its verdict,
-        so a rollout that must abort touches hardly more than its sample."""
-        abort = self.plan.abort
-        return abort is not None and self.started >= abort.min_devices > self.ran
 
     def _pending(self) -> int:
         return len(self.queue) + sum(1 for w in self.workers if w.job is not None)
@@ -713,7 +719,7 @@ class _Run:
         return results
 
     def _loop(self) -> None:
-        while self.queue or any(w.job is not None for w in self.workers):
+        while self.queue or self.held or any(w.job is not None for w in self.workers):
             if self.import_error is not None:
                 self._skip_queued(DeviceStatus.FAILED, self.import_error)
                 return
@@ -732,6 +738,8 @@ class _Run:
             if self.aborted is None and (why := self._abort_met()) is not None:
                 self._abort(why)
                 continue
+            if self.held and (self._sample_judged() or not self._pending()):
+                self._release()  # the sample passed (or ended short of it)
             if self._over_failure_budget():
                 self._skip_queued(
                     DeviceStatus.SKIPPED,
@@ -742,6 +750,11 @@ class _Run:
             self._enforce_deadlines()
             if self.reporter is not None:
                 self.reporter.tick()
+
+    def _sample_judged(self) -> bool:
+        """Whether the abort's sample all ended, and it did not abort."""
+        abort = self.plan.abort
+        return abort is None or self.ran >= abort.min_devices
 
     def _abort_met(self) -> str | None:
         """Why the rollout must stop now, once its abort criteria are met."""
@@ -762,17 +775,8 @@ class _Run:
         self.aborted = why
         _LOG.warning("%s: rollout aborted: %s", self.plan.spec.request_id, why)
         reason = f"rollout aborted: {why}"
-        for worker in list(self.workers):
-            if worker.job is not None:
-                state, worker.job = worker.job, None
-                self._retire(worker, kill=True)
-                self._finish(state, DeviceStatus.CANCELED, error=reason)
-        while self.queue:
-            _, _, state = heapq.heappop(self.queue)
-            if state.attempts:
-                self._finish(state, DeviceStatus.CANCELED, error=f"{state.error}; {reason}")
-            else:
-                self._finish(state, DeviceStatus.SKIPPED, error=reason)
+        self._kill_running(DeviceStatus.CANCELED, reason)
+        self._skip_queued(DeviceStatus.SKIPPED, reason, retrying=DeviceStatus.CANCELED)
 
     def _cancel_asked(self) -> float | None:
         """The grace period of a cancel of this run, once there is one."""
@@ -797,14 +801,12 @@ class _Run:
                 self._on_protocol_error(worker, ProtocolError("it does not read its answers"))
             except OSError:
                 self._on_death(worker)
-        while self.queue:
-            _, _, state = heapq.heappop(self.queue)
-            if state.attempts:
-                error = f"request canceled while waiting to retry after: {state.error}"
-                self._finish(state, DeviceStatus.CANCELED, error=error)
-            else:
-                reason = "request canceled before it started"
-                self._finish(state, DeviceStatus.SKIPPED, error=reason)
+        self._skip_queued(
+            DeviceStatus.SKIPPED,
+            "request canceled before it started",
+            DeviceStatus.CANCELED,
+            "request canceled before its retry",
+        )
         _LOG.info(
             "%s canceled: %d attempt(s) running get %g s to end",
             self.plan.spec.request_id,
@@ -812,12 +814,15 @@ class _Run:
             grace_s,
         )
 
-    def _stop_all(self, status: DeviceStatus, reason: str) -> None:
+    def _kill_running(self, status: DeviceStatus, reason: str) -> None:
         for worker in list(self.workers):
             if worker.job is not None:
                 state, worker.job = worker.job, None
                 self._retire(worker, kill=True)
                 self._finish(state, status, error=reason)
+
+    def _stop_all(self, status: DeviceStatus, reason: str) -> None:
+        self._kill_running(status, reason)
         self._skip_queued(status, reason)
 
     def _wait(self) -> None:
@@ -826,10 +831,7 @@ class _Run:
         # A queued retry only matters when a ready process could take it;
         # otherwise the next event is a message ("ready", "done") anyway.
         if self.queue and any(w.ready and w.job is None for w in self.workers):
-            if not self._sampling():
-                wake.append(self.queue[0][0])
-            else:  # only a sample device's retry may start: fresh ones wait
-                wake.extend(t for t, _, state in self.queue if state.attempts)
+            wake.append(self.queue[0][0])
         wake.append(self.plan.deadline)
         if self.hard_stop_at is not None:
             wake.append(self.hard_stop_at)
