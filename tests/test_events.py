@@ -1226,3 +1226,19 @@ def test_a_rollout_with_abort_criteria_and_a_rollback_round_trips() -> None:
         "max_parallel": 2,
         "max_failure_ratio": None,
     }
+
+
+def test_a_rollback_over_many_long_device_ids_is_cut_into_requests_that_each_fit() -> None:
+    from mayfly.events import Rollback, rollback_requests
+
+    rollout = new_request("config-push", devices=["a"], params={"config": {"x": 1}})
+    devices = [f"{i:05d}-" + "d" * 240 for i in range(6_000)]  # about 1.5 MB of ids
+    undo = rollback_requests(rollout, Rollback(task="config-push"), devices)
+
+    assert len(undo) == 3
+    assert [d for one in undo for d in one.devices] == devices
+    for one in undo:
+        to_kafka_record(one)  # each is one event, under the size limit
+    again = rollback_requests(rollout, Rollback(task="config-push"), devices)
+    assert [one.id for one in again] == [one.id for one in undo]
+    assert len({one.id for one in undo}) == 3

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mayfly.errors import MayflyError, PreflightError
-from mayfly.events import Abort, Rollback, TaskRequest, rollback_request, shard_request
+from mayfly.events import Abort, Rollback, TaskRequest, rollback_requests, shard_request
 
 if TYPE_CHECKING:
     from mayfly.coordinator.core import Coordinator
@@ -140,6 +140,7 @@ def check_rollback(coordinator: Coordinator, request: TaskRequest, devices: list
     if rollback is None or not devices:
         return
     try:
-        coordinator.preflight(rollback_request(request, rollback, devices))
+        # One is enough: every one has the same task, version and params.
+        coordinator.preflight(rollback_requests(request, rollback, devices)[0])
     except MayflyError as exc:
         raise PreflightError(f"its on_abort rollback ({rollback.task}): {exc}", exc) from exc

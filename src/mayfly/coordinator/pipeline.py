@@ -38,7 +38,7 @@ from mayfly.events import (
     TaskRejected,
     TaskRequest,
     rejection_for,
-    rollback_request,
+    rollback_requests,
     to_kafka_record,
 )
 from mayfly.exitcodes import ExitCode
@@ -186,8 +186,10 @@ class RequestPipeline:
     def _publish_rollback(self, request: TaskRequest, result: TaskCompleted) -> Handled | None:
         """Publish the rollout's rollback (``rollout.on_abort``) over the devices
         it changed, before its result: a run again after a failure here
-        publishes the same request (its id derives from this one's), which the
-        runtime runs once. None once published, or when there is nothing to do."""
+        publishes the same requests (their ids derive from this one's), which
+        the runtime runs once. None once published, or when there is nothing to
+        do; a rollback that cannot be an event is said loudly, and the result
+        still delivered (running the rollout again would not change it)."""
         rollback = request.rollout.on_abort if request.rollout else None
         changed = [d.device_id for d in result.devices if d.status is DeviceStatus.SUCCEEDED]
         if rollback is None or not changed:
@@ -195,19 +197,26 @@ class RequestPipeline:
         if self.shards is None:
             _LOG.warning("%s: aborted; its rollback is published by `mayfly up` only", request.id)
             return None
-        undo = rollback_request(request, rollback, changed)
         try:
-            self.shards.emit(undo)
-        except (SinkError, EventError) as exc:
+            undo = rollback_requests(request, rollback, changed)
+            for one in undo:  # all or none: each must be an event first
+                to_kafka_record(one)
+        except EventError as exc:
+            _LOG.error("%s: aborted; its rollback cannot be published: %s", request.id, exc)
+            return None
+        try:
+            for one in undo:
+                self.shards.emit(one)
+        except SinkError as exc:
             _LOG.error("%s: rollback not published: %s", request.id, exc)
             return Handled(None, ExitCode.UNDELIVERED, str(exc))
         _LOG.warning(
-            "%s: rollout aborted (%s); rollback %s of %s published for %d device(s)",
+            "%s: rollout aborted (%s); rollback of %s published for %d device(s): %s",
             request.id,
             result.aborted,
-            undo.id,
             rollback.task,
             len(changed),
+            ", ".join(one.id for one in undo),
         )
         return None
 

@@ -94,7 +94,7 @@ from mayfly.events.requested import (
     TaskRequest,
     new_request,
     partition_key_for,
-    rollback_request,
+    rollback_requests,
     shard_prefixes,
     shard_request,
 )
@@ -158,7 +158,7 @@ __all__ = [
     "partition_key_for",
     "peek_attributes",
     "rejection_for",
-    "rollback_request",
+    "rollback_requests",
     "shard_prefixes",
     "shard_request",
     "split_completed",

@@ -36,7 +36,7 @@ __all__ = [
     "TaskRequest",
     "new_request",
     "partition_key_for",
-    "rollback_request",
+    "rollback_requests",
     "shard_prefixes",
     "shard_request",
 ]
@@ -391,22 +391,35 @@ def new_request(
 _ROLLBACK_NAMESPACE = UUID("3d1c9a4e-7b2f-4f5e-9c8a-6e0b1d2f3a47")
 
 
-def rollback_request(
+def rollback_requests(
     request: TaskRequest, rollback: Rollback, devices: Sequence[str]
-) -> TaskRequest:
-    """The request that undoes an aborted rollout on the ``devices`` it changed:
-    ``rollback``'s task, version and params, the rollout's priority and trace.
-    Its id derives from the rollout's (a shard's: its own), so publishing it
-    again makes the same request."""
-    rollback_id = uuid5(_ROLLBACK_NAMESPACE, f"{request.source}\n{request.id}")
-    return new_request(
-        rollback.task,
-        devices=devices,
-        params=rollback.params,
-        version=rollback.version,
-        priority=request.priority,
-        source=request.source,
-        traceparent=request.traceparent,
-        tracestate=request.tracestate,
-        request_id=str(rollback_id),
+) -> tuple[TaskRequest, ...]:
+    """The requests that undo an aborted rollout on the ``devices`` it changed:
+    ``rollback``'s task, version and params, the rollout's priority and trace;
+    as many as it takes for each to be one event (device ids under 600 kB).
+    Their ids derive from the rollout's (a shard's: its own), so publishing
+    them again makes the same requests."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for device in devices:
+        cost = len(device.encode()) + 3  # quote, quote, comma
+        if chunks[-1] and size + cost > _SHARD_DEVICE_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(device)
+        size += cost
+    return tuple(
+        new_request(
+            rollback.task,
+            devices=chunk,
+            params=rollback.params,
+            version=rollback.version,
+            priority=request.priority,
+            source=request.source,
+            traceparent=request.traceparent,
+            tracestate=request.tracestate,
+            request_id=str(uuid5(_ROLLBACK_NAMESPACE, f"{request.source}\n{request.id}\n{index}")),
+        )
+        for index, chunk in enumerate(chunks)
+        if chunk
     )
