@@ -255,7 +255,7 @@ class Settings:
             max_processes=_positive_int(env, ENV_MAX_PROCESSES, DEFAULT_MAX_PROCESSES),
             shard_size=_positive_int(env, ENV_SHARD_SIZE, DEFAULT_SHARD_SIZE),
             shard_sink=env.get(ENV_SHARD_SINK) or None,
-            event_log=env.get(ENV_EVENT_LOG) or str(home / "events.db"),
+            event_log=env.get(ENV_EVENT_LOG) or str(_home_event_log(home)),
             max_coordinators=_positive_int(env, ENV_MAX_COORDINATORS, 8),
             per_task_cap=_positive_int(env, ENV_PER_TASK_CAP, 4),
             coordinator_mode=_one_of(env, ENV_COORDINATOR_MODE, ("serve", "strict")),
@@ -296,6 +296,11 @@ class Settings:
     @property
     def store_is_s3(self) -> bool:
         return self.store.startswith("s3://")
+
+    @property
+    def home_event_log(self) -> Path:
+        """The embedded log of the home, where it is when no other is set."""
+        return _home_event_log(self.home)
 
     @property
     def event_log_is_kafka(self) -> bool:
@@ -347,3 +352,7 @@ def _prefix(env: Mapping[str, str]) -> str:
     if len(raw) > 200 or not all(c.isalnum() or c in "._-" for c in raw):
         raise ConfigError(f"{ENV_TOPIC_PREFIX}={raw!r}: use letters, digits, '.', '_' or '-'")
     return raw
+
+
+def _home_event_log(home: Path) -> Path:
+    return home / "events.db"

@@ -151,6 +151,12 @@ def test_plan_says_what_a_request_would_do_and_publishes_nothing(
     assert (plan["version"], plan["shards"], plan["parallel"]) == ("1.0.0", [2, 1], 2)
     assert plan["digest"].startswith("sha256:")
 
+    counted = runner.invoke(cli, ["plan", "reboot", "-d", "sim-0001", "--count", "3", "-o", "json"])
+    assert counted.exit_code == 0, counted.output
+    plans = json.loads(counted.output.split("nothing was published")[0])
+    assert len({p["request_id"] for p in plans}) == 3  # each its own request, planned once
+    assert len({p["digest"] for p in plans}) == 1
+
     dry = runner.invoke(cli, ["publish", *args, "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "(not published)" in dry.output

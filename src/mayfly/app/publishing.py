@@ -7,6 +7,7 @@ runtime and every benchmark (through :mod:`mayfly.testing`); this is that, once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -91,10 +92,7 @@ def preflight(settings: Settings, requests: Sequence[TaskRequest]) -> None:
     coordinator = build_coordinator(settings, "local")
     checked: set[str] = set()
     for number, request in enumerate(requests, 1):
-        # `--count N` publishes N requests alike but for their ids: checked once.
-        alike = request.model_dump_json(
-            include={"task", "version", "channel", "params", "devices", "selector"}
-        )
+        alike = _alike(request)
         if alike in checked:
             continue
         try:
@@ -131,7 +129,7 @@ def preflight_log(settings: Settings) -> str | None:
     path = Path(settings.event_log).expanduser()
     if path.exists():
         return None
-    if path.absolute() == (settings.home / "events.db").absolute():
+    if path.absolute() == settings.home_event_log.absolute():
         return (
             f"note: no runtime has opened {path} yet; the requests wait there"
             " until `mayfly up` starts in this home"
@@ -174,12 +172,26 @@ def plan_requests(settings: Settings, requests: Sequence[TaskRequest]) -> list[O
     """
     coordinator = build_coordinator(settings, "local")
     found = []
+    planned: dict[str, Outline] = {}
     for number, request in enumerate(requests, 1):
+        alike = _alike(request)
+        if alike in planned:
+            found.append(dataclasses.replace(planned[alike], request=request))
+            continue
         try:
-            found.append(outline(coordinator, request))
+            planned[alike] = outline(coordinator, request)
+            found.append(planned[alike])
         except ConfigError:
             raise
         except MayflyError as exc:
             which = f"request {number} of {len(requests)}" if len(requests) > 1 else "request"
             raise PreflightError(f"{which} ({request.task}): {exc}", exc) from exc
     return found
+
+
+def _alike(request: TaskRequest) -> str:
+    """What requests alike but for their ids share (``--count N`` makes N): the
+    checks and the plan of one hold for all."""
+    return request.model_dump_json(
+        include={"task", "version", "channel", "params", "devices", "selector", "rollout"}
+    )

@@ -52,9 +52,16 @@ from mayfly.events import (
     shard_request,
 )
 from mayfly.packages import FetchedPackage, PackageRepository
+from mayfly.packages.manifest import Limits
 from mayfly.settings import DEFAULT_MAX_PROCESSES
 
-__all__ = ["Coordinator", "CoordinatorOptions", "Sharded", "overall_status"]
+__all__ = [
+    "Coordinator",
+    "CoordinatorOptions",
+    "Sharded",
+    "overall_status",
+    "split_by_capability",
+]
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,7 @@ class Coordinator:
             # rejection_for derives the code: unknown task or device, params, integrity.
             return rejection_for(exc, request.cloudevent_attributes())
         started_at = datetime.now(UTC)
-        runnable, skipped = _split_by_capability(devices, fetched.manifest.capabilities)
+        runnable, skipped = split_by_capability(devices, fetched.manifest.capabilities)
         plan = self._plan(request, fetched, package_dir, runnable, skipped)
         results, aborted = run_plan(plan, on_progress)
         finished_at = datetime.now(UTC)
@@ -256,6 +263,14 @@ class Coordinator:
         validate_params(fetched.manifest, dict(request.params))
         return fetched, self._targets(request)
 
+    def parallelism(self, request: TaskRequest, limits: Limits, devices: int) -> int:
+        """Devices this coordinator runs at once of ``request``, over ``devices``."""
+        parallel = min(limits.max_parallel, self.options.max_processes, max(1, devices))
+        rollout = request.rollout
+        if rollout and rollout.max_parallel:
+            parallel = min(parallel, rollout.max_parallel)
+        return parallel
+
     def shard_size_of(self, request: TaskRequest) -> int | None:
         """Devices one coordinator runs of ``request`` at most, or None: whole."""
         return self._shard_size(request)
@@ -283,9 +298,7 @@ class Coordinator:
     ) -> RunPlan:
         limits = fetched.manifest.limits
         rollout = request.rollout
-        parallel = min(limits.max_parallel, self.options.max_processes, max(1, len(devices)))
-        if rollout and rollout.max_parallel:
-            parallel = min(parallel, rollout.max_parallel)
+        parallel = self.parallelism(request, fetched.manifest.limits, len(devices))
         deadline = time.monotonic() + limits.timeout_s
         if request.deadline is not None:
             left = (request.deadline - datetime.now(UTC)).total_seconds()
@@ -335,7 +348,7 @@ def _fits(started: WorkerSpec, planned: WorkerSpec) -> bool:
     return all(getattr(started, f) == getattr(planned, f) for f in fields)
 
 
-def _split_by_capability(
+def split_by_capability(
     devices: list[Device], required: tuple[str, ...]
 ) -> tuple[list[Device], dict[str, str]]:
     runnable: list[Device] = []

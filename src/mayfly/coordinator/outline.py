@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mayfly.coordinator.core import Coordinator, split_by_capability
 from mayfly.errors import MayflyError, PreflightError
 from mayfly.events import Abort, Rollback, TaskRequest, rollback_requests, shard_request
-
-if TYPE_CHECKING:
-    from mayfly.coordinator.core import Coordinator
 
 __all__ = ["Outline", "check_rollback", "outline"]
 
@@ -93,14 +91,7 @@ def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
     fetched, targets = coordinator.preflight(request)
     check_rollback(coordinator, request, [d.id for d in targets])
     manifest = fetched.manifest
-    required = manifest.capabilities
-    skipped = {
-        d.id: "device lacks capabilities: "
-        + ", ".join(c for c in required if c not in d.capabilities)
-        for d in targets
-        if any(c not in d.capabilities for c in required)
-    }
-    runnable = tuple(d.id for d in targets if d.id not in skipped)
+    runnable, skipped = split_by_capability(targets, manifest.capabilities)
     size = coordinator.shard_size_of(request)
     shards: tuple[int, ...] = (len(targets),)
     if size is not None and len(targets) > size:
@@ -108,14 +99,12 @@ def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
         shards = tuple(len(s.devices) for s in cut)
     limits = manifest.limits
     rollout = request.rollout
-    parallel = min(limits.max_parallel, coordinator.options.max_processes, max(1, max(shards)))
-    if rollout and rollout.max_parallel:
-        parallel = min(parallel, rollout.max_parallel)
+    parallel = coordinator.parallelism(request, limits, max(shards))
     return Outline(
         request=request,
         version=manifest.version,
         digest=fetched.digest,
-        devices=runnable,
+        devices=tuple(d.id for d in runnable),
         skipped=skipped,
         shards=shards,
         parallel=parallel,
