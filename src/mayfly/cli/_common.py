@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import click
@@ -23,6 +25,7 @@ __all__ = [
     "fail",
     "load_settings",
     "output_option",
+    "parse_duration",
     "settings_options",
 ]
 
@@ -53,6 +56,25 @@ def dump(value: Any, output: str) -> None:
         import yaml  # only for -o yaml
 
         click.echo(yaml.safe_dump(value, sort_keys=False, allow_unicode=True), nl=False)
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|min|h|d|w)\s*$")
+_UNITS = {
+    "s": timedelta(seconds=1),
+    "m": timedelta(minutes=1),
+    "min": timedelta(minutes=1),
+    "h": timedelta(hours=1),
+    "d": timedelta(days=1),
+    "w": timedelta(weeks=1),
+}
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """``90s``, ``15m``, ``24h``, ``7d``, ``2w``; None if ``text`` is not one."""
+    match = _DURATION.match(text)
+    if not match or int(match[1]) == 0:
+        return None
+    return int(match[1]) * _UNITS[match[2]]
 
 
 def load_settings(flags: dict[str, Any] | None = None) -> Settings:

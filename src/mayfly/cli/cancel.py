@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
 from mayfly.app.tracking import follow, read_book
 from mayfly.app.wiring import check_event_log, open_event_log
-from mayfly.cli._common import settings_options
+from mayfly.cli._common import parse_duration, settings_options
 from mayfly.events import DEFAULT_CANCEL_GRACE_S, MAX_CANCEL_GRACE_S, MAX_CANCEL_REASON
 from mayfly.settings import Settings
 
 __all__ = ["cancel"]
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m)?")
-_SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-
 
 class _Grace(click.ParamType[float]):
-    """Seconds: ``30``, ``30s``, ``2m``, ``500ms``."""
+    """A grace period: ``30s``, ``2m`` (as ``mayfly report`` reads durations)."""
 
     name = "duration"
 
@@ -28,10 +23,10 @@ class _Grace(click.ParamType[float]):
     ) -> float:
         if isinstance(value, float):
             return value
-        match = _DURATION.fullmatch(str(value).strip())
-        if match is None:
-            self.fail(f"{value!r} is not a duration such as 30s, 2m or 500ms", param, ctx)
-        seconds = float(match[1]) * _SCALE[match[2]]
+        duration = parse_duration(str(value))
+        if duration is None:
+            self.fail(f"{value!r} is not a duration such as 30s, 2m or 1h", param, ctx)
+        seconds = duration.total_seconds()
         if seconds > MAX_CANCEL_GRACE_S:
             self.fail(
                 f"{value!r} is over the {MAX_CANCEL_GRACE_S:g} s a grace may last", param, ctx

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -13,32 +12,15 @@ import click
 from mayfly.aggregator.insights import compute_insights, insights_to_json
 from mayfly.aggregator.render import render_html, render_png, render_text
 from mayfly.app.wiring import open_archive
-from mayfly.cli._common import S3_SETTINGS, settings_options
+from mayfly.cli._common import S3_SETTINGS, parse_duration, settings_options
 from mayfly.settings import Settings
 
 __all__ = ["parse_duration", "parse_moment", "report"]
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|min|h|d|w)\s*$")
-_UNITS = {
-    "s": timedelta(seconds=1),
-    "m": timedelta(minutes=1),
-    "min": timedelta(minutes=1),
-    "h": timedelta(hours=1),
-    "d": timedelta(days=1),
-    "w": timedelta(weeks=1),
-}
 _HINT = (
     "run `make demo` or `mayfly up` and publish some requests,"
     " or point --archive at another archive."
 )
-
-
-def parse_duration(text: str) -> timedelta | None:
-    """``90s``, ``15m``, ``24h``, ``7d``, ``2w``; None if ``text`` is not one."""
-    match = _DURATION.match(text)
-    if not match or int(match[1]) == 0:
-        return None
-    return int(match[1]) * _UNITS[match[2]]
 
 
 def parse_moment(text: str, now: datetime) -> datetime:
