@@ -1242,3 +1242,33 @@ def test_a_rollback_over_many_long_device_ids_is_cut_into_requests_that_each_fit
     again = rollback_requests(rollout, Rollback(task="config-push"), devices)
     assert [one.id for one in again] == [one.id for one in undo]
     assert len({one.id for one in undo}) == 3
+
+
+def test_a_paced_rollout_and_a_checkpoint_round_trip() -> None:
+    request = new_request(
+        "config-push",
+        devices=["a", "b"],
+        rollout={
+            "waves": [50, "12.5%"],
+            "ramp": {"base_per_minute": 30, "increase_after": 20, "max_per_minute": 600},
+        },
+    )
+    key, value, headers = to_kafka_record(request)
+    decoded = from_kafka(headers, key, value)
+    assert decoded == request
+    assert json.loads(value)["rollout"]["waves"] == [50, "12.5%"]
+    assert json.loads(value)["rollout"]["ramp"] == {
+        "base_per_minute": 30.0,
+        "increment_factor": 2.0,
+        "increase_after": 20,
+        "max_per_minute": 600.0,
+    }
+    progress = golden_progress().model_copy(
+        update={"ended": (device_result("sensor-0001", {"ok": True}),)}
+    )
+    key, value, headers = to_kafka_record(progress)
+    back = from_kafka(headers, key, value)
+    assert isinstance(back, TaskProgress)
+    assert back.ended == progress.ended
+    # An unpaced progress event says nothing of a checkpoint on the wire.
+    assert "ended" not in json.loads(to_kafka_record(golden_progress())[1])

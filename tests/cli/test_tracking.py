@@ -79,3 +79,41 @@ def test_cancel_of_a_finished_request_says_so_and_changes_nothing(tmp_path: Path
     with SqliteEventLog(tmp_path / "events.db") as log:
         consumer = log.consumer("check", Topics().control)
         assert consumer.poll(10, 0.0) == []
+
+
+def test_get_shows_a_running_paced_rollouts_pace_and_wave(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from mayfly.events import DeviceStatus, TaskProgress, new_request
+
+    request = new_request(
+        "reboot",
+        devices=[f"d{i}" for i in range(10)],
+        rollout={
+            "ramp": {"base_per_minute": 60, "increase_after": 2, "max_per_minute": 600},
+            "waves": [2, 3],
+        },
+    )
+    progress = TaskProgress(
+        request_id=request.id,
+        task="reboot",
+        coordinator="c-1",
+        seq=0,
+        started_at=datetime.now(UTC),
+        devices_total=10,
+        counts={DeviceStatus.SUCCEEDED: 4, DeviceStatus.RUNNING: 1, DeviceStatus.QUEUED: 5},
+    )
+    topics = Topics()
+    with SqliteEventLog(tmp_path / "events.db") as log:
+        log.append(topics.lane(request.priority), *to_kafka_record(request))
+        log.append(topics.results, *to_kafka_record(progress))
+
+    shown = _mayfly(tmp_path, "get", request.id)
+
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("rollout"))
+    # 4 succeeded: two steps of the ramp (60 -> 120 -> 240); 4 ended: the second wave.
+    assert "from 60/min, x2 every 2 successes, up to 600" in row
+    assert "now 240/min" in row
+    assert "wave 2 of 3" in row
+    assert "4 of 10 devices ended" in row

@@ -325,6 +325,27 @@ def test_append_many_adds_every_record_in_order_across_topics(
     assert [r.value for r in _drain(open_consumer(group, b), 1)] == [b"b0"]
 
 
+def test_read_key_returns_one_keys_records_since_a_time_in_order(
+    event_log: EventLog, topic: str
+) -> None:
+    event_log.append(topic, b"other", b"not this key")
+    event_log.append_many([(topic, KEY, b"old", ())])
+    time.sleep(0.05)
+    since_ms = time.time_ns() // 1_000_000
+    time.sleep(0.01)
+    for i in range(30):  # more keys beside, over the partitions
+        event_log.append_many(
+            [(topic, KEY, f"v{i}".encode(), [("n", b"%d" % i)]), (topic, b"k%d" % i, b"x", ())]
+        )
+    records = event_log.read_key(topic, KEY, since_ms)
+    assert [r.value for r in records] == [f"v{i}".encode() for i in range(30)]
+    assert records[3].headers == (("n", b"3"),)
+    assert all(r.key == KEY and r.timestamp_ms >= since_ms for r in records)
+    assert [r.value for r in event_log.read_key(topic, KEY, 0, limit=2)] == [b"old", b"v0"]
+    assert event_log.read_key(topic, b"no such key", 0) == []
+    assert event_log.read_key(topic, KEY, since_ms + 3_600_000) == []
+
+
 def test_append_many_refuses_a_bad_record_before_adding_any(
     event_log: EventLog, open_consumer: Callable[[str, str], LogConsumer], topic: str, group: str
 ) -> None:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from mayfly.app.checkpoints import LogCheckpoints
 from mayfly.app.wiring import build_coordinator
 from mayfly.coordinator import Coordinator, RequestPipeline
+from mayfly.coordinator.pacing import run_budget_s
 from mayfly.coordinator.params import validate_params
 from mayfly.coordinator.progress import ProgressReporter
 from mayfly.coordinator.runner import DeviceProgress, make_scratch_root
@@ -79,6 +81,8 @@ class WarmCoordinator:
             self.zygote.stop()
             raise
         self._repository = self.coordinator.repository
+        # The log holds the checkpoints of a paced rollout an earlier coordinator ran.
+        self.coordinator.checkpoints = LogCheckpoints(settings)
         try:
             self.coordinator.warm()
         except MayflyError as exc:
@@ -140,7 +144,7 @@ class WarmCoordinator:
         # The request's own params are checked in its coordinator.
         with contextlib.suppress(ParamsError):
             validate_params(fetched.manifest, {})
-        timeout_s = fetched.manifest.limits.timeout_s
+        timeout_s = self._budget_of(request, fetched.manifest.limits.timeout_s)
         return _Prepared(record, request, pinned, fetched.digest, timeout_s)
 
     def _start_early(
@@ -216,7 +220,8 @@ class WarmCoordinator:
             def each(p: DeviceProgress) -> None:
                 _log_progress(request.id, p)
 
-            return ProgressReporter(request, coordinator, sink.emit, each=each)
+            paced = request.rollout is not None and request.rollout.paced
+            return ProgressReporter(request, coordinator, sink.emit, each=each, checkpoint=paced)
 
         control = None
         if isinstance(link, RuntimeLink):  # a cancel of this record comes through it
@@ -259,7 +264,18 @@ class WarmCoordinator:
             )
         except MayflyError:
             return None
-        return float(fetched.manifest.limits.timeout_s)
+        return self._budget_of(request, fetched.manifest.limits.timeout_s)
+
+    def _budget_of(self, request: TaskRequest, timeout_s: float) -> float:
+        """How long the runtime lets ``request`` run: its package's ``timeout_s``,
+        and a paced rollout's the time its pace takes besides."""
+        if request.rollout is None or not request.rollout.paced:
+            return float(timeout_s)
+        try:
+            devices = len(self.coordinator.targets(request))
+        except MayflyError:
+            devices = len(request.devices)
+        return run_budget_s(request, timeout_s, devices)
 
 
 def _decoded(record: LogRecord, prepared: _Prepared | None) -> MayflyEvent:

@@ -124,7 +124,8 @@ _OPTIONS: list[Callable[[Any], Any]] = [
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         help="Requests from a JSON file: an object or a list of objects with task, "
         "devices, selector, params, version, channel, priority, rollout "
-        '({"max_parallel": N, "max_failure_ratio": R, "abort": {...}, "on_abort": {...}}) '
+        '({"max_parallel": N, "max_failure_ratio": R, "rate_per_minute": N, "ramp": {...}, '
+        '"waves": [N, "P%"], "abort": {...}, "on_abort": {...}}) '
         "and deadline (ISO 8601 with a time zone); any other key is refused.",
     ),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,6 +12,9 @@ from mayfly.cli._common import PACKAGE_SETTINGS, dump, output_option, settings_o
 from mayfly.cli._requests import build_requests, request_options
 from mayfly.events import TaskRequest
 from mayfly.settings import Settings
+
+if TYPE_CHECKING:
+    from mayfly.coordinator.outline import Outline
 
 __all__ = ["plan", "print_plans"]
 
@@ -119,9 +123,47 @@ def print_plans(settings: Settings, requests: Sequence[TaskRequest], output: str
                     f" after {abort.min_devices} ran in a coordinator{undo}",
                 )
             )
+        rows += _pace_rows(found)
         if request.deadline is not None:
             rows.append(("deadline", request.deadline.isoformat()))
         width = max(len(name) for name, _ in rows)
         for name, value in rows:
             click.echo(f"{name:<{width}}  {value}")
     click.echo("nothing was published; no device was touched", err=True)
+
+
+def _pace_rows(found: Outline) -> list[tuple[str, str]]:
+    """A paced rollout's waves, pace and how long its starts take."""
+    if not found.pace:
+        return []
+    rows: list[tuple[str, str]] = []
+    waves = found.rollout_waves
+    if len(waves) > 1:
+        sizes = ", ".join(str(n) for n in waves)
+        rows.append(("waves", f"{len(waves)} of {sizes} devices, each once the one before ended"))
+    rates = [step for step in found.pace if step.per_minute is not None]
+    if rates:
+        if len({step.per_minute for step in rates}) == 1:
+            pace = f"{rates[0].per_minute:g} devices a minute"
+        else:
+            pace = ", then ".join(f"{s.devices} at {s.per_minute:g}/min" for s in rates)
+        if len(found.shards) > 1:
+            pace += f", shared by the {len(found.shards)} shards"
+        rows.append(("pace", pace))
+    if found.start_span_s is not None:
+        rows.append(
+            (
+                "takes",
+                f"{_duration(found.start_span_s)} to start every device at that pace"
+                " (if they succeed), then the last one's run",
+            )
+        )
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"

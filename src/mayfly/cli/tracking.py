@@ -244,6 +244,39 @@ def _since(raw: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def _rollout_rows(view: RequestView) -> list[tuple[str, str]]:
+    """A paced rollout's pace, and while it runs whole, the wave it is in."""
+    rollout = view.request.rollout if view.request is not None else None
+    if rollout is None or not rollout.paced:
+        return []
+    from mayfly.coordinator.pacing import Pace
+
+    words = []
+    if rollout.rate_per_minute is not None:
+        words.append(f"{rollout.rate_per_minute:g} devices a minute")
+    if rollout.ramp is not None:
+        ramp = rollout.ramp
+        top = f", up to {ramp.max_per_minute:g}" if ramp.max_per_minute is not None else ""
+        words.append(
+            f"from {ramp.base_per_minute:g}/min, x{ramp.increment_factor:g}"
+            f" every {ramp.increase_after} successes{top}"
+        )
+    counts = view.running_counts
+    total = sum(counts.values())
+    if total and view.outcome is None and not view.shards:
+        ended = total - counts.get("queued", 0) - counts.get("running", 0)
+        pace = Pace(rollout, total, now=0.0)
+        if rollout.ramp is not None:
+            now = pace.per_second(counts.get("succeeded", 0)) or 0.0
+            words.append(f"now {now * 60:g}/min")
+        if len(pace.bounds) > 1:
+            words.append(f"wave {pace.wave_of(ended)} of {len(pace.bounds)}")
+        words.append(f"{ended} of {total} devices ended")
+    elif rollout.waves:
+        words.append(f"waves {', '.join(str(w) for w in rollout.waves)}")
+    return [("rollout", "; ".join(words))]
+
+
 def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int, logs: bool) -> None:
     outcome = view.outcome
     rows: list[tuple[str, str]] = [
@@ -270,6 +303,7 @@ def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int, log
         rows.append(("package", f"{asked} (asked)"))
         if view.shards:
             rows.append(("shards", f"{view.shards_done} of {view.shards} done"))
+    rows += _rollout_rows(view)
     if view.cancel is not None:
         why = f": {view.cancel.reason}" if view.cancel.reason else ""
         rows.append(

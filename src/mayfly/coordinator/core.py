@@ -14,19 +14,22 @@ its own.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, overload
+from typing import Literal, Protocol, overload
 
 from mayfly import sandbox
+from mayfly.coordinator.pacing import run_budget_s, share_of
 from mayfly.coordinator.params import validate_params
+from mayfly.coordinator.progress import ended_before
 from mayfly.coordinator.runner import (
     DeviceProgress,
     Prestarted,
@@ -45,6 +48,7 @@ from mayfly.events import (
     OverallStatus,
     PackageRef,
     TaskCompleted,
+    TaskProgress,
     TaskRejected,
     TaskRequest,
     Timings,
@@ -56,12 +60,15 @@ from mayfly.packages.manifest import Limits
 from mayfly.settings import DEFAULT_MAX_PROCESSES
 
 __all__ = [
+    "Checkpoints",
     "Coordinator",
     "CoordinatorOptions",
     "Sharded",
     "overall_status",
     "split_by_capability",
 ]
+
+_LOG = logging.getLogger("mayfly.coordinator")
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,19 @@ def overall_status(results: list[DeviceResult], canceled: bool = False) -> Overa
     return OverallStatus.PARTIAL if ok else OverallStatus.FAILED
 
 
+class Checkpoints(Protocol):
+    """Reads back the progress reports of a request's earlier coordinators."""
+
+    def reports_of(self, request: TaskRequest) -> Iterable[TaskProgress]:
+        """Every progress report of ``request`` (or a shard's, of its request) in
+        the log, oldest first.
+
+        Raises:
+            MayflyError: the log cannot be read.
+        """
+        ...
+
+
 class Coordinator:
     """Runs task requests: fetch and verify, validate, fan out, report."""
 
@@ -128,6 +148,8 @@ class Coordinator:
         self.control: RunControl | None = None
         """Where a cancel of the request it runs may come from, with a grace
         period (the runtime that handed it over); set before :meth:`handle`."""
+        self.checkpoints: Checkpoints | None = None
+        """Where a paced rollout's earlier checkpoints are read from (the log)."""
 
     def renewed(self) -> Coordinator:
         """The same wiring under a new instance id, for a freshly forked process
@@ -140,6 +162,7 @@ class Coordinator:
             starter=self.starter,
         )
         renewed.prestarted, self.prestarted = self.prestarted, None
+        renewed.checkpoints = self.checkpoints
         return renewed
 
     def warm(self) -> None:
@@ -215,7 +238,8 @@ class Coordinator:
             return rejection_for(exc, request.cloudevent_attributes())
         started_at = datetime.now(UTC)
         runnable, skipped = split_by_capability(devices, fetched.manifest.capabilities)
-        plan = self._plan(request, fetched, package_dir, runnable, skipped)
+        earlier = self._earlier(request, runnable)
+        plan = self._plan(request, fetched, package_dir, runnable, skipped, earlier)
         results, aborted = run_plan(plan, on_progress)
         finished_at = datetime.now(UTC)
         first_start = min((r.started_at for r in results if r.started_at), default=None)
@@ -282,6 +306,37 @@ class Coordinator:
             return request.rollout.shard_size
         return self.options.shard_size
 
+    def _earlier(self, request: TaskRequest, devices: list[Device]) -> dict[str, DeviceResult]:
+        """The devices of a paced rollout that an earlier coordinator of it ended
+        (it died, or its runtime did), read back from its checkpoints."""
+        rollout = request.rollout
+        if self.checkpoints is None or rollout is None or not rollout.paced:
+            return {}
+        try:
+            ended = ended_before(self.checkpoints.reports_of(request), request.id)
+        except MayflyError as exc:
+            # Every device runs again: their idempotency keys make that safe.
+            _LOG.warning("%s: checkpoints not read, every device runs: %s", request.id, exc)
+            return {}
+        ids = {device.id for device in devices}
+        earlier = {d: r for d, r in ended.items() if d in ids}
+        if earlier:
+            _LOG.warning(
+                "%s: going on after an earlier coordinator: %d of %d devices ended already",
+                request.id,
+                len(earlier),
+                len(ids),
+            )
+        return earlier
+
+    def targets(self, request: TaskRequest) -> list[Device]:
+        """The devices ``request`` targets, from the inventory.
+
+        Raises:
+            MayflyError: the inventory cannot be read, or no device matches.
+        """
+        return self._targets(request)
+
     def _targets(self, request: TaskRequest) -> list[Device]:
         devices = self._inventory().resolve(request.devices, request.selector)
         if not devices:
@@ -295,11 +350,12 @@ class Coordinator:
         package_dir: Path,
         devices: list[Device],
         skipped: dict[str, str],
+        earlier: dict[str, DeviceResult],
     ) -> RunPlan:
         limits = fetched.manifest.limits
         rollout = request.rollout
         parallel = self.parallelism(request, fetched.manifest.limits, len(devices))
-        deadline = time.monotonic() + limits.timeout_s
+        deadline = time.monotonic() + run_budget_s(request, limits.timeout_s, len(devices))
         if request.deadline is not None:
             left = (request.deadline - datetime.now(UTC)).total_seconds()
             deadline = min(deadline, time.monotonic() + max(0.0, left))
@@ -339,6 +395,9 @@ class Coordinator:
             request_source=request.source,
             control=self.control,
             abort=rollout.abort if rollout else None,
+            pace=rollout,
+            pace_share=share_of(request),
+            earlier=earlier,
         )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mayfly.coordinator.core import Coordinator, split_by_capability
+from mayfly.coordinator.pacing import PaceStep, pace_steps, starts_span_s
 from mayfly.errors import MayflyError, PreflightError
 from mayfly.events import Abort, Rollback, TaskRequest, rollback_requests, shard_request
 
@@ -42,6 +43,18 @@ class Outline:
     max_failure_ratio: float | None
     abort: Abort | None = None
     rollback: Rollback | None = None
+    pace: tuple[PaceStep, ...] = ()
+    """A paced rollout's stretches at one pace, over the whole request (empty: unpaced)."""
+    start_span_s: float | None = None
+    """Seconds from the first device's start to the last one's at that pace."""
+
+    @property
+    def rollout_waves(self) -> list[int]:
+        """Devices in each of the rollout's waves (over the whole request)."""
+        sizes: dict[int, int] = {}
+        for step in self.pace:
+            sizes[step.wave] = sizes.get(step.wave, 0) + step.devices
+        return [sizes[w] for w in sorted(sizes)]
 
     @property
     def stop_after_failures(self) -> int | None:
@@ -79,6 +92,16 @@ class Outline:
             "abort": self.abort.model_dump(mode="json") if self.abort else None,
             "on_abort": self.rollback.model_dump(mode="json") if self.rollback else None,
             "deadline": self.request.deadline.isoformat() if self.request.deadline else None,
+            "pace": {
+                "rollout_waves": self.rollout_waves,
+                "steps": [
+                    {"devices": s.devices, "per_minute": s.per_minute, "wave": s.wave}
+                    for s in self.pace
+                ],
+                "start_span_s": self.start_span_s,
+            }
+            if self.pace
+            else None,
         }
 
 
@@ -100,6 +123,8 @@ def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
     limits = manifest.limits
     rollout = request.rollout
     parallel = coordinator.parallelism(request, limits, max(shards))
+    paced = rollout is not None and rollout.paced
+    count = len(runnable)
     return Outline(
         request=request,
         version=manifest.version,
@@ -115,6 +140,8 @@ def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
         max_failure_ratio=rollout.max_failure_ratio if rollout else None,
         abort=rollout.abort if rollout else None,
         rollback=rollout.on_abort if rollout else None,
+        pace=tuple(pace_steps(rollout, count)) if rollout and paced and count else (),
+        start_span_s=starts_span_s(rollout, count) if rollout and paced and count else None,
     )
 
 

@@ -20,6 +20,11 @@ channels and process sentinels at once. That keeps these promises:
   the request's own deadline and failure budget stop the rest cleanly;
 - a rollout's abort criteria (``rollout.abort``), once met, stop it: queued
   devices are skipped and running attempts killed, and the run says why;
+- a paced rollout (``rollout.rate_per_minute``, ``ramp``, ``waves``) starts
+  each device's first attempt only when :class:`~mayfly.coordinator.pacing.Pace`
+  allows; the devices an earlier coordinator of the same request ended
+  (``RunPlan.earlier``) are not run again, their results are kept, and they
+  count toward the pace, the waves, the abort and the failure budget;
 - a cancel (the cancel flag, or the runtime through :class:`RunControl`) is
   cooperative first: queued devices are skipped, nothing is retried, running
   attempts see ``ctx.cancelled()`` and may finish; at the end of the grace
@@ -54,6 +59,7 @@ from typing import Any, Protocol, runtime_checkable
 from mayfly import sandbox
 from mayfly.coordinator.devicecalls import DeviceCalls, abandoned_answer
 from mayfly.coordinator.frames import Channel, ProtocolError, check_task_frame
+from mayfly.coordinator.pacing import Pace
 from mayfly.coordinator.worker import WorkerSpec, worker_main
 from mayfly.devices import Device, DeviceDriver
 from mayfly.events import (
@@ -63,6 +69,7 @@ from mayfly.events import (
     DeviceResult,
     DeviceStatus,
     LogLine,
+    Rollout,
 )
 
 _LOG = logging.getLogger("mayfly.coordinator.runner")
@@ -122,6 +129,9 @@ class RunReporter(Protocol):
     def started(self, devices: int, skipped: int) -> None: ...
 
     def tick(self) -> None: ...
+
+    def ended(self, result: DeviceResult) -> None:
+        """A device reached its end here (a paced run's checkpoint)."""
 
     def line(self, device_id: str, line: LogLine) -> None:
         """A line the package wrote (``ctx.log``) on a device."""
@@ -222,6 +232,13 @@ class RunPlan:
     """Where a cancel with a grace period may come from (the runtime)."""
     abort: Abort | None = None
     """When the rollout stops itself."""
+    pace: Rollout | None = None
+    """The rollout whose rate, ramp and waves pace the devices' starts."""
+    pace_share: float = 1.0
+    """This run's share of the request's rate (a shard's)."""
+    earlier: dict[str, DeviceResult] = field(default_factory=dict)
+    """Devices an earlier coordinator of this request ended, with their results:
+    not run again (a coordinator that died left them done)."""
 
 
 @dataclass
@@ -351,7 +368,8 @@ class _Run:
         self.plan = plan
         self.on_progress = on_progress or (lambda _p: None)
         self.reporter = on_progress if isinstance(on_progress, RunReporter) else None
-        self.states = {d.id: _Device(d) for d in plan.devices}
+        self.states = {d.id: _Device(d) for d in plan.devices if d.id not in plan.earlier}
+        self.earlier = [r for r in plan.earlier.values() if r.device_id not in plan.skipped]
         # (ready_at, sequence, device): retries wait for their backoff.
         self.queue: list[tuple[float, int, _Device]] = []
         self.seq = itertools.count()
@@ -375,6 +393,9 @@ class _Run:
         self.spec = dataclasses.replace(plan.spec, scratch_root=self.scratch)
         self.failed = 0
         self.finished = 0
+        self.succeeded = 0
+        self.started = 0
+        """Devices that had a first attempt (here or under an earlier coordinator)."""
         self.log_share = max(
             _MIN_LOG_SHARE,
             min(
@@ -402,6 +423,19 @@ class _Run:
         self.hard_stop_at: float | None = None
         """Once canceled: ``time.monotonic()`` at which running attempts are killed."""
         self.grace_s = 0.0
+        for result in self.earlier:
+            self._count(result.status)
+        self.started = self.finished
+        self.pace = (
+            Pace(
+                plan.pace,
+                len(self.states) + len(self.earlier),
+                now=time.monotonic(),
+                share=plan.pace_share,
+            )
+            if plan.pace is not None and plan.pace.paced
+            else None
+        )
 
     # -- process management --------------------------------------------------
 
@@ -468,14 +502,9 @@ class _Run:
         state.output = output
         state.error = error
         state.finished_at = _now()
-        self.finished += 1
-        if status is not DeviceStatus.SUCCEEDED:
-            self.failed += 1
-        if status not in (DeviceStatus.SKIPPED, DeviceStatus.CANCELED):
-            self.ran += 1
-            abort = self.plan.abort
-            if abort is not None and status in _ABORT_OUTCOMES[abort.outcome]:
-                self.matched += 1
+        self._count(status)
+        if self.reporter is not None:
+            self.reporter.ended(state.result())
         self.on_progress(
             DeviceProgress(
                 state.device.id,
@@ -485,6 +514,18 @@ class _Run:
                 state.attempts,
             )
         )
+
+    def _count(self, status: DeviceStatus) -> None:
+        self.finished += 1
+        if status is DeviceStatus.SUCCEEDED:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        if status not in (DeviceStatus.SKIPPED, DeviceStatus.CANCELED):
+            self.ran += 1
+            abort = self.plan.abort
+            if abort is not None and status in _ABORT_OUTCOMES[abort.outcome]:
+                self.matched += 1
 
     def _attempt_failed(self, state: _Device, status: DeviceStatus, error: str) -> None:
         if self.hard_stop_at is not None:
@@ -544,7 +585,7 @@ class _Run:
 
     def _over_failure_budget(self) -> bool:
         ratio = self.plan.max_failure_ratio
-        return ratio is not None and self.failed > ratio * len(self.states)
+        return ratio is not None and self.failed > ratio * (len(self.states) + len(self.earlier))
 
     def _release(self) -> None:
         """Queue the devices held past the abort's sample."""
@@ -576,12 +617,19 @@ class _Run:
     def _dispatch(self) -> None:
         # Fork what the pending work can use, all at once: a task process
         # costs a few milliseconds, and idle ones are never kept.
+        now = time.monotonic()
         want = min(self.plan.parallel, self._pending())
+        if self.pace is not None:
+            # Paced: a process for each device the pace lets start soon, not
+            # for every device queued (they would idle for minutes).
+            running = sum(1 for w in self.workers if w.job is not None)
+            want = min(want, running + 1)
         while len(self.workers) < want:
             self._spawn()
-        now = time.monotonic()
         idle = [w for w in self.workers if w.ready and w.job is None]
         while idle and self.queue and self.queue[0][0] <= now:
+            if self.queue[0][2].attempts == 0 and not self._paced_start(now):
+                break
             _, _, state = heapq.heappop(self.queue)
             worker = idle.pop()
             state.attempts += 1
@@ -603,6 +651,15 @@ class _Run:
             self.on_progress(
                 DeviceProgress(state.device.id, DeviceStatus.RUNNING, 0.0, "", state.attempts)
             )
+
+    def _paced_start(self, now: float) -> bool:
+        """Whether the pace lets one more device start now (counted if so)."""
+        if self.pace is not None and not self.pace.take(
+            now, started=self.started, ended=self.finished, succeeded=self.succeeded
+        ):
+            return False
+        self.started += 1
+        return True
 
     def _pending(self) -> int:
         return len(self.queue) + sum(1 for w in self.workers if w.job is not None)
@@ -699,7 +756,11 @@ class _Run:
 
     def run(self) -> list[DeviceResult]:
         if self.reporter is not None:
-            self.reporter.started(len(self.states), len(self.plan.skipped))
+            self.reporter.started(len(self.states) + len(self.earlier), len(self.plan.skipped))
+        for result in self.earlier:  # ended under an earlier coordinator
+            self.on_progress(
+                DeviceProgress(result.device_id, result.status, 0.0, "", result.attempts)
+            )
         try:
             self._loop()
         finally:
@@ -715,6 +776,7 @@ class _Run:
             results.append(
                 DeviceResult(device_id=device_id, status=DeviceStatus.SKIPPED, error=reason)
             )
+        results.extend(self.earlier)
         results.extend(state.result() for state in self.states.values())
         return results
 
@@ -832,6 +894,8 @@ class _Run:
         # otherwise the next event is a message ("ready", "done") anyway.
         if self.queue and any(w.ready and w.job is None for w in self.workers):
             wake.append(self.queue[0][0])
+            if self.pace is not None and self.queue[0][2].attempts == 0:
+                wake.append(self.pace.next_at(now, self.succeeded) or math.inf)
         wake.append(self.plan.deadline)
         if self.hard_stop_at is not None:
             wake.append(self.hard_stop_at)

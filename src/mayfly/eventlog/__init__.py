@@ -231,6 +231,21 @@ class EventLog(Protocol):
         """
         ...
 
+    def read_key(
+        self, topic: str, key: bytes, since_ms: int, limit: int = 100_000
+    ) -> list[LogRecord]:
+        """The records of ``topic`` with ``key`` appended at ``since_ms`` (ms since
+        the epoch) or later, oldest first, up to where the topic ended when asked
+        and at most ``limit``; no group is involved and nothing is committed.
+
+        For reading back one request's reports (they share its key): Kafka
+        reads only the key's partition, from the offset of ``since_ms``.
+
+        Raises:
+            EventLogError: the log cannot be read.
+        """
+        ...
+
     def assume_topics(self, topics: Iterable[str]) -> None:
         """Take ``topics`` as existing, so appends to them skip any check.
 

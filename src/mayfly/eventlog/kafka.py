@@ -49,6 +49,7 @@ from kafka.errors import (
     TopicAlreadyExistsError,
     for_code,
 )
+from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from mayfly.errors import EventLogError
@@ -208,6 +209,48 @@ class KafkaEventLog:
         member = _KafkaMember(self, group, topics, rebalance)
         self._consumers.add(member)
         return member
+
+    def read_key(
+        self, topic: str, key: bytes, since_ms: int, limit: int = 100_000
+    ) -> list[LogRecord]:
+        """The records of ``topic`` with ``key`` appended at ``since_ms`` or later:
+        the key's partition (the producer's own partitioner picks it) read
+        from the offset of ``since_ms`` to the end it had when asked."""
+        self._ensure_topic(topic)
+        consumer = self._open(
+            KafkaConsumer,
+            client_id=self._id,
+            group_id=None,
+            enable_auto_commit=False,
+            allow_auto_create_topics=False,
+            metrics_enabled=False,
+        )
+        found: list[LogRecord] = []
+        try:
+            with self._translated(f"cannot read {topic}"):
+                partitions = sorted(consumer.partitions_for_topic(topic) or ())
+                if not partitions:
+                    raise EventLogError(f"{self.describe()}: topic {topic} has no partitions")
+                # As the producer's default partitioner places a keyed record.
+                tp = TopicPartition(
+                    topic, partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+                )
+                consumer.assign([tp])
+                end = consumer.end_offsets([tp], timeout_ms=_OPERATION_TIMEOUT_MS)[tp]
+                at = consumer.offsets_for_times({tp: since_ms}, timeout_ms=_OPERATION_TIMEOUT_MS)
+                start = at[tp].offset if at.get(tp) is not None else end
+                consumer.seek(tp, start)
+                deadline = time.monotonic() + _OPERATION_TIMEOUT_MS / 1000
+                while consumer.position(tp) < end and len(found) < limit:
+                    if time.monotonic() > deadline:
+                        raise EventLogError(f"{self.describe()}: reading {topic} timed out")
+                    for batch in consumer.poll(timeout_ms=500, max_records=2000).values():
+                        for r in batch:
+                            if r.offset < end and r.key == key and len(found) < limit:
+                                found.append(_to_record(r))
+        finally:
+            consumer.close(autocommit=False)
+        return found
 
     def assume_topics(self, topics: Iterable[str]) -> None:
         """Take ``topics`` as existing, without asking: appends to them skip the check.

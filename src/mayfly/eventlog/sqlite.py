@@ -73,6 +73,10 @@ _FETCH = (
     "SELECT off, key, value, headers, ts_ms FROM records"
     " WHERE topic = ? AND off >= ? ORDER BY off LIMIT ?"
 )
+_BY_KEY = (
+    "SELECT off, key, value, headers, ts_ms FROM records"
+    " WHERE topic = ? AND ts_ms >= ? AND key = ? ORDER BY off LIMIT ?"
+)
 _END = "SELECT coalesce(max(off) + 1, 0) FROM records WHERE topic = ?"
 _COMMIT = (
     "INSERT INTO commits (grp, topic, next_offset) VALUES (?, ?, ?)"
@@ -280,6 +284,19 @@ class SqliteEventLog:
             raise
         self._consumers.add(member)
         return member
+
+    def read_key(
+        self, topic: str, key: bytes, since_ms: int, limit: int = 100_000
+    ) -> list[LogRecord]:
+        """The records of ``topic`` with ``key`` appended at ``since_ms`` or later
+        (a scan of the topic's records: for reading back a request's reports)."""
+        rows = self._db.run(
+            lambda conn: conn.execute(_BY_KEY, (topic, since_ms, key, limit)).fetchall()
+        )
+        return [
+            LogRecord(topic, 0, off, k, bytes(value), _decode_headers(headers), ts)
+            for off, k, value, headers, ts in rows
+        ]
 
     def assume_topics(self, topics: Iterable[str]) -> None:
         """Nothing to do: every SQLite topic exists once written to."""

@@ -75,6 +75,7 @@ from mayfly.events.completed import (
     split_completed,
 )
 from mayfly.events.progress import (
+    MAX_CHECKPOINT_BYTES,
     MAX_PROGRESS_DEVICES,
     MAX_PROGRESS_LINES,
     MAX_PROGRESS_MESSAGE,
@@ -86,8 +87,10 @@ from mayfly.events.rejected import RejectionCode, TaskRejected, rejection_for
 from mayfly.events.requested import (
     DEFAULT_CHANNEL,
     MAX_SHARDS,
+    MAX_WAVES,
     SHARD_MARK,
     Abort,
+    Ramp,
     Rollback,
     Rollout,
     Shard,
@@ -107,6 +110,7 @@ __all__ = [
     "JSON_CONTENT_TYPE",
     "MAX_CANCEL_GRACE_S",
     "MAX_CANCEL_REASON",
+    "MAX_CHECKPOINT_BYTES",
     "MAX_DEVICE_LOG_LINES",
     "MAX_EVENT_BYTES",
     "MAX_LOG_MESSAGE",
@@ -114,6 +118,7 @@ __all__ = [
     "MAX_PROGRESS_LINES",
     "MAX_PROGRESS_MESSAGE",
     "MAX_SHARDS",
+    "MAX_WAVES",
     "PUBLISHER_SOURCE",
     "SHARD_MARK",
     "SPECVERSION",
@@ -137,6 +142,7 @@ __all__ = [
     "PackageRef",
     "Part",
     "Priority",
+    "Ramp",
     "RejectionCode",
     "Rollback",
     "Rollout",

@@ -9,6 +9,11 @@ latest word of the devices that changed since the last one (at most
 package wrote since (the latest :data:`MAX_PROGRESS_LINES`). They are news, not
 a record: the result is the outcome, and a reader that missed one loses
 nothing the next or the result does not say.
+
+A paced rollout's also carry, in ``ended``, the whole result of each device
+that ended since the last (every one, over as many events as they take): its
+checkpoint. A coordinator that picks the request up after one died reads them
+back and runs only the rest.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from mayfly.events._base import (
     UtcDatetime,
 )
 from mayfly.events._reports import ReportOfRequest
-from mayfly.events.completed import LogLine
+from mayfly.events.completed import DeviceResult, LogLine
 from mayfly.events.requested import Shard
 
 __all__ = [
+    "MAX_CHECKPOINT_BYTES",
     "MAX_PROGRESS_DEVICES",
     "MAX_PROGRESS_LINES",
     "MAX_PROGRESS_MESSAGE",
@@ -43,6 +49,9 @@ __all__ = [
 
 #: Device updates one progress event carries at most.
 MAX_PROGRESS_DEVICES = 200
+#: Encoded device results one progress event's ``ended`` carries at most (a
+#: result is at most ~80 kB: the event stays well under a 1 MiB record).
+MAX_CHECKPOINT_BYTES = 400_000
 #: Package lines (``ctx.log``) one progress event carries at most, the latest.
 MAX_PROGRESS_LINES = 50
 #: A device's progress message is cut to this many characters (a package writes it).
@@ -102,6 +111,11 @@ class TaskProgress(ReportOfRequest, EventModel):
         default=(), exclude_if=lambda v: not v
     )
     """The package's lines since the last report (the latest, when there were more)."""
+    ended: Annotated[tuple[DeviceResult, ...], Field(max_length=MAX_PROGRESS_DEVICES)] = Field(
+        default=(), exclude_if=lambda v: not v
+    )
+    """A paced rollout's checkpoint: the results of the devices that ended since
+    the last report."""
     shard: Shard | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @property

@@ -28,8 +28,10 @@ from mayfly.events._base import (
 __all__ = [
     "DEFAULT_CHANNEL",
     "MAX_SHARDS",
+    "MAX_WAVES",
     "SHARD_MARK",
     "Abort",
+    "Ramp",
     "Rollback",
     "Rollout",
     "Shard",
@@ -92,6 +94,43 @@ class Abort(BaseModel):
     min_devices: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = 1
 
 
+#: Waves one rollout lists at most.
+MAX_WAVES = 100
+#: A pace is at most this many device starts a minute (a thousand a second).
+_MAX_PER_MINUTE = 60_000.0
+
+PerMinute = Annotated[float, Field(strict=False, gt=0.0, le=_MAX_PER_MINUTE, allow_inf_nan=False)]
+#: A wave: a number of devices, or a share of the request's (``"10%"``).
+Wave = (
+    Annotated[int, Field(strict=True, ge=1, le=10_000_000)]
+    | Annotated[str, StringConstraints(pattern=r"^[0-9]{1,3}(\.[0-9]{1,2})?%$")]
+)
+
+
+class Ramp(BaseModel):
+    """An exponential pace: ``base_per_minute`` device starts a minute at
+    first, multiplied by ``increment_factor`` after every ``increase_after``
+    devices that succeeded, up to ``max_per_minute``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_per_minute: PerMinute
+    increment_factor: Annotated[
+        float, Field(strict=False, gt=1.0, le=10.0, allow_inf_nan=False)
+    ] = 2.0
+    increase_after: Annotated[int, Field(strict=True, ge=1, le=1_000_000)]
+    max_per_minute: PerMinute | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _max_above_base(self) -> Self:
+        if self.max_per_minute is not None and self.max_per_minute < self.base_per_minute:
+            raise contract_error(
+                "data.rollout.ramp.max_per_minute",
+                f"{self.max_per_minute:g} is below base_per_minute {self.base_per_minute:g}",
+            )
+        return self
+
+
 class Rollback(BaseModel):
     """What runs, once a rollout aborted, on the devices it had changed: a
     request of its own, for ``task`` (at ``version``, else its stable channel)."""
@@ -121,6 +160,35 @@ class Rollout(BaseModel):
     abort: Abort | None = Field(default=None, exclude_if=lambda v: v is None)
     #: What runs on the devices already changed once it aborted.
     on_abort: Rollback | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: Devices started a minute at most, over the whole request (its shards share it).
+    rate_per_minute: PerMinute | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: A pace that grows as devices succeed (instead of ``rate_per_minute``).
+    ramp: Ramp | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: Devices in waves: each starts once every device of the one before ended
+    #: (and the abort criteria held); devices past the last listed wave are one
+    #: more wave.
+    waves: Annotated[tuple[Wave, ...], Field(min_length=1, max_length=MAX_WAVES)] | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+
+    @model_validator(mode="after")
+    def _one_pace(self) -> Self:
+        if self.rate_per_minute is not None and self.ramp is not None:
+            raise contract_error(
+                "data.rollout.ramp", "give data.rollout.rate_per_minute or a ramp, not both"
+            )
+        for index, wave in enumerate(self.waves or ()):
+            if isinstance(wave, str) and not 0.0 < float(wave[:-1]) <= 100.0:
+                raise contract_error(
+                    f"data.rollout.waves.{index}",
+                    f"{wave!r} is not a share above 0 % and up to 100 %",
+                )
+        return self
+
+    @property
+    def paced(self) -> bool:
+        """Whether devices start by a pace or in waves (a rollout that takes time)."""
+        return self.rate_per_minute is not None or self.ramp is not None or bool(self.waves)
 
 
 class Shard(BaseModel):
