@@ -105,6 +105,11 @@ def test_the_span_of_starts_is_what_the_rate_says() -> None:
     ("rollout", "field"),
     [
         ({"rate_per_minute": 0}, "data.rollout.rate_per_minute"),
+        ({"rate_per_minute": 0.001}, "data.rollout.rate_per_minute"),
+        (
+            {"ramp": {"base_per_minute": 10, "increase_after": 5, "increment_factor": 1.001}},
+            "data.rollout.ramp.increment_factor",
+        ),
         ({"rate_per_minute": 1e9}, "data.rollout.rate_per_minute"),
         ({"rate_per_minute": "fast"}, "data.rollout.rate_per_minute"),
         ({"waves": []}, "data.rollout.waves"),
@@ -232,3 +237,13 @@ def test_a_paced_reporter_sends_every_ended_device_once() -> None:
     now[0] = 5.0
     plain.tick()
     assert all(not e.ended for e in unpaced)
+
+
+def test_a_ramp_without_a_maximum_stops_at_the_highest_pace_and_plans_in_few_steps() -> None:
+    rollout = Rollout(ramp={"base_per_minute": 0.01, "increment_factor": 1.01, "increase_after": 1})
+    pace = Pace(rollout, 10_000_000, now=0.0)
+    assert pace.per_second(10**9) == 1000.0  # no overflow, the cap
+    steps = pace_steps(rollout, 10_000_000)
+    assert len(steps) < 2000
+    assert steps[-1].per_minute == 60_000.0
+    assert sum(s.devices for s in steps) == 10_000_000

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mayfly.events import Rollout, TaskRequest
+from mayfly.events.requested import MAX_PER_MINUTE
 
 __all__ = [
     "Pace",
@@ -61,8 +62,12 @@ def _per_minute(rollout: Rollout, succeeded: int) -> float | None:
     ramp = rollout.ramp
     if ramp is None:
         return None
-    rate = ramp.base_per_minute * ramp.increment_factor ** (succeeded // ramp.increase_after)
-    return rate if ramp.max_per_minute is None else min(rate, ramp.max_per_minute)
+    top = ramp.max_per_minute if ramp.max_per_minute is not None else MAX_PER_MINUTE
+    try:
+        rate = ramp.base_per_minute * ramp.increment_factor ** (succeeded // ramp.increase_after)
+    except OverflowError:  # a long ramp without a maximum: the highest pace there is
+        rate = top
+    return min(rate, top)
 
 
 class Pace:
@@ -148,7 +153,7 @@ def pace_steps(rollout: Rollout, total: int) -> list[PaceStep]:
         while at < bound:
             rate = _per_minute(rollout, at)
             ramp = rollout.ramp
-            if ramp is None or rate == ramp.max_per_minute:
+            if ramp is None or rate == (ramp.max_per_minute or MAX_PER_MINUTE):
                 until = bound
             else:
                 until = min(bound, (at // ramp.increase_after + 1) * ramp.increase_after)

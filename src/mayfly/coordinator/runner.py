@@ -503,7 +503,8 @@ class _Run:
         state.error = error
         state.finished_at = _now()
         self._count(status)
-        if self.reporter is not None:
+        if self.reporter is not None and self.pace is not None:
+            # A paced run's checkpoint; the fast path builds no result twice.
             self.reporter.ended(state.result())
         self.on_progress(
             DeviceProgress(

@@ -97,9 +97,13 @@ class Abort(BaseModel):
 #: Waves one rollout lists at most.
 MAX_WAVES = 100
 #: A pace is at most this many device starts a minute (a thousand a second).
-_MAX_PER_MINUTE = 60_000.0
+MAX_PER_MINUTE = 60_000.0
+#: At least one device start in 100 minutes: a slower pace is a schedule.
+MIN_PER_MINUTE = 0.01
 
-PerMinute = Annotated[float, Field(strict=False, gt=0.0, le=_MAX_PER_MINUTE, allow_inf_nan=False)]
+PerMinute = Annotated[
+    float, Field(strict=False, ge=MIN_PER_MINUTE, le=MAX_PER_MINUTE, allow_inf_nan=False)
+]
 #: A wave: a number of devices, or a share of the request's (``"10%"``).
 Wave = (
     Annotated[int, Field(strict=True, ge=1, le=10_000_000)]
@@ -115,8 +119,9 @@ class Ramp(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_per_minute: PerMinute
+    # At least 1.01: a ramp reaches the highest pace in a bounded number of steps.
     increment_factor: Annotated[
-        float, Field(strict=False, gt=1.0, le=10.0, allow_inf_nan=False)
+        float, Field(strict=False, ge=1.01, le=10.0, allow_inf_nan=False)
     ] = 2.0
     increase_after: Annotated[int, Field(strict=True, ge=1, le=1_000_000)]
     max_per_minute: PerMinute | None = Field(default=None, exclude_if=lambda v: v is None)
