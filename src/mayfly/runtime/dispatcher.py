@@ -237,8 +237,12 @@ class _Lane:
             self.committed.update(changes)
 
 
-def _answer_append(session: CoordinatorSession, why: str | None) -> None:
-    session.appending = False  # from the appender's thread: a plain assignment
+def _answer_append(session: CoordinatorSession, asked_at: float, why: str | None) -> None:
+    # From the appender's thread: plain assignments. The time the runtime held
+    # the records is not the coordinator's: its deadline moves on by as much,
+    # or a slow log would have it killed between "appended" and its "done".
+    session.due += time.monotonic() - asked_at
+    session.appending = False
     session.send(("appended", why))
 
 
@@ -529,7 +533,9 @@ class Dispatcher:
             elif kind == "append":
                 # Not killed as hung while the runtime's own append is under way.
                 session.appending = True
-                self.appender.submit(message[1], functools.partial(_answer_append, session))
+                self.appender.submit(
+                    message[1], functools.partial(_answer_append, session, time.monotonic())
+                )
             elif kind == "done":
                 self._on_done(session, int(message[1]))
             elif kind == "declined":
@@ -718,9 +724,13 @@ class Dispatcher:
         value against a backtracking pattern, a bug): its exit is then a crash,
         retried and at last dead-lettered like any other."""
         now = time.monotonic()
-        for token, pending in self.running.items():
+        for token, pending in list(self.running.items()):
             session = self.sessions[token]
             if session.pidfd is None or session.killed or session.due > now:
+                continue
+            # What it said since the last wait first: an append asked, a "done".
+            self._serve(session)
+            if self.running.get(token) is not pending or session.due > now:
                 continue
             if session.appending:
                 continue  # waiting on the runtime's log, not stuck on its own
