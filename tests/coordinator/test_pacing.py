@@ -149,7 +149,9 @@ def test_a_paced_run_takes_the_time_its_rate_says(env: Env, fleet: FleetFactory)
     assert all(d.status is DeviceStatus.SUCCEEDED for d in outcome.devices)
     starts = sorted(d.started_at for d in outcome.devices if d.started_at)
     span = (starts[-1] - starts[0]).total_seconds()
-    assert 29 / 20 * 0.8 <= span <= 29 / 20 * 1.2, span  # 20 a second
+    # 20 a second: never quicker (the first starts at once, then one each
+    # 50 ms), and late by no more than a loaded machine makes it.
+    assert 29 / 20 * 0.97 <= span <= 29 / 20 * 2, span
 
 
 def test_waves_start_each_after_the_one_before_ended(env: Env, fleet: FleetFactory) -> None:
