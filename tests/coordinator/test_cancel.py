@@ -23,7 +23,10 @@ import time
 
 def run(ctx):
     while True:                      # never looks at ctx.cancelled()
-        ctx.device.state()
+        try:
+            ctx.device.state()
+        except Exception:            # nor at a call the cancel gave up on
+            pass
         time.sleep(0.05)
 """
 
