@@ -30,6 +30,9 @@ class ExitCode(IntEnum):
     """The request could not run; the rejection was delivered."""
     UNDELIVERED = 6
     """The request ran but its result could not be made durable."""
+    DEFERRED = 7
+    """The request's schedule holds it (closed now): nothing was delivered; run
+    it again when the schedule opens (the runtime holds its record until then)."""
 
     @property
     def result_durable(self) -> bool:
@@ -56,4 +59,4 @@ class ExitCode(IntEnum):
 
 
 _DURABLE = frozenset({ExitCode.OK, ExitCode.PARTIAL, ExitCode.FAILED, ExitCode.REJECTED})
-_RETRYABLE = frozenset({ExitCode.INTERNAL, ExitCode.UNDELIVERED})
+_RETRYABLE = frozenset({ExitCode.INTERNAL, ExitCode.UNDELIVERED, ExitCode.DEFERRED})

@@ -185,6 +185,7 @@ def run_demo(plan: DemoPlan, report: Callable[[Settings], None] | None = None) -
                 DispatchEvent.STARTED: 1,
                 DispatchEvent.FINISHED: -1,
                 DispatchEvent.DEAD_LETTERED: -1,
+                DispatchEvent.DEFERRED: -1,
             }.get(kind, 0)
 
     runtime = Runtime(settings, on_dispatch=on_dispatch)

@@ -220,8 +220,10 @@ class WarmCoordinator:
             def each(p: DeviceProgress) -> None:
                 _log_progress(request.id, p)
 
-            paced = request.rollout is not None and request.rollout.paced
-            return ProgressReporter(request, coordinator, sink.emit, each=each, checkpoint=paced)
+            resumable = request.rollout is not None and request.rollout.resumable
+            return ProgressReporter(
+                request, coordinator, sink.emit, each=each, checkpoint=resumable
+            )
 
         control = None
         if isinstance(link, RuntimeLink):  # a cancel of this record comes through it
@@ -248,6 +250,8 @@ class WarmCoordinator:
                 self.coordinator.prestarted = None
         if self._digest is None and isinstance(handled.outcome, TaskCompleted):
             self._digest = handled.outcome.package.digest  # what it ran, prepared or not
+        if handled.defer_until is not None:
+            link.defer(handled.defer_until)
         return int(handled.code)
 
     def _timeout_of(self, record: LogRecord, prepared: _Prepared | None) -> float | None:

@@ -9,6 +9,11 @@ A request over more devices than the shard size, when the caller can publish
 requests, is not run here: it comes back :class:`Sharded`, cut into requests
 of its own (:func:`~mayfly.events.shard_request`), each for a coordinator of
 its own.
+
+A scheduled request (``rollout.schedule``) found outside its schedule is not
+run either: it comes back :class:`Deferred`, with when it may start; one whose
+window closes mid-run comes back so too, once what had started ended, its
+other devices left to a later coordinator (the checkpoints say which ended).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from mayfly.coordinator.runner import (
     TaskStarter,
     run_plan,
 )
+from mayfly.coordinator.schedule import Deferred, closes_at, opens_at
 from mayfly.coordinator.worker import CancelFlag, WorkerSpec
 from mayfly.devices import Device, DeviceDriver, Inventory
 from mayfly.errors import InventoryError, MayflyError
@@ -47,6 +53,7 @@ from mayfly.events import (
     DeviceStatus,
     OverallStatus,
     PackageRef,
+    Schedule,
     TaskCompleted,
     TaskProgress,
     TaskRejected,
@@ -63,6 +70,7 @@ __all__ = [
     "Checkpoints",
     "Coordinator",
     "CoordinatorOptions",
+    "Deferred",
     "Sharded",
     "overall_status",
     "split_by_capability",
@@ -184,7 +192,7 @@ class Coordinator:
         received_at: datetime | None = None,
         on_progress: Callable[[DeviceProgress], None] | None = None,
         shard: Literal[False] = False,
-    ) -> TaskCompleted | TaskRejected: ...
+    ) -> TaskCompleted | TaskRejected | Deferred: ...
 
     @overload
     def handle(
@@ -194,7 +202,7 @@ class Coordinator:
         received_at: datetime | None = None,
         on_progress: Callable[[DeviceProgress], None] | None = None,
         shard: bool,
-    ) -> TaskCompleted | TaskRejected | Sharded: ...
+    ) -> TaskCompleted | TaskRejected | Sharded | Deferred: ...
 
     def handle(
         self,
@@ -203,7 +211,7 @@ class Coordinator:
         received_at: datetime | None = None,
         on_progress: Callable[[DeviceProgress], None] | None = None,
         shard: bool = False,
-    ) -> TaskCompleted | TaskRejected | Sharded:
+    ) -> TaskCompleted | TaskRejected | Sharded | Deferred:
         """Run one request to completion and describe what happened.
 
         Args:
@@ -223,7 +231,7 @@ class Coordinator:
         received_at: datetime,
         on_progress: Callable[[DeviceProgress], None] | None,
         shard: bool,
-    ) -> TaskCompleted | TaskRejected | Sharded:
+    ) -> TaskCompleted | TaskRejected | Sharded | Deferred:
         try:
             fetched, devices = self.preflight(request)
             size = self._shard_size(request) if shard else None
@@ -237,11 +245,27 @@ class Coordinator:
             # rejection_for derives the code: unknown task or device, params, integrity.
             return rejection_for(exc, request.cloudevent_attributes())
         started_at = datetime.now(UTC)
+        schedule = request.rollout.schedule if request.rollout else None
+        opens = opens_at(schedule, started_at) if schedule is not None else started_at
+        if opens is not None and opens > started_at:
+            return Deferred(request, opens, f"its schedule opens at {opens.isoformat()}")
         runnable, skipped = split_by_capability(devices, fetched.manifest.capabilities)
         earlier = self._earlier(request, runnable)
         plan = self._plan(request, fetched, package_dir, runnable, skipped, earlier)
         results, aborted = run_plan(plan, on_progress)
         finished_at = datetime.now(UTC)
+        if any(r.status is DeviceStatus.QUEUED for r in results):
+            # Held by the schedule: its window closed before they started.
+            assert schedule is not None
+            opens = opens_at(schedule, finished_at)
+            if opens is not None and aborted is None and not self._cancel.is_set():
+                _LOG.warning(
+                    "%s: its window closed; the devices not started wait until %s",
+                    request.id,
+                    opens.isoformat(),
+                )
+                return Deferred(request, opens, f"its next window opens at {opens.isoformat()}")
+            results = [_schedule_ended(r, schedule.not_after) for r in results]
         first_start = min((r.started_at for r in results if r.started_at), default=None)
         cold_start_ms = (first_start - received_at).total_seconds() * 1000 if first_start else None
         m = fetched.manifest
@@ -310,7 +334,7 @@ class Coordinator:
         """The devices of a paced rollout that an earlier coordinator of it ended
         (it died, or its runtime did), read back from its checkpoints."""
         rollout = request.rollout
-        if self.checkpoints is None or rollout is None or not rollout.paced:
+        if self.checkpoints is None or rollout is None or not rollout.resumable:
             return {}
         try:
             ended = ended_before(self.checkpoints.reports_of(request), request.id)
@@ -359,6 +383,12 @@ class Coordinator:
         if request.deadline is not None:
             left = (request.deadline - datetime.now(UTC)).total_seconds()
             deadline = min(deadline, time.monotonic() + max(0.0, left))
+        starts_until = _starts_until(rollout.schedule if rollout else None)
+        if rollout and rollout.schedule and rollout.schedule.at_end == "cancel":
+            ends = rollout.schedule.not_after
+            if ends is not None:  # what runs then is stopped too
+                left = (ends - datetime.now(UTC)).total_seconds()
+                deadline = min(deadline, time.monotonic() + max(0.0, left))
         spec = WorkerSpec(
             # The published request's id: a shard's devices see the same
             # idempotency keys as if one coordinator had run all of it.
@@ -398,7 +428,31 @@ class Coordinator:
             pace=rollout,
             pace_share=share_of(request),
             earlier=earlier,
+            starts_until=starts_until,
+            checkpoint=rollout is not None and rollout.resumable,
         )
+
+
+def _starts_until(schedule: Schedule | None) -> float:
+    """``time.monotonic()`` from which no device starts: the open stretch of
+    the schedule (open now) ends (inf: it never does)."""
+    if schedule is None:
+        return math.inf
+    now = datetime.now(UTC)
+    closes = closes_at(schedule, now)
+    if closes is None:
+        return math.inf
+    return time.monotonic() + max(0.0, (closes - now).total_seconds())
+
+
+def _schedule_ended(result: DeviceResult, not_after: datetime | None) -> DeviceResult:
+    """A device its schedule held that can never start now: skipped."""
+    if result.status is not DeviceStatus.QUEUED:
+        return result
+    when = f" at {not_after.isoformat()}" if not_after is not None else ""
+    return result.model_copy(
+        update={"status": DeviceStatus.SKIPPED, "error": f"the schedule ended{when}"}
+    )
 
 
 def _fits(started: WorkerSpec, planned: WorkerSpec) -> bool:

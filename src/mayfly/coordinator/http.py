@@ -17,6 +17,7 @@ not retried) for a rejection, an empty 500 otherwise.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -60,6 +61,11 @@ def answer_http(pipeline: RequestPipeline, headers: Mapping[str, str], body: byt
         _LOG.exception("the delivery failed; answering 500 so it is redelivered")
         return 500, {}, b""
     outcome = handled.outcome
+    if handled.code is ExitCode.DEFERRED and handled.defer_until is not None:
+        # Held by its schedule: redelivered no sooner than it opens, where the
+        # Trigger honours Retry-After (Knative's delivery-retryafter feature).
+        wait_s = (handled.defer_until - datetime.now(UTC)).total_seconds()
+        return 503, {"Retry-After": str(max(1, math.ceil(wait_s)))}, b""
     if handled.code is ExitCode.UNDELIVERED:
         _LOG.error("answering 503 so the event is redelivered")
         return 503, {}, b""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from mayfly.coordinator.schedule import Deferred
 from mayfly.coordinator.sinks import ResultSink, deliver
 from mayfly.errors import EventError, SinkError
 from mayfly.events import (
@@ -64,6 +65,8 @@ class Handled:
     """Why the outcome was not delivered, when it was not."""
     shards: tuple[TaskRequest, ...] = ()
     """The shards a request became (published, unless ``code`` says not)."""
+    defer_until: datetime | None = None
+    """When a request its schedule holds may start (``code`` is DEFERRED)."""
 
     @property
     def passed_over(self) -> bool:
@@ -163,6 +166,9 @@ class RequestPipeline:
                 else progress(event, coordinator.options.instance_id),
                 shard=self.shards is not None,
             )
+            if isinstance(handled, Deferred):
+                _LOG.info("%s: deferred: %s", event.id, handled.reason)
+                return Handled(None, ExitCode.DEFERRED, handled.reason, defer_until=handled.until)
             if isinstance(handled, TaskCompleted | TaskRejected):
                 outcome = handled
                 if isinstance(handled, TaskCompleted) and handled.aborted:

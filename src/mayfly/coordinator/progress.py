@@ -111,6 +111,11 @@ class ProgressReporter:
         if self._checkpoint:
             self._ended.append((result, len(result.model_dump_json())))
 
+    def flush(self) -> None:
+        """Emit every change and ended device now, whatever the interval."""
+        self._next_at = self._clock()
+        self.tick()
+
     def line(self, device_id: str, line: LogLine) -> None:
         """A line the package wrote: news for the next event (the latest few)."""
         self._lines.append(DeviceLine(device_id=device_id, **dict(line)))

@@ -133,6 +133,9 @@ class RunReporter(Protocol):
     def ended(self, result: DeviceResult) -> None:
         """A device reached its end here (a paced run's checkpoint)."""
 
+    def flush(self) -> None:
+        """Report what is left now: the run hands its other devices over."""
+
     def line(self, device_id: str, line: LogLine) -> None:
         """A line the package wrote (``ctx.log``) on a device."""
         ...
@@ -239,6 +242,11 @@ class RunPlan:
     earlier: dict[str, DeviceResult] = field(default_factory=dict)
     """Devices an earlier coordinator of this request ended, with their results:
     not run again (a coordinator that died left them done)."""
+    starts_until: float = math.inf
+    """``time.monotonic()`` from which no device starts (its schedule's window
+    closes): the run ends once what started ended, the rest left ``queued``."""
+    checkpoint: bool = False
+    """Report each device's result as it ends (a later coordinator goes on)."""
 
 
 @dataclass
@@ -503,7 +511,7 @@ class _Run:
         state.error = error
         state.finished_at = _now()
         self._count(status)
-        if self.reporter is not None and self.pace is not None:
+        if self.reporter is not None and (self.pace is not None or self.plan.checkpoint):
             # A paced run's checkpoint; the fast path builds no result twice.
             self.reporter.ended(state.result())
         self.on_progress(
@@ -629,7 +637,9 @@ class _Run:
             self._spawn()
         idle = [w for w in self.workers if w.ready and w.job is None]
         while idle and self.queue and self.queue[0][0] <= now:
-            if self.queue[0][2].attempts == 0 and not self._paced_start(now):
+            if self.queue[0][2].attempts == 0 and (
+                now >= self.plan.starts_until or not self._paced_start(now)
+            ):
                 break
             _, _, state = heapq.heappop(self.queue)
             worker = idle.pop()
@@ -801,6 +811,12 @@ class _Run:
             if self.aborted is None and (why := self._abort_met()) is not None:
                 self._abort(why)
                 continue
+            if time.monotonic() >= self.plan.starts_until and self._only_unstarted():
+                self._release()
+                self.queue.clear()  # left queued: the schedule holds them
+                if self.reporter is not None:
+                    self.reporter.flush()
+                return
             if self.held and (self._sample_judged() or not self._pending()):
                 self._release()  # the sample passed (or ended short of it)
             if self._over_failure_budget():
@@ -813,6 +829,12 @@ class _Run:
             self._enforce_deadlines()
             if self.reporter is not None:
                 self.reporter.tick()
+
+    def _only_unstarted(self) -> bool:
+        """Nothing runs, and nothing waits for a retry: only first starts left."""
+        return not any(w.job is not None for w in self.workers) and all(
+            state.attempts == 0 for _, _, state in self.queue
+        )
 
     def _sample_judged(self) -> bool:
         """Whether the abort's sample all ended, and it did not abort."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
@@ -34,8 +35,10 @@ __all__ = [
     "Ramp",
     "Rollback",
     "Rollout",
+    "Schedule",
     "Shard",
     "TaskRequest",
+    "Window",
     "new_request",
     "partition_key_for",
     "rollback_requests",
@@ -147,6 +150,81 @@ class Rollback(BaseModel):
     params: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+#: Maintenance windows one schedule lists at most.
+MAX_WINDOWS = 50
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+#: A wall-clock time of day, ``HH:MM`` or ``HH:MM:SS`` (24 h).
+ClockTime = Annotated[
+    str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$")
+]
+
+
+class Window(BaseModel):
+    """A recurring maintenance window: on ``days`` (every day when none are
+    given), from ``start`` to ``end``, wall-clock times in the schedule's time
+    zone. An ``end`` at or before ``start`` ends the next day (``22:00`` to
+    ``02:00``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    days: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+    start: ClockTime
+    end: ClockTime
+
+    @model_validator(mode="after")
+    def _some_time(self) -> Self:
+        if not self.days:
+            raise contract_error("data.rollout.schedule.windows", "a window needs a day")
+        if _seconds_of(self.start) == _seconds_of(self.end):
+            raise contract_error(
+                "data.rollout.schedule.windows", f"a window from {self.start} to itself is empty"
+            )
+        return self
+
+
+def _seconds_of(clock: str) -> int:
+    parts = [int(p) for p in clock.split(":")]
+    return parts[0] * 3600 + parts[1] * 60 + (parts[2] if len(parts) > 2 else 0)
+
+
+class Schedule(BaseModel):
+    """When a rollout's devices may start: not before ``not_before``, not
+    after ``not_after`` (then, by ``at_end``, the devices not started are
+    skipped, ``stop``, or the running ones are canceled too, ``cancel``), and
+    only inside one of ``windows`` when there are any (a device running at a
+    window's end finishes; the rest wait for the next window)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    not_before: UtcDatetime | None = Field(default=None, exclude_if=lambda v: v is None)
+    not_after: UtcDatetime | None = Field(default=None, exclude_if=lambda v: v is None)
+    at_end: Literal["stop", "cancel"] = "stop"
+    windows: Annotated[tuple[Window, ...], Field(max_length=MAX_WINDOWS)] = ()
+    #: The IANA time zone of the windows' times (``Europe/Paris``).
+    time_zone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "UTC"
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.not_before is None and self.not_after is None and not self.windows:
+            raise contract_error("data.rollout.schedule", "give not_before, not_after or windows")
+        if (
+            self.not_before is not None
+            and self.not_after is not None
+            and self.not_after <= self.not_before
+        ):
+            raise contract_error(
+                "data.rollout.schedule.not_after", "not_after must be later than not_before"
+            )
+        try:
+            zoneinfo.ZoneInfo(self.time_zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise contract_error(
+                "data.rollout.schedule.time_zone",
+                f"{self.time_zone!r} is not an IANA time zone (Europe/Paris, UTC)",
+            ) from None
+        return self
+
+
 class Rollout(BaseModel):
     """How a request spreads over its devices."""
 
@@ -175,6 +253,8 @@ class Rollout(BaseModel):
     waves: Annotated[tuple[Wave, ...], Field(min_length=1, max_length=MAX_WAVES)] | None = Field(
         default=None, exclude_if=lambda v: v is None
     )
+    #: When devices may start: a start and an end, maintenance windows.
+    schedule: Schedule | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _one_pace(self) -> Self:
@@ -194,6 +274,12 @@ class Rollout(BaseModel):
     def paced(self) -> bool:
         """Whether devices start by a pace or in waves (a rollout that takes time)."""
         return self.rate_per_minute is not None or self.ramp is not None or bool(self.waves)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a later coordinator may go on with it where an earlier one
+        ended (paced, or scheduled: it checkpoints the devices that ended)."""
+        return self.paced or self.schedule is not None
 
 
 class Shard(BaseModel):

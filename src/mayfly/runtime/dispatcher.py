@@ -94,6 +94,8 @@ class DispatchEvent(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     CANCELED = "canceled"
     """The request was canceled before it started: it never will."""
+    DEFERRED = "deferred"
+    """The request's schedule holds it: it starts again when that opens."""
 
 
 @dataclass(frozen=True)
@@ -536,6 +538,8 @@ class Dispatcher:
                 self.appender.submit(
                     message[1], functools.partial(_answer_append, session, time.monotonic())
                 )
+            elif kind == "defer":
+                session.defer_until = float(message[1])
             elif kind == "done":
                 self._on_done(session, int(message[1]))
             elif kind == "declined":
@@ -549,7 +553,10 @@ class Dispatcher:
 
     def _on_done(self, session: CoordinatorSession, code: int) -> None:
         pending = self.running.pop(session.token, None)
-        if pending is not None:
+        until, session.defer_until = session.defer_until, None
+        if pending is not None and code == ExitCode.DEFERRED and until is not None:
+            self._defer(pending, until)
+        elif pending is not None:
             self._finished(pending, code, f"exit code {code}")
         if code not in ExitCode.durable_codes() or not self._hand_over(session):
             session.send(("exit",))
@@ -621,6 +628,16 @@ class Dispatcher:
         retry_in_s = decision.retry_in_s if not decision.give_up else self._give_up_retry_s()
         pending.not_before = time.monotonic() + retry_in_s
         self._requeue(pending)
+
+    def _defer(self, pending: _Pending, until: float) -> None:
+        """Hold a request its schedule closes until ``until`` (a Unix time): its
+        record stays uncommitted, so a runtime started meanwhile reads it again
+        and its coordinator defers it again; requests of its key wait behind it."""
+        wait_s = max(0.0, until - time.time())
+        _LOG.info("%s: held by its schedule for %.0f s", pending.request_id, wait_s)
+        pending.not_before = time.monotonic() + wait_s
+        self._requeue(pending)
+        self._on_event(DispatchEvent.DEFERRED, {"request_id": pending.request_id, "until": until})
 
     def _refused_alone(self, pending: _Pending) -> bool:
         """Whether this result is what the log refuses (one too large for the

@@ -26,6 +26,9 @@ coordinator -> runtime
     runtime kills the coordinator, whatever it is stuck in (a backtracking
     params pattern, a bug).
     ``("append", [(topic, key, value, headers), ...])``: make these durable.
+    ``("defer", epoch_s)``: before a ``done`` with code DEFERRED: the request's
+    schedule holds it until then (a Unix time); the runtime keeps its record,
+    uncommitted, and starts it again no earlier.
     ``("done", code)``: the request ended with this exit code.
     ``("declined",)``: the request handed over needs another package
     digest; this coordinator exits and the request starts in a new one.
@@ -89,6 +92,8 @@ class CoordinatorSession:
         self.killed = False
         self.appending = False
         """The appender holds its records: it waits on the runtime, not stuck."""
+        self.defer_until: float | None = None
+        """The Unix time its request's schedule holds it until (said before "done")."""
         self.open = True
         """Its end is open (not yet at EOF): the dispatcher selects on it."""
         # The appender answers appends from its thread while the dispatcher's
@@ -213,6 +218,11 @@ class RuntimeLink:
         if answer[1] is not None:
             raise SinkError(str(answer[1]))
 
+    def defer(self, until: datetime) -> None:
+        """The request now ending is held by its schedule until ``until``."""
+        with contextlib.suppress(OSError):
+            self.conn.send(("defer", until.timestamp()))
+
     def done(self, code: int) -> tuple[LogRecord, datetime] | None:
         """Say the request ended with ``code``; the next request to serve, or None
         to exit."""
@@ -261,6 +271,8 @@ class Appends(Protocol):
 
     def deadline(self, seconds: float) -> None: ...
 
+    def defer(self, until: datetime) -> None: ...
+
 
 class DirectLink:
     """Appends straight to a log: a coordinator run in the process that holds
@@ -271,6 +283,9 @@ class DirectLink:
 
     def deadline(self, seconds: float) -> None:
         """Nobody watches: the caller runs the coordinator itself."""
+
+    def defer(self, until: datetime) -> None:
+        """The caller sees the exit code (DEFERRED) and runs it again itself."""
 
     def append(self, records: Sequence[Append]) -> None:
         try:
