@@ -6,7 +6,7 @@ import contextlib
 import json
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -99,6 +99,27 @@ def test_an_outcome_the_sink_refuses_is_undelivered_not_lost_silently(env: Env) 
     assert not handled.code.result_durable
     assert handled.error is not None
     assert "the sink is down" in handled.error
+
+
+def test_over_http_a_request_its_schedule_holds_is_answered_retry_after(
+    env: Env, fleet: FleetFactory
+) -> None:
+    """Not a 202 (the Trigger would drop it) nor a result: a 503 saying when
+    to redeliver it, and no device touched."""
+    server = fleet(1)
+    opens = datetime.now(UTC) + timedelta(minutes=10)
+    request = new_request(
+        "reboot", devices=["sim-0001"], rollout={"schedule": {"not_before": opens.isoformat()}}
+    )
+    coordinator = env.coordinator()
+    for sink in (FileSink(env.results), None):
+        status, headers, body = answer_http(
+            RequestPipeline(lambda: coordinator, sink), *to_http(request, "binary")
+        )
+        assert (status, body) == (503, b"")
+        assert 595 <= int(headers["Retry-After"]) <= 600, headers
+    assert env.result_events() == []
+    assert server.simulator.records("sim-0001")["last_request_at"] is None
 
 
 # -- a Mayfly output event where a request was expected: passed over everywhere --

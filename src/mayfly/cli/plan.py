@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,6 +125,7 @@ def print_plans(settings: Settings, requests: Sequence[TaskRequest], output: str
                 )
             )
         rows += _pace_rows(found)
+        rows += _schedule_rows(found)
         if request.deadline is not None:
             rows.append(("deadline", request.deadline.isoformat()))
         width = max(len(name) for name, _ in rows)
@@ -159,6 +161,33 @@ def _pace_rows(found: Outline) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def _schedule_rows(found: Outline) -> list[tuple[str, str]]:
+    """A scheduled rollout's start, its next windows and what its end does."""
+    rollout = found.request.rollout
+    schedule = rollout.schedule if rollout else None
+    if schedule is None:
+        return []
+    if not found.windows:
+        return [("schedule", "ended: every device would be skipped")]
+    rows = [("starts", f"{_moment(found.windows[0][0])} (its schedule)")]
+    if schedule.windows:
+        shown = "; ".join(
+            f"{_moment(opens)} to {_moment(closes) if closes else 'its end'}"
+            for opens, closes in found.windows[:3]
+        )
+        rows.append(("windows", f"next {shown}"))
+    if schedule.not_after is not None:
+        then = "devices not started are skipped"
+        if schedule.at_end == "cancel":
+            then += ", running ones canceled"
+        rows.append(("ends", f"{_moment(schedule.not_after)}: {then}"))
+    return rows
+
+
+def _moment(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat()
 
 
 def _duration(seconds: float) -> str:

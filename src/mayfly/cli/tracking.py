@@ -277,6 +277,24 @@ def _rollout_rows(view: RequestView) -> list[tuple[str, str]]:
     return [("rollout", "; ".join(words))]
 
 
+def _schedule_rows(view: RequestView) -> list[tuple[str, str]]:
+    """A scheduled request's next window, while it has not ended."""
+    rollout = view.request.rollout if view.request is not None else None
+    if rollout is None or rollout.schedule is None or view.outcome is not None:
+        return []
+    from mayfly.coordinator.schedule import open_spans
+
+    now = datetime.now(UTC)
+    spans = open_spans(rollout.schedule, now, limit=1)
+    if not spans:
+        return [("schedule", "ended: its devices not started are skipped")]
+    opens, closes = spans[0]
+    until = f" until {_when(closes)}" if closes is not None else ""
+    if opens <= now:
+        return [("schedule", f"open{until}")]
+    return [("schedule", f"closed: its devices start from {_when(opens)}{until}")]
+
+
 def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int, logs: bool) -> None:
     outcome = view.outcome
     rows: list[tuple[str, str]] = [
@@ -304,6 +322,7 @@ def _print_view(view: RequestView, jaeger_url: str | None, max_devices: int, log
         if view.shards:
             rows.append(("shards", f"{view.shards_done} of {view.shards} done"))
     rows += _rollout_rows(view)
+    rows += _schedule_rows(view)
     if view.cancel is not None:
         why = f": {view.cancel.reason}" if view.cancel.reason else ""
         rows.append(

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from mayfly.coordinator.core import Coordinator, split_by_capability
 from mayfly.coordinator.pacing import PaceStep, pace_steps, starts_span_s
+from mayfly.coordinator.schedule import Span, open_spans
 from mayfly.errors import MayflyError, PreflightError
 from mayfly.events import Abort, Rollback, TaskRequest, rollback_requests, shard_request
 
@@ -47,6 +49,14 @@ class Outline:
     """A paced rollout's stretches at one pace, over the whole request (empty: unpaced)."""
     start_span_s: float | None = None
     """Seconds from the first device's start to the last one's at that pace."""
+    windows: tuple[Span, ...] = ()
+    """A scheduled rollout's next stretches in which devices may start, from
+    when it was planned (empty: unscheduled, or its schedule ended)."""
+
+    @property
+    def opens_at(self) -> datetime | None:
+        """When a scheduled rollout's first device may start."""
+        return self.windows[0][0] if self.windows else None
 
     @property
     def rollout_waves(self) -> list[int]:
@@ -102,11 +112,26 @@ class Outline:
             }
             if self.pace
             else None,
+            "schedule": self._schedule_dict(),
+        }
+
+    def _schedule_dict(self) -> dict[str, Any] | None:
+        rollout = self.request.rollout
+        schedule = rollout.schedule if rollout else None
+        if schedule is None:
+            return None
+        return {
+            **schedule.model_dump(mode="json"),
+            "opens_at": self.opens_at.isoformat() if self.opens_at else None,
+            "next_windows": [
+                {"opens": opens.isoformat(), "closes": closes.isoformat() if closes else None}
+                for opens, closes in self.windows
+            ],
         }
 
 
-def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
-    """What ``coordinator`` would do with ``request``.
+def outline(coordinator: Coordinator, request: TaskRequest, now: datetime | None = None) -> Outline:
+    """What ``coordinator`` would do with ``request``, planned at ``now``.
 
     Raises:
         MayflyError: what the coordinator would reject the request for.
@@ -142,6 +167,9 @@ def outline(coordinator: Coordinator, request: TaskRequest) -> Outline:
         rollback=rollout.on_abort if rollout else None,
         pace=tuple(pace_steps(rollout, count)) if rollout and paced and count else (),
         start_span_s=starts_span_s(rollout, count) if rollout and paced and count else None,
+        windows=tuple(open_spans(rollout.schedule, now or datetime.now(UTC), limit=5))
+        if rollout and rollout.schedule
+        else (),
     )
 
 

@@ -18,12 +18,13 @@ from datetime import UTC, date, datetime, time, timedelta
 
 from mayfly.events import Schedule, TaskRequest, Window
 
-__all__ = ["Deferred", "closes_at", "open_spans", "opens_at"]
+__all__ = ["Deferred", "Span", "closes_at", "open_spans", "opens_at"]
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 #: Days of windows looked at ahead: every weekday, and a window over midnight.
 _HORIZON_DAYS = 9
 
+#: A stretch of time devices may start in: from, until (None: for ever).
 Span = tuple[datetime, datetime | None]
 
 
