@@ -149,3 +149,35 @@ def test_a_window_closing_mid_run_stops_the_starts_and_hands_the_rest_over(
     assert outcome.until == start + timedelta(days=1)
     touched = [d for d in request.devices if server.simulator.records(d)["last_request_at"]]
     assert left_s * 10 / 2 <= len(touched) <= left_s * 10 + 2, (len(touched), left_s)
+
+
+@pytest.mark.parametrize(
+    ("rollout", "field"),
+    [
+        ({"continuous": True}, "data.rollout.continuous"),  # device ids only: nothing joins
+        ({"continuous": {"every_s": 0}}, "data.rollout.continuous.every_s"),
+        ({"continuous": {"every_s": 90_000}}, "data.rollout.continuous.every_s"),
+        ({"continuous": {"each": 5}}, "data.rollout.continuous"),
+    ],
+)
+def test_a_continuous_request_needs_a_selector_and_a_sane_interval(
+    rollout: dict[str, object], field: str
+) -> None:
+    with pytest.raises(EventError) as caught:
+        new_request("reboot", devices=["d"], rollout=rollout)
+    assert caught.value.field.startswith(field), caught.value.field
+
+
+def test_a_continuous_request_with_no_device_yet_waits_for_one(
+    env: Env, fleet: FleetFactory
+) -> None:
+    fleet(1)
+    request = new_request(
+        "reboot", selector={"site": "nowhere"}, rollout={"continuous": {"every_s": 30}}
+    )
+    before = datetime.now(UTC)
+    outcome = env.coordinator().handle(request)
+    assert isinstance(outcome, Deferred), outcome
+    assert (
+        before + timedelta(seconds=30) <= outcome.until <= datetime.now(UTC) + timedelta(seconds=30)
+    )

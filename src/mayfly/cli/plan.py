@@ -167,11 +167,21 @@ def _schedule_rows(found: Outline) -> list[tuple[str, str]]:
     """A scheduled rollout's start, its next windows and what its end does."""
     rollout = found.request.rollout
     schedule = rollout.schedule if rollout else None
+    rows: list[tuple[str, str]] = []
+    if rollout is not None and rollout.continuous is not None:
+        until = f" until {_moment(schedule.not_after)}" if schedule and schedule.not_after else ""
+        rows.append(
+            (
+                "continuous",
+                f"looks for new devices matching its selector every"
+                f" {rollout.continuous.every_s} s{until or ', until canceled'}",
+            )
+        )
     if schedule is None:
-        return []
+        return rows
     if not found.windows:
-        return [("schedule", "ended: every device would be skipped")]
-    rows = [("starts", f"{_moment(found.windows[0][0])} (its schedule)")]
+        return [*rows, ("schedule", "ended: every device would be skipped")]
+    rows.append(("starts", f"{_moment(found.windows[0][0])} (its schedule)"))
     if schedule.windows:
         shown = "; ".join(
             f"{_moment(opens)} to {_moment(closes) if closes else 'its end'}"

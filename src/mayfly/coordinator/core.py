@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, Protocol, overload
 
@@ -234,7 +234,9 @@ class Coordinator:
     ) -> TaskCompleted | TaskRejected | Sharded | Deferred:
         try:
             fetched, devices = self.preflight(request)
-            size = self._shard_size(request) if shard else None
+            # A continuous request runs whole: its targets change from run to run.
+            continuous = request.rollout is not None and request.rollout.continuous is not None
+            size = self._shard_size(request) if shard and not continuous else None
             if size is not None and len(devices) > size:
                 ids = [device.id for device in devices]
                 shards = shard_request(request, ids, size, version=fetched.manifest.version)
@@ -266,6 +268,8 @@ class Coordinator:
                 )
                 return Deferred(request, opens, f"its next window opens at {opens.isoformat()}")
             results = [_schedule_ended(r, schedule.not_after) for r in results]
+        elif (again := self._again_at(request, finished_at, aborted)) is not None:
+            return Deferred(request, again, f"it looks for new devices at {again.isoformat()}")
         first_start = min((r.started_at for r in results if r.started_at), default=None)
         cold_start_ms = (first_start - received_at).total_seconds() * 1000 if first_start else None
         m = fetched.manifest
@@ -295,6 +299,24 @@ class Coordinator:
                 mode=self.options.mode,
             ),
         )
+
+    def _again_at(
+        self, request: TaskRequest, now: datetime, aborted: str | None
+    ) -> datetime | None:
+        """When a continuous request looks for new devices next (None: it ends
+        now, its schedule over, or it aborted or was canceled)."""
+        rollout = request.rollout
+        if rollout is None or rollout.continuous is None or aborted or self._cancel.is_set():
+            return None
+        later = now + timedelta(seconds=rollout.continuous.every_s)
+        if rollout.schedule is not None:
+            opens = opens_at(rollout.schedule, later)
+            if opens is None:
+                return None
+            later = opens
+        if request.deadline is not None and later >= request.deadline:
+            return None
+        return later
 
     def preflight(self, request: TaskRequest) -> tuple[FetchedPackage, list[Device]]:
         """The checks a request must pass before any device is touched, made
@@ -363,7 +385,8 @@ class Coordinator:
 
     def _targets(self, request: TaskRequest) -> list[Device]:
         devices = self._inventory().resolve(request.devices, request.selector)
-        if not devices:
+        continuous = request.rollout is not None and request.rollout.continuous is not None
+        if not devices and not continuous:  # a continuous one waits for its devices
             raise InventoryError(f"no device matches selector {dict(request.selector)}")
         return devices
 

@@ -113,6 +113,9 @@ class Outline:
             if self.pace
             else None,
             "schedule": self._schedule_dict(),
+            "continuous": rollout.continuous.model_dump(mode="json")
+            if (rollout := self.request.rollout) and rollout.continuous
+            else None,
         }
 
     def _schedule_dict(self) -> dict[str, Any] | None:

@@ -774,6 +774,8 @@ class _Run:
             )
         try:
             self._loop()
+            if self.reporter is not None and self.plan.checkpoint:
+                self.reporter.flush()  # a later coordinator of it goes on from there
         finally:
             if self.prestarted is not None:  # no device needed it
                 self.prestarted.discard()
@@ -814,8 +816,6 @@ class _Run:
             if time.monotonic() >= self.plan.starts_until and self._only_unstarted():
                 self._release()
                 self.queue.clear()  # left queued: the schedule holds them
-                if self.reporter is not None:
-                    self.reporter.flush()
                 return
             if self.held and (self._sample_judged() or not self._pending()):
                 self._release()  # the sample passed (or ended short of it)

@@ -32,6 +32,7 @@ __all__ = [
     "MAX_WAVES",
     "SHARD_MARK",
     "Abort",
+    "Continuous",
     "Ramp",
     "Rollback",
     "Rollout",
@@ -225,6 +226,16 @@ class Schedule(BaseModel):
         return self
 
 
+class Continuous(BaseModel):
+    """A request that goes on reaching the devices that match its selector
+    later: its targets are resolved again every ``every_s`` seconds (within
+    its schedule, until its ``not_after`` or a cancel)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    every_s: Annotated[int, Field(strict=True, ge=1, le=86_400)] = 60
+
+
 class Rollout(BaseModel):
     """How a request spreads over its devices."""
 
@@ -255,6 +266,16 @@ class Rollout(BaseModel):
     )
     #: When devices may start: a start and an end, maintenance windows.
     schedule: Schedule | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: Devices that match the selector later get the task too (``true``: every 60 s).
+    continuous: Continuous | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _continuous_flag(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("continuous"), bool):
+            data = dict(data)
+            data["continuous"] = {} if data["continuous"] else None
+        return data
 
     @model_validator(mode="after")
     def _one_pace(self) -> Self:
@@ -279,7 +300,7 @@ class Rollout(BaseModel):
     def resumable(self) -> bool:
         """Whether a later coordinator may go on with it where an earlier one
         ended (paced, or scheduled: it checkpoints the devices that ended)."""
-        return self.paced or self.schedule is not None
+        return self.paced or self.schedule is not None or self.continuous is not None
 
 
 class Shard(BaseModel):
@@ -380,6 +401,11 @@ class TaskRequest(EventModel):
             )
         if self.shard is not None and (self.selector or not self.devices):
             raise contract_error("data.shard", "a shard names its devices, and no selector")
+        if self.rollout is not None and self.rollout.continuous is not None and not self.selector:
+            raise contract_error(
+                "data.rollout.continuous",
+                "a continuous request reaches devices that match its data.selector later: give one",
+            )
         if self.shard is not None and self.id != _shard_id(self.shard.of, self.shard.index):
             raise contract_error(
                 "id", f"a shard's id is {_shard_id(self.shard.of, self.shard.index)!r}"
