@@ -140,3 +140,16 @@ def test_an_unknown_coordinator_mode_is_one_bounded_line_and_exit_2(tmp_path: Pa
         assert line.endswith(": expected one of serve, strict")
         assert len(line) < 120
     assert not (tmp_path / "home" / "runtime").exists(), "nothing should have started"
+
+
+@pytest.mark.parametrize(
+    "raw", ["reboot", "reboot=0", "reboot=1001", "reboot=1,reboot=2", "Bad Name=1", "x=-1"]
+)
+def test_task_weights_out_of_bounds_are_refused_naming_the_variable(raw: str) -> None:
+    with pytest.raises(ConfigError, match="MAYFLY_TASK_WEIGHTS"):
+        Settings.from_env({"MAYFLY_TASK_WEIGHTS": raw})
+
+
+def test_task_weights_are_read_by_type() -> None:
+    settings = Settings.from_env({"MAYFLY_TASK_WEIGHTS": " firmware-update=3, reboot=1 "})
+    assert dict(settings.task_weights) == {"firmware-update": 3, "reboot": 1}

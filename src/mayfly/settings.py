@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "ENV_SHARD_SIZE",
     "ENV_SIGNING_KEY",
     "ENV_STORE",
+    "ENV_TASK_WEIGHTS",
     "ENV_TOPIC_PREFIX",
     "ENV_TRACE_FILE",
     "ENV_TRUSTED_KEYS",
@@ -74,6 +76,7 @@ ENV_SHARD_SINK = "MAYFLY_SHARD_SINK"
 ENV_EVENT_LOG = "MAYFLY_EVENT_LOG"
 ENV_MAX_COORDINATORS = "MAYFLY_MAX_COORDINATORS"
 ENV_PER_TASK_CAP = "MAYFLY_PER_TASK_CAP"
+ENV_TASK_WEIGHTS = "MAYFLY_TASK_WEIGHTS"
 ENV_COORDINATOR_MODE = "MAYFLY_COORDINATOR_MODE"
 ENV_TOPIC_PREFIX = "MAYFLY_TOPIC_PREFIX"
 ENV_ARCHIVE = "MAYFLY_ARCHIVE"
@@ -153,6 +156,9 @@ OPTIONS: tuple[Option, ...] = (
            "requests running at once (each in its coordinator process)", "8", "count"),
     Option("per_task_cap", ENV_PER_TASK_CAP, "--per-task-cap",
            "requests of one task type running at once", "4", "count"),
+    Option("task_weights", ENV_TASK_WEIGHTS, "--task-weights",
+           "shares of the coordinators between task types inside a lane, as "
+           "TYPE=WEIGHT,... (a type not named weighs 1)", ""),
     Option("coordinator_mode", ENV_COORDINATOR_MODE, "--coordinator-mode",
            "serve: a coordinator runs the queued requests of its task type one after "
            "another and exits when none is waiting; strict: one coordinator process per "
@@ -201,6 +207,8 @@ class Settings:
     event_log: str = ""
     max_coordinators: int = 8
     per_task_cap: int = 4
+    task_weights: tuple[tuple[str, int], ...] = ()
+    """Each task type's weight in the fair share of coordinators (others: 1)."""
     coordinator_mode: str = "serve"
     topic_prefix: str = DEFAULT_PREFIX
     archive: str = ""
@@ -258,6 +266,7 @@ class Settings:
             event_log=env.get(ENV_EVENT_LOG) or str(_home_event_log(home)),
             max_coordinators=_positive_int(env, ENV_MAX_COORDINATORS, 8),
             per_task_cap=_positive_int(env, ENV_PER_TASK_CAP, 4),
+            task_weights=_task_weights(env),
             coordinator_mode=_one_of(env, ENV_COORDINATOR_MODE, ("serve", "strict")),
             topic_prefix=_prefix(env),
             archive=env.get(ENV_ARCHIVE) or str(home / "archive"),
@@ -326,6 +335,30 @@ def _one_of(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     if raw.strip().lower() not in choices:
         raise ConfigError(f"{name}={raw[:40]!r}: expected one of {', '.join(choices)}")
     return raw.strip().lower()
+
+
+#: A task type's weight is at most this: a share is a ratio, not a priority.
+MAX_TASK_WEIGHT = 1000
+_TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def _task_weights(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    raw = env.get(ENV_TASK_WEIGHTS, "").strip()
+    if not raw:
+        return ()
+    weights: dict[str, int] = {}
+    for part in raw.split(","):
+        name, _, weight = part.strip().partition("=")
+        if not _TASK_NAME.match(name) or not weight.isdigit():
+            raise ConfigError(
+                f"{ENV_TASK_WEIGHTS}={raw!r}: expected TYPE=WEIGHT,... (reboot=1,firmware-update=3)"
+            )
+        if not 1 <= int(weight) <= MAX_TASK_WEIGHT or name in weights:
+            raise ConfigError(
+                f"{ENV_TASK_WEIGHTS}={raw!r}: {name} needs one weight from 1 to {MAX_TASK_WEIGHT}"
+            )
+        weights[name] = int(weight)
+    return tuple(sorted(weights.items()))
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

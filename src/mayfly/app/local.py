@@ -98,6 +98,7 @@ class Runtime:
             DispatcherOptions(
                 max_coordinators=self.settings.max_coordinators,
                 per_task_cap=self.settings.per_task_cap,
+                task_weights=dict(self.settings.task_weights),
                 serve=self.settings.coordinator_mode == "serve",
             ),
             on_event=self._on_dispatch,

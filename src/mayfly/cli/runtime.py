@@ -38,6 +38,7 @@ _UP_SETTINGS = (
     "shard_size",
     "max_coordinators",
     "per_task_cap",
+    "task_weights",
     "coordinator_mode",
     "archive",
     "otlp_endpoint",

@@ -9,6 +9,11 @@ What it promises, on the embedded log and on Kafka alike:
   tasks) never run at once, and start in log order;
 - **caps**: at most ``max_coordinators`` requests running at once, and at
   most ``per_task_cap`` of one task type;
+- **fair shares between task types**: inside a lane, the next request to
+  start is of the task type furthest below its weighted share of the
+  coordinators running (``task_weights``, 1 each by default), so a rollout of
+  thousands of requests cannot hold every coordinator while a request of
+  another type waits behind it;
 - **serving, fairly**: in ``serve`` mode a coordinator that finished a request
   is handed the next one of its task type, if the lanes' weighted pick would
   start that one now anyway; otherwise it exits and its slot goes to the pick
@@ -104,6 +109,8 @@ class DispatcherOptions:
     """The lanes' consumer group; None: the installation's (``PREFIX-dispatcher``)."""
     max_coordinators: int = 8
     per_task_cap: int = 4
+    task_weights: dict[str, int] = field(default_factory=dict)
+    """Each task type's share of the coordinators inside a lane (others: 1)."""
     weights: dict[Priority, int] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     max_crashes: int = 3
     crash_backoff_s: float = 0.1
@@ -355,20 +362,34 @@ class Dispatcher:
     # -- choosing --------------------------------------------------------------
 
     def _startable(self, lane: _Lane) -> _Pending | None:
-        """The first record of the lane that may start now, keeping key order."""
+        """The record of the lane to start now, keeping key order: of each task
+        type's first one that may start, that of the type furthest below its
+        share of the coordinators running (its weight), the earliest on a tie.
+        So a rollout of thousands of requests of one type takes its share, and
+        a request of another type queued behind them starts next."""
         running_keys = {p.key for p in self.running.values()}
         per_task = collections.Counter(p.task for p in self.running.values())
+        weights = self.options.task_weights
         blocked: set[str] = set()
+        seen: set[str] = set()
+        best: _Pending | None = None
+        best_share = math.inf
         now = time.monotonic()
         for pending in lane.buffer:
             if pending.key in running_keys or pending.key in blocked or pending.not_before > now:
                 blocked.add(pending.key)
                 continue
-            if per_task[pending.task] >= self.options.per_task_cap:
-                blocked.add(pending.key)
+            if per_task[pending.task] >= self.options.per_task_cap or pending.task in seen:
+                blocked.add(pending.key)  # what its key holds later waits behind it
                 continue
-            return pending
-        return None
+            seen.add(pending.task)
+            blocked.add(pending.key)
+            share = per_task[pending.task] / weights.get(pending.task, 1)
+            if share < best_share:
+                best, best_share = pending, share
+            if share == 0:
+                break  # none of its type running: nothing comes before it
+        return best
 
     def _pick(self) -> _Pending | None:
         startable = {
