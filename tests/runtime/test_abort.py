@@ -77,3 +77,66 @@ def test_an_aborted_rollout_stops_early_and_rolls_back_what_it_changed(
         assert server.simulator.records(device)["log"] == []
     up.terminate()
     up.wait(timeout=30)
+
+
+def test_an_abort_in_one_shard_stops_every_shard_and_each_rolls_back(
+    home: Home, fleet, log_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Four shards of 50 at a shared pace; only the first shard's devices are
+    broken (every other one), so only it meets the abort criteria. Its abort
+    stops the other three mid-way: they end aborted, each rolls back the
+    devices it changed, and most of their devices are never touched."""
+    first = [f"sim-{i:04d}" for i in range(1, 51)]
+    server = fleet(200, broken=first[1::2])
+    ids = server.simulator.device_ids()
+    spec = tmp_path / "rollout.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "task": "config-push",
+                "devices": ids,
+                "params": {"config": {"telemetry_interval_s": 99}},
+                "rollout": {
+                    "shard_size": 50,
+                    "rate_per_minute": 480,  # 2 a second in each of the 4 shards
+                    "abort": {"outcome": "failed", "threshold_pct": 20, "min_devices": 10},
+                    "on_abort": {
+                        "task": "config-push",
+                        "params": {"config": {"telemetry_interval_s": 5}},
+                    },
+                },
+            }
+        )
+    )
+    up = home.up_with(output=tmp_path / "up.log", **log_env)
+    try:
+        ran = _mayfly(home, log_env, "publish", "--file", str(spec), "--wait", "--timeout", "120")
+        assert "rollout aborted: " in ran.stdout, ran.stdout + ran.stderr
+        request_id = _published_id(ran)
+        got = _json(_mayfly(home, log_env, "get", request_id, "-o", "json"))
+        results = {d["device_id"]: d for d in got["outcome"]["devices"]}
+        changed = sorted(d for d, r in results.items() if r["status"] == "succeeded")
+        touched = [d for d in ids if server.simulator.records(d)["last_request_at"]]
+        # The first shard aborts after 10 devices (about 5 s in): the others
+        # had started about as many each, of their 50.
+        assert len(touched) < 100, len(touched)
+        for shard in range(1, 4):
+            mine = ids[shard * 50 : (shard + 1) * 50]
+            assert any(d in touched for d in mine), shard  # it ran ...
+            assert not all(d in touched for d in mine), shard  # ... and was stopped
+        # Every changed device is rolled back, whichever shard changed it.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            undone = [
+                d
+                for d in changed
+                if server.simulator.records(d)["state"]["config"]["telemetry_interval_s"] == 5
+            ]
+            if len(undone) == len(changed):
+                break
+            time.sleep(0.5)
+        assert sorted(undone) == changed
+        assert any(d not in first for d in changed)  # the other shards' too
+    finally:
+        up.terminate()
+        up.wait(timeout=30)

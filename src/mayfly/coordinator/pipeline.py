@@ -31,10 +31,12 @@ from mayfly.coordinator.schedule import Deferred
 from mayfly.coordinator.sinks import ResultSink, deliver
 from mayfly.errors import EventError, SinkError
 from mayfly.events import (
+    MAX_CANCEL_REASON,
     DeviceStatus,
     MayflyEvent,
     OverallStatus,
     RejectionCode,
+    TaskCancel,
     TaskCompleted,
     TaskRejected,
     TaskRequest,
@@ -172,7 +174,9 @@ class RequestPipeline:
             if isinstance(handled, TaskCompleted | TaskRejected):
                 outcome = handled
                 if isinstance(handled, TaskCompleted) and handled.aborted:
-                    failed = self._publish_rollback(event, handled)
+                    failed = self._stop_siblings(event, handled) or self._publish_rollback(
+                        event, handled
+                    )
                     if failed is not None:
                         return failed
             else:
@@ -188,6 +192,28 @@ class RequestPipeline:
             _LOG.error("%s: outcome not delivered: %s", outcome.request_id or outcome.id, exc)
             return Handled(outcome, ExitCode.UNDELIVERED, str(exc))
         return Handled(outcome, exit_code_for(outcome))
+
+    def _stop_siblings(self, request: TaskRequest, result: TaskCompleted) -> Handled | None:
+        """A shard that aborted on its own stops the whole rollout: a cancel of
+        its request, marked as its abort, on the control topic, so every other
+        shard (running, or not started: then never) ends aborted and rolls back
+        what it changed. A shard aborted by that cancel (its status
+        ``canceled``) says nothing more. None once published, or when not a
+        shard; a run again after a failure here publishes the same cancel."""
+        if request.shard is None or self.shards is None:
+            return None
+        if result.status is OverallStatus.CANCELED:
+            return None  # its abort came from a sibling's
+        shard = request.shard
+        reason = f"shard {shard.index + 1} of {shard.count} aborted: {result.aborted}"
+        cancel = TaskCancel.of(shard.of, 0.0, reason[:MAX_CANCEL_REASON], abort=True)
+        try:
+            self.shards.emit(cancel)
+        except SinkError as exc:
+            _LOG.error("%s: aborted; the other shards not stopped: %s", request.id, exc)
+            return Handled(None, ExitCode.UNDELIVERED, str(exc))
+        _LOG.warning("%s: rollout aborted; its other shards are stopped", request.id)
+        return None
 
     def _publish_rollback(self, request: TaskRequest, result: TaskCompleted) -> Handled | None:
         """Publish the rollout's rollback (``rollout.on_abort``) over the devices

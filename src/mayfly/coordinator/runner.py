@@ -158,6 +158,11 @@ class RunControl(Protocol):
         to end on their own before they are killed. No I/O."""
         ...
 
+    def aborted(self) -> str | None:
+        """Why the rollout aborted, when this cancel is its abort (another shard
+        of it met its abort criteria). No I/O."""
+        ...
+
 
 class TaskHandle(Protocol):
     """A started task process, as the loop watches and ends it."""
@@ -871,7 +876,10 @@ class _Run:
 
     def _begin_cancel(self, grace_s: float) -> None:
         """Skip what is queued, retry nothing, and tell the running attempts
-        (``ctx.cancelled()``); they are killed once ``grace_s`` is over."""
+        (``ctx.cancelled()``); they are killed once ``grace_s`` is over. A
+        cancel that is the rollout's abort ends this run aborted, with why."""
+        if self.aborted is None and self.plan.control is not None:
+            self.aborted = self.plan.control.aborted()
         self.grace_s = grace_s
         self.hard_stop_at = time.monotonic() + grace_s
         self.plan.spec.cancel.set()

@@ -24,6 +24,7 @@ from mayfly.eventlog import EventLog, Headers
 from mayfly.events import (
     MayflyEvent,
     RejectionCode,
+    TaskCancel,
     TaskCompleted,
     TaskRejected,
     TaskRequest,
@@ -157,6 +158,10 @@ def outcome_records(
         if lanes is None:
             raise SinkError(f"request {event.id} has no lane here: this sink takes results only")
         return [(lanes.lane(event.priority), key, value, headers)]
+    if isinstance(event, TaskCancel):  # a shard's abort, to its siblings
+        if lanes is None:
+            raise SinkError(f"cancel {event.id} has no control topic here")
+        return [(lanes.control, key, value, headers)]
     records: list[tuple[str, bytes | None, bytes, Headers]] = [(results_topic, key, value, headers)]
     if isinstance(event, TaskRejected) and event.code is not RejectionCode.CANCELED:
         records.append((dead_letter_topic, key, value, headers))

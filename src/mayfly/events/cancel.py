@@ -61,17 +61,27 @@ class TaskCancel(EventModel):
         DEFAULT_CANCEL_GRACE_S
     )
     reason: Annotated[str, StringConstraints(max_length=MAX_CANCEL_REASON)] = ""
+    abort: bool = Field(default=False, exclude_if=lambda v: not v)
+    """The rollout aborted (in one of its shards, which says so): the shards it
+    reaches end aborted too, and roll back the devices they changed."""
 
     @classmethod
     def of(
-        cls, request_id: str, grace_s: float = DEFAULT_CANCEL_GRACE_S, reason: str = ""
+        cls,
+        request_id: str,
+        grace_s: float = DEFAULT_CANCEL_GRACE_S,
+        reason: str = "",
+        *,
+        abort: bool = False,
     ) -> TaskCancel:
         """A new cancel of ``request_id``.
 
         Raises:
             EventError: naming the field that breaks the contract.
         """
-        return validate_model(cls, {"request_id": request_id, "grace_s": grace_s, "reason": reason})
+        return validate_model(
+            cls, {"request_id": request_id, "grace_s": grace_s, "reason": reason, "abort": abort}
+        )
 
     @property
     def partition_key(self) -> str:

@@ -495,7 +495,8 @@ class Dispatcher:
             if self._cancels.of(pending.request_id) is cancel:
                 record = pending.record
                 where = (record.topic, record.partition, record.offset)
-                if self.sessions[token].send(("cancel", where, cancel.grace_s)):
+                aborted = cancel.reason if cancel.abort else None
+                if self.sessions[token].send(("cancel", where, cancel.grace_s, aborted)):
                     _LOG.info(
                         "%s canceled while running: its coordinator stops it (grace %g s)",
                         pending.request_id,

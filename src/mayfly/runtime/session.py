@@ -36,10 +36,12 @@ runtime -> coordinator
     ``("appended", None)`` or ``("appended", why)``: durable, or refused.
     ``("run", record, dequeued_at)``: serve this request next.
     ``("exit",)``: nothing more for this coordinator.
-    ``("cancel", (topic, partition, offset), grace_s)``: the request of that
+    ``("cancel", (topic, partition, offset), grace_s, aborted)``: the request of that
     record is canceled (``mayfly cancel``); at any time, in between the others,
     and for a request the coordinator may have finished already (then nothing
-    happens). The coordinator's run loop watches the channel for it.
+    happens). ``aborted`` is None, or why the rollout aborted when the cancel
+    is its abort (from another of its shards). The coordinator's run loop
+    watches the channel for it.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ class RuntimeLink:
         self.conn = conn
         self._cancels: dict[RecordAt, float] = {}
         """Grace periods of the cancels heard, by the record they stop."""
+        self._aborts: dict[RecordAt, str] = {}
+        """Of those, the ones that are a rollout's abort: why it aborted."""
         self._held: list[tuple[Any, ...]] = []
         """Messages a :meth:`read` took in that were not cancels."""
         self._gone = False
@@ -180,10 +184,17 @@ class RuntimeLink:
         """The grace period of a cancel heard for the request at ``where``."""
         return self._cancels.get(where)
 
+    def abort_of(self, where: RecordAt) -> str | None:
+        """Why the rollout aborted, when the cancel heard for ``where`` is that."""
+        return self._aborts.get(where)
+
     def _take(self, message: tuple[Any, ...]) -> None:
         if message[0] == "cancel":
             where, grace = message[1], message[2]
-            self._cancels[(str(where[0]), int(where[1]), int(where[2]))] = float(grace)
+            at = (str(where[0]), int(where[1]), int(where[2]))
+            self._cancels[at] = float(grace)
+            if len(message) > 3 and message[3] is not None:
+                self._aborts[at] = str(message[3])
         else:
             self._held.append(message)
 
@@ -236,6 +247,7 @@ class RuntimeLink:
         # The request is over: a cancel for it from now on changes nothing, and
         # the runtime names the next one by its own record.
         self._cancels.clear()
+        self._aborts.clear()
         try:
             self.conn.send(message)
             answer = self._recv()
@@ -261,6 +273,9 @@ class RequestControl:
 
     def canceled(self) -> float | None:
         return self.link.cancel_of(self.where)
+
+    def aborted(self) -> str | None:
+        return self.link.abort_of(self.where)
 
 
 class Appends(Protocol):
