@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import responses
 
 from mayfly.app.warm import WarmCoordinator
 from mayfly.coordinator import ExitCode, Handled, RequestPipeline
@@ -287,3 +288,15 @@ def test_shards_the_sink_refuses_are_undelivered_and_run_again_the_same(
     )
     again = _handle(taken, to_http(request, "binary"))
     assert [s.id for s in again.shards] == [s.id for s in handled.shards]
+
+
+@responses.activate
+def test_an_http_shard_sink_sends_no_cancel_where_nothing_reads_one() -> None:
+    """A URL per lane (Knative's KafkaSinks) has no control topic: a shard's
+    abort is not posted to a lane as if it were a request."""
+    from mayfly.coordinator.sinks import HttpSink
+    from mayfly.events import TaskCancel
+
+    responses.add(responses.POST, "http://sink.test/requests-normal", status=202)
+    HttpSink("http://sink.test/requests-{priority}").emit(TaskCancel.of("r1", 0.0, abort=True))
+    assert len(responses.calls) == 0

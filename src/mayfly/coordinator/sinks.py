@@ -12,6 +12,7 @@ Knative SinkBinding) is decided by the composition root,
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -42,6 +43,8 @@ __all__ = [
     "deliver",
     "outcome_records",
 ]
+
+_LOG = logging.getLogger("mayfly.coordinator")
 
 
 class ResultSink(Protocol):
@@ -121,6 +124,10 @@ class HttpSink:
         self._session = requests.Session()
 
     def emit(self, event: MayflyEvent) -> None:
+        if isinstance(event, TaskCancel):
+            # A URL per lane has no control topic, and nothing there reads one.
+            _LOG.warning("%s: a cancel cannot go out over HTTP; not sent", event.request_id)
+            return
         headers, body = to_http(event, "binary")
         # One URL per lane for the shards of a request: `.../requests-{priority}`.
         url = self.url.replace("{priority}", str(getattr(event, "priority", "")))
