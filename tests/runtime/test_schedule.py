@@ -55,6 +55,8 @@ def test_a_request_in_a_window_starts_when_it_opens_across_a_runtime_restart(
         _wait_for(tmp_path / "up-1.log", "held by its schedule", within_s=OPENS_IN_S / 2)
         got = _mayfly(home, log_env, "get", request_id).stdout
         assert f"closed: its devices start from {opens:%Y-%m-%d %H:%M:%S}Z" in got, got
+        watched = _mayfly(home, log_env, "watch", request_id, "--timeout", "1")
+        assert "not running yet; closed: its devices start from" in watched.stdout, watched
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=30)

@@ -158,7 +158,8 @@ def _progress_line(view: RequestView) -> str:
     elif view.state is RequestState.RUNNING:
         counts = view.running_counts
     else:
-        return f"{view.id} pending: published {_when(view.published_at)}, not running yet"
+        held = "".join(f"; {value}" for _, value in _schedule_rows(view))
+        return f"{view.id} pending: published {_when(view.published_at)}, not running yet{held}"
     total = view.device_total or sum(counts.values())
     ongoing = (DeviceStatus.QUEUED.value, DeviceStatus.RUNNING.value)
     done = sum(n for s, n in counts.items() if s not in ongoing)
