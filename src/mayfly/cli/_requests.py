@@ -47,6 +47,7 @@ _FILE_KEYS = (
     "priority",
     "rollout",
     "deadline",
+    "fairness_key",
 )
 
 
@@ -189,6 +190,7 @@ def build_requests(
                     rollout=spec.get("rollout"),
                     # An ISO 8601 string: the request's validation parses and checks it.
                     deadline=spec.get("deadline"),
+                    fairness_key=spec.get("fairness_key"),
                 )
             )
         except EventError as exc:

@@ -264,7 +264,12 @@ class EventModel(BaseModel):
             attributes["traceparent"] = self.traceparent
         if self.tracestate is not None:
             attributes["tracestate"] = self.tracestate
+        attributes.update(self._ce_extensions())
         return attributes
+
+    def _ce_extensions(self) -> dict[str, str]:
+        """Extension attributes of this event type beyond the common ones."""
+        return {}
 
     def cloudevent_data(self) -> dict[str, Any]:
         """The event's ``data`` as JSON-ready Python values."""

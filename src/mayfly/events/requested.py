@@ -54,6 +54,10 @@ DEFAULT_CHANNEL = "stable"
 MAX_SHARDS = 1000
 
 PartitionKey = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+#: A site, a tenant: what the runtime shares coordinators fairly between,
+#: inside a task type. An extension attribute, so the runtime reads it
+#: without decoding the request.
+FairnessKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@-]{1,128}$")]
 
 
 def partition_key_for(
@@ -340,6 +344,7 @@ class TaskRequest(EventModel):
         "partitionkey": "partition_key",
         "traceparent": "traceparent",
         "tracestate": "tracestate",
+        "fairnesskey": "fairness_key",
     }
 
     id: EventId
@@ -356,6 +361,8 @@ class TaskRequest(EventModel):
     # Left out when unset (as is shard_size), so that what every request
     # carried before shards still reads in a coordinator from before them.
     shard: Shard | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: The share of coordinators it counts toward inside its task type.
+    fairness_key: FairnessKey | None = None
 
     @property
     def root_id(self) -> str:
@@ -376,6 +383,9 @@ class TaskRequest(EventModel):
 
     def _ce_tasktype(self) -> str:
         return self.task
+
+    def _ce_extensions(self) -> dict[str, str]:
+        return {} if self.fairness_key is None else {"fairnesskey": self.fairness_key}
 
     @model_validator(mode="before")
     @classmethod
@@ -541,6 +551,7 @@ def new_request(
     rollout: Rollout | Mapping[str, Any] | None = None,
     request_id: str | None = None,
     partition_key: str | None = None,
+    fairness_key: str | None = None,
 ) -> TaskRequest:
     """Build a valid request with a fresh uuid4 id and the current UTC time.
 
@@ -568,6 +579,7 @@ def new_request(
         "params": dict(params) if params is not None else {},
         "deadline": deadline,
         "rollout": dict(rollout) if isinstance(rollout, Mapping) else rollout,
+        "fairness_key": fairness_key,
     }
     return validate_model(TaskRequest, values)
 
@@ -603,6 +615,7 @@ def rollback_requests(
             source=request.source,
             traceparent=request.traceparent,
             tracestate=request.tracestate,
+            fairness_key=request.fairness_key,
             request_id=str(uuid5(_ROLLBACK_NAMESPACE, f"{request.source}\n{request.id}\n{index}")),
         )
         for index, chunk in enumerate(chunks)

@@ -151,6 +151,8 @@ class _Pending:
     request_id: str
     task: str
     key: str
+    fairness: str = ""
+    """Its fairness key (a site, a tenant): shares inside its task type."""
     refused_at: float | None = None
     """When the log last refused its result (see ``Dispatcher._refused_alone``)."""
     refusals: int = 0
@@ -349,6 +351,7 @@ class Dispatcher:
                 request_id=request_id,
                 identity=request_identity(str(attrs.get("source") or ""), request_id),
                 task=str(attrs.get("tasktype") or "?"),
+                fairness=str(attrs.get("fairnesskey") or ""),
                 key=str(
                     attrs.get("partitionkey") or (record.key or b"").decode("utf-8", "replace")
                 ),
@@ -362,32 +365,36 @@ class Dispatcher:
     # -- choosing --------------------------------------------------------------
 
     def _startable(self, lane: _Lane) -> _Pending | None:
-        """The record of the lane to start now, keeping key order: of each task
-        type's first one that may start, that of the type furthest below its
-        share of the coordinators running (its weight), the earliest on a tie.
-        So a rollout of thousands of requests of one type takes its share, and
-        a request of another type queued behind them starts next."""
+        """The record of the lane to start now, keeping key order: of the first
+        one that may start of each task type and fairness key, that of the type
+        furthest below its share of the coordinators running (its weight), and
+        in it of the key with the fewest running; the earliest on a tie. So a
+        rollout of thousands of requests of one type (or one site, one tenant)
+        takes its share, and a request of another queued behind them starts
+        next."""
         running_keys = {p.key for p in self.running.values()}
         per_task = collections.Counter(p.task for p in self.running.values())
+        per_key = collections.Counter((p.task, p.fairness) for p in self.running.values())
         weights = self.options.task_weights
         blocked: set[str] = set()
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         best: _Pending | None = None
-        best_share = math.inf
+        best_share = (math.inf, math.inf)
         now = time.monotonic()
         for pending in lane.buffer:
             if pending.key in running_keys or pending.key in blocked or pending.not_before > now:
                 blocked.add(pending.key)
                 continue
-            if per_task[pending.task] >= self.options.per_task_cap or pending.task in seen:
+            group = (pending.task, pending.fairness)
+            if per_task[pending.task] >= self.options.per_task_cap or group in seen:
                 blocked.add(pending.key)  # what its key holds later waits behind it
                 continue
-            seen.add(pending.task)
+            seen.add(group)
             blocked.add(pending.key)
-            share = per_task[pending.task] / weights.get(pending.task, 1)
+            share = (per_task[pending.task] / weights.get(pending.task, 1), float(per_key[group]))
             if share < best_share:
                 best, best_share = pending, share
-            if share == 0:
+            if share == (0.0, 0.0):
                 break  # none of its type running: nothing comes before it
         return best
 
