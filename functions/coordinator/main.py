@@ -13,9 +13,9 @@ from functools import cache
 import flask
 import functions_framework
 
-from mayfly.app.functions import coordinator_pipeline
+from mayfly.app.functions import coordinator_deferral, coordinator_pipeline
 from mayfly.coordinator import RequestPipeline
-from mayfly.coordinator.http import answer_http
+from mayfly.coordinator.http import Defer, answer_http
 
 
 @cache
@@ -24,7 +24,15 @@ def pipeline() -> RequestPipeline:
     return coordinator_pipeline()
 
 
+@cache
+def deferral() -> Defer | None:
+    """Where a request its schedule holds goes (the deferred topic), if anywhere."""
+    return coordinator_deferral()
+
+
 @functions_framework.http
 def coordinator(request: flask.Request) -> flask.Response:
-    status, headers, body = answer_http(pipeline(), request.headers, request.get_data())
+    status, headers, body = answer_http(
+        pipeline(), request.headers, request.get_data(), defer=deferral()
+    )
     return flask.Response(body, status=status, headers=headers)

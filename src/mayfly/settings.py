@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_SHARD_SIZE",
     "ENV_ARCHIVE",
     "ENV_COORDINATOR_MODE",
+    "ENV_DEFER_SINK",
     "ENV_EVENT_LOG",
     "ENV_HOME",
     "ENV_INVENTORY",
@@ -73,6 +74,7 @@ ENV_K_SINK = "K_SINK"
 ENV_MAX_PROCESSES = "MAYFLY_MAX_PROCESSES"
 ENV_SHARD_SIZE = "MAYFLY_SHARD_SIZE"
 ENV_SHARD_SINK = "MAYFLY_SHARD_SINK"
+ENV_DEFER_SINK = "MAYFLY_DEFER_SINK"
 ENV_EVENT_LOG = "MAYFLY_EVENT_LOG"
 ENV_MAX_COORDINATORS = "MAYFLY_MAX_COORDINATORS"
 ENV_PER_TASK_CAP = "MAYFLY_PER_TASK_CAP"
@@ -146,6 +148,10 @@ OPTIONS: tuple[Option, ...] = (
            "where the coordinator function publishes shards: kafka://HOST:PORT (the "
            "lanes), or an http(s) URL in which {priority} names the lane (the variable "
            "only; the local runtime uses its own log)", "none: no sharding"),
+    Option("defer_sink", ENV_DEFER_SINK, None,
+           "where the coordinator function puts a request its schedule holds: the "
+           "http(s) URL of the deferred topic's KafkaSink, which the waker function "
+           "empties (the variable only)", "none: answered 503 with Retry-After"),
     Option("event_log", ENV_EVENT_LOG, "--event-log",
            "event log: a SQLite file, or kafka://HOST:PORT[,HOST:PORT]",
            "$MAYFLY_HOME/events.db"),
@@ -204,6 +210,8 @@ class Settings:
     max_processes: int = DEFAULT_MAX_PROCESSES
     shard_size: int = DEFAULT_SHARD_SIZE
     shard_sink: str | None = None
+    defer_sink: str | None = None
+    """The coordinator function's KafkaSink of the deferred topic (Knative)."""
     event_log: str = ""
     max_coordinators: int = 8
     per_task_cap: int = 4
@@ -263,6 +271,7 @@ class Settings:
             max_processes=_positive_int(env, ENV_MAX_PROCESSES, DEFAULT_MAX_PROCESSES),
             shard_size=_positive_int(env, ENV_SHARD_SIZE, DEFAULT_SHARD_SIZE),
             shard_sink=env.get(ENV_SHARD_SINK) or None,
+            defer_sink=env.get(ENV_DEFER_SINK) or None,
             event_log=env.get(ENV_EVENT_LOG) or str(_home_event_log(home)),
             max_coordinators=_positive_int(env, ENV_MAX_COORDINATORS, 8),
             per_task_cap=_positive_int(env, ENV_PER_TASK_CAP, 4),

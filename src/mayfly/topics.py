@@ -44,8 +44,14 @@ class Topics:
         """Cancels (``dev.mayfly.task.cancel``): every runtime reads all of it."""
         return f"{self.prefix}.control"
 
+    @property
+    def deferred(self) -> str:
+        """Requests their schedule holds, on Knative: a waker function moves
+        each back to its lane once due (:mod:`mayfly.runtime.deferred`)."""
+        return f"{self.prefix}.deferred"
+
     def all(self) -> list[str]:
-        return [*self.lanes(), self.results, self.dead_letter, self.control]
+        return [*self.lanes(), self.results, self.dead_letter, self.control, self.deferred]
 
     @property
     def dispatcher_group(self) -> str:

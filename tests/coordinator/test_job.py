@@ -93,6 +93,54 @@ def test_request_from_a_cloudevent_file(env: Env, fleet: FleetFactory, tmp_path:
     assert {d["status"] for d in event["data"]["devices"]} == {"succeeded"}
 
 
+def test_a_held_request_is_deferred_to_its_sink_or_exits_deferred(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    """A JobSink's Job for a request its schedule holds: to MAYFLY_DEFER_SINK,
+    marked, then exit 0 (no retry); without one, exit 7 (DEFERRED), no result."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict[str, str]] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(dict(self.headers))
+            self.send_response(202)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    fleet(1)
+    opens = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    request = new_request(
+        "reboot", devices=["sim-0001"], rollout={"schedule": {"not_before": opens.isoformat()}}
+    )
+    event_file = tmp_path / "event"
+    event_file.write_bytes(to_http(request, "structured")[1])
+    assert _job(env, K_EVENT_PATH=str(event_file)).returncode == 7
+    server = HTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        job = _job(
+            env,
+            K_EVENT_PATH=str(event_file),
+            MAYFLY_DEFER_SINK=f"http://127.0.0.1:{server.server_port}/",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert job.returncode == 0, job.stderr
+    [headers] = received
+    assert headers["ce-id"] == request.id
+    assert headers["ce-notbefore"] == opens.isoformat()
+    assert env.result_events() == []
+
+
 def test_bad_configuration_exits_2(env: Env) -> None:
     job = _job(env, TASK_TYPE="reboot", MAYFLY_MAX_PROCESSES="zero")
     assert job.returncode == 2

@@ -123,6 +123,37 @@ def test_over_http_a_request_its_schedule_holds_is_answered_retry_after(
     assert server.simulator.records("sim-0001")["last_request_at"] is None
 
 
+def test_over_http_a_held_request_goes_to_the_deferred_topic_marked_and_is_acknowledged(
+    env: Env, fleet: FleetFactory
+) -> None:
+    """With a defer sink (Knative's deferred KafkaSink), a held request is put
+    there marked with when it may start, and the delivery ends with a 202;
+    when that sink fails, the 503 with Retry-After still holds it."""
+    fleet(1)
+    opens = (datetime.now(UTC) + timedelta(minutes=10)).replace(microsecond=0)
+    request = new_request(
+        "reboot", devices=["sim-0001"], rollout={"schedule": {"not_before": opens.isoformat()}}
+    )
+    coordinator = env.coordinator()
+    pipeline = RequestPipeline(lambda: coordinator, FileSink(env.results))
+    put: list[tuple[dict[str, str], bytes]] = []
+    answer = answer_http(
+        pipeline, *to_http(request, "structured"), defer=lambda h, b: put.append((h, b))
+    )
+    assert answer == (202, {}, b"")
+    [(headers, body)] = put
+    assert headers["ce-notbefore"] == opens.isoformat()
+    assert from_http(headers, body).id == request.id  # binary mode, the request as it was
+
+    def down(_headers: dict[str, str], _body: bytes) -> None:
+        raise SinkError("the deferred sink is down")
+
+    status, retry, _ = answer_http(pipeline, *to_http(request, "binary"), defer=down)
+    assert status == 503
+    assert int(retry["Retry-After"]) > 500
+    assert env.result_events() == []
+
+
 # -- a Mayfly output event where a request was expected: passed over everywhere --
 
 

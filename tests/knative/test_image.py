@@ -107,3 +107,10 @@ def test_each_function_target_starts_and_answers_a_delivery(
     answer = requests.post(aggregator, data=b"not an event", headers=headers, timeout=30)
     assert answer.status_code == 400  # straight to the dead-letter sink
     assert answer.content == b""
+
+    # A PingSource's ping: one pass over the deferred topic (empty here).
+    waker = start("waker")
+    ping = {**headers, "ce-type": "dev.knative.sources.ping", "ce-id": "1", "ce-source": "ping"}
+    answer = requests.post(waker, data=b"{}", headers=ping, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"released": 0, "held": 0}

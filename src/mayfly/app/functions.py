@@ -1,8 +1,9 @@
 """What the Knative functions run: one coordinator pipeline or aggregator per instance.
 
-``functions/coordinator/main.py`` and ``functions/aggregator/main.py`` are
-thin functions-framework entry points over these builders; each instance
-calls one once, on its first delivery, and keeps what it returns.
+``functions/coordinator/main.py``, ``functions/aggregator/main.py`` and
+``functions/waker/main.py`` are thin functions-framework entry points over
+these builders; each instance calls one once, on its first delivery, and
+keeps what it returns.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from mayfly.app.wiring import (
     open_sink,
 )
 from mayfly.coordinator import RequestPipeline
+from mayfly.coordinator.http import Defer
+from mayfly.runtime.deferred import WakeReport
 from mayfly.settings import Settings
 
-__all__ = ["aggregator_service", "coordinator_pipeline"]
+__all__ = ["aggregator_service", "coordinator_deferral", "coordinator_pipeline", "wake_deferred"]
 
 
 def coordinator_pipeline() -> RequestPipeline:
@@ -29,6 +32,33 @@ def coordinator_pipeline() -> RequestPipeline:
     sink = open_sink(settings) if settings.result_sink != "-" else None
     coordinator = build_coordinator(settings, "knative")
     return RequestPipeline(lambda: coordinator, sink, shards=open_shard_sink(settings))
+
+
+def coordinator_deferral() -> Defer | None:
+    """Where the coordinator function puts a request its schedule holds: the
+    deferred topic's KafkaSink (``MAYFLY_DEFER_SINK``); None: nowhere (it is
+    answered 503 with a Retry-After)."""
+    settings = Settings.from_env()
+    if not settings.defer_sink:
+        return None
+    from mayfly.coordinator.sinks import HttpSink
+
+    sink = HttpSink(settings.defer_sink)
+    return lambda headers, body: sink.post(sink.url, headers, body)
+
+
+def wake_deferred() -> WakeReport:
+    """One pass of the waker function (a PingSource's ping): the deferred
+    requests due back on their lanes, through the configured event log."""
+    from mayfly.app.wiring import open_event_log
+    from mayfly.runtime.deferred import release_due
+
+    settings = Settings.from_env()
+    log = open_event_log(settings)
+    try:
+        return release_due(log, settings.topics)
+    finally:
+        log.close()
 
 
 def aggregator_service() -> AggregatorService:

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mayfly.app.wiring import build_coordinator, open_shard_sink, open_sink
@@ -104,6 +104,8 @@ def _run(
         received_at=received_at,
         on_start=on_start,
     )
+    if handled.defer_until is not None and isinstance(event, TaskRequest):
+        return _defer(settings, event, handled.defer_until)
     if handled.error is not None:
         _say(handled.error)
         if handled.outcome is not None:
@@ -115,6 +117,29 @@ def _run(
     else:
         _say(summarize(handled.outcome))
     return int(handled.code)
+
+
+def _defer(settings: Settings, request: TaskRequest, until: datetime) -> int:
+    """Put a request its schedule holds on the deferred topic (``MAYFLY_DEFER_SINK``),
+    marked with when it may start, and end OK: the waker moves it back to its
+    lane then. Without that sink, exit DEFERRED (the Job runs it again)."""
+    if not settings.defer_sink:
+        _say(f"{request.id}: held by its schedule until {until.isoformat()}; no MAYFLY_DEFER_SINK")
+        return int(ExitCode.DEFERRED)
+    from mayfly.coordinator.sinks import HttpSink
+
+    headers, body = to_http(request, "binary")
+    headers["ce-notbefore"] = until.astimezone(UTC).isoformat()
+    sink = HttpSink(settings.defer_sink)
+    try:
+        sink.post(sink.url, headers, body)
+    except SinkError as exc:
+        _say(f"{request.id}: held by its schedule, but not deferred: {exc}")
+        return int(ExitCode.DEFERRED)
+    finally:
+        sink.close()
+    _say(f"{request.id}: held by its schedule until {until.isoformat()}")
+    return int(ExitCode.OK)
 
 
 def spool_dir(settings: Settings) -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from mayfly.coordinator.pipeline import RequestPipeline
@@ -34,14 +34,28 @@ from mayfly.events import (
 )
 from mayfly.exitcodes import ExitCode
 
-__all__ = ["HttpAnswer", "answer_http"]
+__all__ = ["Defer", "HttpAnswer", "answer_http"]
 
 HttpAnswer = tuple[int, dict[str, str], bytes]
 _LOG = logging.getLogger("mayfly.coordinator")
 
 
-def answer_http(pipeline: RequestPipeline, headers: Mapping[str, str], body: bytes) -> HttpAnswer:
-    """Run one delivery through ``pipeline`` and answer it; never raises."""
+#: Puts a request its schedule holds, as binary-mode headers and body marked
+#: with when it may start, where the waker finds it (the deferred topic).
+Defer = Callable[[dict[str, str], bytes], None]
+
+
+def answer_http(
+    pipeline: RequestPipeline,
+    headers: Mapping[str, str],
+    body: bytes,
+    defer: Defer | None = None,
+) -> HttpAnswer:
+    """Run one delivery through ``pipeline`` and answer it; never raises.
+
+    A request its schedule holds goes to ``defer`` (then the delivery is
+    acknowledged); without one, or when it fails, it is answered ``503`` with
+    a ``Retry-After`` of the seconds to wait."""
     plain = dict(headers)
 
     def read() -> MayflyEvent:
@@ -62,6 +76,8 @@ def answer_http(pipeline: RequestPipeline, headers: Mapping[str, str], body: byt
         return 500, {}, b""
     outcome = handled.outcome
     if handled.code is ExitCode.DEFERRED and handled.defer_until is not None:
+        if defer is not None and _deferred(defer, plain, body, handled.defer_until):
+            return 202, {}, b""
         # Held by its schedule: redelivered no sooner than it opens, where the
         # Trigger honours Retry-After (Knative's delivery-retryafter feature).
         wait_s = (handled.defer_until - datetime.now(UTC)).total_seconds()
@@ -83,3 +99,18 @@ def answer_http(pipeline: RequestPipeline, headers: Mapping[str, str], body: byt
         _LOG.exception("the reply to %s cannot be encoded", outcome.request_id or outcome.id)
         return (400 if isinstance(outcome, TaskRejected) else 500), {}, b""
     return 200, reply_headers, reply_body
+
+
+def _deferred(defer: Defer, headers: dict[str, str], body: bytes, until: datetime) -> bool:
+    """Hand a held request to ``defer``, re-encoded in binary mode (a
+    structured delivery has no headers to mark); False when that failed."""
+    try:
+        request = from_http(headers, body)
+        marked, encoded = to_http(request, "binary")
+        marked["ce-notbefore"] = until.astimezone(UTC).isoformat()
+        defer(marked, encoded)
+    except Exception:
+        _LOG.exception("the held request could not be deferred; answering 503")
+        return False
+    _LOG.info("%s: held by its schedule until %s", request.id, until.isoformat())
+    return True

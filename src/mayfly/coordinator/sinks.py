@@ -131,6 +131,14 @@ class HttpSink:
         headers, body = to_http(event, "binary")
         # One URL per lane for the shards of a request: `.../requests-{priority}`.
         url = self.url.replace("{priority}", str(getattr(event, "priority", "")))
+        self.post(url, headers, body)
+
+    def post(self, url: str, headers: dict[str, str], body: bytes) -> None:
+        """POST one binary-mode message as it is; return once the sink took it.
+
+        Raises:
+            SinkError: it refused it, or could not be reached, after the retries.
+        """
         problem = ""
         for attempt in range(self._attempts):
             try:

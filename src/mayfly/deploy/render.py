@@ -63,6 +63,8 @@ RESULTS_SINK = "mayfly-results"
 LANE_SINK_PREFIX = "mayfly-requests-"
 """KafkaSink ``mayfly-requests-<lane>`` writes the lane's topic."""
 DEAD_LETTER_SINK = "mayfly-deadletter"
+DEFERRED_SINK = "mayfly-deferred"
+"""KafkaSink ``mayfly-deferred`` writes the deferred topic the waker function empties."""
 CONFIG_MAP = "mayfly-config"
 S3_SECRET = "mayfly-s3"  # noqa: S105 - the Secret's name, not a secret
 TRUSTED_KEYS_CONFIG_MAP = "mayfly-trusted-keys"
@@ -207,6 +209,8 @@ def _plain_env(manifest: Manifest, options: DeployOptions) -> list[tuple[str, st
             "MAYFLY_SHARD_SINK",
             f"{KAFKA_SINK_INGRESS}/{options.namespace}/{LANE_SINK_PREFIX}{{priority}}",
         ),
+        # A request its schedule holds waits there (knative/base/waker.yaml moves it back).
+        ("MAYFLY_DEFER_SINK", f"{KAFKA_SINK_INGRESS}/{options.namespace}/{DEFERRED_SINK}"),
         ("OTEL_SERVICE_NAME", f"mayfly-coordinator-{manifest.name}"),
     ]
 
