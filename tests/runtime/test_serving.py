@@ -257,6 +257,46 @@ class _SlowResults(_RefusesFirstResults):
         super().append_many(records)
 
 
+class _KillsAfterResults(_RefusesFirstResults):
+    """The runtime's log, killing every coordinator once their first outcome
+    is appended: dead between its result made durable and its "done"."""
+
+    def __init__(self, log: EventLog, runtime: Runtime) -> None:
+        super().__init__(log, refusals=0)
+        self.runtime = runtime
+        self.killed: list[int] = []
+
+    def append_many(self, records: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
+        super().append_many(records)
+        outcome = any(
+            topic == self._results and dict(headers).get("ce_type") != TASK_PROGRESS.encode()
+            for topic, _key, _value, headers in records
+        )
+        if outcome and not self.killed:
+            assert self.runtime.dispatcher is not None
+            for session in list(self.runtime.dispatcher.sessions.values()):
+                if session.pid is not None:
+                    os.kill(session.pid, signal.SIGKILL)
+                    self.killed.append(session.pid)
+
+
+def test_a_coordinator_dead_after_its_outcome_was_appended_is_not_run_again(
+    home: Home, fleet: FleetFactory
+) -> None:
+    sim = fleet(1).simulator
+    request = new_request("reboot", devices=["sim-0001"])
+    _publish(home, [request])
+    runtime = Runtime(home.settings())
+    killing = _KillsAfterResults(runtime.log, runtime)
+    runtime.log = killing  # type: ignore[assignment]
+    told = _serve(runtime, 1)
+
+    assert killing.killed, "no coordinator was killed"
+    assert _kinds(told, request.id) == ["started", "finished"], told
+    assert list(home.results()) == [request.id]
+    assert len(sim.records("sim-0001")["log"]) == 1  # run once
+
+
 def test_a_coordinator_waiting_on_the_runtimes_slow_log_is_not_killed_as_hung(
     home: Home, fleet: FleetFactory, tmp_path: Path
 ) -> None:

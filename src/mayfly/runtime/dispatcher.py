@@ -248,11 +248,15 @@ class _Lane:
             self.committed.update(changes)
 
 
-def _answer_append(session: CoordinatorSession, asked_at: float, why: str | None) -> None:
+def _answer_append(
+    session: CoordinatorSession, asked_at: float, outcome: bool, why: str | None
+) -> None:
     # From the appender's thread: plain assignments. The time the runtime held
     # the records is not the coordinator's: its deadline moves on by as much,
     # or a slow log would have it killed between "appended" and its "done".
     session.due += time.monotonic() - asked_at
+    if outcome and why is None:
+        session.outcome_durable = True
     session.appending = False
     session.send(("appended", why))
 
@@ -564,8 +568,10 @@ class Dispatcher:
             elif kind == "append":
                 # Not killed as hung while the runtime's own append is under way.
                 session.appending = True
+                outcome = len(message) > 2 and bool(message[2])
                 self.appender.submit(
-                    message[1], functools.partial(_answer_append, session, time.monotonic())
+                    message[1],
+                    functools.partial(_answer_append, session, time.monotonic(), outcome),
                 )
             elif kind == "defer":
                 session.defer_until = float(message[1])
@@ -582,6 +588,7 @@ class Dispatcher:
 
     def _on_done(self, session: CoordinatorSession, code: int) -> None:
         pending = self.running.pop(session.token, None)
+        session.outcome_durable = False  # of that request; the next one starts afresh
         until, session.defer_until = session.defer_until, None
         if pending is not None and code == ExitCode.DEFERRED and until is not None:
             self._defer(pending, until)
@@ -625,6 +632,12 @@ class Dispatcher:
             why = f"exit code {ended.returncode}, no outcome"
         if session.killed:
             why = "killed: it ran past its request's deadline"
+        if session.outcome_durable:
+            # Its outcome was appended whole before it died (before its "done"):
+            # the request is done; running it again would give it two outcomes.
+            _LOG.warning("%s: its coordinator died (%s) after its outcome", pending.request_id, why)
+            self._finished(pending, int(ExitCode.OK), why)
+            return
         self._finished(pending, int(ExitCode.INTERNAL), why)
 
     def _finished(self, pending: _Pending, code: int, why: str) -> None:

@@ -25,7 +25,8 @@ coordinator -> runtime
     within ``seconds`` (its package's ``timeout_s``); past it and a grace the
     runtime kills the coordinator, whatever it is stuck in (a backtracking
     params pattern, a bug).
-    ``("append", [(topic, key, value, headers), ...])``: make these durable.
+    ``("append", [(topic, key, value, headers), ...], outcome)``: make these
+    durable; ``outcome``: they end the request's outcome (its result or last part).
     ``("defer", epoch_s)``: before a ``done`` with code DEFERRED: the request's
     schedule holds it until then (a Unix time); the runtime keeps its record,
     uncommitted, and starts it again no earlier.
@@ -59,7 +60,7 @@ from typing import Any, Protocol
 from mayfly.coordinator.sinks import outcome_records
 from mayfly.errors import SinkError
 from mayfly.eventlog import EventLog, Headers, LogRecord
-from mayfly.events import MayflyEvent
+from mayfly.events import MayflyEvent, TaskCompleted, TaskRejected
 from mayfly.topics import Topics
 
 __all__ = [
@@ -94,6 +95,9 @@ class CoordinatorSession:
         self.killed = False
         self.appending = False
         """The appender holds its records: it waits on the runtime, not stuck."""
+        self.outcome_durable = False
+        """The outcome of the request it runs is durable (appended whole): if it
+        dies before it says "done", the request is done all the same."""
         self.defer_until: float | None = None
         """The Unix time its request's schedule holds it until (said before "done")."""
         self.open = True
@@ -213,14 +217,17 @@ class RuntimeLink:
         with contextlib.suppress(OSError):
             self.conn.send(("deadline", float(seconds)))
 
-    def append(self, records: Sequence[Append]) -> None:
+    def append(self, records: Sequence[Append], *, outcome: bool = False) -> None:
         """Hand records to the runtime; return once it made them durable.
+        ``outcome``: they end the request's outcome (its result, or its last
+        part): once durable, the request is done whatever becomes of this process.
 
         Raises:
             SinkError: the runtime's log refused them, or the runtime is gone.
         """
         try:
-            self.conn.send(("append", [(t, k, v, tuple(h)) for t, k, v, h in records]))
+            batch = [(t, k, v, tuple(h)) for t, k, v, h in records]
+            self.conn.send(("append", batch, outcome))
             answer = self._recv()
         except (EOFError, OSError) as exc:
             raise SinkError(f"the runtime did not take the result: {exc or 'it is gone'}") from exc
@@ -282,7 +289,7 @@ class Appends(Protocol):
     """What a :class:`RuntimeSink` hands its records to, and a coordinator tells
     its request's deadline."""
 
-    def append(self, records: Sequence[Append]) -> None: ...
+    def append(self, records: Sequence[Append], *, outcome: bool = False) -> None: ...
 
     def deadline(self, seconds: float) -> None: ...
 
@@ -302,7 +309,7 @@ class DirectLink:
     def defer(self, until: datetime) -> None:
         """The caller sees the exit code (DEFERRED) and runs it again itself."""
 
-    def append(self, records: Sequence[Append]) -> None:
+    def append(self, records: Sequence[Append], *, outcome: bool = False) -> None:
         try:
             self.log.append_many(records)
         except Exception as exc:
@@ -324,7 +331,12 @@ class RuntimeSink:
 
     def emit(self, event: MayflyEvent) -> None:
         records = outcome_records(event, self.results_topic, self.dead_letter_topic, self.topics)
-        self.link.append(records)
+        # Parts are emitted in order, each durable before the next: the last
+        # one (or a rejection) makes the whole outcome durable.
+        last = isinstance(event, TaskRejected) or (
+            isinstance(event, TaskCompleted) and event.part.index == event.part.count - 1
+        )
+        self.link.append(records, outcome=last)
 
     def close(self) -> None:
         pass
