@@ -94,7 +94,9 @@ def test_overlays_set_what_they_promise(kustomize_bin: Path) -> None:
     assert "Secret mayfly/mayfly-s3" not in prod  # created by the operator, never committed
     classes: dict[str, str | None] = {}
     for name, obj in confidential.items():
-        if obj["kind"] == "Service" and name != "Service mayfly/aggregator":
+        # Coordinators only: the aggregator and the waker run no package code.
+        role = obj["metadata"].get("labels", {}).get("mayfly.dev/role")
+        if obj["kind"] == "Service" and role == "coordinator":
             classes[name] = obj["spec"]["template"]["spec"].get("runtimeClassName")
         if obj["kind"] == "JobSink":
             classes[name] = obj["spec"]["job"]["spec"]["template"]["spec"].get("runtimeClassName")
