@@ -88,6 +88,19 @@ def test_windows_are_cut_to_the_start_and_the_end() -> None:
             "data.rollout.schedule.time_zone",
         ),
         ({"not_before": "2026-01-05T12:00:00Z", "at_end": "later"}, "data.rollout.schedule"),
+        # A folder of the zone database, not a zone: refused, not an error of its own.
+        (
+            {"not_before": "2026-01-05T12:00:00Z", "time_zone": "Europe"},
+            "data.rollout.schedule.time_zone",
+        ),
+        (
+            {"windows": [{"days": ["mon"] * 100_000, "start": "01:00", "end": "02:00"}]},
+            "data.rollout.schedule.windows.0.days",
+        ),
+        (
+            {"windows": [{"days": ["mon", "mon"], "start": "01:00", "end": "02:00"}]},
+            "data.rollout.schedule.windows",
+        ),
     ],
 )
 def test_a_schedule_out_of_bounds_is_refused_naming_the_field(
