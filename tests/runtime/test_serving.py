@@ -142,13 +142,14 @@ class _RefusesFirstResults:
         self.refusals = refusals
         self._results = Topics().results
 
-    def append_many(self, records: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
-        outcomes = [
-            topic
+    def _has_outcome(self, records: list[tuple[str, bytes | None, bytes, Headers]]) -> bool:
+        return any(
+            topic == self._results and dict(headers).get("ce_type") != TASK_PROGRESS.encode()
             for topic, _key, _value, headers in records
-            if topic == self._results and dict(headers).get("ce_type") != TASK_PROGRESS.encode()
-        ]
-        if outcomes and self.refusals > 0:
+        )
+
+    def append_many(self, records: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
+        if self._has_outcome(records) and self.refusals > 0:
             self.refusals -= 1
             raise EventLogError("not now")
         self._log.append_many(records)
@@ -268,11 +269,7 @@ class _KillsAfterResults(_RefusesFirstResults):
 
     def append_many(self, records: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
         super().append_many(records)
-        outcome = any(
-            topic == self._results and dict(headers).get("ce_type") != TASK_PROGRESS.encode()
-            for topic, _key, _value, headers in records
-        )
-        if outcome and not self.killed:
+        if self._has_outcome(records) and not self.killed:
             assert self.runtime.dispatcher is not None
             for session in list(self.runtime.dispatcher.sessions.values()):
                 if session.pid is not None:
