@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import atexit
 
+from mayfly.app.installation import standalone_pipeline
 from mayfly.app.wiring import (
     AggregatorService,
     build_aggregator,
     build_coordinator,
-    open_shard_sink,
     open_sink,
 )
 from mayfly.coordinator import RequestPipeline
@@ -27,11 +27,16 @@ __all__ = ["aggregator_service", "coordinator_deferral", "coordinator_pipeline",
 
 def coordinator_pipeline() -> RequestPipeline:
     """A pipeline from the environment: results to ``K_SINK`` when set, else reply
-    events; the shards of a large request to ``MAYFLY_SHARD_SINK`` when set."""
+    events; the shards of a large request to ``MAYFLY_SHARD_SINK`` when set;
+    with ``MAYFLY_EVENT_LOG`` on Kafka, progress, checkpoints and cancels
+    through it (:mod:`mayfly.app.installation`)."""
     settings = Settings.from_env()
     sink = open_sink(settings) if settings.result_sink != "-" else None
     coordinator = build_coordinator(settings, "knative")
-    return RequestPipeline(lambda: coordinator, sink, shards=open_shard_sink(settings))
+    pipeline, state = standalone_pipeline(settings, coordinator, sink)
+    if state is not None:
+        atexit.register(state.close)
+    return pipeline
 
 
 def coordinator_deferral() -> Defer | None:

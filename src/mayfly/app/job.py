@@ -26,8 +26,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mayfly.app.wiring import build_coordinator, open_shard_sink, open_sink
-from mayfly.coordinator import Coordinator, RequestPipeline, summarize
+from mayfly.app.installation import standalone_pipeline
+from mayfly.app.wiring import build_coordinator, open_sink
+from mayfly.coordinator import Coordinator, summarize
 from mayfly.coordinator.job import event_from_env, process_start, request_attributes
 from mayfly.coordinator.pipeline import Outcome, exit_code_for
 from mayfly.coordinator.sinks import ResultSink
@@ -98,12 +99,18 @@ def _run(
             raise event
         return event
 
-    handled = RequestPipeline(lambda: coordinator, sink, shards=open_shard_sink(settings)).handle(
-        read,
-        lambda: request_attributes(env),
-        received_at=received_at,
-        on_start=on_start,
-    )
+    try:
+        pipeline, state = standalone_pipeline(settings, coordinator, sink)
+    except MayflyError as exc:
+        _say(str(exc))
+        return ExitCode.CONFIG
+    try:
+        handled = pipeline.handle(
+            read, lambda: request_attributes(env), received_at=received_at, on_start=on_start
+        )
+    finally:
+        if state is not None:
+            state.close()
     if handled.defer_until is not None and isinstance(event, TaskRequest):
         return _defer(settings, event, handled.defer_until)
     if handled.error is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -48,7 +49,7 @@ from mayfly.exitcodes import ExitCode
 
 if TYPE_CHECKING:  # for its types only: `summarize` is used where no coordinator runs
     from mayfly.coordinator.core import Coordinator, Sharded
-    from mayfly.coordinator.runner import ProgressFn
+    from mayfly.coordinator.runner import ProgressFn, RunControl
 
 __all__ = ["Handled", "Outcome", "RequestPipeline", "exit_code_for", "summarize"]
 
@@ -114,6 +115,10 @@ class RequestPipeline:
             instance running it, what is told of its devices' progress (a
             :class:`~mayfly.coordinator.runner.RunReporter` reports on its own
             clock too).
+        control: watches, while a request runs, where its cancels come from
+            (when no runtime hands them over: job mode, the functions).
+        cancels: where a shard's abort is published, as a cancel of its whole
+            request; by default ``shards``.
     """
 
     def __init__(
@@ -123,11 +128,15 @@ class RequestPipeline:
         *,
         shards: ResultSink | None = None,
         progress: Callable[[TaskRequest, str], ProgressFn] | None = None,
+        control: Callable[[TaskRequest], AbstractContextManager[RunControl]] | None = None,
+        cancels: ResultSink | None = None,
     ) -> None:
         self._coordinator = coordinator
         self.sink = sink
         self.shards = shards
+        self.cancels = cancels if cancels is not None else shards
         self._progress = progress
+        self._control = control
 
     def handle(
         self,
@@ -160,14 +169,22 @@ class RequestPipeline:
             if on_start is not None:
                 on_start(coordinator)
             progress = self._progress
-            handled = coordinator.handle(
-                event,
-                received_at=received_at,
-                on_progress=None
-                if progress is None
-                else progress(event, coordinator.options.instance_id),
-                shard=self.shards is not None,
-            )
+            watch = self._control(event) if self._control is not None else nullcontext()
+            with watch as control:
+                if control is not None:
+                    coordinator.control = control
+                try:
+                    handled = coordinator.handle(
+                        event,
+                        received_at=received_at,
+                        on_progress=None
+                        if progress is None
+                        else progress(event, coordinator.options.instance_id),
+                        shard=self.shards is not None,
+                    )
+                finally:
+                    if control is not None:
+                        coordinator.control = None
             if isinstance(handled, Deferred):
                 _LOG.info("%s: deferred: %s", event.id, handled.reason)
                 return Handled(None, ExitCode.DEFERRED, handled.reason, defer_until=handled.until)
@@ -200,7 +217,7 @@ class RequestPipeline:
         what it changed. A shard aborted by that cancel (its status
         ``canceled``) says nothing more. None once published, or when not a
         shard; a run again after a failure here publishes the same cancel."""
-        if request.shard is None or self.shards is None:
+        if request.shard is None or self.cancels is None:
             return None
         if result.status is OverallStatus.CANCELED:
             return None  # its abort came from a sibling's
@@ -208,7 +225,7 @@ class RequestPipeline:
         reason = f"shard {shard.index + 1} of {shard.count} aborted: {result.aborted}"
         cancel = TaskCancel.of(shard.of, 0.0, reason[:MAX_CANCEL_REASON], abort=True)
         try:
-            self.shards.emit(cancel)
+            self.cancels.emit(cancel)
         except SinkError as exc:
             _LOG.error("%s: aborted; the other shards not stopped: %s", request.id, exc)
             return Handled(None, ExitCode.UNDELIVERED, str(exc))
