@@ -2,7 +2,8 @@
 
 Served by functions-framework (``functions-framework --source main.py
 --target waker``). Each ping (every minute) moves the requests whose
-schedule now lets them start back to their lanes, and answers what it did.
+schedule now lets them start back to their lanes, waits for those falling
+due within the minute to move them at their time, and answers what it did.
 """
 
 from __future__ import annotations
@@ -18,5 +19,6 @@ from mayfly.app.functions import wake_deferred
 @functions_framework.http
 def waker(request: flask.Request) -> flask.Response:
     report = wake_deferred()
-    body = json.dumps({"released": report.released, "held": report.held})
+    next_due = report.next_due.isoformat() if report.next_due is not None else None
+    body = json.dumps({"released": report.released, "held": report.held, "next_due": next_due})
     return flask.Response(body, status=200, headers={"content-type": "application/json"})

@@ -113,4 +113,4 @@ def test_each_function_target_starts_and_answers_a_delivery(
     ping = {**headers, "ce-type": "dev.knative.sources.ping", "ce-id": "1", "ce-source": "ping"}
     answer = requests.post(waker, data=b"{}", headers=ping, timeout=60)
     assert answer.status_code == 200, answer.text
-    assert answer.json() == {"released": 0, "held": 0}
+    assert answer.json() == {"released": 0, "held": 0, "next_due": None}

@@ -16,7 +16,7 @@ from mayfly.eventlog import EventLog
 from mayfly.eventlog.kafka import KafkaEventLog
 from mayfly.eventlog.sqlite import SqliteEventLog
 from mayfly.events import from_kafka, new_request, to_kafka_record
-from mayfly.runtime.deferred import NOT_BEFORE_HEADER, release_due
+from mayfly.runtime.deferred import NOT_BEFORE_HEADER, release_due, wake
 from mayfly.topics import Topics
 
 
@@ -75,3 +75,34 @@ def test_a_pass_releases_what_is_due_and_holds_the_rest(event_log: EventLog) -> 
     assert (third.released, third.held) == (1, 0)
     assert _ids(event_log, topics.lane("normal")) == [later.id]
     assert release_due(event_log, topics, now + timedelta(hours=3)) == type(third)(0, 0)
+
+
+def test_a_ping_waits_for_a_request_falling_due_before_the_next_one(event_log: EventLog) -> None:
+    """A request due 2 s after the ping is released then, not at the next
+    ping a minute later, and not before its time; one due in an hour is left
+    for a later ping, which the report says when."""
+    topics = Topics(f"defer-{uuid.uuid4().hex[:8]}")
+    event_log.assume_topics(topics.all())
+    now = datetime.now(UTC)
+    soon = _defer(event_log, topics, "high", now + timedelta(seconds=2))
+    hour = now + timedelta(hours=1)
+    _defer(event_log, topics, "normal", hour)
+
+    report = wake(event_log, topics, window_s=10)
+    released_at = datetime.now(UTC)
+    assert (report.released, report.held) == (1, 1)
+    assert report.next_due == hour
+    assert released_at >= now + timedelta(seconds=2)
+    assert released_at < now + timedelta(seconds=8)
+    assert _ids(event_log, topics.lane("high")) == [soon.id]
+
+
+def test_a_ping_does_not_wait_past_its_window(event_log: EventLog) -> None:
+    topics = Topics(f"defer-{uuid.uuid4().hex[:8]}")
+    event_log.assume_topics(topics.all())
+    due = datetime.now(UTC) + timedelta(seconds=5)
+    _defer(event_log, topics, "high", due)
+    started = time.monotonic()
+    report = wake(event_log, topics, window_s=1)
+    assert time.monotonic() - started < 4
+    assert (report.released, report.held, report.next_due) == (0, 1, due)

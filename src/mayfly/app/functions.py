@@ -53,15 +53,16 @@ def coordinator_deferral() -> Defer | None:
 
 
 def wake_deferred() -> WakeReport:
-    """One pass of the waker function (a PingSource's ping): the deferred
-    requests due back on their lanes, through the configured event log."""
+    """The waker function's work for a PingSource's ping: the deferred
+    requests due back on their lanes, through the configured event log, and
+    those falling due before the next ping at their time."""
     from mayfly.app.wiring import open_event_log
-    from mayfly.runtime.deferred import release_due
+    from mayfly.runtime.deferred import wake
 
     settings = Settings.from_env()
     log = open_event_log(settings)
     try:
-        return release_due(log, settings.topics)
+        return wake(log, settings.topics)
     finally:
         log.close()
 
