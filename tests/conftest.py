@@ -113,6 +113,20 @@ def _missing_server(what: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def package_index(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """pip reaches a package index (builds of packages with dependencies
+    resolve there); skips without one (fails in CI)."""
+    import subprocess
+    import sys
+
+    into = tmp_path_factory.mktemp("index-probe")
+    probe = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+    probe += ["--only-binary=:all:", "--dest", str(into), "humanize==4.17.0"]
+    if subprocess.run(probe, capture_output=True, timeout=300, check=False).returncode != 0:
+        _missing_server("package index")
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> S3Server:
     """The S3 server named by the MAYFLY_TEST_S3_* variables; skips (fails in CI) without one."""
     names = (S3_ENDPOINT_ENV, S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV)

@@ -312,6 +312,11 @@ class Settings:
         return self.home / "cache" / "packages"
 
     @property
+    def wheel_cache(self) -> Path:
+        """The wheels package builds resolved their dependencies to."""
+        return self.home / "cache" / "wheels"
+
+    @property
     def store_is_s3(self) -> bool:
         return self.store.startswith("s3://")
 

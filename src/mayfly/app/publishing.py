@@ -61,7 +61,7 @@ def publish_folder(
     """
     ensure_signing_key(settings)
     repo = repository or open_repository(settings)
-    built = build_package(folder)
+    built = build_package(folder, wheel_cache=settings.wheel_cache)
     result = repo.publish(built, sign_built(load_private_key(settings.signing_key_path), built))
     if channel:
         repo.promote(built.manifest.name, built.manifest.version, channel)

@@ -27,10 +27,10 @@ from mayfly.settings import Settings
 __all__ = ["pkg"]
 
 
-def _load_built(path: Path) -> BuiltPackage:
+def _load_built(path: Path, settings: Settings) -> BuiltPackage:
     """A package folder is built; an archive is read as it is."""
     if path.is_dir():
-        return build_package(path)
+        return build_package(path, wheel_cache=settings.wheel_cache)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -84,13 +84,17 @@ def keygen(out: Path | None, name: str, force: bool, no_trust: bool, settings: S
 @pkg.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Archive path to write.")
-def build(folder: Path, output: Path | None) -> None:
+@settings_options(*PACKAGE_SETTINGS)
+def build(folder: Path, output: Path | None, settings: Settings) -> None:
     """Build FOLDER into a deterministic .tar.gz and print its sha256.
 
     The same folder always gives the same bytes, whatever file times, owners or
-    listing order: the digest identifies the code.
+    listing order: the digest identifies the code. The manifest's
+    dependencies are resolved now (wheels for this Python and platform, from
+    the package index, cached in $MAYFLY_HOME/cache/wheels) and carried
+    inside the archive, under _deps/.
     """
-    built = build_package(folder)
+    built = build_package(folder, wheel_cache=settings.wheel_cache)
     target = output or Path(built.filename)
     target.write_bytes(built.data)
     click.echo(f"{built.digest}  {target}")
@@ -101,7 +105,7 @@ def build(folder: Path, output: Path | None) -> None:
 @settings_options(*_SIGNING_SETTINGS)
 def sign_cmd(archive: Path, settings: Settings) -> None:
     """Sign ARCHIVE, writing ARCHIVE.sig beside it."""
-    built = _load_built(archive)
+    built = _load_built(archive, settings)
     sig = sign_built(load_private_key(settings.signing_key_path), built)
     out = archive.with_name(archive.name + ".sig")
     out.write_bytes(sig.to_json())
@@ -125,7 +129,7 @@ def publish(source: Path, channel: str, settings: Settings) -> None:
     exists. Versions are immutable: the same bytes again is a no-op, other
     bytes under a published version are refused.
     """
-    built = _load_built(source)
+    built = _load_built(source, settings)
     sig_file = source.with_name(source.name + ".sig")
     if source.is_file() and sig_file.exists():
         sig = Signature.from_json(sig_file.read_bytes())

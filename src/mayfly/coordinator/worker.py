@@ -42,6 +42,7 @@ from mayfly.coordinator.frames import (
 )
 from mayfly.errors import DeviceActionError, DeviceUnavailableError, EventError
 from mayfly.jsondepth import check_depth
+from mayfly.packages.deps import DEPS_DIR, provided_modules
 from mayfly.procs import die_with_parent
 from mayfly.sandbox import SandboxSpec, enter
 
@@ -183,6 +184,15 @@ def _load_entrypoint(spec: WorkerSpec) -> Callable[[TaskContext], Any]:
     # The package cache is read-only and checked against the signed archive:
     # no bytecode is written into it (a stray .pyc would be code nobody signed).
     sys.dont_write_bytecode = True
+    deps = spec.package_dir / DEPS_DIR
+    if deps.is_dir():
+        # Its own dependencies before Mayfly's environment: a library both have
+        # is imported afresh from the package's copy, whatever this process
+        # (forked from one that imported it) already holds.
+        for name in provided_modules(deps):
+            for loaded in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+                del sys.modules[loaded]
+        sys.path.insert(0, str(deps))
     sys.path.insert(0, str(spec.package_dir))
     module_name, _, function = spec.entrypoint.partition(":")
     module = importlib.import_module(module_name)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO
 
 from mayfly.errors import PackageError, UnsafeArchiveError
+from mayfly.packages.deps import DEPS_DIR, resolve_dependencies
 from mayfly.packages.manifest import MANIFEST_FILE, Manifest, load_manifest, parse_manifest
 
 __all__ = [
@@ -261,13 +262,17 @@ def _normalised(info: tarfile.TarInfo, executable: bool) -> tarfile.TarInfo:
     return info
 
 
-def build_package(folder: Path) -> BuiltPackage:
-    """Build the deterministic ``tar.gz`` of a package folder.
+def build_package(folder: Path, *, wheel_cache: Path | None = None) -> BuiltPackage:
+    """Build the deterministic ``tar.gz`` of a package folder, its dependencies
+    resolved and unpacked into it (:mod:`mayfly.packages.deps`; their wheels
+    cached in ``wheel_cache``).
 
     Raises:
         ManifestError: if the manifest is missing or invalid.
         PackageError: if the folder holds links, hard-linked or special files,
-            names that extraction would refuse, or lacks the entrypoint module.
+            names that extraction would refuse, lacks the entrypoint module,
+            its dependencies cannot be resolved, or the whole is over the
+            bounds extraction keeps to.
     """
     folder = folder.resolve()
     manifest = load_manifest(folder)
@@ -275,15 +280,46 @@ def build_package(folder: Path) -> BuiltPackage:
     module_path = manifest.module.replace(".", "/")
     if not ((folder / f"{module_path}.py").is_file() or (folder / module_path).is_dir()):
         raise PackageError(f"entrypoint module {manifest.module!r} not found in {folder}", **where)
+    if (folder / DEPS_DIR).exists():
+        raise PackageError(
+            f"{folder / DEPS_DIR}: that name is where a build puts the package's dependencies; "
+            "list them in the manifest's dependencies instead",
+            **where,
+        )
+    if not manifest.dependencies:
+        return _archive(folder, [(folder, p) for p in _walk(folder)], manifest)
+    with tempfile.TemporaryDirectory(prefix="mayfly-build-") as staging:
+        deps = Path(staging) / DEPS_DIR
+        try:
+            resolve_dependencies(manifest.dependencies, deps, wheel_cache)
+        except PackageError as exc:
+            raise PackageError(exc.reason, **where) from exc
+        entries = [(folder, p) for p in _walk(folder)]
+        entries += [(Path(staging), deps), *((Path(staging), p) for p in _walk(deps))]
+        return _archive(folder, entries, manifest)
+
+
+def _archive(folder: Path, entries: list[tuple[Path, Path]], manifest: Manifest) -> BuiltPackage:
+    """The archive of ``entries`` (each a root and a path below it, archived
+    by its path from the root), refused when extraction would refuse it."""
+    where = {"package": manifest.name, "version": manifest.version}
     limits = ArchiveLimits()
+    files = sum(1 for _, p in entries if not p.is_dir())
+    size = sum(p.stat().st_size for _, p in entries if not p.is_dir())
+    if files > limits.max_files or size > limits.max_bytes:
+        raise PackageError(
+            f"{folder}: {files} files, {size / 1e6:.1f} MB with its dependencies; a package "
+            f"holds at most {limits.max_files} files and {limits.max_bytes / 1e6:.0f} MB",
+            **where,
+        )
     raw = io.BytesIO()
     # gzip header mtime=0 and no file name: otherwise the bytes change per build.
     with (
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        for path in _walk(folder):
-            arcname = path.relative_to(folder).as_posix()
+        for root, path in entries:
+            arcname = path.relative_to(root).as_posix()
             try:
                 _split_name(arcname, limits)
             except UnsafeArchiveError as exc:

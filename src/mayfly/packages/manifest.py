@@ -65,7 +65,8 @@ class Manifest(BaseModel):
     capabilities: tuple[str, ...] = ()
     """Device capabilities a target device must advertise."""
     dependencies: tuple[str, ...] = ()
-    """Python requirements the package code imports beyond the standard library."""
+    """PEP 508 requirements the package code imports beyond the standard library:
+    resolved when it is built and carried inside it (:mod:`mayfly.packages.deps`)."""
 
     @field_validator("version")
     @classmethod
@@ -89,6 +90,15 @@ class Manifest(BaseModel):
         except jsonschema.SchemaError as exc:
             raise ValueError(f"not a valid JSON Schema: {exc.message}") from exc
         return value
+
+    @field_validator("dependencies")
+    @classmethod
+    def _dependencies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from mayfly.packages.deps import MAX_DEPENDENCIES, check_requirement
+
+        if len(value) > MAX_DEPENDENCIES:
+            raise ValueError(f"{len(value)} requirements; at most {MAX_DEPENDENCIES}")
+        return tuple(check_requirement(req) for req in value)
 
     @field_validator("capabilities")
     @classmethod
