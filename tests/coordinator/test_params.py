@@ -10,7 +10,10 @@ import pytest
 
 from mayfly.coordinator.params import params_validator, validate_params
 from mayfly.errors import ParamsError
+from mayfly.events import TaskCompleted, new_request
 from mayfly.packages import Manifest, parse_manifest
+
+from .conftest import Env, FleetFactory, write_package
 
 TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
 
@@ -67,3 +70,39 @@ def test_thousands_of_unknown_keys_make_one_short_sentence() -> None:
     assert reason.startswith("'color' is a required property; unknown params 'k00000xxx")
     assert reason.endswith(" and 4995 more")
     assert len(reason) < 600
+
+
+def test_a_format_the_schema_names_is_checked() -> None:
+    manifest = _manifest({"type": "object", "properties": {"to": {"format": "email"}}})
+    with pytest.raises(ParamsError) as caught:
+        validate_params(manifest, {"to": "nobody"})
+    assert caught.value.field == "params.to"
+    assert "'nobody' is not a 'email'" in str(caught.value)
+    validate_params(manifest, {"to": "ops@example.com"})
+
+
+def test_the_schemas_defaults_are_what_the_package_sees_for_missing_params(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "mode": {"enum": ["merge", "replace"], "default": "merge"},
+            "retry": {
+                "type": "object",
+                "properties": {"times": {"type": "integer", "default": 3}, "wait_s": {}},
+                "default": {},
+            },
+            "given": {"type": "string", "default": "unused"},
+        },
+    }
+    manifest = {"name": "echo", "version": "1.0.0", "entrypoint": "task:run"}
+    code = "def run(ctx):\n    return ctx.params\n"
+    env.publish(write_package(tmp_path / "echo", manifest | {"params_schema": schema}, code))
+    fleet(1)
+    request = new_request("echo", devices=["sim-0001"], params={"given": "mine"})
+    result = env.coordinator().handle(request)
+    assert isinstance(result, TaskCompleted)
+    [device] = result.devices
+    assert device.output == {"mode": "merge", "retry": {"times": 3}, "given": "mine"}
+    assert request.params == {"given": "mine"}  # the request itself is as it was sent

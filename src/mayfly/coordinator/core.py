@@ -33,7 +33,7 @@ from typing import Literal, Protocol, overload
 
 from mayfly import sandbox
 from mayfly.coordinator.pacing import run_budget_s, share_of
-from mayfly.coordinator.params import validate_params
+from mayfly.coordinator.params import validate_params, with_defaults
 from mayfly.coordinator.progress import ended_before
 from mayfly.coordinator.runner import (
     DeviceProgress,
@@ -419,7 +419,7 @@ class Coordinator:
             package_dir=package_dir,
             entrypoint=fetched.manifest.entrypoint,
             memory_mb=limits.memory_mb,
-            params=dict(request.params),
+            params=with_defaults(fetched.manifest, dict(request.params)),
             cpu_seconds=max(1, math.ceil(limits.timeout_s)),
             cancel=self._cancel,
         )

@@ -12,7 +12,7 @@ import jsonschema
 from mayfly.errors import ParamsError
 from mayfly.packages import Manifest
 
-__all__ = ["params_validator", "validate_params"]
+__all__ = ["params_validator", "validate_params", "with_defaults"]
 
 #: Schemas whose validator is kept: one per package version a coordinator runs.
 _CACHED_SCHEMAS = 64
@@ -44,7 +44,34 @@ def _compiled(schema_json: str) -> jsonschema.protocols.Validator:
     # Keyed by the schema's JSON, not by manifest: one schema can never get the
     # validator of another. Key order is kept (not sorted): it decides which of
     # equally relevant errors is reported, which must not depend on the cache.
-    return jsonschema.Draft202012Validator(json.loads(schema_json))
+    # Formats are checked too (an "email" that is none is refused), as far as
+    # jsonschema's checker knows them without optional libraries.
+    return jsonschema.Draft202012Validator(
+        json.loads(schema_json), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+def with_defaults(manifest: Manifest, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (already valid) with the schema's ``default``s filled in where
+    a property is missing, in nested objects too, as the package sees them.
+    Only ``properties`` are followed: a default under ``anyOf`` or a ``$ref``
+    is the package's to apply."""
+    return _filled(manifest.params_schema, params)
+
+
+def _filled(schema: Any, value: dict[str, Any]) -> dict[str, Any]:
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(properties, dict):
+        return value
+    filled = dict(value)
+    for name, sub in properties.items():
+        if not isinstance(sub, dict):
+            continue
+        if name not in filled and "default" in sub:
+            filled[name] = json.loads(json.dumps(sub["default"]))  # a copy of its own
+        if isinstance(filled.get(name), dict):
+            filled[name] = _filled(sub, filled[name])
+    return filled
 
 
 def validate_params(manifest: Manifest, params: dict[str, Any]) -> None:
