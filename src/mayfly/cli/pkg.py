@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mayfly.app.pkgcheck import probe_built
 from mayfly.app.wiring import load_trusted_keys, open_repository
 from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
 from mayfly.errors import IntegrityError, PackageError
@@ -27,10 +28,20 @@ from mayfly.settings import Settings
 __all__ = ["pkg"]
 
 
+def _build_checked(folder: Path, settings: Settings) -> BuiltPackage:
+    """Build a package folder, import its entrypoint in the sandbox, and say
+    what the build found (on stderr: stdout is the command's answer)."""
+    built = build_package(folder, wheel_cache=settings.wheel_cache)
+    found = [*built.found, probe_built(built)]
+    for line in found:
+        click.echo(f"checked  {line}", err=True)
+    return built
+
+
 def _load_built(path: Path, settings: Settings) -> BuiltPackage:
-    """A package folder is built; an archive is read as it is."""
+    """A package folder is built (and checked); an archive is read as it is."""
     if path.is_dir():
-        return build_package(path, wheel_cache=settings.wheel_cache)
+        return _build_checked(path, settings)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -93,8 +104,13 @@ def build(folder: Path, output: Path | None, settings: Settings) -> None:
     dependencies are resolved now (wheels for this Python and platform, from
     the package index, cached in $MAYFLY_HOME/cache/wheels) and carried
     inside the archive, under _deps/.
+
+    Refused, with the file and line: a module that does not compile, an
+    entrypoint that does not import in the task sandbox or cannot take the
+    context alone, a params schema default or example that does not match
+    it. What was checked is said on stderr.
     """
-    built = build_package(folder, wheel_cache=settings.wheel_cache)
+    built = _build_checked(folder, settings)
     target = output or Path(built.filename)
     target.write_bytes(built.data)
     click.echo(f"{built.digest}  {target}")

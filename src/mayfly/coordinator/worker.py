@@ -51,6 +51,7 @@ __all__ = [
     "MAX_SPEC_BYTES",
     "CancelFlag",
     "WorkerSpec",
+    "load_entrypoint",
     "read_memfd",
     "worker_main",
 ]
@@ -181,10 +182,21 @@ def _apply_limits(memory_mb: int, cpu_seconds: int) -> None:
 
 
 def _load_entrypoint(spec: WorkerSpec) -> Callable[[TaskContext], Any]:
+    return load_entrypoint(spec.package_dir, spec.entrypoint)
+
+
+def load_entrypoint(package_dir: Path, entrypoint: str) -> Callable[[TaskContext], Any]:
+    """Import a package's ``module:function`` as a task process does: its code
+    first on the path, then its dependencies, then Mayfly's environment.
+
+    Raises:
+        Exception: whatever importing the package's code raises;
+            ``AttributeError`` when the module has no such function.
+    """
     # The package cache is read-only and checked against the signed archive:
     # no bytecode is written into it (a stray .pyc would be code nobody signed).
     sys.dont_write_bytecode = True
-    deps = spec.package_dir / DEPS_DIR
+    deps = package_dir / DEPS_DIR
     if deps.is_dir():
         # Its own dependencies before Mayfly's environment: a library both have
         # is imported afresh from the package's copy, whatever this process
@@ -193,12 +205,12 @@ def _load_entrypoint(spec: WorkerSpec) -> Callable[[TaskContext], Any]:
             for loaded in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
                 del sys.modules[loaded]
         sys.path.insert(0, str(deps))
-    sys.path.insert(0, str(spec.package_dir))
-    module_name, _, function = spec.entrypoint.partition(":")
+    sys.path.insert(0, str(package_dir))
+    module_name, _, function = entrypoint.partition(":")
     module = importlib.import_module(module_name)
     fn = getattr(module, function, None)
     if not callable(fn):
-        raise AttributeError(f"{spec.entrypoint} is not a function")
+        raise AttributeError(f"{entrypoint} is not a function of {module_name}")
     return fn  # type: ignore[no-any-return]
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO
 
 from mayfly.errors import PackageError, UnsafeArchiveError
+from mayfly.packages.checks import compile_modules, schema_examples
 from mayfly.packages.deps import DEPS_DIR, resolve_dependencies
 from mayfly.packages.manifest import MANIFEST_FILE, Manifest, load_manifest, parse_manifest
 
@@ -89,6 +90,8 @@ class BuiltPackage:
     manifest: Manifest
     data: bytes
     digest: str
+    found: tuple[str, ...] = ()
+    """What its build checked and carried, a line each (empty for an archive read)."""
 
     @property
     def filename(self) -> str:
@@ -286,20 +289,31 @@ def build_package(folder: Path, *, wheel_cache: Path | None = None) -> BuiltPack
             "list them in the manifest's dependencies instead",
             **where,
         )
+    own = _walk(folder)
+    modules = compile_modules(folder, own, manifest)
+    defaults, examples = schema_examples(manifest)
+    found = [
+        f"{modules} module(s) compile",
+        f"params schema: {defaults} default(s) and {examples} example(s) match it",
+    ]
     if not manifest.dependencies:
-        return _archive(folder, [(folder, p) for p in _walk(folder)], manifest)
+        return _archive(folder, [(folder, p) for p in own], manifest, found)
     with tempfile.TemporaryDirectory(prefix="mayfly-build-") as staging:
         deps = Path(staging) / DEPS_DIR
         try:
             resolve_dependencies(manifest.dependencies, deps, wheel_cache)
         except PackageError as exc:
             raise PackageError(exc.reason, **where) from exc
-        entries = [(folder, p) for p in _walk(folder)]
+        carried = sorted(p.name.removesuffix(".dist-info") for p in deps.glob("*.dist-info"))
+        found.append(f"dependencies in {DEPS_DIR}/: {', '.join(carried) or 'none'}")
+        entries = [(folder, p) for p in own]
         entries += [(Path(staging), deps), *((Path(staging), p) for p in _walk(deps))]
-        return _archive(folder, entries, manifest)
+        return _archive(folder, entries, manifest, found)
 
 
-def _archive(folder: Path, entries: list[tuple[Path, Path]], manifest: Manifest) -> BuiltPackage:
+def _archive(
+    folder: Path, entries: list[tuple[Path, Path]], manifest: Manifest, found: list[str]
+) -> BuiltPackage:
     """The archive of ``entries`` (each a root and a path below it, archived
     by its path from the root), refused when extraction would refuse it."""
     where = {"package": manifest.name, "version": manifest.version}
@@ -332,7 +346,7 @@ def _archive(folder: Path, entries: list[tuple[Path, Path]], manifest: Manifest)
             else:
                 tar.addfile(info)
     data = raw.getvalue()
-    return BuiltPackage(manifest=manifest, data=data, digest=digest_of(data))
+    return BuiltPackage(manifest=manifest, data=data, digest=digest_of(data), found=tuple(found))
 
 
 # --- reading -------------------------------------------------------------------------
