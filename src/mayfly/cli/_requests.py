@@ -14,12 +14,12 @@ from mayfly.cli._common import complete_devices, complete_tasks
 from mayfly.errors import EventError
 from mayfly.events import Priority, TaskRequest, new_request
 
-__all__ = ["build_requests", "request_options"]
+__all__ = ["build_requests", "key_values", "param_value", "request_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+def key_values(values: tuple[str, ...], what: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for item in values:
         key, eq, value = item.partition("=")
@@ -29,7 +29,7 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
     return found
 
 
-def _param_value(raw: str) -> Any:
+def param_value(raw: str) -> Any:
     try:
         return json.loads(raw)
     except ValueError:
@@ -161,12 +161,12 @@ def build_requests(
                 raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from exc
             if not isinstance(merged, dict):
                 raise click.BadParameter("must be a JSON object", param_hint="--params")
-        merged |= {k: _param_value(v) for k, v in _pairs(params, "--param").items()}
+        merged |= {k: param_value(v) for k, v in key_values(params, "--param").items()}
         specs = [
             {
                 "task": task,
                 "devices": list(devices),
-                "selector": _pairs(selectors, "--selector"),
+                "selector": key_values(selectors, "--selector"),
                 "params": merged,
                 "version": version,
                 "channel": channel,

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from mayfly.app.pkgcheck import probe_built
 from mayfly.app.wiring import load_trusted_keys, open_repository
 from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
-from mayfly.errors import IntegrityError, PackageError
+from mayfly.cli._requests import key_values, param_value
+from mayfly.coordinator.pipeline import Outcome, exit_code_for, summarize
+from mayfly.errors import IntegrityError, MayflyError, PackageError
+from mayfly.events import TaskRejected
+from mayfly.exitcodes import ExitCode
 from mayfly.packages import (
     BuiltPackage,
     Signature,
@@ -244,3 +252,158 @@ def fetch(ref: str, dest: Path | None, settings: Settings) -> None:
     )
     m = fetched.manifest
     click.echo(f"{m.name} {m.version} {fetched.digest} -> {path}")
+
+
+def _folder_stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a change to a package folder changes: each file's path, size, mtime."""
+    stamp = []
+    for path in sorted(folder.rglob("*")):
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        st = path.stat()
+        stamp.append((str(path.relative_to(folder)), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+def _show_outcome(outcome: Outcome) -> None:
+    if isinstance(outcome, TaskRejected):
+        click.echo(f"rejected   {outcome.code.value}: {outcome.reason}")
+        return
+    for device in outcome.devices:
+        took = ""
+        if device.started_at and device.finished_at:
+            took = f" {(device.finished_at - device.started_at).total_seconds() * 1000:.0f} ms"
+        said = (
+            f"error {device.error}" if device.error else f"output {json.dumps(device.output)[:300]}"
+        )
+        click.echo(
+            f"{device.device_id:<14} {device.status.value:<10} "
+            f"{device.attempts} attempt(s){took}  {said}"
+        )
+    click.echo(summarize(outcome))
+
+
+@pkg.command("run")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-d", "--device", "devices", multiple=True, help="Target device id (repeatable).")
+@click.option("-s", "--selector", "selectors", multiple=True, help="Label selector KEY=VALUE.")
+@click.option(
+    "-p", "--param", "params", multiple=True, help="Param KEY=VALUE (VALUE is JSON if it parses)."
+)
+@click.option("--params", "params_json", help="All params as one JSON object.")
+@click.option(
+    "--sim",
+    type=click.IntRange(1, 10_000),
+    help="Run on this many simulated devices (sim-0001, ...) served for the run, "
+    "instead of the configured inventory; all of them unless -d or -s say.",
+)
+@click.option("--watch", is_flag=True, help="Run again each time a file of FOLDER changes.")
+@settings_options(*PACKAGE_SETTINGS, "inventory")
+def run_cmd(
+    folder: Path,
+    devices: tuple[str, ...],
+    selectors: tuple[str, ...],
+    params: tuple[str, ...],
+    params_json: str | None,
+    sim: int | None,
+    watch: bool,
+    settings: Settings,
+) -> None:
+    """Run the package in FOLDER, unpublished, as a development run.
+
+    It is built and checked as `pkg build` does, signed with a throwaway key
+    into a throwaway store, and run by a coordinator and its sandboxed task
+    processes exactly as a published version would be; the package's log
+    lines and each device's result are printed here, and the result says
+    mode "dev". Nothing goes to the store, the event log or the aggregator.
+
+    \b
+      mayfly pkg run taskpkgs/reboot --sim 3
+      mayfly pkg run mypkg -d sim-0001 -p level=debug --watch
+    """
+    import logging
+    import tempfile
+
+    from mayfly.app.devrun import dev_run, simulated_inventory
+
+    merged: dict[str, Any] = {}
+    if params_json:
+        try:
+            merged = json.loads(params_json)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from exc
+        if not isinstance(merged, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--params")
+    merged |= {k: param_value(v) for k, v in key_values(params, "--param").items()}
+    selector = key_values(selectors, "--selector")
+    if not (devices or selector) and sim is None:
+        raise click.UsageError("say which devices: -d ID, -s KEY=VALUE, or --sim N")
+    if not (devices or selector):
+        devices = tuple(f"sim-{n:04d}" for n in range(1, (sim or 0) + 1))
+    task_log = logging.getLogger("mayfly.task")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("log        %(levelname)s %(message)s"))
+    task_log.addHandler(handler)
+    task_log.setLevel(logging.DEBUG)
+
+    def once(inventory: Path) -> int:
+        try:
+            outcome = dev_run(
+                settings,
+                folder,
+                inventory,
+                devices=devices,
+                selector=selector,
+                params=merged,
+                say=lambda line: click.echo(f"checked    {line}", err=True),
+            )
+        except MayflyError as exc:
+            click.echo(f"error: {exc}", err=True)
+            return int(ExitCode.CONFIG)
+        _show_outcome(outcome)
+        return int(exit_code_for(outcome))
+
+    with (
+        tempfile.TemporaryDirectory(prefix="mayfly-run-") as scratch,
+        contextlib.ExitStack() as stack,
+    ):
+        if sim is not None:
+            inventory = stack.enter_context(simulated_inventory(sim, Path(scratch)))
+        elif settings.inventory.startswith("s3://"):
+            raise click.UsageError("pkg run reads a file inventory (--inventory FILE), or --sim N")
+        else:
+            inventory = Path(settings.inventory)
+        code = once(inventory)
+        while watch:
+            click.echo(f"watching   {folder} for changes (Ctrl-C to stop)", err=True)
+            stamp = _folder_stamp(folder)
+            while _folder_stamp(folder) == stamp:
+                time.sleep(0.5)
+            code = once(inventory)
+    raise SystemExit(code)
+
+
+@pkg.command("new")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "parent",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder to make the package in.",
+)
+def new_cmd(name: str, parent: Path) -> None:
+    """Make a new package folder NAME: manifest, code and a test to start from.
+
+    \b
+      mayfly pkg new hello
+      mayfly pkg run hello --sim 3      # try it on three simulated devices
+      python -m pytest hello            # its test does the same
+      mayfly pkg publish hello          # sign and publish it
+    """
+    from mayfly.app.scaffold import new_package
+
+    folder = new_package(parent, name)
+    for path in sorted(folder.iterdir()):
+        click.echo(f"wrote  {path}")
