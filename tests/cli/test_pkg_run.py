@@ -4,6 +4,7 @@ again on every change with --watch; nothing lands in the store."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,3 +98,39 @@ def test_watch_runs_again_when_a_file_changes(tmp_path: Path) -> None:
     finally:
         watching.terminate()
         watching.communicate(timeout=30)
+
+
+def test_a_package_for_a_new_action_runs_on_a_simulator_that_declares_it(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "blinker"
+    folder.mkdir()
+    manifest = {
+        "name": "blinker",
+        "version": "0.1.0",
+        "entrypoint": "task:run",
+        "capabilities": ["led"],
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "task.py").write_text(
+        "def run(ctx):\n    return ctx.device.action('blink', {'times': 2})\n"
+    )
+    template = '{"blinked": "$payload", "by": "{device_id}"}'
+    ran = _mayfly(
+        tmp_path,
+        "pkg",
+        "run",
+        "blinker",
+        "--sim",
+        "2",
+        "--action",
+        f"blink={template}",
+        "--capability",
+        "led",
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert '{"blinked": {"times": 2}, "by": "sim-0002"}' in ran.stdout
+    # Without the capability no device matches what the package needs.
+    bare = _mayfly(tmp_path, "pkg", "run", "blinker", "--sim", "1", "--action", "blink")
+    assert bare.returncode != 0
+    assert "led" in bare.stdout + bare.stderr

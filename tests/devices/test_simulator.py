@@ -415,6 +415,11 @@ def test_cli_help_explains_flags_and_endpoints() -> None:
         ["--count", "3", "--latency-ms", "-5"],
         ["--count", "3", "--broken", "2"],
         ["--count", "3", "--broken", "sim-0099"],
+        ["--count", "3", "--action", "reboot"],  # built in
+        ["--count", "3", "--action", "bad name"],
+        ["--count", "3", "--action", "blink={not json"],
+        ["--count", "3", "--action", "blink=[1, 2]"],  # not an object
+        ["--count", "3", "--capability", "../x"],
     ],
 )
 def test_cli_bad_flag_is_a_usage_error(flags: list[str]) -> None:
@@ -451,3 +456,47 @@ def test_cli_simulate_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert "serving    3 devices" in out
     assert str(inventory) in out
     assert "stopped after 1 requests" in out
+
+
+def test_a_declared_action_records_its_body_and_answers_from_its_template() -> None:
+    sim = Simulator(
+        2,
+        actions={"blink": {"blinked": "$payload", "by": "{device_id}", "what": "{action}"}},
+        capabilities=["led", "led"],
+    )
+    device = sim.inventory("http://127.0.0.1:9").get("sim-0001")
+    assert device is not None
+    assert device.capabilities == (
+        "reboot",
+        "firmware",
+        "config",
+        "led",
+    )
+    first = sim.action("sim-0001", "blink", {"times": 3}, "k1")
+    assert first.status == 200
+    assert first.body == {"blinked": {"times": 3}, "by": "sim-0001", "what": "blink"}
+    again = sim.action("sim-0001", "blink", {"times": 9}, "k1")  # a retry: replayed
+    assert again.body == first.body
+    assert [(e["action"], e["payload"]) for e in sim.records("sim-0001")["log"]] == [
+        ("blink", {"times": 3})
+    ]
+    unknown = sim.action("sim-0001", "wink", {}, "k2")
+    assert unknown.status == 404
+    assert "blink" in unknown.body["error"]
+
+
+def test_a_declarations_file_serves_its_actions(tmp_path: Path) -> None:
+    declared = tmp_path / "sim.json"
+    declared.write_text(json.dumps({"actions": {"blink": {"ok": True}}, "capabilities": ["led"]}))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"action": {}}))
+    refused = CliRunner().invoke(
+        cli, ["devices", "simulate", "--count", "1", "--declare", str(wrong)]
+    )
+    assert refused.exit_code == 2
+    assert "unknown key(s) action" in refused.output
+    from mayfly.cli.devices import declarations
+
+    actions, caps = declarations(declared, ("wink",), ("eye",))
+    assert actions == {"blink": {"ok": True}, "wink": {"action": "{action}", "ok": True}}
+    assert caps == ["led", "eye"]

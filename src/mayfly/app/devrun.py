@@ -36,12 +36,30 @@ DEV_MODE = "dev"
 
 
 @contextmanager
-def simulated_inventory(count: int, folder: Path) -> Iterator[Path]:
+def simulated_inventory(
+    count: int,
+    folder: Path,
+    *,
+    actions: Mapping[str, Any] | None = None,
+    capabilities: Sequence[str] = (),
+) -> Iterator[Path]:
     """``count`` simulated devices served on 127.0.0.1 while the block runs,
-    and the inventory file that names them."""
+    and the inventory file that names them; ``actions`` and ``capabilities``
+    as :class:`~mayfly.devices.sim.Simulator` takes them.
+
+    Raises:
+        ValueError: an action or capability the simulator refuses, named.
+    """
     from mayfly.devices.sim import Simulator, SimulatorServer
 
-    server = SimulatorServer(Simulator(count, reboot_time=0.5, download_time=1.0)).start()
+    sim = Simulator(
+        count,
+        reboot_time=0.5,
+        download_time=1.0,
+        actions=dict(actions or {}),
+        capabilities=capabilities,
+    )
+    server = SimulatorServer(sim).start()
     try:
         path = folder / "inventory.json"
         path.write_bytes(server.inventory().to_json())

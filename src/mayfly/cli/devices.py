@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mayfly.devices.sim import Simulator, serve_until_signalled
 from mayfly.errors import InventoryError
 
-__all__ = ["devices"]
+__all__ = ["declarations", "devices", "read_declarations"]
 
 if TYPE_CHECKING:
     # Click 8.2+ types ParamType as generic; older versions are not subscriptable at run time.
@@ -41,6 +42,87 @@ class _Broken(_BrokenBase):
         if not 0.0 <= fraction <= 1.0:
             self.fail(f"{text} is not a fraction in 0..1", param, ctx)
         return fraction
+
+
+#: Largest file of declared actions and capabilities read.
+_MAX_DECLARATIONS_BYTES = 1024 * 1024
+
+
+def read_declarations(path: Path | None) -> tuple[dict[str, Any], list[str]]:
+    """The actions and capabilities a declarations file gives: ``{"actions":
+    {NAME: ANSWER_TEMPLATE}, "capabilities": [NAME]}`` (both optional)."""
+    if path is None:
+        return {}, []
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(_MAX_DECLARATIONS_BYTES + 1)
+        doc = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--declare") from exc
+    if len(raw) > _MAX_DECLARATIONS_BYTES or not isinstance(doc, dict):
+        raise click.BadParameter(
+            f"{path}: expected a JSON object under 1 MiB", param_hint="--declare"
+        )
+    unknown = sorted(set(doc) - {"actions", "capabilities"})
+    if unknown:
+        raise click.BadParameter(
+            f"{path}: unknown key(s) {', '.join(unknown)} (known: actions, capabilities)",
+            param_hint="--declare",
+        )
+    actions, caps = doc.get("actions", {}), doc.get("capabilities", [])
+    if not isinstance(actions, dict) or not isinstance(caps, list):
+        raise click.BadParameter(
+            f"{path}: actions is an object, capabilities a list", param_hint="--declare"
+        )
+    return actions, caps
+
+
+def declarations(
+    path: Path | None, actions: tuple[str, ...], capabilities: tuple[str, ...]
+) -> tuple[dict[str, Any], list[str]]:
+    """What ``--declare FILE``, ``--action NAME[=TEMPLATE]`` and ``--capability``
+    declare together (the flags after the file)."""
+    declared, caps = read_declarations(path)
+    for item in actions:
+        name, eq, template = item.partition("=")
+        try:
+            declared[name] = json.loads(template) if eq else {"action": "{action}", "ok": True}
+        except ValueError as exc:
+            message = f"{item[:80]!r}: not JSON: {exc}"
+            raise click.BadParameter(message, param_hint="--action") from exc
+    return declared, [*caps, *capabilities]
+
+
+_DECLARE_OPTIONS = (
+    click.option(
+        "--declare",
+        "declare_file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help='More actions and capabilities from a JSON file: {"actions": {"blink": '
+        '{"blinked": "$payload"}}, "capabilities": ["led"]}.',
+    ),
+    click.option(
+        "--action",
+        "actions",
+        multiple=True,
+        help="Another action every device understands, NAME or NAME=TEMPLATE: a JSON "
+        'object answered ({device_id} and {action} filled in, "$payload" the body); '
+        "applied ones are in the device's log.",
+    ),
+    click.option(
+        "--capability",
+        "capabilities",
+        multiple=True,
+        help="Another capability every device advertises (repeatable).",
+    ),
+)
+
+
+def declare_options(fn: Any) -> Any:
+    """The flags that declare a simulator's extra actions and capabilities."""
+    for decorate in reversed(_DECLARE_OPTIONS):
+        fn = decorate(fn)
+    return fn
 
 
 @click.group()
@@ -124,6 +206,7 @@ def devices() -> None:
     show_default=True,
     help="Makes failures, jitter and the broken set reproducible.",
 )
+@declare_options
 def simulate(
     count: int,
     port: int,
@@ -135,6 +218,9 @@ def simulate(
     failure_rate: float,
     broken: float | tuple[str, ...],
     seed: int,
+    declare_file: Path | None,
+    actions: tuple[str, ...],
+    capabilities: tuple[str, ...],
 ) -> None:
     """Serve --count simulated devices on 127.0.0.1 until Ctrl-C or SIGTERM.
 
@@ -150,6 +236,7 @@ def simulate(
            firmware-download {"version"}       202; staged after --download-time
            firmware-install  {"version"}       409 unless staged; active after reboot
            config-push {"config", "mode"}      mode merge (default) or replace
+      NAME (--action, --declare)          200 with its answer template
       A repeated Idempotency-Key replays the first answer and applies nothing.
 
     \b
@@ -160,6 +247,7 @@ def simulate(
       GET  /_sim/duplicates                    keys applied twice (always empty)
       POST /_sim/reset                         every device back to its first boot
     """
+    extra, caps = declarations(declare_file, actions, capabilities)
     try:
         sim = Simulator(
             count,
@@ -171,9 +259,11 @@ def simulate(
             failure_rate=failure_rate,
             broken=broken,
             seed=seed,
+            actions=extra,
+            capabilities=caps,
         )
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--broken'") from exc
+        raise click.BadParameter(str(exc)) from exc
 
     def ready(bound: int) -> None:
         try:

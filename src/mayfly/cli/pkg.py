@@ -14,6 +14,7 @@ from mayfly.app.pkgcheck import probe_built
 from mayfly.app.wiring import load_trusted_keys, open_repository
 from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
 from mayfly.cli._requests import key_values, param_value
+from mayfly.cli.devices import declarations, declare_options
 from mayfly.coordinator.pipeline import Outcome, exit_code_for, summarize
 from mayfly.errors import IntegrityError, MayflyError, PackageError
 from mayfly.events import TaskRejected
@@ -298,6 +299,7 @@ def _show_outcome(outcome: Outcome) -> None:
     "instead of the configured inventory; all of them unless -d or -s say.",
 )
 @click.option("--watch", is_flag=True, help="Run again each time a file of FOLDER changes.")
+@declare_options
 @settings_options(*PACKAGE_SETTINGS, "inventory")
 def run_cmd(
     folder: Path,
@@ -307,6 +309,9 @@ def run_cmd(
     params_json: str | None,
     sim: int | None,
     watch: bool,
+    declare_file: Path | None,
+    actions: tuple[str, ...],
+    capabilities: tuple[str, ...],
     settings: Settings,
 ) -> None:
     """Run the package in FOLDER, unpublished, as a development run.
@@ -368,7 +373,12 @@ def run_cmd(
         contextlib.ExitStack() as stack,
     ):
         if sim is not None:
-            inventory = stack.enter_context(simulated_inventory(sim, Path(scratch)))
+            extra, caps = declarations(declare_file, actions, capabilities)
+            try:
+                served = simulated_inventory(sim, Path(scratch), actions=extra, capabilities=caps)
+                inventory = stack.enter_context(served)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from exc
         elif settings.inventory.startswith("s3://"):
             raise click.UsageError("pkg run reads a file inventory (--inventory FILE), or --sim N")
         else:

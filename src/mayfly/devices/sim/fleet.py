@@ -31,6 +31,7 @@ __all__ = [
     "SimResponse",
     "Simulator",
     "device_ids",
+    "render_answer",
 ]
 
 Json = dict[str, Any]
@@ -43,6 +44,11 @@ CAPABILITIES = ("reboot", "firmware", "config")
 INITIAL_FIRMWARE = "1.0.0"
 
 _VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Largest answer template of a declared action, encoded.
+MAX_TEMPLATE_BYTES = 64 * 1024
+#: A template value that is this string whole is replaced by the request's body.
+PAYLOAD_MARK = "$payload"
 _SITES = ("lab-a", "lab-b", "lab-c")
 _MODELS = ("m1", "m2")
 _REPLAYED = ("Idempotent-Replayed", "true")
@@ -63,6 +69,48 @@ def _error(status: int, message: str, *headers: tuple[str, str]) -> SimResponse:
 
 _INJECTED = _error(503, "injected failure")
 _FAULT = _error(500, "device fault")
+
+
+def render_answer(template: Any, device_id: str, action: str, payload: Json) -> Any:
+    """A declared action's answer: ``template`` with ``{device_id}`` and
+    ``{action}`` filled in its strings, and a value of ``"$payload"`` replaced
+    by the request's body."""
+    if isinstance(template, str):
+        if template == PAYLOAD_MARK:
+            return copy.deepcopy(payload)
+        return template.replace("{device_id}", device_id).replace("{action}", action)
+    if isinstance(template, dict):
+        return {k: render_answer(v, device_id, action, payload) for k, v in template.items()}
+    if isinstance(template, list):
+        return [render_answer(v, device_id, action, payload) for v in template]
+    return template
+
+
+def _declared(actions: Any, capabilities: Iterable[str]) -> tuple[dict[str, Json], tuple[str, ...]]:
+    """Declared actions and capabilities, checked.
+
+    Raises:
+        ValueError: a name that is no action or capability name, a built-in
+            action, a template that is not a JSON object or is over its bound.
+    """
+    import json
+
+    declared: dict[str, Json] = {}
+    for name, template in dict(actions or {}).items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"action name {str(name)[:70]!r}: letters, digits, '.', '_', '-'")
+        if name in ACTIONS:
+            raise ValueError(f"action {name!r} is built in; declare another name")
+        if not isinstance(template, dict):
+            raise ValueError(f"action {name!r}: its answer template must be a JSON object")
+        if len(json.dumps(template)) > MAX_TEMPLATE_BYTES:
+            raise ValueError(f"action {name!r}: answer template over {MAX_TEMPLATE_BYTES} bytes")
+        declared[name] = copy.deepcopy(template)
+    caps = tuple(dict.fromkeys(capabilities))
+    for cap in caps:
+        if not isinstance(cap, str) or not _NAME.match(cap):
+            raise ValueError(f"capability {str(cap)[:70]!r}: letters, digits, '.', '_', '-'")
+    return declared, caps
 
 
 def device_ids(count: int) -> list[str]:
@@ -163,6 +211,11 @@ class Simulator:
         broken: fraction of devices (chosen by ``seed``) or explicit ids that
             answer 500 to every action while their state still answers.
         seed: makes failures, jitter and the broken set reproducible.
+        actions: more actions every device understands, each a name and its
+            answer template (a JSON object: ``{device_id}`` and ``{action}``
+            filled in its strings, ``"$payload"`` as a value replaced by the
+            request's body); applied ones are in the device's log like any.
+        capabilities: more capabilities every device advertises.
         clock: monotonic seconds; tests pass a fake one to step time.
         wall_clock: epoch seconds stamped on log entries.
 
@@ -182,6 +235,8 @@ class Simulator:
         failure_rate: float = 0.0,
         broken: float | Iterable[str] = 0.0,
         seed: int = 0,
+        actions: dict[str, Json] | None = None,
+        capabilities: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -199,6 +254,8 @@ class Simulator:
                 raise ValueError(f"{name} must not be negative, got {value}")
         if not 0.0 <= failure_rate <= 1.0:
             raise ValueError(f"failure_rate must be in 0..1, got {failure_rate}")
+        self.actions, extra = _declared(actions, capabilities)
+        self.capabilities = tuple(dict.fromkeys((*CAPABILITIES, *extra)))
         self.count = count
         self.port = port
         self.reboot_time = reboot_time
@@ -291,7 +348,7 @@ class Simulator:
                 id=d.id,
                 address=f"{base}/devices/{d.id}",
                 labels=dict(d.labels),
-                capabilities=CAPABILITIES,
+                capabilities=self.capabilities,
             )
             for d in self._devices.values()
         )
@@ -345,8 +402,9 @@ class Simulator:
             device = self._devices.get(device_id)
             if device is None:
                 return _error(404, f"unknown device {device_id}")
-            if name not in ACTIONS:
-                return _error(404, f"unknown action {name!r}; known: {', '.join(ACTIONS)}")
+            if name not in ACTIONS and name not in self.actions:
+                known = ", ".join((*ACTIONS, *self.actions))
+                return _error(404, f"unknown action {name[:80]!r}; known: {known}")
             device.last_request_at = self._wall_clock()
             if not key:
                 return _error(400, "missing Idempotency-Key header")
@@ -381,6 +439,9 @@ class Simulator:
         return response
 
     def _apply(self, device: _SimDevice, name: str, payload: Json, now: float) -> SimResponse:
+        template = self.actions.get(name)
+        if template is not None:
+            return SimResponse(200, render_answer(template, device.id, name, payload))
         if name == "reboot":
             # A partial download does not survive a reboot; a staged image does.
             device.downloading = None
