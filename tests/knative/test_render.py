@@ -143,3 +143,34 @@ def test_cli_deploys_a_published_version_and_refuses_what_is_not_there(
     assert "not both" in both.output
     nowhere = mayfly("deploy", str(tmp_path / "nowhere/x"), ok=False)
     assert "manifest.json" in nowhere.output
+
+
+def test_an_image_build_bakes_the_signed_package_and_the_service_reads_it_there(
+    mayfly: Run, tmp_path: Path
+) -> None:
+    mayfly("pkg", "keygen")
+    mayfly("pkg", "publish", str(TASKPKGS / "reboot"))
+    build = tmp_path / "image"
+    rendered = mayfly("deploy", "reboot", "--image-build", str(build))
+    service = next(yaml.safe_load_all(rendered.stdout))
+    container = service["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "mayfly/reboot:1.0.0"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MAYFLY_STORE"] == "/opt/mayfly/store"
+    containerfile = (build / "Containerfile").read_text()
+    assert "FROM mayfly/functions:" in containerfile
+    assert "COPY store /opt/mayfly/store" in containerfile
+    # The baked store is a store: the same trusted keys verify the package from it.
+    from mayfly.app.wiring import open_repository
+    from mayfly.settings import Settings
+
+    settings = Settings.from_env(
+        {"MAYFLY_HOME": str(tmp_path / "home"), "MAYFLY_STORE": str(build / "store")}
+    )
+    fetched = open_repository(settings).fetch("reboot")
+    assert fetched.manifest.version == "1.0.0"
+    assert fetched.digest in containerfile
+    # A folder is no published version, and a full folder is not written over.
+    mayfly("deploy", str(TASKPKGS / "reboot"), "--image-build", str(tmp_path / "x"), ok=False)
+    again = mayfly("deploy", "reboot", "--image-build", str(build), ok=False)
+    assert "is not empty" in again.output

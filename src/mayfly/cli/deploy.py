@@ -35,6 +35,27 @@ class _NoAliases(yaml.SafeDumper):
         return True
 
 
+def _image_build(
+    task: str, ref: str | None, image: str, folder: Path, settings: Settings
+) -> tuple[str, str]:
+    """Write TASK's image build; the image the Service runs, and its store."""
+    from mayfly.app.wiring import load_trusted_keys
+    from mayfly.deploy.image import IMAGE_STORE, write_image_build
+
+    if (Path(task) / MANIFEST_FILE).is_file():
+        raise click.UsageError("--image-build bakes a published version: `mayfly pkg publish` it")
+    fetched = open_repository(settings).fetch(task, ref)
+    m = fetched.manifest
+    own = image if image != DEFAULT_IMAGE else f"mayfly/{m.name}:{m.version}"
+    written = write_image_build(fetched, load_trusted_keys(settings), folder, DEFAULT_IMAGE)
+    click.echo(f"{m.name} {m.version}: wrote {written} and {folder / 'store'}", err=True)
+    click.echo(
+        f"build it: podman build -t {own} {folder} (then push it where the cluster pulls)",
+        err=True,
+    )
+    return own, IMAGE_STORE
+
+
 def dump_yaml(resources: list[Resource]) -> str:
     """Multi-document YAML, keys in the order Kubernetes users expect (as rendered)."""
     return yaml.dump_all(resources, Dumper=_NoAliases, sort_keys=False, default_flow_style=False)
@@ -100,6 +121,13 @@ def _manifest(task: str, version: str | None, channel: str | None, settings: Set
     help="The cluster's max-revision-timeout-seconds.",
 )
 @click.option("--print-kn", is_flag=True, help="Print the equivalent `kn service create`.")
+@click.option(
+    "--image-build",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write DIR: a Containerfile of TASK's own image (the functions image with its "
+    "signed package baked in) and the store it copies; the Service then runs that image "
+    "(--image, default mayfly/TASK:VERSION) and reads the package from it.",
+)
 @settings_options(*PACKAGE_SETTINGS)
 def deploy(
     task: str,
@@ -119,6 +147,7 @@ def deploy(
     shape: str | None,
     max_revision_timeout: int,
     print_kn: bool,
+    image_build: Path | None,
     settings: Settings,
 ) -> None:
     """Render the Knative resources for TASK, a published task type (or a package folder).
@@ -133,8 +162,12 @@ def deploy(
     if dry_run and not apply_:
         raise click.UsageError("--dry-run goes with --apply")
     manifest = _manifest(task, version, channel, settings)
+    store = None
+    if image_build is not None:
+        image, store = _image_build(task, version or channel, image, image_build, settings)
     options = DeployOptions(
         image=image,
+        store=store,
         namespace=namespace,
         max_scale=max_scale,
         max_processes=max_processes,

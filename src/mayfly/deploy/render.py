@@ -107,6 +107,9 @@ class DeployOptions:
     """Devices one coordinator instance runs at most (``MAYFLY_SHARD_SIZE``): a
     request over more is published back to its lane as shards, each delivered
     to an instance of its own."""
+    store: str | None = None
+    """``MAYFLY_STORE`` of the coordinator, over ``mayfly-config``'s: a store
+    baked into its image (``mayfly deploy --image-build``)."""
 
     def __post_init__(self) -> None:
         if self.max_scale < 1:
@@ -212,6 +215,7 @@ def _plain_env(manifest: Manifest, options: DeployOptions) -> list[tuple[str, st
         # A request its schedule holds waits there (knative/base/waker.yaml moves it back).
         ("MAYFLY_DEFER_SINK", f"{KAFKA_SINK_INGRESS}/{options.namespace}/{DEFERRED_SINK}"),
         ("OTEL_SERVICE_NAME", f"mayfly-coordinator-{manifest.name}"),
+        *([("MAYFLY_STORE", options.store)] if options.store else []),
     ]
 
 
