@@ -142,3 +142,14 @@ def test_a_folder_of_its_own_named_deps_is_refused(tmp_path: Path) -> None:
     (folder / "_deps" / "x.py").write_text("")
     with pytest.raises(PackageError, match="dependencies"):
         build_package(folder)
+
+
+def test_dependencies_over_a_packages_bounds_are_refused_while_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mayfly.packages import deps
+
+    monkeypatch.setattr(deps, "_MAX_FILES", 5)  # humanize alone has more files
+    folder = write_package(tmp_path / "big", _manifest("big", ["humanize==4.17.0"]), CODE)
+    with pytest.raises(PackageError, match=r"over a package's bounds .* at humanize-4\.17\.0"):
+        build_package(folder, wheel_cache=tmp_path / "wheels")

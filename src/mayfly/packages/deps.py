@@ -152,7 +152,14 @@ def _unpacked_name(member: str) -> str | None:
     return "/".join(parts)
 
 
-def _unpack(wheel: Path, into: Path) -> None:
+#: What the unpacked dependencies of one package may hold at most: a package's
+#: own bounds (``ArchiveLimits``), checked while unpacking, not after.
+_MAX_FILES, _MAX_BYTES = 2_000, 64 * 1024 * 1024
+
+
+def _unpack(wheel: Path, into: Path, budget: list[int]) -> None:
+    """Unpack ``wheel`` into ``into``, counting its files and bytes against
+    ``budget`` (files left, bytes left)."""
     try:
         archive = zipfile.ZipFile(wheel)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -161,6 +168,13 @@ def _unpack(wheel: Path, into: Path) -> None:
         for info in archive.infolist():
             if info.is_dir():
                 continue
+            # zipfile reads no more than a member's declared size (and checks its CRC).
+            budget[0], budget[1] = budget[0] - 1, budget[1] - info.file_size
+            if budget[0] < 0 or budget[1] < 0:
+                raise PackageError(
+                    f"dependencies over a package's bounds ({_MAX_FILES} files, "
+                    f"{_MAX_BYTES // 2**20} MiB) at {wheel.name}"
+                )
             kind = stat.S_IFMT(info.external_attr >> 16)  # 0: a zip tool that says none
             if kind and kind != stat.S_IFREG:
                 raise PackageError(f"{wheel.name}: {info.filename} is not a regular file")
@@ -183,8 +197,9 @@ def resolve_dependencies(requirements: Sequence[str], into: Path, cache: Path | 
             pip's reason, or a wheel is not what a wheel may be.
     """
     into.mkdir(parents=True)
+    budget = [_MAX_FILES, _MAX_BYTES]
     for wheel in _wheels(requirements, cache):
-        _unpack(wheel, into)
+        _unpack(wheel, into, budget)
 
 
 def provided_modules(deps: Path) -> frozenset[str]:
