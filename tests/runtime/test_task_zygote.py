@@ -351,3 +351,42 @@ def test_an_exit_and_its_hang_up_in_one_select_touch_nothing_of_the_reaped_child
     zygote_module._reap(child, {pidfd: child}, selector)
     zygote_module._from_coordinator(child, selector)  # was: EBADF, and the zygote died
     selector.close()
+
+
+def test_a_package_with_dependencies_runs_from_the_zygote(
+    home: Home, fleet: FleetFactory, tmp_path: Path, package_index: None
+) -> None:
+    """Its task processes come from the zygote, whose sys.modules is the
+    task side's: the package's own copy of a library is what it imports."""
+    fleet(2)
+    folder = tmp_path / "deps"
+    folder.mkdir()
+    manifest = {
+        "name": "deps",
+        "version": "1.0.0",
+        "entrypoint": "task:run",
+        "dependencies": ["humanize==4.9.0"],
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "task.py").write_text(
+        "import humanize\n\ndef run(ctx):\n"
+        "    return {'v': humanize.__version__, 'at': humanize.__file__}\n"
+    )
+    publish_folder(home.settings(), folder)
+    request = new_request("deps", devices=["sim-0001", "sim-0002"])
+    log = home.log()
+    publish_request(log, request)
+    log.close()
+    runtime = Runtime(home.settings())
+    runtime.start()
+    deadline = time.monotonic() + 60
+    try:
+        runtime.run(should_stop=lambda: bool(home.results()) or time.monotonic() > deadline)
+    finally:
+        runtime.close()
+    result = home.results()[request.id]
+    assert isinstance(result, TaskCompleted), result
+    assert result.status == "succeeded", result
+    for device in result.devices:
+        assert device.output["v"] == "4.9.0"
+        assert "/_deps/humanize/" in device.output["at"]

@@ -40,9 +40,9 @@ from mayfly.coordinator.frames import (
     check_task_frame,
     encode,
 )
+from mayfly.depsdir import DEPS_DIR, provided_modules
 from mayfly.errors import DeviceActionError, DeviceUnavailableError, EventError
 from mayfly.jsondepth import check_depth
-from mayfly.packages.deps import DEPS_DIR, provided_modules
 from mayfly.procs import die_with_parent
 from mayfly.sandbox import SandboxSpec, enter
 

@@ -33,18 +33,16 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from mayfly.depsdir import DEPS_DIR
 from mayfly.errors import PackageError
 
 __all__ = [
     "DEPS_DIR",
     "MAX_DEPENDENCIES",
     "check_requirement",
-    "provided_modules",
     "resolve_dependencies",
 ]
 
-#: The folder of a package that holds its unpacked dependencies.
-DEPS_DIR = "_deps"
 #: Requirements one manifest may list.
 MAX_DEPENDENCIES = 50
 _MAX_REQUIREMENT = 200
@@ -200,20 +198,3 @@ def resolve_dependencies(requirements: Sequence[str], into: Path, cache: Path | 
     budget = [_MAX_FILES, _MAX_BYTES]
     for wheel in _wheels(requirements, cache):
         _unpack(wheel, into, budget)
-
-
-def provided_modules(deps: Path) -> frozenset[str]:
-    """The top-level module names a dependencies folder provides."""
-    names: set[str] = set()
-    try:
-        entries = list(deps.iterdir())
-    except OSError:
-        return frozenset()
-    for entry in entries:
-        if entry.name.endswith((".dist-info", ".data")):
-            continue
-        if entry.is_dir():
-            names.add(entry.name)
-        elif entry.suffix in (".py", ".so", ".pyd"):
-            names.add(entry.name.split(".", 1)[0])
-    return frozenset(names)
