@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,7 @@ def run_cmd(
             click.echo(f"error: {exc}", err=True)
             return int(ExitCode.CONFIG)
         _show_outcome(outcome)
+        sys.stdout.flush()  # a pipe's reader (`| tee`) sees each run as it ends
         return int(exit_code_for(outcome))
 
     with (
@@ -383,12 +385,15 @@ def run_cmd(
             raise click.UsageError("pkg run reads a file inventory (--inventory FILE), or --sim N")
         else:
             inventory = Path(settings.inventory)
+        # Stamped before each run: a change made while it runs (or as "watching"
+        # is printed) starts the next one, never goes unseen.
+        stamp = _folder_stamp(folder)
         code = once(inventory)
         while watch:
             click.echo(f"watching   {folder} for changes (Ctrl-C to stop)", err=True)
-            stamp = _folder_stamp(folder)
             while _folder_stamp(folder) == stamp:
                 time.sleep(0.5)
+            stamp = _folder_stamp(folder)
             code = once(inventory)
     raise SystemExit(code)
 
