@@ -4,8 +4,10 @@ succeeds, and the request's trace is then in Jaeger."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -33,17 +35,27 @@ def test_the_first_package_guide_runs_word_for_word(tmp_path: Path, jaeger: Jaeg
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = jaeger.otlp_endpoint
     env["MAYFLY_JAEGER_URL"] = jaeger.query_url
-    done = subprocess.run(
-        ["bash", "-e", "-c", commands],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
+    # Output to a file, the shell in a session of its own: should a command
+    # fail and leave `mayfly up` or the simulator behind, they are ended with
+    # it and hold no pipe open.
+    log = tmp_path / "guide.log"
+    with log.open("w") as sink:
+        shell = subprocess.Popen(
+            ["bash", "-e", "-c", commands],
+            cwd=tmp_path,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            returncode = shell.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait(timeout=30)
+    out = log.read_text()
+    assert returncode == 0, out[-4000:]
     assert "hello 0.1.0: succeeded (3 succeeded)" in out  # the development run
     assert "1 passed" in out  # the package's own test
     assert re.search(r"hello 0\.1\.0: succeeded \(2 succeeded\)", out), out[-3000:]
