@@ -420,6 +420,7 @@ def test_cli_help_explains_flags_and_endpoints() -> None:
         ["--count", "3", "--action", "blink={not json"],
         ["--count", "3", "--action", "blink=[1, 2]"],  # not an object
         ["--count", "3", "--capability", "../x"],
+        ["--count", "3", "--action", "blink=" + "[" * 50_000 + "]" * 50_000],  # too deep
     ],
 )
 def test_cli_bad_flag_is_a_usage_error(flags: list[str]) -> None:
@@ -500,3 +501,13 @@ def test_a_declarations_file_serves_its_actions(tmp_path: Path) -> None:
     actions, caps = declarations(declared, ("wink",), ("eye",))
     assert actions == {"blink": {"ok": True}, "wink": {"action": "{action}", "ok": True}}
     assert caps == ["led", "eye"]
+
+
+def test_a_declarations_file_nested_too_deep_is_refused_not_a_traceback(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"actions": {"a": ' + "[" * 100_000 + "]" * 100_000 + "}}")
+    flags = ["devices", "simulate", "--count", "1", "--declare", str(deep)]
+    refused = CliRunner().invoke(cli, flags)
+    assert refused.exit_code == 2, refused.output
+    assert "nested" in refused.output
+    assert "Traceback" not in refused.output

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mayfly.devices.sim import Simulator, serve_until_signalled
-from mayfly.errors import InventoryError
+from mayfly.errors import EventError, InventoryError
+from mayfly.jsondepth import check_depth
 
 __all__ = ["declarations", "devices", "read_declarations"]
 
@@ -46,6 +47,18 @@ class _Broken(_BrokenBase):
 
 #: Largest file of declared actions and capabilities read.
 _MAX_DECLARATIONS_BYTES = 1024 * 1024
+#: Deepest a declared answer template nests (the parser's own limit is far off
+#: only in bytes: 50,000 brackets overflow it).
+_MAX_TEMPLATE_DEPTH = 32
+
+
+def _parsed(raw: bytes | str, what: str, hint: str) -> Any:
+    """JSON text of a declaration, its depth checked before it is parsed."""
+    try:
+        check_depth(raw, _MAX_TEMPLATE_DEPTH + 2, hint)
+        return json.loads(raw)
+    except (ValueError, EventError) as exc:
+        raise click.BadParameter(f"{what}: {exc}", param_hint=hint) from exc
 
 
 def read_declarations(path: Path | None) -> tuple[dict[str, Any], list[str]]:
@@ -56,13 +69,13 @@ def read_declarations(path: Path | None) -> tuple[dict[str, Any], list[str]]:
     try:
         with path.open("rb") as fh:
             raw = fh.read(_MAX_DECLARATIONS_BYTES + 1)
-        doc = json.loads(raw)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--declare") from exc
-    if len(raw) > _MAX_DECLARATIONS_BYTES or not isinstance(doc, dict):
-        raise click.BadParameter(
-            f"{path}: expected a JSON object under 1 MiB", param_hint="--declare"
-        )
+    if len(raw) > _MAX_DECLARATIONS_BYTES:
+        raise click.BadParameter(f"{path}: over 1 MiB", param_hint="--declare")
+    doc = _parsed(raw, str(path), "--declare")
+    if not isinstance(doc, dict):
+        raise click.BadParameter(f"{path}: expected a JSON object", param_hint="--declare")
     unknown = sorted(set(doc) - {"actions", "capabilities"})
     if unknown:
         raise click.BadParameter(
@@ -85,11 +98,11 @@ def declarations(
     declared, caps = read_declarations(path)
     for item in actions:
         name, eq, template = item.partition("=")
-        try:
-            declared[name] = json.loads(template) if eq else {"action": "{action}", "ok": True}
-        except ValueError as exc:
-            message = f"{item[:80]!r}: not JSON: {exc}"
-            raise click.BadParameter(message, param_hint="--action") from exc
+        declared[name] = (
+            _parsed(template, f"{item[:80]!r}", "--action")
+            if eq
+            else {"action": "{action}", "ok": True}
+        )
     return declared, [*caps, *capabilities]
 
 
