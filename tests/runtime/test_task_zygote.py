@@ -24,7 +24,7 @@ from mayfly.coordinator.worker import CancelFlag, WorkerSpec
 from mayfly.coordinator.zygote import TaskZygote
 from mayfly.devices.sim import SimulatorServer
 from mayfly.eventlog.publisher import publish_request
-from mayfly.events import TaskCompleted, TaskRejected, new_request
+from mayfly.events import TaskCompleted, TaskRejected, TaskRequest, new_request
 
 from .conftest import Home
 
@@ -51,6 +51,21 @@ def run(ctx):
         "params": ctx.params,
     }}
 """
+
+
+def _run_one(home: Home, request: TaskRequest) -> TaskCompleted | TaskRejected:
+    """``request`` run by a real ``mayfly up`` of ``home`` (a minute at most); its outcome."""
+    log = home.log()
+    publish_request(log, request)
+    log.close()
+    runtime = Runtime(home.settings())
+    runtime.start()
+    deadline = time.monotonic() + 60
+    try:
+        runtime.run(should_stop=lambda: bool(home.results()) or time.monotonic() > deadline)
+    finally:
+        runtime.close()
+    return home.results()[request.id]
 
 
 def _snoop_package(home: Home, tmp_path: Path) -> None:
@@ -234,17 +249,7 @@ def test_the_folder_mayfly_up_was_started_in_is_out_of_reach(
     )
     publish_folder(home.settings(), folder)
     request = new_request("reader", devices=["sim-0001"])
-    log = home.log()
-    publish_request(log, request)
-    log.close()
-    runtime = Runtime(home.settings())
-    runtime.start()
-    deadline = time.monotonic() + 60
-    try:
-        runtime.run(should_stop=lambda: bool(home.results()) or time.monotonic() > deadline)
-    finally:
-        runtime.close()
-    result = home.results()[request.id]
+    result = _run_one(home, request)
     assert isinstance(result, TaskCompleted), result
     [device] = result.devices
     assert device.output == "PermissionError", device
@@ -374,17 +379,7 @@ def test_a_package_with_dependencies_runs_from_the_zygote(
     )
     publish_folder(home.settings(), folder)
     request = new_request("deps", devices=["sim-0001", "sim-0002"])
-    log = home.log()
-    publish_request(log, request)
-    log.close()
-    runtime = Runtime(home.settings())
-    runtime.start()
-    deadline = time.monotonic() + 60
-    try:
-        runtime.run(should_stop=lambda: bool(home.results()) or time.monotonic() > deadline)
-    finally:
-        runtime.close()
-    result = home.results()[request.id]
+    result = _run_one(home, request)
     assert isinstance(result, TaskCompleted), result
     assert result.status == "succeeded", result
     for device in result.devices:

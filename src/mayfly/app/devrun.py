@@ -13,7 +13,7 @@ to the terminal only, never to a log or the aggregator.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ def dev_run(
     devices: Sequence[str] = (),
     selector: Mapping[str, str] | None = None,
     params: Mapping[str, Any] | None = None,
-    say: Any = None,
+    say: Callable[[str], None] | None = None,
 ) -> Outcome:
     """Build, check and run ``folder`` on ``devices`` (or those ``selector``
     matches) of ``inventory``; the outcome. ``say`` is told what the build

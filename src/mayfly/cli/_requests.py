@@ -14,7 +14,7 @@ from mayfly.cli._common import complete_devices, complete_tasks
 from mayfly.errors import EventError
 from mayfly.events import Priority, TaskRequest, new_request
 
-__all__ = ["build_requests", "key_values", "param_value", "request_options"]
+__all__ = ["build_requests", "key_values", "merged_params", "request_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +34,19 @@ def param_value(raw: str) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
+
+
+def merged_params(params_json: str | None, params: tuple[str, ...]) -> dict[str, Any]:
+    """``--params JSON`` with each ``-p KEY=VALUE`` over it."""
+    merged: dict[str, Any] = {}
+    if params_json:
+        try:
+            merged = json.loads(params_json)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from exc
+        if not isinstance(merged, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--params")
+    return merged | {k: param_value(v) for k, v in key_values(params, "--param").items()}
 
 
 #: What a request in a --file may say: new_request's arguments, by the same names.
@@ -153,15 +166,7 @@ def build_requests(
     if file is not None:
         specs = _from_file(file)
     elif task:
-        merged: dict[str, Any] = {}
-        if params_json:
-            try:
-                merged = json.loads(params_json)
-            except ValueError as exc:
-                raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from exc
-            if not isinstance(merged, dict):
-                raise click.BadParameter("must be a JSON object", param_hint="--params")
-        merged |= {k: param_value(v) for k, v in key_values(params, "--param").items()}
+        merged = merged_params(params_json, params)
         specs = [
             {
                 "task": task,

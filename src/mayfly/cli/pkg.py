@@ -7,14 +7,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
 from mayfly.app.pkgcheck import probe_built
 from mayfly.app.wiring import load_trusted_keys, open_repository
 from mayfly.cli._common import PACKAGE_SETTINGS, settings_options
-from mayfly.cli._requests import key_values, param_value
+from mayfly.cli._requests import key_values, merged_params
 from mayfly.cli.devices import declarations, declare_options
 from mayfly.coordinator.pipeline import Outcome, exit_code_for, summarize
 from mayfly.errors import IntegrityError, MayflyError, PackageError
@@ -332,15 +331,7 @@ def run_cmd(
 
     from mayfly.app.devrun import dev_run, simulated_inventory
 
-    merged: dict[str, Any] = {}
-    if params_json:
-        try:
-            merged = json.loads(params_json)
-        except ValueError as exc:
-            raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from exc
-        if not isinstance(merged, dict):
-            raise click.BadParameter("must be a JSON object", param_hint="--params")
-    merged |= {k: param_value(v) for k, v in key_values(params, "--param").items()}
+    merged = merged_params(params_json, params)
     selector = key_values(selectors, "--selector")
     if not (devices or selector) and sim is None:
         raise click.UsageError("say which devices: -d ID, -s KEY=VALUE, or --sim N")

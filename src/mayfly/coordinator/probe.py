@@ -42,9 +42,7 @@ def _where(exc: BaseException, package_dir: Path) -> str | None:
 
 
 def _probe(package_dir: Path, entrypoint: str, memory_mb: int) -> dict[str, Any]:
-    import resource
-
-    from mayfly.coordinator.worker import load_entrypoint
+    from mayfly.coordinator.worker import apply_limits, load_entrypoint
     from mayfly.sandbox import SandboxSpec, enter
 
     applied = enter(
@@ -54,9 +52,7 @@ def _probe(package_dir: Path, entrypoint: str, memory_mb: int) -> dict[str, Any]
         ),
         keep_fds=set(),
     )
-    limit = memory_mb * 1024 * 1024 + _mapped()
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    resource.setrlimit(resource.RLIMIT_CPU, (_CPU_S, _CPU_S + 1))
+    apply_limits(memory_mb, _CPU_S)
     try:
         fn = load_entrypoint(package_dir, entrypoint)
     except BaseException as exc:  # the author's code: anything at all
@@ -75,17 +71,6 @@ def _probe(package_dir: Path, entrypoint: str, memory_mb: int) -> dict[str, Any]
             "where": None,
         }
     return {"ok": True, "function": f"{entrypoint}{signature}", "sandbox": applied.layers}
-
-
-def _mapped() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def main(argv: list[str]) -> int:

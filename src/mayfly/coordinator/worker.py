@@ -51,6 +51,7 @@ __all__ = [
     "MAX_SPEC_BYTES",
     "CancelFlag",
     "WorkerSpec",
+    "apply_limits",
     "load_entrypoint",
     "read_memfd",
     "worker_main",
@@ -173,7 +174,9 @@ def _vm_size() -> int:
     return 0
 
 
-def _apply_limits(memory_mb: int, cpu_seconds: int) -> None:
+def apply_limits(memory_mb: int, cpu_seconds: int) -> None:
+    """A task process's memory (address space on top of what it maps now) and
+    CPU-seconds limits."""
     # The forked process already maps the coordinator's address space, so the
     # package's budget is added on top of what is mapped now.
     limit = _vm_size() + memory_mb * 1024 * 1024
@@ -237,7 +240,7 @@ def worker_main(fd: int, spec: WorkerSpec, coordinator_pid: int) -> None:
             ),
             keep_fds={fd} if spec.params_fd is None else {fd, spec.params_fd},
         )
-        _apply_limits(spec.memory_mb, spec.cpu_seconds)
+        apply_limits(spec.memory_mb, spec.cpu_seconds)
         _log_to(channel)
         entry = _load_entrypoint(spec)
     except BaseException as exc:

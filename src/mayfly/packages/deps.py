@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import shutil
 import stat
 import subprocess
@@ -71,13 +72,7 @@ def check_requirement(text: str) -> str:
 
 
 def _interpreter() -> str:
-    return f"cp{sys.version_info.major}{sys.version_info.minor}-{sys.platform}-{_machine()}"
-
-
-def _machine() -> str:
-    import platform
-
-    return platform.machine()
+    return f"cp{sys.version_info.major}{sys.version_info.minor}-{sys.platform}-{platform.machine()}"
 
 
 def _download(requirements: Sequence[str], into: Path) -> None:
@@ -106,7 +101,7 @@ def _download(requirements: Sequence[str], into: Path) -> None:
         raise PackageError(
             f"dependencies {', '.join(requirements)} cannot be resolved for Python "
             f"{sys.version_info.major}.{sys.version_info.minor} on {sys.platform} "
-            f"{_machine()} (wheels only): {why}"
+            f"{platform.machine()} (wheels only): {why}"
         )
 
 
