@@ -35,6 +35,8 @@ JAEGER_URL_ENV = "MAYFLY_TEST_JAEGER_URL"
 KUBECONFIG_ENV = "MAYFLY_TEST_KUBECONFIG"
 KNATIVE_CRDS_ENV = "MAYFLY_TEST_KNATIVE_CRDS"
 KUSTOMIZE_ENV = "MAYFLY_TEST_KUSTOMIZE"
+KNATIVE_WEBHOOKS_ENV = "MAYFLY_TEST_KNATIVE_WEBHOOKS"
+KN_ENV = "MAYFLY_TEST_KN"
 
 
 @dataclass(frozen=True)
@@ -171,11 +173,12 @@ def jaeger() -> JaegerServer:
     return JaegerServer(otlp_endpoint=otlp_endpoint, query_url=query_url)
 
 
-def _kube_path(name: str, what: str) -> Path:
-    """The path in variable `name` (exported by the `kube` service); skips (fails in CI)."""
+def _kube_path(name: str, what: str, server: str = "Kubernetes API") -> Path:
+    """The path in variable `name` (exported by the `kube` or `knative` service); skips
+    (fails in CI)."""
     value = os.environ.get(name, "")
     if not value:
-        _missing_server("Kubernetes API")
+        _missing_server(server)
     path = Path(value)
     if not path.exists():
         pytest.fail(f"{name}={value}: no {what} there", pytrace=False)
@@ -200,6 +203,21 @@ def knative_crds() -> Path:
     One ``<crd name>.yaml`` per CRD, e.g. ``services.serving.knative.dev.yaml``.
     """
     return _kube_path(KNATIVE_CRDS_ENV, "CRD folder")
+
+
+@pytest.fixture(scope="session")
+def knative_webhooks(kubeconfig: Path) -> Path:
+    """Knative's admission webhooks (serving, eventing, eventing-kafka-broker) judge every
+    Knative object sent to that API server, dry runs included, and convert the CRDs whose
+    versions convert through them (the `knative` service). Returns their logs' folder
+    (``knative-<serving|eventing|kafka>.log``)."""
+    return _kube_path(KNATIVE_WEBHOOKS_ENV, "webhook log folder", "Knative webhook")
+
+
+@pytest.fixture(scope="session")
+def kn_bin() -> Path:
+    """A ``kn`` v0.42.0 binary (MAYFLY_TEST_KN), built with the `knative` service."""
+    return _kube_path(KN_ENV, "kn binary", "Knative webhook")
 
 
 @pytest.fixture(scope="session")

@@ -68,9 +68,15 @@ def test_a_valid_knative_service_is_accepted(api: client.ApiClient) -> None:
 def test_a_value_of_the_wrong_type_is_rejected_naming_the_field(api: client.ApiClient) -> None:
     status, message = _rejection(api, _service(containerConcurrency="one"))
 
-    assert status == 422
-    assert "spec.template.spec.containerConcurrency" in message
-    assert "must be of type integer" in message
+    if "admission webhook" in message:
+        # With Knative's webhooks running (the `knative` service), Serving's decodes the
+        # object before the schema is checked, and refuses it first.
+        assert status == 400
+        assert "template.spec.containerConcurrency of type int64" in message
+    else:
+        assert status == 422
+        assert "spec.template.spec.containerConcurrency" in message
+        assert "must be of type integer" in message
 
 
 def test_a_misspelt_field_is_rejected_naming_it(api: client.ApiClient) -> None:

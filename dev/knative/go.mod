@@ -8,10 +8,9 @@
 // knative.dev/eventing knative.dev/eventing-kafka-broker` to refresh go.sum.
 //
 // One Knative release (1.23, July 2026): eventing-kafka-broker v0.50.1 is that release's patch and
-// requires eventing v0.50.0. The kn CLI (knative.dev/client v0.50.0) cannot be built from
-// the module proxy: its cmd/kn imports knative.dev/client/pkg, a nested module that is
-// never tagged (client's go.mod replaces it with ./pkg, and the proxy serves no
-// pseudo-versions).
+// requires eventing v0.50.0. The webhooks of the same release are built from
+// dev/knative/webhooks and dev/knative/kafka (the `knative` service); kn, whose newer
+// releases the module proxy cannot build, from dev/kn at v0.42.0.
 module mayfly.dev/services/knative
 
 go 1.24

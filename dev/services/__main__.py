@@ -42,6 +42,11 @@ def _up(manager: Manager, services: Sequence[Service]) -> list[Service]:
     with manager.lock():
         try:
             for service in services:
+                if (reason := service.unavailable()) is not None:
+                    if os.environ.get("CI") == "true":
+                        raise ServiceError(f"{service.name}: cannot run here: {reason}")
+                    say(f"{service.name}: passed over: {reason} (its tests will skip)")
+                    continue
                 if manager.start(service):
                     started.append(service)
                 else:
@@ -111,7 +116,8 @@ def _run(manager: Manager, command: Sequence[str]) -> int:
         started = _up(manager, list(SERVICES.values()))
         env = dict(os.environ)
         for service in SERVICES.values():
-            env.update(service.exports())
+            if manager.pid(service) is not None:  # not one `_up` passed over
+                env.update(service.exports())
         return _run_child(command, env)
     except _Terminated as exc:
         return 128 + exc.signum

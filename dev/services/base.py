@@ -78,6 +78,13 @@ class Service(abc.ABC):
     def endpoint(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def unavailable(self) -> str | None:
+        """Why this machine cannot run the service at all (e.g. it needs root), or None.
+
+        `up` passes over such a service with that reason, unless CI=true: CI must run all.
+        """
+        return None
+
     def install(self, paths: Paths) -> None:  # noqa: B027 - optional hook, no-op by default
         """Fetch or build what the server needs into ``paths.cache_dir`` unless already there."""
 

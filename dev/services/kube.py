@@ -311,6 +311,27 @@ class Kube(Service):
             return f"{len(waiting)} CRDs not established yet, e.g. {min(waiting)}"
         return None
 
+    def api(
+        self, method: str, path: str, body: object = None, content_type: str = "application/json"
+    ) -> tuple[int, bytes]:
+        """One request to the running API server as the test user (see `_https_request`)."""
+        ca = self._paths().data_dir / "certs" / "ca.crt"
+        return _https_request(
+            HOST,
+            self.port,
+            path,
+            ca=ca,
+            token=self.token,
+            timeout=10.0,
+            method=method,
+            body=body,
+            content_type=content_type,
+        )
+
+    def kubeconfig(self) -> Path:
+        """The running API server's kubeconfig (see `KUBECONFIG_ENV`)."""
+        return self._kubeconfig(self._paths())
+
     def server_env(self, paths: Paths) -> dict[str, str]:
         # client-go reads KUBECONFIG (we pass -kubeconfig), etcd ETCD_* and the Go runtime
         # GODEBUG; only our command line applies.
@@ -327,15 +348,23 @@ def _https_request(
     ca: Path,
     token: str | None,
     timeout: float = 2.0,
+    method: str = "GET",
+    body: object = None,
+    content_type: str = "application/json",
 ) -> tuple[int, bytes]:
-    """GET path over TLS verified against ca, with a bearer token unless token is None."""
+    """``method`` path over TLS verified against ca, with a bearer token unless token is None;
+    ``body``, if given, is sent as JSON (which is YAML too, for server-side apply)."""
     if not ca.is_file():
         raise FileNotFoundError(f"no CA certificate at {ca} yet")
     context = ssl.create_default_context(cafile=str(ca))
     headers = {"authorization": f"Bearer {token}"} if token else {}
+    payload = None
+    if body is not None:
+        payload = json.dumps(body).encode()
+        headers["content-type"] = content_type
     conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     try:
-        conn.request("GET", path, headers=headers)
+        conn.request(method, path, body=payload, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
     finally:

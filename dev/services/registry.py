@@ -5,10 +5,11 @@ from __future__ import annotations
 from services.base import Service
 from services.jaeger import Jaeger
 from services.kafka import Kafka
+from services.knative import Knative
 from services.kube import Kube
 from services.s3 import S3
 
 SERVICES: dict[str, Service] = {
-    service.name: service for service in (S3(), Kafka(), Jaeger(), Kube())
+    service.name: service for service in (S3(), Kafka(), Jaeger(), Kube(), Knative())
 }
 """Every service this script manages, by name; `up` without names starts them all."""

@@ -4,8 +4,10 @@ The API server (built from its Go module, with etcd) has the CRDs of Knative
 Serving, Eventing and eventing-kafka-broker installed at pinned versions (see
 dev/services). Every object goes through a server-side apply dry run with
 strict field validation: the server checks it against the CRD's schema, and a
-mistyped or misspelt field is refused by name. No Knative controllers run, so
-what is checked is the objects' shape, not their behaviour.
+mistyped or misspelt field is refused by name; Knative's admission webhooks
+(the `knative` service) then judge them as a real Knative would (see
+test_webhooks.py). No Knative controllers run, so what is checked is what the
+API server accepts, not how Knative reconciles it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ ROOT = Path(__file__).parents[2]
 KNATIVE = ROOT / "knative"
 TASKPKGS = ROOT / "taskpkgs"
 BUILDS = ["knative/base", "knative/overlays/dev", "knative/overlays/prod"]
-BUILDS += ["knative/overlays/confidential", "observability"]
+# The confidential overlay is accepted only once its prerequisites are in force:
+# test_webhooks.py applies them first, as knative/README.md says.
+BUILDS += ["knative/overlays/confidential/prerequisites", "observability"]
 NAMESPACES = ["mayfly", "knative-serving", "knative-eventing", "observability"]
 
 
@@ -103,8 +107,12 @@ def test_overlays_set_what_they_promise(kustomize_bin: Path) -> None:
     # Every coordinator, as a Service or a JobSink, and not none of them.
     assert set(classes) >= {"Service mayfly/reboot", "JobSink mayfly/firmware-update"}
     assert set(classes.values()) == {"kata-qemu-snp"}, classes
-    flags = confidential["ConfigMap knative-serving/config-features"]["data"]
+    prerequisites = by_name(
+        kustomize_build(kustomize_bin, KNATIVE / "overlays" / "confidential" / "prerequisites")
+    )
+    flags = prerequisites["ConfigMap knative-serving/config-features"]["data"]
     assert flags == {"kubernetes.podspec-runtimeclassname": "enabled"}
+    assert prerequisites["RuntimeClass kata-qemu-snp"]["handler"] == "kata-qemu-snp"
 
 
 def _reboot_service(kustomize_bin: Path) -> Resource:

@@ -1,0 +1,5 @@
+//go:build tools
+
+package tools
+
+import _ "knative.dev/eventing-kafka-broker/control-plane/cmd/webhook-kafka"
