@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mayfly.deploy import DeployOptions, render_task
 from mayfly.events import new_request, to_http
+from mayfly.packages import load_manifest
 
 from .conftest import Env, FleetFactory
+
+TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
 
 
 def _job(env: Env, **variables: str) -> subprocess.CompletedProcess[str]:
@@ -91,6 +95,31 @@ def test_request_from_a_cloudevent_file(env: Env, fleet: FleetFactory, tmp_path:
     assert event["data"]["request_id"] == request.id
     assert event["traceparent"] == request.traceparent
     assert {d["status"] for d in event["data"]["devices"]} == {"succeeded"}
+
+
+def test_request_from_the_folder_a_jobsink_mounts(
+    env: Env, fleet: FleetFactory, tmp_path: Path
+) -> None:
+    """Knative's JobSink mounts the event as the file `event` of a folder and appends
+    K_EVENT_PATH naming that folder to the Job's container, after the Job's own
+    variables: the variables that win are the rendered JobSink's with that one last."""
+    fleet(1)
+    manifest = load_manifest(TASKPKGS / "reboot")
+    rendered = next(r for r in render_task(manifest, DeployOptions(shape="job")))
+    (container,) = rendered["spec"]["job"]["spec"]["template"]["spec"]["containers"]
+    mount = tmp_path / "jobsink-event"
+    mount.mkdir()
+    request = new_request("reboot", devices=["sim-0001"])
+    (mount / "event").write_bytes(to_http(request, "structured")[1])
+    winning: dict[str, str] = {}
+    for variable in [*container["env"], {"name": "K_EVENT_PATH", "value": str(mount)}]:
+        if "value" in variable:
+            winning[variable["name"]] = variable["value"]
+
+    job = _job(env, TASK_TYPE=winning["TASK_TYPE"], K_EVENT_PATH=winning["K_EVENT_PATH"])
+    assert job.returncode == 0, job.stderr
+    [event] = env.result_events()
+    assert event["data"]["request_id"] == request.id
 
 
 def test_a_held_request_is_deferred_to_its_sink_or_exits_deferred(

@@ -2,7 +2,8 @@
 
 ``python -m mayfly.coordinator`` reads one request from the environment, as
 the original design had it, or from a CloudEvent file (Knative JobSink mounts
-it at ``/etc/jobsink-event/event``; ``K_EVENT_PATH`` points elsewhere)::
+it at ``/etc/jobsink-event/event`` and sets ``K_EVENT_PATH`` to that folder;
+``K_EVENT_PATH`` may name the file itself too)::
 
     TASK_TYPE        task (package) name                     required
     TASK_ID          request id = idempotency key            default: a new uuid
@@ -34,6 +35,8 @@ from mayfly.events import MayflyEvent, from_http, new_request
 __all__ = ["JOBSINK_EVENT_PATH", "event_from_env", "process_start", "request_attributes"]
 
 JOBSINK_EVENT_PATH = "/etc/jobsink-event/event"
+JOBSINK_EVENT_FILE = "event"
+"""The file, in the folder JobSink mounts, that holds the event."""
 
 
 def event_from_env(env: Mapping[str, str]) -> MayflyEvent:
@@ -48,10 +51,15 @@ def event_from_env(env: Mapping[str, str]) -> MayflyEvent:
         else None
     )
     if event_path:
+        path = Path(event_path)
+        # Knative's JobSink appends K_EVENT_PATH naming the folder it mounts (after any
+        # value of the Job's own, so that one never wins); the event is a file in it.
+        if path.is_dir():
+            path = path / JOBSINK_EVENT_FILE
         try:
-            body = Path(event_path).read_bytes()
+            body = path.read_bytes()
         except OSError as exc:
-            raise EventError("K_EVENT_PATH", f"cannot read {event_path}: {exc.strerror}") from exc
+            raise EventError("K_EVENT_PATH", f"cannot read {path}: {exc.strerror}") from exc
         return from_http({"content-type": "application/cloudevents+json"}, body)
     task = env.get("TASK_TYPE")
     if not task:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mayfly import __version__
-from mayfly.coordinator.job import JOBSINK_EVENT_PATH
 from mayfly.errors import DeployError
 from mayfly.events import TASK_REQUESTED, Priority
 from mayfly.exitcodes import ExitCode
@@ -302,13 +301,12 @@ def _service(manifest: Manifest, options: DeployOptions) -> Resource:
 def _jobsink(manifest: Manifest, options: DeployOptions) -> Resource:
     timeout = service_timeout_s(manifest)
     container = _container(manifest, options, "coordinator")
-    # Job mode (`python -m mayfly.coordinator`) reads the event JobSink mounts at
-    # /etc/jobsink-event/event (named explicitly: with TASK_TYPE set it would read TASK_*).
-    # A SinkBinding cannot reach Jobs that JobSink creates, so the results KafkaSink's
-    # address is set here.
+    # Job mode (`python -m mayfly.coordinator`) reads the event JobSink mounts in
+    # /etc/jobsink-event: JobSink sets K_EVENT_PATH to that folder itself, after the
+    # container's own variables (a value set here would be overridden). A SinkBinding
+    # cannot reach Jobs that JobSink creates, so the results KafkaSink's address is set here.
     container["command"] = ["python", "-m", "mayfly.coordinator"]
     container["env"] += [
-        {"name": "K_EVENT_PATH", "value": JOBSINK_EVENT_PATH},
         {
             "name": "MAYFLY_RESULT_SINK",
             "value": f"{KAFKA_SINK_INGRESS}/{options.namespace}/{RESULTS_SINK}",
