@@ -115,6 +115,36 @@ def test_overlays_set_what_they_promise(kustomize_bin: Path) -> None:
     assert prerequisites["RuntimeClass kata-qemu-snp"]["handler"] == "kata-qemu-snp"
 
 
+QUEUE_PROXY_CPU_M = 25
+"""What Knative Serving's queue-proxy sidecar requests per pod (config-deployment's
+``queue-sidecar-cpu-request`` default)."""
+
+
+def _cpu_m(quantity: str) -> int:
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def test_the_dev_overlay_fits_a_two_core_node_at_full_scale(kustomize_bin: Path) -> None:
+    # Every Mayfly pod the dev overlay can run at once (each Service at its max-scale,
+    # one Job per JobSink in flight) requests at most one core: the node's other core
+    # is Knative's, Kafka's and MinIO's.
+    total, seen = 0, []
+    for obj in kustomize_build(kustomize_bin, KNATIVE / "overlays" / "dev"):
+        if obj["kind"] == "Service" and obj["apiVersion"].startswith("serving.knative.dev"):
+            template = obj["spec"]["template"]
+            pods = int(template["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"])
+            extra = QUEUE_PROXY_CPU_M
+        elif obj["kind"] == "JobSink":
+            template, pods, extra = obj["spec"]["job"]["spec"]["template"], 1, 0
+        else:
+            continue
+        cpu = sum(_cpu_m(c["resources"]["requests"]["cpu"]) for c in template["spec"]["containers"])
+        total += pods * (cpu + extra)
+        seen.append(describe(obj))
+    assert {"Service mayfly/aggregator", "Service mayfly/reboot"} <= set(seen)
+    assert total <= 1000, f"{total}m of CPU requested by {seen}"
+
+
 def _reboot_service(kustomize_bin: Path) -> Resource:
     objects = kustomize_build(kustomize_bin, KNATIVE / "overlays" / "dev")
     return copy.deepcopy(next(o for o in objects if describe(o) == "Service mayfly/reboot"))
