@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
+import json
 import os
 import secrets
 import subprocess
@@ -162,3 +164,40 @@ def test_jaeger_stores_an_otlp_span_and_returns_it(jaeger: JaegerServer) -> None
     ]
     (process,) = trace["processes"].values()
     assert process["serviceName"] == "mayfly-test"
+
+
+WEBHOOK_PORTS = {8443, 8444, 8445, 18008, 18009, 18010}  # services/knative.py: serving, ...
+
+
+def _listeners(net: Path) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket in /proc/<pid>/net/tcp{,6}."""
+    found = set()
+    for name, width in (("tcp", 8), ("tcp6", 32)):
+        with contextlib.suppress(FileNotFoundError):
+            for line in (net / name).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A":  # LISTEN
+                    address, port = local.split(":")
+                    found.add((address if len(address) == width else "?", int(port, 16)))
+    return found
+
+
+def test_knatives_webhooks_listen_only_in_their_own_network_namespace(
+    knative_webhooks: Path,
+) -> None:
+    # knative_webhooks is the services' logs folder; the relay records its children's pids
+    # in the service's data folder beside it.
+    pids = json.loads((knative_webhooks.parent / "data" / "knative" / "children.json").read_text())
+    assert set(pids) == {"serving", "eventing", "kafka"}
+    ours = os.readlink("/proc/self/ns/net")
+    loopback = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
+    for name, pid in pids.items():
+        # In another network namespace than the host's...
+        assert os.readlink(f"/proc/{pid}/ns/net") != ours, name
+        # ...where they listen on every interface, as Knative's webhooks do.
+        inside = _listeners(Path(f"/proc/{pid}/net"))
+        assert any(port in WEBHOOK_PORTS and address.strip("0") == "" for address, port in inside)
+    # On the host, those ports are only the relays', on 127.0.0.1.
+    host = {(a, p) for a, p in _listeners(Path("/proc/self/net")) if p in WEBHOOK_PORTS}
+    assert {p for _, p in host} == {8443, 8444, 8445}
+    assert {a for a, _ in host} == {loopback}

@@ -76,7 +76,7 @@ def _status(manager: Manager) -> None:
         elif pid is None and any(port_in_use(port) for port in service.ports.values()):
             note = "  (its ports are held by a process this script did not start)"
         print(
-            f"{service.name:<6} {state:<8} {service.endpoint}  pid {pid or '-'}  "
+            f"{service.name:<7} {state:<8} {service.endpoint}  pid {pid or '-'}  "
             f"log {paths.log_file}{note}"
         )
 
