@@ -195,8 +195,8 @@ def test_a_kafka_source_converts_between_versions_through_its_webhook(
 def confidential_prerequisites(
     kubeconfig: Path, kustomize_bin: Path, cluster: KubeTarget
 ) -> Iterator[None]:
-    """prerequisites/ applied for real, as the README says; removed afterwards, so the
-    flag is off again for the other tests."""
+    """prerequisites/ applied for real, as the README says; removed afterwards, and
+    waited for until the webhook sees the flag off again, for the other tests."""
     cluster.apply(kustomize_build(kustomize_bin, CONFIDENTIAL / "prerequisites"))
     api_client = kube_config.new_client_from_config(str(kubeconfig))
     try:
@@ -206,6 +206,18 @@ def confidential_prerequisites(
             "config-features", "knative-serving", {"data": {RUNTIME_CLASS_FLAG: None}}
         )
         kube_client.NodeV1Api(api_client).delete_runtime_class("kata-qemu-snp")
+        probe = next(
+            o
+            for o in kustomize_build(kustomize_bin, CONFIDENTIAL)
+            if describe(o) == "Service mayfly/reboot"
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                cluster.apply([probe], dry_run=True)
+            except DeployError:
+                break  # refused for its runtimeClassName again
+            time.sleep(0.2)
 
 
 def test_the_confidential_overlay_needs_its_prerequisites_in_force_first(
