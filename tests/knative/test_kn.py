@@ -92,3 +92,12 @@ def test_kns_service_is_accepted_by_knatives_webhooks(
     cluster: KubeTarget = open_cluster(str(kubeconfig))
     (applied,) = cluster.apply([written], dry_run=True)
     assert "Service mayfly/reboot" in str(applied)
+
+
+def test_print_kn_refuses_a_task_that_runs_as_a_jobsink() -> None:
+    result = CliRunner().invoke(
+        cli, ["deploy", str(TASKPKGS / "firmware-update"), "--print-kn"], catch_exceptions=False
+    )
+    assert result.exit_code == 1
+    assert "firmware-update runs as a JobSink; kn creates Services only" in result.output
+    assert "Traceback" not in result.output
