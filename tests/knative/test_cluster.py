@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +22,10 @@ import yaml
 from click.testing import CliRunner
 from kubernetes import client as kube_client
 from kubernetes import config as kube_config
-from kubernetes.client.exceptions import ApiException
 
 from mayfly.cli import cli
 from mayfly.deploy import Resource, describe
-from mayfly.deploy.kube import KubeTarget, open_cluster
+from mayfly.deploy.kube import KubeTarget
 from mayfly.errors import DeployError
 
 ROOT = Path(__file__).parents[2]
@@ -38,7 +35,6 @@ BUILDS = ["knative/base", "knative/overlays/dev", "knative/overlays/prod"]
 # The confidential overlay is accepted only once its prerequisites are in force:
 # test_webhooks.py applies them first, as knative/README.md says.
 BUILDS += ["knative/overlays/confidential/prerequisites", "observability"]
-NAMESPACES = ["mayfly", "knative-serving", "knative-eventing", "observability"]
 
 
 def kustomize_build(kustomize: Path, folder: Path) -> list[Resource]:
@@ -47,28 +43,6 @@ def kustomize_build(kustomize: Path, folder: Path) -> list[Resource]:
     )
     assert done.returncode == 0, f"kustomize build {folder} failed:\n{done.stderr}"
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
-
-
-@pytest.fixture(scope="module")
-def cluster(kubeconfig: Path) -> KubeTarget:
-    """The test API server, with the namespaces the manifests use (dry runs need them)."""
-    core = kube_client.CoreV1Api(kube_config.new_client_from_config(str(kubeconfig)))
-    for name in NAMESPACES:
-        try:
-            core.create_namespace({"metadata": {"name": name}})
-        except ApiException as exc:
-            if exc.status != 409:  # already there from an earlier test
-                raise
-    return open_cluster(str(kubeconfig))
-
-
-@pytest.fixture
-def scratch_namespace(kubeconfig: Path) -> Iterator[str]:
-    core = kube_client.CoreV1Api(kube_config.new_client_from_config(str(kubeconfig)))
-    name = f"mayfly-test-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
 
 
 @pytest.mark.parametrize("folder", BUILDS)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,29 +19,19 @@ import pytest
 from click.testing import CliRunner
 from kubernetes import client as kube_client
 from kubernetes import config as kube_config
-from kubernetes.client.exceptions import ApiException
 
 from mayfly.cli import cli
 from mayfly.deploy import Resource, describe
-from mayfly.deploy.kube import KubeTarget, open_cluster
+from mayfly.deploy.kube import KubeTarget
 from mayfly.errors import DeployError
-from tests.knative.test_cluster import KNATIVE, NAMESPACES, kustomize_build
+from tests.knative.test_cluster import KNATIVE, kustomize_build
 
 TASKPKGS = Path(__file__).parents[2] / "taskpkgs"
 CONFIDENTIAL = KNATIVE / "overlays" / "confidential"
 RUNTIME_CLASS_FLAG = "kubernetes.podspec-runtimeclassname"
 
-
-@pytest.fixture(scope="module")
-def cluster(kubeconfig: Path, knative_webhooks: Path) -> KubeTarget:
-    core = kube_client.CoreV1Api(kube_config.new_client_from_config(str(kubeconfig)))
-    for name in NAMESPACES:
-        try:
-            core.create_namespace({"metadata": {"name": name}})
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-    return open_cluster(str(kubeconfig))
+# Every test here needs Knative's webhooks serving the API server.
+pytestmark = pytest.mark.usefixtures("knative_webhooks")
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +143,6 @@ def test_knative_defaults_what_the_manifests_leave_out(
     )
     container = created["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["successThreshold"] == 1  # Serving's defaults
-
-
-@pytest.fixture
-def scratch_namespace(kubeconfig: Path) -> Iterator[str]:
-    core = kube_client.CoreV1Api(kube_config.new_client_from_config(str(kubeconfig)))
-    name = f"mayfly-test-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
 
 
 def test_a_kafka_source_converts_between_versions_through_its_webhook(
