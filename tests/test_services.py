@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
@@ -201,3 +201,44 @@ def test_knatives_webhooks_listen_only_in_their_own_network_namespace(
     host = {(a, p) for a, p in _listeners(Path("/proc/self/net")) if p in WEBHOOK_PORTS}
     assert {p for _, p in host} == {8443, 8444, 8445}
     assert {a for a, _ in host} == {loopback}
+
+
+def _services_modules() -> tuple[Any, Any, Any]:
+    sys.path.insert(0, str(SERVICES.parent))
+    try:
+        import services.__main__ as main
+        from services import base, manager
+    finally:
+        sys.path.remove(str(SERVICES.parent))
+    return main, base, manager
+
+
+def test_up_passes_over_a_service_this_machine_cannot_run_unless_in_ci(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main, base, manager = _services_modules()
+
+    class Unrunnable(base.Service):  # type: ignore[misc]  # base is imported at run time
+        name, port, ports = "unrunnable", 1, {}
+
+        def unavailable(self) -> str | None:
+            return "it needs something this machine lacks"
+
+        def command(self, paths: Any) -> list[str]:
+            raise AssertionError("never started")
+
+        def exports(self) -> dict[str, str]:
+            return {}
+
+        def probe(self) -> str | None:
+            return None
+
+    runner = manager.Manager(tmp_path)
+    monkeypatch.delenv("CI", raising=False)
+    assert main._up(runner, [Unrunnable()]) == []
+    assert "unrunnable: passed over: it needs something this machine lacks" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(base.ServiceError, match="cannot run here: it needs something"):
+        main._up(runner, [Unrunnable()])
