@@ -34,7 +34,8 @@ def _select(names: Sequence[str]) -> list[Service]:
     unknown = [name for name in names if name not in SERVICES]
     if unknown:
         raise ServiceError(f"unknown service {', '.join(unknown)}; known: {', '.join(SERVICES)}")
-    return [SERVICES[name] for name in names] if names else list(SERVICES.values())
+    # In the registry's order, whatever the command line's: `up knative kube` starts kube first.
+    return [service for name, service in SERVICES.items() if not names or name in names]
 
 
 def _up(manager: Manager, services: Sequence[Service]) -> list[Service]:

@@ -23,13 +23,15 @@ dev/kn/go.mod).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +43,7 @@ from services.base import (
     Service,
     ServiceError,
     find_tool,
+    say,
     services_home,
 )
 from services.kube import Kube
@@ -52,6 +55,8 @@ KN_ENV = "MAYFLY_TEST_KN"
 """Path of a ``kn`` binary."""
 
 NETNS = "mayfly-knative"
+APPLIED = "applied.json"
+"""In the data folder: the webhook configurations and CRDs a start changed, for undoing."""
 FIELD_MANAGER = "mayfly-dev-services"
 
 
@@ -163,9 +168,15 @@ class Knative(Service):
     def unavailable(self) -> str | None:
         if os.geteuid() != 0:
             return "a network namespace for the webhooks needs root"
-        for tool in ("ip", "nsenter"):
+        for tool in ("ip", "nsenter", "unshare"):
             if shutil.which(tool) is None:
                 return f"`{tool}` is not on PATH (Debian: iproute2, util-linux)"
+        # Root without CAP_SYS_ADMIN (some containers) cannot make one either.
+        tried = subprocess.run(
+            ["unshare", "--net", "true"], capture_output=True, text=True, check=False
+        )
+        if tried.returncode != 0:
+            return f"cannot make a network namespace here ({tried.stderr.strip()})"
         return None
 
     # -- install -------------------------------------------------------------------------
@@ -184,6 +195,8 @@ class Knative(Service):
         return paths.cache_dir / f"kn-{version}" / "kn"
 
     def install(self, paths: Paths) -> None:
+        if (problem := self.kube.probe()) is not None:  # before minutes of building
+            raise ServiceError(f"knative: needs the kube service up first ({problem})")
         self._check_pins()
         for webhook in WEBHOOKS:
             module = self.kafka_module_dir if webhook.key == "kafka" else self.module_dir
@@ -243,8 +256,25 @@ class Knative(Service):
         kubeconfig = paths.data_dir / "kubeconfig"
         shutil.copyfile(self.kube.kubeconfig(), kubeconfig)
         kubeconfig.chmod(0o600)
-        self._apply(self._config_objects(paths))
-        self._set_conversion(webhook=True, paths=paths)
+        objects = self._config_objects(paths)
+        crds = self._webhook_crds(paths)
+        # What `after_stop` undoes, written before any of it is done.
+        (paths.data_dir / APPLIED).write_text(
+            json.dumps(
+                {
+                    "webhook configurations": [
+                        object_path(o) for o in objects if o["kind"].endswith("Configuration")
+                    ],
+                    "crds": [crd["metadata"]["name"] for crd in crds],
+                }
+            )
+        )
+        try:
+            self._apply(objects)
+            self._set_conversion(crds, webhook=True)
+        except BaseException:
+            self.after_stop(paths)
+            raise
         logs = paths.log_file.parent
         children = []
         for webhook in WEBHOOKS:
@@ -295,9 +325,7 @@ class Knative(Service):
 
     def _fresh_netns(self) -> None:
         ip = find_tool("ip", "iproute2")
-        # A namespace left by a killed run: the processes in it (if any) were ours and are
-        # stopped by `after_stop`; start from a new one.
-        subprocess.run([ip, "netns", "delete", NETNS], capture_output=True, check=False)
+        _delete_netns()  # one a killed run left, with what still runs in it
         for argv in ([ip, "netns", "add", NETNS], [ip, "-n", NETNS, "link", "set", "lo", "up"]):
             done = subprocess.run(argv, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -389,11 +417,13 @@ class Knative(Service):
             and (crd["spec"].get("conversion") or {}).get("strategy") == "Webhook"
         ]
 
-    def _set_conversion(self, *, webhook: bool, paths: Paths) -> None:
+    def _set_conversion(self, crds: list[dict[str, Any]], *, webhook: bool) -> None:
+        """Knative's own conversion for ``crds`` (as read by `_webhook_crds`), or, with
+        ``webhook`` False, relabelling (``crds`` then need only their names)."""
         by_service = {w.service: w for w in WEBHOOKS}
-        for crd in self._webhook_crds(paths):
-            conversion = crd["spec"]["conversion"]
+        for crd in crds:
             if webhook:
+                conversion = crd["spec"]["conversion"]
                 service = conversion["webhook"]["clientConfig"]["service"]
                 service["port"] = by_service[service["name"]].port
             else:
@@ -433,14 +463,16 @@ class Knative(Service):
             if status != 201 or offset != "latest":
                 return f"the kafka webhook did not default a KafkaSource: HTTP {status} {offset!r}"
             status, body = self.kube.api("GET", _CRDS)
+            waiting = [
+                crd["metadata"]["name"]
+                for crd in json.loads(body)["items"]
+                if (crd["spec"].get("conversion") or {}).get("strategy") == "Webhook"
+                and not crd["spec"]["conversion"]["webhook"]["clientConfig"].get("caBundle")
+            ]
         except OSError as exc:
             return f"no answer from the API server: {exc}"
-        waiting = [
-            crd["metadata"]["name"]
-            for crd in json.loads(body)["items"]
-            if (crd["spec"].get("conversion") or {}).get("strategy") == "Webhook"
-            and not crd["spec"]["conversion"]["webhook"]["clientConfig"].get("caBundle")
-        ]
+        except (ValueError, KeyError, TypeError) as exc:  # an answer of another shape
+            return f"an unexpected answer from the API server: {exc!r}"
         if waiting:
             return f"{len(waiting)} CRDs wait for their conversion webhook's CA, e.g. {waiting[0]}"
         return None
@@ -450,32 +482,54 @@ class Knative(Service):
         return {WEBHOOKS_ENV: str(paths.log_file.parent), KN_ENV: str(self.kn(paths))}
 
     def after_stop(self, paths: Paths) -> None:
-        for pid in _recorded_children(paths):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-        # The API server may still run: leave it as `kube` alone has it, without webhooks
-        # that would refuse every Knative object once nothing answers for them.
-        if self.kube.probe() is None:
-            with contextlib.suppress(OSError, ServiceError, FileNotFoundError):
-                self._set_conversion(webhook=False, paths=paths)
-                for obj in self._config_objects(paths):
-                    if obj["kind"].endswith("WebhookConfiguration"):
-                        self.kube.api("DELETE", object_path(obj))
-        if ip := shutil.which("ip"):
-            subprocess.run([ip, "netns", "delete", NETNS], capture_output=True, check=False)
+        # Also after the relay died on its own (`Manager.stop` calls this then too). The API
+        # server may still run: leave it as `kube` alone has it, without webhooks that
+        # would refuse every Knative object once nothing answers for them.
+        _delete_netns()
+        try:
+            applied = json.loads((paths.data_dir / APPLIED).read_text())
+        except (OSError, ValueError):
+            return  # nothing was applied
+        if self.kube.probe() is not None:
+            return  # stopped too: the next `up` starts it afresh
+        undo: list[tuple[str, Callable[[], object]]] = [
+            (f"DELETE {path}", functools.partial(self._delete, path))
+            for path in applied["webhook configurations"]
+        ]
+        undo += [
+            (
+                f"conversion of {name}",
+                functools.partial(
+                    self._set_conversion, [{"metadata": {"name": name}}], webhook=False
+                ),
+            )
+            for name in applied["crds"]
+        ]
+        for what, step in undo:  # each on its own: one failure must not skip the rest
+            try:
+                step()
+            except Exception as exc:  # reported; the rest is still undone
+                say(f"knative: could not undo {what}: {exc}")
+        (paths.data_dir / APPLIED).unlink(missing_ok=True)
+
+    def _delete(self, path: str) -> None:
+        status, body = self.kube.api("DELETE", path)
+        if status not in (200, 202, 404):
+            raise ServiceError(f"HTTP {status}: {body[:200]!r}")
 
 
-def _recorded_children(paths: Paths) -> Iterator[int]:
-    """Webhooks the relay started that outlived it (it was SIGKILLed): ours if their
-    command line still names this service's data folder."""
-    try:
-        pids = json.loads((paths.data_dir / "children.json").read_text()).values()
-    except (OSError, ValueError):
+def _delete_netns() -> None:
+    """Kill what runs in `NETNS` (only this service starts processes there), then delete it."""
+    ip = shutil.which("ip")
+    if ip is None:
         return
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            if str(paths.data_dir) in Path(f"/proc/{pid}/cmdline").read_bytes().decode():
-                yield int(pid)
+    listed = subprocess.run(
+        [ip, "netns", "pids", NETNS], capture_output=True, text=True, check=False
+    )
+    for pid in listed.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    subprocess.run([ip, "netns", "delete", NETNS], capture_output=True, check=False)
 
 
 _SERVICE_TOO_LONG = (

@@ -182,6 +182,9 @@ class Manager:
         pid = self.pid(service)
         if pid is None:
             paths.pid_file.unlink(missing_ok=True)
+            # It may have died on its own, or while starting: what it left outside its
+            # data folder is still to clean up (`after_stop` does nothing where nothing is).
+            service.after_stop(paths)
             return False
         steps = ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0))
         for sig, grace in steps[1:] if kill else steps:

@@ -57,11 +57,15 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
         while data := source.recv(_BUFFER):
             sink.sendall(data)
     except OSError:
-        pass
-    finally:
-        # Half-close: the other direction may still have bytes to carry.
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
+        # A reset or a failed write: end both directions, or the other pump could wait
+        # for ever on a peer that never closes.
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        return
+    # A clean end of stream: half-close, the other direction may still have bytes to carry.
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
 
 
 def _serve(accepted: socket.socket, port: int, dial_ns: int) -> None:
@@ -92,8 +96,17 @@ def _listen(port: int, listen_ns: int, dial_ns: int, ready: Callable[[str | None
         return
     ready(None)
     while True:
-        accepted, _ = listener.accept()
-        threading.Thread(target=_serve, args=(accepted, port, dial_ns), daemon=True).start()
+        try:
+            accepted, _ = listener.accept()
+        except OSError as exc:  # e.g. out of file descriptors: keep the port served
+            print(f"nsrelay: port {port}: accept: {exc}", flush=True)
+            time.sleep(0.1)
+            continue
+        try:
+            threading.Thread(target=_serve, args=(accepted, port, dial_ns), daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: refuse this one connection
+            print(f"nsrelay: port {port}: {exc}", flush=True)
+            accepted.close()
 
 
 def _start_relays(spec: dict[str, Any], host_ns: int, inner_ns: int) -> None:
@@ -130,7 +143,10 @@ def main(argv: list[str]) -> int:
     print(f"nsrelay: relaying into {spec['into']} and out of {spec['out']} ({netns})", flush=True)
 
     children: dict[str, subprocess.Popen[bytes]] = {}
+    logs = {child["name"]: Path(child["log"]) for child in spec["children"]}
     for child in spec["children"]:
+        if stopping.is_set():
+            break
         with open(child["log"], "ab") as log:
             children[child["name"]] = subprocess.Popen(
                 ["nsenter", f"--net={netns}", "--", *child["argv"]],
@@ -141,13 +157,18 @@ def main(argv: list[str]) -> int:
                 start_new_session=True,
             )
         print(f"nsrelay: started {child['name']} (pid {children[child['name']].pid})", flush=True)
-    Path(spec["pids"]).write_text(json.dumps({n: c.pid for n, c in children.items()}))
+        # As each starts: if this process is killed now, whoever cleans up knows them all.
+        Path(spec["pids"]).write_text(json.dumps({n: c.pid for n, c in children.items()}))
 
     code = 0
     while not stopping.wait(0.2):
         exited = {n: c.returncode for n, c in children.items() if c.poll() is not None}
         if exited:
-            print(f"nsrelay: exited: {exited}; stopping the rest", flush=True)
+            for name, returncode in exited.items():
+                tail = logs[name].read_text(errors="replace").splitlines()[-15:]
+                print(f"nsrelay: {name} exited with code {returncode}; its log ends:", flush=True)
+                print("\n".join(f"    {line[:400]}" for line in tail), flush=True)
+            print("nsrelay: stopping the rest", flush=True)
             code = 1
             break
     for child_process in children.values():
