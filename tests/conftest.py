@@ -211,7 +211,21 @@ def knative_webhooks(kubeconfig: Path) -> Path:
     Knative object sent to that API server, dry runs included, and convert the CRDs whose
     versions convert through them (the `knative` service). Returns their logs' folder
     (``knative-<serving|eventing|kafka>.log``)."""
-    return _kube_path(KNATIVE_WEBHOOKS_ENV, "webhook log folder", "Knative webhook")
+    logs = _kube_path(KNATIVE_WEBHOOKS_ENV, "webhook log folder", "Knative webhook")
+    # The variable can outlive the service: are the webhooks registered right now?
+    from kubernetes import client, config
+
+    registered = client.AdmissionregistrationV1Api(
+        config.new_client_from_config(str(kubeconfig))
+    ).list_validating_webhook_configuration()
+    names = {item.metadata.name for item in registered.items}
+    if "validation.webhook.serving.knative.dev" not in names:
+        pytest.fail(
+            f"{KNATIVE_WEBHOOKS_ENV} is set but no Knative webhook is registered with the API "
+            "server: is the knative service up (`python dev/services status`)?",
+            pytrace=False,
+        )
+    return logs
 
 
 @pytest.fixture(scope="session")
