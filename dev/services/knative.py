@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,14 +61,16 @@ APPLIED = "applied.json"
 FIELD_MANAGER = "mayfly-dev-services"
 
 
+@dataclass(frozen=True)
 class Webhook:
     """One of Knative's webhooks: what it is called, where it runs, how it is built."""
 
-    def __init__(
-        self, key: str, service: str, namespace: str, port: int, profiling: int, package: str
-    ) -> None:
-        self.key, self.service, self.namespace = key, service, namespace
-        self.port, self.profiling, self.package = port, profiling, package
+    key: str
+    service: str
+    namespace: str
+    port: int
+    profiling: int
+    package: str
 
 
 WEBHOOKS = (
@@ -248,10 +251,7 @@ class Knative(Service):
     # -- start ---------------------------------------------------------------------------
 
     def command(self, paths: Paths) -> list[str]:
-        if (reason := self.unavailable()) is not None:
-            raise ServiceError(f"knative: {reason}")
-        if (problem := self.kube.probe()) is not None:
-            raise ServiceError(f"knative: needs the kube service up first ({problem})")
+        # `up` checked `unavailable()`, and `install` that kube is up, just before.
         self._fresh_netns()
         kubeconfig = paths.data_dir / "kubeconfig"
         shutil.copyfile(self.kube.kubeconfig(), kubeconfig)
@@ -331,6 +331,7 @@ class Knative(Service):
             if done.returncode != 0:
                 raise ServiceError(f"knative: `{' '.join(argv)}` failed: {done.stderr.strip()}")
 
+    @functools.cache  # noqa: B019 - one instance per process (the registry's); dirs never move
     def _module_dirs(self) -> dict[str, Path]:
         found = gobuild.module_dirs(
             self,
