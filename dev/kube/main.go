@@ -5,7 +5,7 @@
 //
 //	mayfly-kube serve -etcd-dir DIR [-etcd-client-port N] [-etcd-peer-port N]
 //	    [-kubeconfig FILE -crds FILE.json [-namespace NAME]...] -- KUBE-APISERVER-FLAGS...
-//	mayfly-kube certs DIR
+//	mayfly-kube certs DIR [NAME|IP]...
 //	mayfly-kube crds OUT_DIR OUT_JSON SRC_DIR...
 //
 // serve starts etcd on 127.0.0.1, waits until it is ready, then runs kube-apiserver with the
@@ -16,7 +16,8 @@
 // the process exits non-zero.
 //
 // certs writes the key material kube-apiserver needs into DIR, all new: ca.crt, a CA that
-// signed serving.crt/serving.key (for 127.0.0.1 and localhost, valid for a year), and
+// signed serving.crt/serving.key (for 127.0.0.1, localhost and each extra NAME or IP:
+// the `cluster` service's node address and in-cluster names; valid for a year), and
 // sa.key, the RSA key that signs service-account tokens. A kubeconfig can then pin ca.crt
 // before the server has even started.
 //
@@ -74,7 +75,7 @@ import (
 const usage = `usage:
   mayfly-kube serve -etcd-dir DIR [-etcd-client-port N] [-etcd-peer-port N]
       [-kubeconfig FILE -crds FILE.json [-namespace NAME]...] -- KUBE-APISERVER-FLAGS...
-  mayfly-kube certs DIR
+  mayfly-kube certs DIR [NAME|IP]...
   mayfly-kube crds OUT_DIR OUT_JSON SRC_DIR...
 `
 
@@ -88,11 +89,11 @@ func main() {
 	case "serve":
 		os.Exit(serve(os.Args[2:]))
 	case "certs":
-		if len(os.Args) != 3 {
+		if len(os.Args) < 3 {
 			fmt.Fprint(os.Stderr, usage)
 			os.Exit(2)
 		}
-		err = certs(os.Args[2])
+		err = certs(os.Args[2], os.Args[3:])
 	case "crds":
 		if len(os.Args) < 5 {
 			fmt.Fprint(os.Stderr, usage)
@@ -247,7 +248,7 @@ func startEtcd(dir string, clientPort, peerPort int) (*embed.Etcd, error) {
 	}
 }
 
-func certs(dir string) error {
+func certs(dir string, names []string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
@@ -286,6 +287,13 @@ func certs(dir string) error {
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
 		DNSNames:     []string{"localhost"},
+	}
+	for _, name := range names {
+		if ip := net.ParseIP(name); ip != nil {
+			serverTemplate.IPAddresses = append(serverTemplate.IPAddresses, ip)
+		} else {
+			serverTemplate.DNSNames = append(serverTemplate.DNSNames, name)
+		}
 	}
 	serverDER, err := x509.CreateCertificate(rand.Reader, serverTemplate, ca, &serverKey.PublicKey, caKey)
 	if err != nil {

@@ -17,8 +17,17 @@ own ``lo``, "every interface" is that ``lo``; the relays are the only way in or 
 A socket belongs to the network namespace its thread was in when it was made, so each
 listener's and each dial's thread first enters the namespace it needs (``setns``).
 
-SPEC.json: ``{"netns": NAME, "into": [PORT...], "out": [PORT...], "pids": FILE,
-"children": [{"name": N, "argv": [...], "env": {...}, "log": FILE}...]}``.
+- ``routes``: any other pair, ``{"listen": "host"|"inner", "bind": "ADDR:PORT",
+  "dial": "ADDR:PORT"}``, dialled in the other namespace (the `cluster` service's pods reach
+  the host's Kafka at the node's address, and tests reach its ingress at the host's
+  loopback).
+
+SPEC.json: ``{"netns": NAME, "into": [PORT...], "out": [PORT...], "routes": [...],
+"pids": FILE, "children": [{"name": N, "argv": [...], "env": {...}, "log": FILE,
+"once": BOOL, "after": "ADDR:PORT"}...]}``. A child marked ``once`` is a step that ends:
+exiting 0 is its success; any other child's exit, or a ``once`` child's failure, stops them
+all. A child with ``after`` starts once that address accepts connections inside the
+namespace (a server it needs, started before it), or not at all after `AFTER_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ CLONE_NEWNET = 0x40000000
 HOST = "127.0.0.1"
 _BUFFER = 256 * 1024
 _STOP_GRACE_S = 10.0
+AFTER_TIMEOUT_S = 120.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -68,10 +78,18 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
         sink.shutdown(socket.SHUT_WR)
 
 
-def _serve(accepted: socket.socket, port: int, dial_ns: int) -> None:
+Address = tuple[str, int]
+
+
+def _address(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def _serve(accepted: socket.socket, dial: Address, dial_ns: int) -> None:
     try:
         enter(dial_ns)
-        upstream = socket.create_connection((HOST, port), timeout=10)
+        upstream = socket.create_connection(dial, timeout=10)
         upstream.settimeout(None)
     except OSError:
         accepted.close()
@@ -84,15 +102,18 @@ def _serve(accepted: socket.socket, port: int, dial_ns: int) -> None:
     upstream.close()
 
 
-def _listen(port: int, listen_ns: int, dial_ns: int, ready: Callable[[str | None], None]) -> None:
+def _listen(
+    bind: Address, dial: Address, listen_ns: int, dial_ns: int, ready: Callable[[str | None], None]
+) -> None:
+    port = bind[1]
     try:
         enter(listen_ns)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((HOST, port))
+        listener.bind(bind)
         listener.listen(64)
     except OSError as exc:
-        ready(f"port {port}: {exc}")
+        ready(f"{bind[0]}:{port}: {exc}")
         return
     ready(None)
     while True:
@@ -103,7 +124,7 @@ def _listen(port: int, listen_ns: int, dial_ns: int, ready: Callable[[str | None
             time.sleep(0.1)
             continue
         try:
-            threading.Thread(target=_serve, args=(accepted, port, dial_ns), daemon=True).start()
+            threading.Thread(target=_serve, args=(accepted, dial, dial_ns), daemon=True).start()
         except RuntimeError as exc:  # no thread to be had: refuse this one connection
             print(f"nsrelay: port {port}: {exc}", flush=True)
             accepted.close()
@@ -118,16 +139,41 @@ def _start_relays(spec: dict[str, Any], host_ns: int, inner_ns: int) -> None:
             problems.append(problem)
         done.release()
 
-    relays = [(int(p), host_ns, inner_ns) for p in spec.get("into", [])]
-    relays += [(int(p), inner_ns, host_ns) for p in spec.get("out", [])]
-    for port, listen_ns, dial_ns in relays:
+    relays = [((HOST, int(p)), (HOST, int(p)), host_ns, inner_ns) for p in spec.get("into", [])]
+    relays += [((HOST, int(p)), (HOST, int(p)), inner_ns, host_ns) for p in spec.get("out", [])]
+    for route in spec.get("routes", []):
+        namespaces = (host_ns, inner_ns) if route["listen"] == "host" else (inner_ns, host_ns)
+        relays.append((_address(route["bind"]), _address(route["dial"]), *namespaces))
+    for bind, dial, listen_ns, dial_ns in relays:
         threading.Thread(
-            target=_listen, args=(port, listen_ns, dial_ns, ready), daemon=True
+            target=_listen, args=(bind, dial, listen_ns, dial_ns, ready), daemon=True
         ).start()
     for _ in relays:
         done.acquire()
     if problems:
         raise OSError("cannot listen: " + "; ".join(problems))
+
+
+def _wait_for(address: Address, netns_fd: int, stopping: threading.Event) -> bool:
+    """Whether ``address`` accepted a connection, made inside the namespace, in time."""
+    answered = threading.Event()
+
+    def dial() -> None:
+        enter(netns_fd)
+        deadline = time.monotonic() + AFTER_TIMEOUT_S
+        while time.monotonic() < deadline and not stopping.is_set():
+            try:
+                socket.create_connection(address, timeout=1).close()
+            except OSError:
+                time.sleep(0.2)
+                continue
+            answered.set()
+            return
+
+    waiter = threading.Thread(target=dial, daemon=True)
+    waiter.start()
+    waiter.join()
+    return answered.is_set()
 
 
 def main(argv: list[str]) -> int:
@@ -140,12 +186,20 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
 
     _start_relays(spec, host_ns, inner_ns)
-    print(f"nsrelay: relaying into {spec['into']} and out of {spec['out']} ({netns})", flush=True)
+    print(
+        f"nsrelay: relaying into {spec.get('into', [])}, out of {spec.get('out', [])} "
+        f"and {len(spec.get('routes', []))} more routes ({netns})",
+        flush=True,
+    )
 
     children: dict[str, subprocess.Popen[bytes]] = {}
     logs = {child["name"]: Path(child["log"]) for child in spec["children"]}
     for child in spec["children"]:
         if stopping.is_set():
+            break
+        if child.get("after") and not _wait_for(_address(child["after"]), inner_ns, stopping):
+            print(f"nsrelay: {child['after']} never answered: not starting {child['name']}")
+            stopping.set()
             break
         with open(child["log"], "ab") as log:
             children[child["name"]] = subprocess.Popen(
@@ -161,8 +215,13 @@ def main(argv: list[str]) -> int:
         Path(spec["pids"]).write_text(json.dumps({n: c.pid for n, c in children.items()}))
 
     code = 0
+    once = {child["name"] for child in spec["children"] if child.get("once")}
     while not stopping.wait(0.2):
-        exited = {n: c.returncode for n, c in children.items() if c.poll() is not None}
+        exited = {
+            n: c.returncode
+            for n, c in children.items()
+            if c.poll() is not None and not (n in once and c.returncode == 0)
+        }
         if exited:
             for name, returncode in exited.items():
                 tail = logs[name].read_text(errors="replace").splitlines()[-15:]
