@@ -30,12 +30,16 @@ PROG = "python dev/services"
 """How this is run; argparse's usage and every error message name it."""
 
 
-def _select(names: Sequence[str]) -> list[Service]:
+def _select(names: Sequence[str], *, everything: bool = False) -> list[Service]:
+    """The services named, or with no names the default ones (all of them if
+    ``everything``: `down` stops an opt-in service too)."""
     unknown = [name for name in names if name not in SERVICES]
     if unknown:
         raise ServiceError(f"unknown service {', '.join(unknown)}; known: {', '.join(SERVICES)}")
     # In the registry's order, whatever the command line's: `up knative kube` starts kube first.
-    return [service for name, service in SERVICES.items() if not names or name in names]
+    if names:
+        return [service for name, service in SERVICES.items() if name in names]
+    return [service for service in SERVICES.values() if everything or service.default]
 
 
 def _up(manager: Manager, services: Sequence[Service]) -> list[Service]:
@@ -114,7 +118,7 @@ def _run(manager: Manager, command: Sequence[str]) -> int:
         signal.signal(sig, _raise_terminated)
     started: list[Service] = []
     try:
-        started = _up(manager, list(SERVICES.values()))
+        started = _up(manager, _select([]))
         env = dict(os.environ)
         for service in SERVICES.values():
             if manager.pid(service) is not None:  # not one `_up` passed over
@@ -157,7 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"State, data and logs: {services_home()} (set {SERVICES_HOME_ENV} to move).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    names_help = f"services (default: all of {', '.join(SERVICES)})"
+    defaults = [name for name, service in SERVICES.items() if service.default]
+    names_help = (
+        f"services (default: {', '.join(defaults)}; also: "
+        + ", ".join(name for name in SERVICES if name not in defaults)
+        + ")"
+    )
     up = commands.add_parser("up", help="start services and wait until they answer")
     up.add_argument("names", nargs="*", metavar="NAME", help=names_help)
     down = commands.add_parser("down", help="stop services that `up` started")
@@ -188,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             _up(manager, _select(args.names))
         elif args.command == "down":
-            _down(manager, _select(args.names))
+            _down(manager, _select(args.names, everything=True))
         elif args.command == "status":
             _status(manager)
         elif args.command == "env":

@@ -18,6 +18,9 @@ SERVICES_HOME_ENV = "MAYFLY_SERVICES_HOME"
 """Overrides the folder holding pids, data and logs."""
 
 HOST = "127.0.0.1"
+NODE_IP = "10.77.0.1"
+"""The `cluster` service's node address, inside its own network namespace only: its pods
+reach the host's Kafka, S3 and Jaeger there, through relays to `HOST`."""
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 POLL_S = 0.05
@@ -71,6 +74,8 @@ class Service(abc.ABC):
     """Every TCP port the server listens on (all on `HOST`), by purpose; checked free first."""
     start_timeout: ClassVar[float] = START_TIMEOUT_S
     """Seconds from launch until the server must answer `probe`."""
+    default: ClassVar[bool] = True
+    """Whether `up` and `run` without names start it (else it is started only by name)."""
     keeps_data: ClassVar[bool] = False
     """Whether `restart` can start it again on the data it left (`up` always starts afresh)."""
 

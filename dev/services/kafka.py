@@ -17,6 +17,7 @@ from services import kafkawire
 from services.base import (
     DEV_DIR,
     HOST,
+    NODE_IP,
     Paths,
     Service,
     ServiceError,
@@ -51,7 +52,9 @@ class Kafka(Service):
 
     name = "kafka"
     port = 9092
-    ports: ClassVar[Mapping[str, int]] = {"broker": 9092, "controller": 9093}
+    # "cluster": a second listener for the `cluster` service's pods, which reach it at the
+    # node's address through a relay (services/cluster.py), so metadata must name that.
+    ports: ClassVar[Mapping[str, int]] = {"broker": 9092, "controller": 9093, "cluster": 19092}
     # Formatting plus a JVM start: ~6 s on an idle 2-core machine, several times that when
     # a build or the test suite competes for the cores.
     start_timeout = 120.0
@@ -161,11 +164,18 @@ class Kafka(Service):
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"{HOST}:{p['controller']}",
-            "listeners": f"PLAINTEXT://{HOST}:{p['broker']},CONTROLLER://{HOST}:{p['controller']}",
-            "advertised.listeners": f"PLAINTEXT://{HOST}:{p['broker']}",
+            "listeners": (
+                f"PLAINTEXT://{HOST}:{p['broker']},CONTROLLER://{HOST}:{p['controller']},"
+                f"CLUSTER://{HOST}:{p['cluster']}"
+            ),
+            "advertised.listeners": (
+                f"PLAINTEXT://{HOST}:{p['broker']},CLUSTER://{NODE_IP}:{p['cluster']}"
+            ),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,CLUSTER:PLAINTEXT"
+            ),
             "log.dirs": str(log_dir),
             # One node: every internal topic has a single replica.
             "offsets.topic.replication.factor": "1",

@@ -193,6 +193,24 @@ class Knative(Service):
     def objects_tool(self, paths: Paths) -> Path:
         return paths.cache_dir / f"knative-webhooks-{self.version()}" / "objects" / "objects"
 
+    def build_objects_tool(self, paths: Paths) -> Path:
+        """Build (once) and return mayfly-knative-objects, which prints YAML files as JSON."""
+        gobuild.build(
+            self,
+            paths,
+            module_dir=self.module_dir,
+            package=".",
+            sources=("main.go",),
+            binary=self.objects_tool(paths),
+            what="the YAML-to-JSON reader of Knative's config objects",
+            minutes=1,
+        )
+        return self.objects_tool(paths)
+
+    def read_objects(self, paths: Paths, files: list[Path]) -> list[dict[str, Any]]:
+        """Every object in the YAML ``files``, in order (see `build_objects_tool`)."""
+        return self._read_objects(paths, files)
+
     def kn(self, paths: Paths) -> Path:
         version = Kube._required_version(self.kn_module_dir, "knative.dev/client")
         return paths.cache_dir / f"kn-{version}" / "kn"
@@ -212,16 +230,7 @@ class Knative(Service):
                 what=f"Knative's {webhook.key} webhook {self.version()}",
                 minutes=self.build_minutes if webhook is WEBHOOKS[0] else 2,
             )
-        gobuild.build(
-            self,
-            paths,
-            module_dir=self.module_dir,
-            package=".",
-            sources=("main.go",),
-            binary=self.objects_tool(paths),
-            what="the YAML-to-JSON reader of Knative's config objects",
-            minutes=1,
-        )
+        self.build_objects_tool(paths)
         gobuild.build(
             self,
             paths,

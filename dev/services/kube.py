@@ -102,7 +102,9 @@ class Kube(Service):
     @staticmethod
     def _required_version(module_dir: Path, module: str) -> str:
         gomod = module_dir / "go.mod"
-        match = re.search(rf"^\s*{re.escape(module)}\s+(v\S+)", gomod.read_text(), re.MULTILINE)
+        match = re.search(
+            rf"^\s*(?:require\s+)?{re.escape(module)}\s+(v\S+)", gomod.read_text(), re.MULTILINE
+        )
         if match is None:
             raise ServiceError(f"kube: {gomod} requires no {module} version")
         return match.group(1)
@@ -134,18 +136,7 @@ class Kube(Service):
             binary=self.binary(paths),
             what=f"kube-apiserver {version} and etcd",
             minutes=self.build_minutes,
-            # As Kubernetes' own build stamps it: /version and the server's compatibility
-            # version come from here (otherwise v0.0.0-master).
-            ldflags=[
-                word
-                for key, value in (
-                    ("gitVersion", version),
-                    ("gitMajor", version.lstrip("v").split(".")[0]),
-                    ("gitMinor", version.split(".")[1]),
-                    ("gitTreeState", "clean"),
-                )
-                for word in ("-X", f"k8s.io/component-base/version.{key}={value}")
-            ],
+            ldflags=version_ldflags(version),
         )
         gobuild.build(
             self,
@@ -338,6 +329,22 @@ class Kube(Service):
         env = super().server_env(paths)
         dropped = ("KUBECONFIG", "GODEBUG")
         return {k: v for k, v in env.items() if k not in dropped and not k.startswith("ETCD_")}
+
+
+def version_ldflags(version: str) -> list[str]:
+    """Go linker flags that stamp a Kubernetes build as Kubernetes' own build does: /version
+    and the compatibility version come from them (otherwise v0.0.0-master, which Knative's
+    version check refuses)."""
+    return [
+        word
+        for key, value in (
+            ("gitVersion", version),
+            ("gitMajor", version.lstrip("v").split(".")[0]),
+            ("gitMinor", version.split(".")[1]),
+            ("gitTreeState", "clean"),
+        )
+        for word in ("-X", f"k8s.io/component-base/version.{key}={value}")
+    ]
 
 
 def _https_request(
