@@ -37,6 +37,8 @@ KNATIVE_CRDS_ENV = "MAYFLY_TEST_KNATIVE_CRDS"
 KUSTOMIZE_ENV = "MAYFLY_TEST_KUSTOMIZE"
 KNATIVE_WEBHOOKS_ENV = "MAYFLY_TEST_KNATIVE_WEBHOOKS"
 KN_ENV = "MAYFLY_TEST_KN"
+CLUSTER_KUBECONFIG_ENV = "MAYFLY_TEST_CLUSTER_KUBECONFIG"
+CLUSTER_NODE_ENV = "MAYFLY_TEST_CLUSTER_NODE"
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,22 @@ def knative_webhooks(kubeconfig: Path) -> Path:
 def kn_bin() -> Path:
     """A ``kn`` v0.42.0 binary (MAYFLY_TEST_KN), built with the `knative` service."""
     return _kube_path(KN_ENV, "kn binary", "Knative webhook")
+
+
+@dataclass(frozen=True)
+class KnativeCluster:
+    """The one-node Kubernetes with Knative of ``dev/services up cluster``."""
+
+    kubeconfig: Path
+    node: str
+    """The address at which its pods reach this machine's test servers."""
+
+
+@pytest.fixture(scope="session")
+def knative_cluster() -> KnativeCluster:
+    """The `cluster` service (MAYFLY_TEST_CLUSTER_*); skips (fails in CI) without it."""
+    kubeconfig = _kube_path(CLUSTER_KUBECONFIG_ENV, "kubeconfig", "Knative cluster")
+    return KnativeCluster(kubeconfig=kubeconfig, node=os.environ.get(CLUSTER_NODE_ENV, ""))
 
 
 @pytest.fixture(scope="session")
