@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint typecheck unit up down status clean
+.PHONY: help install test lint typecheck unit up down status clean cluster-test cluster-up
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,7 +30,16 @@ unit: $(STAMP) ## the tests alone, against whatever services are already up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck $(STAMP) ## lint, types, then every test with the real servers started for the run
-	$(BIN)/python dev/services run -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python dev/services run -- $(BIN)/python -m pytest -m "not cluster" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory cluster-test
+
+# Apart from the rest: the cluster's dozen pods would share the 2 cores with every other test.
+cluster-test: $(STAMP) ## the Knative end-to-end tests, on a one-node cluster started for the run (root)
+	$(BIN)/python dev/services run --also cluster -- $(BIN)/python -m pytest -m cluster $(PYTEST_ARGS)
+
+cluster-up: $(STAMP) ## start the one-node Knative cluster beside the other servers, leave it running
+	$(BIN)/python dev/services up
+	$(BIN)/python dev/services up cluster
 
 up: $(STAMP) ## start the real servers (Kafka, S3, Jaeger, Kubernetes API) on 127.0.0.1, leave them running
 	$(BIN)/python dev/services up

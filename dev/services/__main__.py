@@ -112,13 +112,15 @@ def _raise_terminated(signum: int, _frame: object) -> NoReturn:
     raise _Terminated(signum)
 
 
-def _run(manager: Manager, command: Sequence[str]) -> int:
-    """Run CMD with every service up; stop afterwards only what this call started."""
+def _run(manager: Manager, command: Sequence[str], also: Sequence[str] = ()) -> int:
+    """Run CMD with the default services up, and those named in ``also``; stop afterwards
+    only what this call started."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_terminated)
     started: list[Service] = []
     try:
-        started = _up(manager, _select([]))
+        wanted = {service.name for service in _select([])} | set(also)
+        started = _up(manager, _select(sorted(wanted)))
         env = dict(os.environ)
         for service in SERVICES.values():
             if manager.pid(service) is not None:  # not one `_up` passed over
@@ -186,6 +188,14 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="run a command with the services up, then stop what it started"
     )
+    run.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME",
+        choices=[name for name, service in SERVICES.items() if not service.default],
+        help="also start this service, which `up` starts only by name (repeatable)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     return parser
 
@@ -211,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             if not command:
                 raise ServiceError(f"run needs a command: {PROG} run -- CMD...")
-            return _run(manager, command)
+            return _run(manager, command, args.also)
     except ServiceError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

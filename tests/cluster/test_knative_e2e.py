@@ -18,7 +18,7 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -100,7 +100,7 @@ def deployed(
     settings = Settings.from_env(env)
     stack = contextlib.ExitStack()
     stack.enter_context(_buckets(s3_server))
-    publish_folders(settings, [ROOT / "taskpkgs" / "reboot"])
+    publish_folders(settings, [ROOT / "taskpkgs" / "reboot", ROOT / "taskpkgs" / "firmware-update"])
     public_key = (home / "trusted" / "signing.pub").read_text()
 
     with stack, SimulatorServer(Simulator(3, reboot_time=0.05), port=SIMULATOR_PORT) as sim:
@@ -143,6 +143,8 @@ _READY = (
     ("serving.knative.dev", "v1", "services", "aggregator"),
     ("eventing.knative.dev", "v1", "brokers", "mayfly-normal"),
     ("eventing.knative.dev", "v1", "triggers", "reboot-normal"),
+    ("eventing.knative.dev", "v1", "triggers", "firmware-update-normal"),
+    ("sinks.knative.dev", "v1alpha1", "jobsinks", "firmware-update"),
     ("sources.knative.dev", "v1", "containersources", "mayfly-requests-normal"),
     ("sources.knative.dev", "v1", "containersources", "mayfly-results"),
 )
@@ -208,6 +210,46 @@ def _jaeger_spans(
     )
 
 
+def _publish(deployed: Deployed, argv: list[str], jaeger: JaegerServer) -> tuple[str, str]:
+    """``mayfly publish ARGV`` to the lane topic on the host's Kafka (checked against the
+    store and inventory the cluster reads); returns the request id and its trace id."""
+    settings = deployed.settings
+    env = {"MAYFLY_HOME": str(settings.home), "MAYFLY_TOPIC_PREFIX": "mayfly"}
+    env |= {
+        "MAYFLY_STORE": f"s3://{PACKAGES}",
+        "MAYFLY_INVENTORY": f"s3://{CONFIG}/inventory.json",
+        "MAYFLY_S3_ENDPOINT": settings.s3_endpoint or "",
+        "MAYFLY_S3_ACCESS_KEY": settings.s3_access_key or "",
+        "MAYFLY_S3_SECRET_KEY": settings.s3_secret_key or "",
+    }
+    argv = ["publish", *argv, "--event-log", f"kafka://{deployed.bootstrap}"]
+    argv += ["--otlp-endpoint", jaeger.otlp_endpoint]
+    result = CliRunner(env=env).invoke(cli, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    request_id = result.output.split("published ", 1)[1].split()[0]
+    return request_id, result.output.split(" trace ")[1].strip()
+
+
+def _result(
+    deployed: Deployed, request_id: str, timeout_s: float, watch: Callable[[], None] = lambda: None
+) -> TaskCompleted:
+    """The request's result, read from the results topic on the host's Kafka."""
+    log = open_event_log(deployed.settings)
+    consumer = log.consumer(f"cluster-test-{uuid.uuid4().hex[:6]}", "mayfly.results")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            watch()
+            for record in consumer.poll(100, 1.0):
+                event = from_kafka(record.headers, record.key, record.value)
+                if isinstance(event, TaskCompleted) and event.request_id == request_id:
+                    return event
+    finally:
+        consumer.close()
+        log.close()
+    raise AssertionError(f"no result for {request_id} on mayfly.results in {timeout_s:.0f}s")
+
+
 def test_a_request_on_kafka_scales_its_coordinator_from_zero_and_traces_to_jaeger(
     deployed: Deployed, jaeger: JaegerServer
 ) -> None:
@@ -216,47 +258,23 @@ def test_a_request_on_kafka_scales_its_coordinator_from_zero_and_traces_to_jaege
     # dev/services/cluster.py): the request below must start a pod.
     _wait_for_zero(api, "reboot", timeout_s=120)
 
-    env = {"MAYFLY_HOME": str(deployed.settings.home), "MAYFLY_TOPIC_PREFIX": "mayfly"}
-    env |= {
-        "MAYFLY_STORE": f"s3://{PACKAGES}",
-        "MAYFLY_INVENTORY": f"s3://{CONFIG}/inventory.json",
-        "MAYFLY_S3_ENDPOINT": deployed.settings.s3_endpoint or "",
-        "MAYFLY_S3_ACCESS_KEY": deployed.settings.s3_access_key or "",
-        "MAYFLY_S3_SECRET_KEY": deployed.settings.s3_secret_key or "",
-    }
-    argv = ["publish", "reboot", "-d", "sim-0001", "-d", "sim-0002", "-d", "sim-0003"]
-    argv += ["--event-log", f"kafka://{deployed.bootstrap}"]
-    argv += ["--otlp-endpoint", jaeger.otlp_endpoint]
     published_at = time.time()
-    result = CliRunner(env=env).invoke(cli, argv, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    request_id = result.output.split("published ", 1)[1].split()[0]
-    trace_id = result.output.split(" trace ")[1].strip()
-
-    log = open_event_log(
-        Settings.from_env(env | {"MAYFLY_EVENT_LOG": f"kafka://{deployed.bootstrap}"})
+    devices = ["sim-0001", "sim-0002", "sim-0003"]
+    request_id, trace_id = _publish(
+        deployed, ["reboot", *(w for d in devices for w in ("-d", d))], jaeger
     )
-    consumer = log.consumer(f"cluster-test-{uuid.uuid4().hex[:6]}", "mayfly.results")
-    found: TaskCompleted | None = None
     pods: list[client.V1Pod] = []
-    deadline = time.monotonic() + 180
-    try:
-        while found is None and time.monotonic() < deadline:
-            pods = pods or _pods(api, "reboot")
-            for record in consumer.poll(100, 1.0):
-                event = from_kafka(record.headers, record.key, record.value)
-                if isinstance(event, TaskCompleted) and event.request_id == request_id:
-                    found = event
-    finally:
-        consumer.close()
-        log.close()
+
+    def watch() -> None:
+        pods.extend([] if pods else _pods(api, "reboot"))
+
+    found = _result(deployed, request_id, timeout_s=180, watch=watch)
     done_at = time.time()
-    assert found is not None, f"no result for {request_id} on mayfly.results in 180 s"
     assert found.status == "succeeded", found
-    assert sorted(d.device_id for d in found.devices) == ["sim-0001", "sim-0002", "sim-0003"]
+    assert sorted(d.device_id for d in found.devices) == devices
     # The devices themselves were called, from inside the cluster.
     calls = deployed.simulator.log()
-    assert all(calls.get(d) for d in ("sim-0001", "sim-0002", "sim-0003")), calls
+    assert all(calls.get(d) for d in devices), calls
 
     # The coordinator ran in a pod Knative made for this request.
     assert pods, "no pod of the reboot Service was seen while the request ran"
@@ -287,3 +305,29 @@ def test_a_request_on_kafka_scales_its_coordinator_from_zero_and_traces_to_jaege
             }
         )
     )
+
+
+def test_a_long_task_runs_as_a_job_of_its_jobsink_reading_the_event_it_mounts(
+    deployed: Deployed, jaeger: JaegerServer
+) -> None:
+    # firmware-update's 600 s timeout is over a revision's limit: `mayfly deploy` made it a
+    # JobSink, whose Job runs job mode on the event JobSink mounts (K_EVENT_PATH is that
+    # folder, set by JobSink after the container's own variables).
+    batch = client.BatchV1Api(deployed.api)
+    before = {j.metadata.name for j in batch.list_namespaced_job(NAMESPACE).items if j.metadata}
+    request_id, _ = _publish(
+        deployed, ["firmware-update", "-d", "sim-0003", "-p", "version=2.0.0"], jaeger
+    )
+    found = _result(deployed, request_id, timeout_s=240)
+    assert found.status == "succeeded", found
+    assert [(d.device_id, d.status) for d in found.devices] == [("sim-0003", "succeeded")]
+    # One new Job, which ends as succeeded (its exit code: the result was delivered).
+    deadline = time.monotonic() + 60
+    while True:
+        jobs = [j for j in batch.list_namespaced_job(NAMESPACE).items if j.metadata]
+        new = [j for j in jobs if j.metadata and j.metadata.name not in before]
+        assert len(new) == 1, [j.metadata.name for j in jobs if j.metadata]
+        if (new[0].status and new[0].status.succeeded) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert new[0].status is not None and new[0].status.succeeded == 1, new[0].status
