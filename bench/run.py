@@ -115,6 +115,7 @@ def _devices_k(shards: dict[str, Any]) -> str:
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The table: what, Mayfly, baseline, ratio (Mayfly / baseline), target, met."""
     cold, pipe = results["cold_start"], results["pipeline"]
+    knative = results.get("knative", {})
     fan, agg = results["fanout"], results["aggregator"]
     shards = results.get("shards", {})
     celery_rate = _get(pipe, "celery", "throughput", "rate_per_s")
@@ -134,6 +135,14 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "fresh interpreter",
             "<= 15",
             lambda m: m <= 15,
+        ),
+        (
+            "Knative scale from zero p50 (ms)",
+            _get(knative, "scale_from_zero", "p50_ms"),
+            _get(cold, "warm_fork", "p50_ms"),
+            "local cold start",
+            "report",
+            None,
         ),
         *(
             (
@@ -309,6 +318,8 @@ def main() -> None:
             ),
             "aggregator": _bench("aggregator", ["--events", "2000" if q else "20000"], 180, t),
             "floor": _bench("floor", ["--runs", "100" if q else "300"], 180, t),
+            # Only with `make cluster-up`; otherwise its row says n/a.
+            "knative": _bench("knative", ["--runs", "3" if q else "5"], 900, t),
         }
     table = rows(results)
     report = {
