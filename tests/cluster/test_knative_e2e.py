@@ -330,4 +330,5 @@ def test_a_long_task_runs_as_a_job_of_its_jobsink_reading_the_event_it_mounts(
         if (new[0].status and new[0].status.succeeded) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert new[0].status is not None and new[0].status.succeeded == 1, new[0].status
+    assert new[0].status is not None
+    assert new[0].status.succeeded == 1, new[0].status
