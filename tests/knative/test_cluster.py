@@ -31,7 +31,7 @@ from mayfly.errors import DeployError
 ROOT = Path(__file__).parents[2]
 KNATIVE = ROOT / "knative"
 TASKPKGS = ROOT / "taskpkgs"
-BUILDS = ["knative/base", "knative/overlays/dev", "knative/overlays/prod"]
+BUILDS = ["knative/base", "knative/overlays/dev", "knative/overlays/prod", "knative/overlays/local"]
 # The confidential overlay is accepted only once its prerequisites are in force:
 # test_webhooks.py applies them first, as knative/README.md says.
 BUILDS += ["knative/overlays/confidential/prerequisites", "observability"]
