@@ -123,6 +123,35 @@ class Service(abc.ABC):
         return env
 
 
+NAMESPACE_TOOLS: Mapping[str, str] = {
+    "ip": "iproute2",
+    "nsenter": "util-linux",
+    "unshare": "util-linux",
+}
+"""Tools a service running in namespaces of its own needs, with their Debian packages."""
+
+
+def namespaces_unavailable(
+    needs_root_for: str, tools: Mapping[str, str], unshare: Sequence[str]
+) -> str | None:
+    """Why namespaces cannot be made here (not root, a tool missing, or ``unshare`` with
+    these flags refused), or None. For `Service.unavailable`."""
+    if os.geteuid() != 0:
+        return f"{needs_root_for} needs root"
+    for tool, package in tools.items():
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not on PATH (Debian: {package})"
+    # Root without CAP_SYS_ADMIN (some containers) cannot make them either.
+    tried = subprocess.run(
+        ["unshare", *unshare, "true"], capture_output=True, text=True, check=False
+    )
+    if tried.returncode != 0:
+        return (
+            f"cannot make namespaces here: `unshare {' '.join(unshare)}` ({tried.stderr.strip()})"
+        )
+    return None
+
+
 def find_tool(name: str, what: str) -> str:
     found = shutil.which(name)
     if found is None:

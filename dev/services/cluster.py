@@ -44,12 +44,14 @@ from services import gobuild, ociimage
 from services.base import (
     DEV_DIR,
     HOST,
+    NAMESPACE_TOOLS,
     NODE_IP,
     Paths,
     Service,
     ServiceError,
     find_tool,
     install_step,
+    namespaces_unavailable,
     say,
     services_home,
 )
@@ -169,25 +171,13 @@ class Cluster(Service):
         return f"https://{HOST}:{self.port}"
 
     def unavailable(self) -> str | None:
-        if os.geteuid() != 0:
-            return "a node (network namespace, mounts, cgroups) needs root"
-        for tool, package in (
-            ("ip", "iproute2"),
-            ("nsenter", "util-linux"),
-            ("unshare", "util-linux"),
-            ("apt-get", "apt"),
-            ("dpkg-deb", "dpkg"),
-            ("gcc", "gcc"),
+        tools = dict(NAMESPACE_TOOLS, **{"apt-get": "apt", "dpkg-deb": "dpkg", "gcc": "gcc"})
+        if problem := namespaces_unavailable(
+            "a node (network namespace, mounts, cgroups)", tools, ["--net", "--mount"]
         ):
-            if shutil.which(tool) is None:
-                return f"`{tool}` is not on PATH (Debian: {package})"
+            return problem
         if _debian_release() is None:
             return "Mayfly's image is debootstrapped from this machine's Debian release"
-        tried = subprocess.run(
-            ["unshare", "--net", "--mount", "true"], capture_output=True, text=True, check=False
-        )
-        if tried.returncode != 0:
-            return f"cannot make network and mount namespaces here ({tried.stderr.strip()})"
         return None
 
     # -- install -------------------------------------------------------------------------

@@ -40,10 +40,12 @@ from services import gobuild
 from services.base import (
     DEV_DIR,
     HOST,
+    NAMESPACE_TOOLS,
     Paths,
     Service,
     ServiceError,
     find_tool,
+    namespaces_unavailable,
     say,
     services_home,
 )
@@ -169,18 +171,9 @@ class Knative(Service):
         return f"https://{HOST}:{self.port}"
 
     def unavailable(self) -> str | None:
-        if os.geteuid() != 0:
-            return "a network namespace for the webhooks needs root"
-        for tool in ("ip", "nsenter", "unshare"):
-            if shutil.which(tool) is None:
-                return f"`{tool}` is not on PATH (Debian: iproute2, util-linux)"
-        # Root without CAP_SYS_ADMIN (some containers) cannot make one either.
-        tried = subprocess.run(
-            ["unshare", "--net", "true"], capture_output=True, text=True, check=False
+        return namespaces_unavailable(
+            "a network namespace for the webhooks", NAMESPACE_TOOLS, ["--net"]
         )
-        if tried.returncode != 0:
-            return f"cannot make a network namespace here ({tried.stderr.strip()})"
-        return None
 
     # -- install -------------------------------------------------------------------------
 
