@@ -384,12 +384,24 @@ class Cluster(Service):
         # copytree would read as endless files.
         install_step(self, paths, ["cp", "-a", str(base), str(work)], cwd=base.parent)
         wheels = work / "wheels"
+        # From a copy of what the Containerfile copies: a build in the checkout would reuse
+        # its build/ folder, which can hold modules deleted since.
+        source = archive.with_name("mayfly-source")
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.copytree(
+            self.project_dir / "src",
+            source / "src",
+            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+        )
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(self.project_dir / name, source / name)
         install_step(
             self,
             paths,
             [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), "."],
-            cwd=self.project_dir,
+            cwd=source,
         )
+        shutil.rmtree(source)
         # In the chroot: no network (everything is a wheel here), none of our pip settings.
         install_step(
             self,
