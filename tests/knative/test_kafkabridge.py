@@ -179,3 +179,24 @@ def test_settings_name_what_is_missing_or_wrong() -> None:
         BridgeSettings.from_env(
             {"MAYFLY_BRIDGE_TOPIC": TOPIC, "MAYFLY_BRIDGE_GROUP": GROUP, "K_SINK": "kafka://x"}
         )
+
+
+def test_a_record_whose_headers_http_cannot_carry_does_not_hold_the_topic(
+    log: SqliteEventLog,
+) -> None:
+    # Anyone can write a Kafka header: one with CR/LF or a name that is no HTTP token
+    # must not be sent (header injection) nor retried for ever (the lane would stop).
+    request = new_request("reboot", devices=["sim-0001"])
+    key, value, headers = to_kafka_record(request)
+    hostile = [*headers, ("ce_x\r\nx-injected", b"1"), ("ce_note", b"a\r\nx-injected: 1")]
+    log.append(TOPIC, key, value, hostile)
+    (second,) = _publish(log, 1)
+    for sink in _sink([]):
+        stop = threading.Event()
+        _until(2, sink, stop)
+        assert run(log.consumer(GROUP, TOPIC), _post(sink.url), stop) == 2
+        sent = [h for h, _, _ in sink.received]
+    assert [h["ce-id"] for h in sent] == [request.id, second]
+    assert not any(
+        "x-injected" in k.lower() or "x-injected" in v for h in sent for k, v in h.items()
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -49,6 +50,11 @@ _BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _TIMEOUT_S = 660.0
 """A coordinator answers when its request is done: up to a revision's 600 s, plus margin."""
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP field name (RFC 9110's token)."""
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""What an HTTP field value may not hold (horizontal tab aside)."""
+
 Post = Callable[[Mapping[str, str], bytes], int]
 """Send one event (headers, body); return the HTTP status. Raises OSError when unreachable."""
 
@@ -71,15 +77,33 @@ class BridgeSettings:
 
 
 def http_headers(record: LogRecord) -> dict[str, str]:
-    """The record's CloudEvent in HTTP binary mode: ``ce_id`` -> ``ce-id`` and so on."""
+    """The record's CloudEvent in HTTP binary mode: ``ce_id`` -> ``ce-id`` and so on.
+
+    A header HTTP cannot carry (a name that is no token, a value with control
+    characters, CR/LF above all) is left out and logged: sent, it would inject headers;
+    refused by the HTTP client, it would be retried for ever and hold the partition. The
+    receiver then judges the event without it (a missing ``ce-id``: a rejection).
+    """
     headers: dict[str, str] = {}
     for name, value in record.headers:
         lowered = name.lower()
         text = value.decode("utf-8", errors="replace")
         if lowered.startswith("ce_"):
-            headers[f"ce-{lowered[3:]}"] = text
+            target = f"ce-{lowered[3:]}"
         elif lowered in _FORWARDED:
-            headers[_FORWARDED[lowered]] = text
+            target = _FORWARDED[lowered]
+        else:
+            continue
+        if not _TOKEN.fullmatch(target) or _CONTROL.search(text):
+            log.warning(
+                "kafkabridge: %s/%s@%s: header %r cannot go over HTTP; left out",
+                record.topic,
+                record.partition,
+                record.offset,
+                name[:100],
+            )
+            continue
+        headers[target] = text
     return headers
 
 
